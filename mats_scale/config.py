@@ -1,0 +1,352 @@
+"""One typed config tree for every entry point.
+
+Loading follows OLMo's recipe: ``OmegaConf.structured(Config)`` -> merge a YAML file -> merge
+``key=value`` dotlist overrides -> ``OmegaConf.to_object`` back into these dataclasses, whose
+``__post_init__`` validates each section (and ``Config.__post_init__`` the cross-section rules).
+Every problem becomes one :class:`ConfigError` line naming the key, the value and what is allowed;
+:func:`load_config_or_exit` prints it and exits with status 2 before any heavy import.
+
+Builders receive only their own section (``build_pretrain_model(cfg.model)``, ...). Derived
+quantities (patch size of a model size, token grid, total batch) are properties, never restated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mats_scale.models.sizes import SIZES, ViTSize
+
+# ImageNet statistics used for input normalisation (and undone for the pixel targets).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line: ``key=value: what is allowed``."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        _fail(key, value, "allowed: " + ", ".join(map(str, choices)))
+
+
+def _check_open_unit(key: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        _fail(key, value, "must be in the open interval (0, 1)")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "B"
+    """Model size from the registry: debug, S, B, L, H, g."""
+    num_frames: int = 16
+    """Frames per clip fed to the model (T)."""
+    img_size: int = 224
+    """Square input resolution (H = W)."""
+    tubelet_size: int = 2
+    """Frames per tubelet (t)."""
+    patch_size: Optional[int] = None
+    """Spatial patch size p; None takes the size's default (16, or 14 for g)."""
+    decoder_depth: Optional[int] = None
+    """Decoder blocks; None takes the size's default (4)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate, linearly increasing over the encoder blocks."""
+    attn_impl: str = "sdpa"
+    """Attention kernel: sdpa (F.scaled_dot_product_attention) or math (explicit, for tests)."""
+    norm_pix_loss: bool = True
+    """Normalise pixel targets per patch and channel (VideoMAE); False regresses raw pixels."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.size", self.size, list(SIZES))
+        _check_choice("model.attn_impl", self.attn_impl, ["sdpa", "math"])
+        for key in ("num_frames", "img_size", "tubelet_size"):
+            _check_positive(f"model.{key}", getattr(self, key))
+        if self.patch_size is not None:
+            _check_positive("model.patch_size", self.patch_size)
+        if self.decoder_depth is not None:
+            _check_positive("model.decoder_depth", self.decoder_depth)
+        if not 0.0 <= self.drop_path < 1.0:
+            _fail("model.drop_path", self.drop_path, "must be in [0, 1)")
+        if self.num_frames % self.tubelet_size:
+            _fail("model.num_frames", self.num_frames,
+                  f"must be divisible by model.tubelet_size={self.tubelet_size}")
+        if self.img_size % self.patch:
+            _fail("model.img_size", self.img_size, f"must be divisible by the patch size {self.patch}")
+
+    @property
+    def arch(self) -> ViTSize:
+        return SIZES[self.size]
+
+    @property
+    def patch(self) -> int:
+        return self.patch_size if self.patch_size is not None else self.arch.patch_size
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (T', H', W') = (T/t, H/p, W/p)."""
+        return (self.num_frames // self.tubelet_size, self.img_size // self.patch, self.img_size // self.patch)
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = "tube"
+    """Encoder token selection: tube (VideoMAE), random, or mats (motion-aware, EVEREST)."""
+    ratio: float = 0.9
+    """Encoder mask ratio rho: int((1 - rho) * N) tokens are visible."""
+    decoder: str = "none"
+    """Decoder masking: none, or running_cell (VideoMAE V2 dual masking)."""
+    decoder_ratio: float = 0.5
+    """Decoder mask ratio rho_d of the running cell (k = int(4 * rho_d) of every 4 dropped)."""
+    decoder_mode: str = "reference"
+    """reference: mask tokens at every decoder-kept position (VideoMAE V2); lean: only at loss positions."""
+    keep_ratio: float = 0.3
+    """MATS rho_pre: fraction of tokens (highest motion) that are encoded or reconstructed."""
+    score: str = "embed"
+    """MATS motion score: embed (patch-embedding L2, the paper) or pixel (cheap, in the loader)."""
+    finetune_keep_ratio: float = 0.6
+    """MATS rho_post for fine-tuning: deterministic top tokens by motion."""
+    frame_selection: bool = False
+    """Adaptive frame selection in the loader (decode 2*alpha*tau candidates, keep tau pairs)."""
+    frame_alpha: float = 1.5
+    """Candidate over-sampling factor alpha of adaptive frame selection."""
+
+    def __post_init__(self) -> None:
+        _check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
+        _check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
+        _check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
+        _check_choice("masking.score", self.score, ["embed", "pixel"])
+        for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio"):
+            _check_open_unit(f"masking.{key}", getattr(self, key))
+        if self.decoder == "running_cell" and not 1 <= int(4 * self.decoder_ratio) <= 3:
+            _fail("masking.decoder_ratio", self.decoder_ratio,
+                  "the running cell needs k = int(4 * ratio) in 1..3, i.e. a ratio in [0.25, 1)")
+        if self.frame_alpha < 1.0:
+            _fail("masking.frame_alpha", self.frame_alpha, "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    """synthetic (clips generated in memory), list (VideoMAE list file) or folder (scan a directory)."""
+    root: str = ""
+    """Prefix joined to every path of a list file, or the folder to scan."""
+    train_list: str = ""
+    """List file for training: one `path label` per line (labels ignored in pre-training)."""
+    val_list: str = ""
+    """List file for validation."""
+    sampling_rate: int = 4
+    """Frame stride of a clip (VideoMAE); ignored with segment sampling."""
+    segment_sampling: bool = False
+    """SSv2-style uniform segments instead of a strided clip (also turns horizontal flip off)."""
+    num_sample: int = 1
+    """Repeated sampling: clips drawn per decoded video (VideoMAE V2)."""
+    batch_size: int = 2
+    """Micro-batch per process (GPU); total batch = batch_size * world size * grad_accum."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    max_bad_fraction: float = 0.1
+    """Stop with an error when more than this fraction of the files read so far are unreadable."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.dataset", self.dataset, ["synthetic", "list", "folder"])
+        for key in ("sampling_rate", "num_sample", "batch_size"):
+            _check_positive(f"data.{key}", getattr(self, key))
+        _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            _fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 clips; the applied peak lr is base_lr * total_batch / 256."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine schedule."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to norms, biases, position and mask tokens)."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    clip_grad: Optional[float] = None
+    """Gradient-norm clipping threshold; None disables clipping."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.base_lr", self.base_lr)
+        _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
+        _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("optim.grad_accum", self.grad_accum)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("optim.betas", list(self.betas), "must be two numbers in [0, 1)")
+        if self.clip_grad is not None:
+            _check_positive("optim.clip_grad", self.clip_grad)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    """Optimizer steps of the run."""
+    seed: int = 0
+    """Seed of every random stream (model init, masking, data)."""
+    out_dir: str = "runs/default"
+    """Run directory: logs, resolved config, checkpoints."""
+    device: str = "auto"
+    """auto (cuda when present), cpu or cuda."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."""
+    save_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    resume: str = "none"
+    """none, auto (newest checkpoint in out_dir), or a checkpoint path."""
+    nan_policy: str = "skip"
+    """On a non-finite loss: skip (drop the step, count it) or stop."""
+    max_nan_steps: int = 3
+    """Consecutive non-finite steps tolerated before the run stops with an error."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.steps", self.steps)
+        _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
+        _check_choice("train.precision", self.precision, ["auto", "fp32", "bf16"])
+        _check_choice("train.nan_policy", self.nan_policy, ["skip", "stop"])
+        _check_positive("train.save_every", self.save_every, allow_zero=True)
+        _check_positive("train.keep_last", self.keep_last)
+        _check_positive("train.max_nan_steps", self.max_nan_steps)
+        if not self.out_dir:
+            _fail("train.out_dir", self.out_dir, "must be a directory path")
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "none"
+    """none (single process), deepspeed or fsdp2."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (fsdp2 always shards fully)."""
+    offload_optimizer: bool = False
+    """ZeRO-3 optimizer-state offload to CPU memory."""
+    ds_config: str = ""
+    """DeepSpeed JSON template; empty picks ds_configs/zero{stage}.json."""
+    checkpoint_encoder_every: int = 0
+    """Activation checkpointing of every N-th encoder block (0: off, 1: all)."""
+    checkpoint_decoder_every: int = 0
+    """Activation checkpointing of every N-th decoder block (0: off, 1: all)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("parallel.backend", self.backend, ["none", "deepspeed", "fsdp2"])
+        _check_choice("parallel.zero_stage", self.zero_stage, [0, 1, 2, 3])
+        for key in ("checkpoint_encoder_every", "checkpoint_decoder_every"):
+            _check_positive(f"parallel.{key}", getattr(self, key), allow_zero=True)
+        if self.offload_optimizer and self.zero_stage != 3:
+            _fail("parallel.offload_optimizer", True, "needs parallel.zero_stage=3")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Print and log scalars every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under out_dir/tb."""
+    progress_bar: bool = True
+    """tqdm progress bar with ETA on rank 0."""
+
+    def __post_init__(self) -> None:
+        _check_positive("logging.log_every", self.log_every)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.masking.decoder == "running_cell":
+            _, h, w = self.model.grid
+            if h % 2 or w % 2:
+                _fail("model.img_size", self.model.img_size,
+                      f"the running cell needs an even token grid, got {h}x{w} patches")
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigError(f"--config={path!r}: no such file")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{e.full_key}: unknown key") from None
+    except (ValidationError, OmegaConfBaseException) as e:  # wrong type, bad YAML structure, ...
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(e.msg).splitlines()[0]}") from None
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Optional[str], list[str]]:
+    """``[--config FILE] [key=value ...]``; DeepSpeed's ``--local_rank=N`` is accepted and ignored."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, overrides = None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config: expects a YAML file path")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            if "=" not in arg:
+                i += 1  # the value follows as its own argument
+        elif arg.startswith("-"):
+            raise ConfigError(f"{arg}: unknown option; usage: [--config FILE] [key=value ...]")
+        else:
+            overrides.append(arg)
+        i += 1
+    return path, overrides
+
+
+def load_config_or_exit(argv: Optional[Sequence[str]] = None) -> Config:
+    """Parse the command line into a validated Config, or print one error line and exit(2)."""
+    try:
+        return load_config(*parse_args(argv))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

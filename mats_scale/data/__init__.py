@@ -1,0 +1,1 @@
+"""Video data: in-memory clips, decoding, augmentation, datasets."""

@@ -1,0 +1,1 @@
+"""Model code: torch, timm and einops only (no distributed or checkpointing imports)."""

@@ -1,0 +1,44 @@
+"""Optimisation as the VideoMAE family does it: AdamW without decay on norms, biases, position and
+mask tokens; peak lr = base_lr * total_batch / 256; per-step linear warm-up then cosine to min_lr."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mats_scale.config import OptimConfig
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights and biases (1-D), q/v biases, position embeddings and the mask token."""
+    return param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "mask_token" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_lr(cfg: OptimConfig, total_batch: int) -> float:
+    return cfg.base_lr * total_batch / 256
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig, total_batch: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
+    peak = peak_lr(cfg, total_batch)
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, total_batch: int) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr(cfg, total_batch),
+                             betas=tuple(cfg.betas))

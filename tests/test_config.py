@@ -1,0 +1,78 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mats_scale.config import Config, ConfigError, load_config, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_dotlist_override():
+    cfg = load_config(None, [])
+    assert isinstance(cfg, Config) and cfg.model.size == "B" and cfg.masking.ratio == 0.9
+    cfg = load_config(None, ["model.size=S", "masking.ratio=0.75", "optim.betas=[0.9,0.999]"])
+    assert cfg.model.size == "S" and cfg.masking.ratio == 0.75 and cfg.optim.betas == [0.9, 0.999]
+    assert cfg.model.grid == (8, 14, 14) and cfg.model.num_tokens == 1568
+
+
+def test_yaml_then_dotlist(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  size: g\n  num_frames: 16\ndata:\n  batch_size: 3\n")
+    cfg = load_config(str(path), ["data.batch_size=5"])
+    assert cfg.model.size == "g" and cfg.model.patch == 14 and cfg.model.num_tokens == 2048
+    assert cfg.data.batch_size == 5
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.colour=red", "model.colour: unknown key"),
+    ("foo.bar=1", "foo: unknown key"),
+    ("data.batch_size=two", "data.batch_size"),
+    ("model.img_size=1.5", "model.img_size"),
+    ("masking.ratio=1.2", "masking.ratio=1.2: must be in the open interval (0, 1)"),
+    ("masking.ratio=0", "masking.ratio=0.0: must be in the open interval (0, 1)"),
+    ("masking.keep_ratio=1.0", "masking.keep_ratio=1.0"),
+    ("model.num_frames=15", "model.num_frames=15: must be divisible by model.tubelet_size=2"),
+    ("model.img_size=230", "model.img_size=230: must be divisible by the patch size 16"),
+    ("model.size=XL", "model.size='XL': allowed: debug, S, B, L, H, g"),
+    ("masking.strategy=magic", "masking.strategy='magic': allowed: tube, random, mats"),
+    ("masking.decoder_ratio=0.1", "masking.decoder_ratio"),  # only meaningful with the running cell
+    ("parallel.zero_stage=4", "parallel.zero_stage=4: allowed: 0, 1, 2, 3"),
+])
+def test_bad_values_name_key_value_and_rule(override, needle):
+    extra = ["masking.decoder=running_cell"] if override.startswith("masking.decoder_ratio") else []
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override, *extra])
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_img_size_checked_against_the_size_patch():
+    load_config(None, ["model.size=g", "model.img_size=224"])  # 224 = 16 * 14
+    with pytest.raises(ConfigError, match="must be divisible by the patch size 14"):
+        load_config(None, ["model.size=g", "model.img_size=160"])
+
+
+def test_running_cell_refuses_odd_grid():
+    with pytest.raises(ConfigError, match="even token grid"):
+        load_config(None, ["model.img_size=208", "masking.decoder=running_cell"])  # 13 x 13 patches
+
+
+def test_cli_args():
+    assert parse_args(["--config", "a.yaml", "x.y=1", "--local_rank=0"]) == ("a.yaml", ["x.y=1"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_args(["--bogus"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["model.size"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent.yaml", [])
+
+
+def test_launcher_rejects_bad_config_with_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "masking.ratio=1.5"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["config error: masking.ratio=1.5: must be in the open interval (0, 1)"]
