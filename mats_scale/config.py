@@ -208,25 +208,25 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 60
-    """Optimizer steps of the run."""
+    """Optimizer steps of the run (a skipped non-finite step counts as a step)."""
     seed: int = 0
-    """Seed of every random stream (model init, masking, data)."""
+    """Seed of every random stream (model init, masking, data, drop path); each rank derives its own."""
     out_dir: str = "runs/default"
-    """Run directory: logs, resolved config, checkpoints."""
+    """Run directory: train.log, metrics.jsonl, tb/, config.yaml, ds_config.json, checkpoints/."""
     device: str = "auto"
     """auto (cuda when present), cpu or cuda."""
     precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."""
+    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast with fp32 master weights)."""
     save_every: int = 0
-    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    """Save a checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = 2
-    """Checkpoints kept on disk."""
-    resume: str = "none"
-    """none, auto (newest checkpoint in out_dir), or a checkpoint path."""
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """auto (newest checkpoint in out_dir/checkpoints, else start fresh), none, or a checkpoint directory."""
     nan_policy: str = "skip"
-    """On a non-finite loss: skip (drop the step, count it) or stop."""
+    """On a non-finite loss or gradient norm: skip (drop the update, count it) or stop at once."""
     max_nan_steps: int = 3
-    """Consecutive non-finite steps tolerated before the run stops with an error."""
+    """With nan_policy=skip: consecutive skipped steps after which the run stops with an error."""
 
     def __post_init__(self) -> None:
         _check_positive("train.steps", self.steps)
@@ -238,18 +238,20 @@ class TrainConfig:
         _check_positive("train.max_nan_steps", self.max_nan_steps)
         if not self.out_dir:
             _fail("train.out_dir", self.out_dir, "must be a directory path")
+        if not self.resume:
+            _fail("train.resume", self.resume, "allowed: auto, none, or a checkpoint directory")
 
 
 @dataclass
 class ParallelConfig:
-    backend: str = "none"
-    """none (single process), deepspeed or fsdp2."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (fsdp2 always shards fully)."""
+    backend: str = "deepspeed"
+    """deepspeed (ZeRO stage 0-3), fsdp2 (torch fully_shard, always fully sharded) or none (one process)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3 (ignored by fsdp2 and none)."""
     offload_optimizer: bool = False
-    """ZeRO-3 optimizer-state offload to CPU memory."""
+    """ZeRO-3 optimizer states (and step) in CPU memory (ds_configs/zero3_offload.json)."""
     ds_config: str = ""
-    """DeepSpeed JSON template; empty picks ds_configs/zero{stage}.json."""
+    """DeepSpeed JSON template; empty picks ds_configs/zero{stage}.json (zero3_offload.json with offload)."""
     checkpoint_encoder_every: int = 0
     """Activation checkpointing of every N-th encoder block (0: off, 1: all)."""
     checkpoint_decoder_every: int = 0
@@ -262,16 +264,18 @@ class ParallelConfig:
             _check_positive(f"parallel.{key}", getattr(self, key), allow_zero=True)
         if self.offload_optimizer and self.zero_stage != 3:
             _fail("parallel.offload_optimizer", True, "needs parallel.zero_stage=3")
+        if self.ds_config and not os.path.isfile(self.ds_config):
+            _fail("parallel.ds_config", self.ds_config, "no such file (a DeepSpeed JSON template)")
 
 
 @dataclass
 class LoggingConfig:
     log_every: int = 10
-    """Print and log scalars every N optimizer steps."""
+    """Print a line to stdout and train.log every N optimizer steps (TensorBoard and metrics.jsonl get every step)."""
     tensorboard: bool = True
     """Write TensorBoard scalars under out_dir/tb."""
     progress_bar: bool = True
-    """tqdm progress bar with ETA on rank 0."""
+    """tqdm progress bar with ETA on rank 0 (stderr)."""
 
     def __post_init__(self) -> None:
         _check_positive("logging.log_every", self.log_every)
@@ -288,6 +292,13 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        # ---- cross-section checks of the distributed run (issue 5) ----
+        if self.parallel.backend != "deepspeed":
+            if self.parallel.offload_optimizer:
+                _fail("parallel.offload_optimizer", True, "needs parallel.backend=deepspeed")
+            if self.parallel.ds_config:
+                _fail("parallel.ds_config", self.parallel.ds_config, "needs parallel.backend=deepspeed")
+        # ---- end of issue 5 checks ----
         if self.masking.decoder == "running_cell":
             _, h, w = self.model.grid
             if h % 2 or w % 2:

@@ -13,7 +13,9 @@ from mats_scale.config import OptimConfig
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Norm weights and biases (1-D), q/v biases, position embeddings and the mask token."""
-    return param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "mask_token" in name
+    # Under deepspeed.zero.Init a parameter is an empty 1-D partition; its real shape is `ds_shape`.
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "mask_token" in name
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -23,6 +25,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def total_batch(micro_batch: int, world_size: int, grad_accum: int) -> int:
+    """Clips per optimizer step: micro-batch per process x processes x accumulated micro-batches."""
+    return micro_batch * world_size * grad_accum
 
 
 def peak_lr(cfg: OptimConfig, total_batch: int) -> float:
@@ -40,5 +47,6 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig, total_batch: int) -> fl
 
 
 def build_adamw(model: nn.Module, cfg: OptimConfig, total_batch: int) -> torch.optim.AdamW:
+    # lr is set before every step from lr_at(); the initial value only matters for inspection.
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr(cfg, total_batch),
                              betas=tuple(cfg.betas))

@@ -1,0 +1,124 @@
+"""FSDP2 engine: ``torch.distributed.fsdp.fully_shard`` applied from outside, meta-device init, DCP.
+
+Order (torchtitan ``parallelize``): activation checkpointing, then ``fully_shard`` on the patch
+embedding (its own unit, so MATS can call it for motion scores outside the root forward), on every
+encoder and decoder block, then on the root; ``to_empty`` materialises the shards and
+:func:`init_sharded` fills them. bf16 runs all-gather parameters in bf16 and reduce gradients in fp32
+under autocast, keeping fp32 master shards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mats_scale.config import Config
+from mats_scale.models.pretrain import PretrainVideoMAE, build_pretrain_model
+from mats_scale.parallel.distributed import DistEnv
+from mats_scale.parallel.engine import LocalEngine, apply_checkpointing, strip_wrapper_prefix
+
+
+@torch.no_grad()
+def init_sharded(model: PretrainVideoMAE, device: torch.device) -> None:
+    """Initialise a sharded model exactly as ``model.init_weights()`` initialises an unsharded one.
+
+    Random init applied to DTensor shards draws each shard from the local generator: on CPU (no
+    distributed RNG tracker) every rank would fill its shard with the same numbers. Instead each
+    module's own parameters are drawn at full size (every rank holds the same seeded generator,
+    so the draws agree) and each rank keeps its slice. Peak extra memory: one module's parameters.
+    """
+    model.reset_buffers()
+    for m in model.modules():
+        own = dict(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        full = {n: torch.empty(p.shape, dtype=p.dtype, device=device) for n, p in own.items()}
+        for n, t in full.items():  # init_module reads the module's attributes: point them at full tensors
+            m._parameters[n] = nn.Parameter(t, requires_grad=False)
+        try:
+            model.init_module(m)
+        finally:
+            for n, p in own.items():
+                m._parameters[n] = p
+        for n, p in own.items():
+            if isinstance(p, DTensor):
+                p.copy_(distribute_tensor(full[n], p.device_mesh, p.placements, src_data_rank=None))
+            else:
+                p.copy_(full[n])
+
+
+class FSDP2Engine(LocalEngine):
+    name = "fsdp2"
+
+    @classmethod
+    def build(cls, cfg: Config, env: DistEnv) -> "FSDP2Engine":
+        model = apply_checkpointing(build_pretrain_model(cfg.model, device="meta"), cfg)
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        mp = MixedPrecisionPolicy()
+        if env.amp_dtype is not None:
+            # Inputs stay fp32 (autocast casts per op), so pixel targets come from the fp32 clip.
+            mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
+        units = [model.encoder.patch_embed, *model.encoder.blocks, *model.decoder.blocks]
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.to_empty(device=env.device)
+        init_sharded(model, env.device)
+        return cls(model, cfg, env)
+
+    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv) -> None:
+        super().__init__(model, cfg, env)
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Reduce-scatter gradients only after the last micro-batch of the step.
+        self._micro += 1
+        self.module.set_requires_gradient_sync(self._micro >= self.grad_accum)
+        super().backward(loss)
+
+    def zero_grad(self) -> None:
+        self._micro = 0
+        super().zero_grad()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.module, options=opts)
+        return {k: v.float() for k, v in strip_wrapper_prefix(sd).items()} if self.env.is_writer else {}
+
+    def save(self, path: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd}, checkpoint_id=os.path.join(path, "model"))
+        dcp.save({"optimizer": optim_sd}, checkpoint_id=os.path.join(path, "optimizer"))
+
+    def load(self, path: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "model"))
+        ostate = {"optimizer": optim_sd}
+        dcp.load(ostate, checkpoint_id=os.path.join(path, "optimizer"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=ostate["optimizer"])
+
+    @staticmethod
+    def consolidate(path: str) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "model.pt")
+            dcp_to_torch_save(os.path.join(path, "model"), out)
+            sd = torch.load(out, map_location="cpu", weights_only=True)["model"]
+        return {k: v.float() for k, v in strip_wrapper_prefix(sd).items()}

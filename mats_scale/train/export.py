@@ -1,0 +1,67 @@
+"""Export a consolidated fp32 weights file from a training checkpoint (ZeRO 1-3 shards, DCP shards,
+or a single-process checkpoint), on one CPU process without a process group.
+
+    python -m mats_scale.train.export RUN_DIR_OR_CHECKPOINT OUT.pt
+
+RUN_DIR_OR_CHECKPOINT is a ``step_*`` checkpoint directory or a run directory (its newest
+checkpoint). DeepSpeed shards go through DeepSpeed's own ``zero_to_fp32``; FSDP2 shards through
+DCP's ``dcp_to_torch_save``. OUT.pt holds a plain state dict, checked to load (strict) into the
+model built from the run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mats_scale.config import ModelConfig
+
+
+def find_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    pointer = p / "checkpoints" / "latest"
+    if pointer.is_file():
+        return p / "checkpoints" / pointer.read_text().strip()
+    raise FileNotFoundError(f"{path}: neither a checkpoint (step_* with meta.json) nor a run directory "
+                            "with checkpoints/latest")
+
+
+def export(path: str, out: str) -> dict[str, torch.Tensor]:
+    from mats_scale.models.pretrain import build_pretrain_model
+    from mats_scale.parallel.engine import consolidate_checkpoint
+
+    ckpt = find_checkpoint(path)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    backend = meta["engine"].split("-")[0]
+    sd = consolidate_checkpoint(backend, str(ckpt / "engine"))
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
+    model = build_pretrain_model(model_cfg, device="meta")
+    model.load_state_dict(sd, strict=True, assign=True)  # names and shapes match the run's model
+    torch.save(sd, out)
+    print(f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
+          f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}")
+    return sd
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="step_* checkpoint directory or run directory")
+    parser.add_argument("out", help="output .pt file (a plain fp32 state dict)")
+    args = parser.parse_args(argv)
+    try:
+        export(args.checkpoint, args.out)
+    except (FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

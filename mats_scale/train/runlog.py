@@ -1,0 +1,126 @@
+"""What a run reports: a plain-text log, per-step metrics (JSON lines and TensorBoard), a progress bar.
+
+Rank 0 writes ``train.log`` (what it prints, appended across resumes), ``metrics.jsonl`` (one JSON
+object per step, plus ``{"event": "start", ...}`` when a run starts or resumes) and TensorBoard
+scalars under ``tb/`` (events past a resume point are purged); it shows a tqdm bar with ETA on
+stderr. Other ranks print warnings and errors only, prefixed with their rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+from typing import Any, Optional
+
+import torch
+
+from mats_scale.config import LoggingConfig
+from mats_scale.parallel.distributed import DistEnv
+
+# TensorBoard tag of each per-step metric (metrics.jsonl uses the keys).
+TB_TAGS = {
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "clips_per_s": "perf/clips_per_s", "step_time_s": "perf/step_time_s", "data_time_s": "perf/data_time_s",
+    "tokens_encoder": "tokens/encoder_per_step", "tokens_decoder": "tokens/decoder_per_step",
+    "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files", "skipped_steps": "train/skipped_steps",
+}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated CUDA memory of this process, or its peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Prints through tqdm.write so log lines do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never kill training
+            self.handleError(record)
+
+
+class RunLogger:
+    def __init__(self, out_dir: str, env: DistEnv, cfg: LoggingConfig, total_steps: int) -> None:
+        self.env, self.cfg, self.total = env, cfg, total_steps
+        self.log = logging.getLogger(f"mats_scale.train.rank{env.rank}")
+        self.log.handlers.clear()
+        self.log.propagate = False
+        self.tb = self.bar = self.jsonl = None
+        if env.is_writer:
+            self.log.setLevel(logging.INFO)
+            console = _TqdmHandler(sys.stdout)
+            console.setFormatter(logging.Formatter("%(message)s"))
+            file = logging.FileHandler(os.path.join(out_dir, "train.log"))
+            file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self.log.addHandler(console)
+            self.log.addHandler(file)
+            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        else:
+            self.log.setLevel(logging.WARNING)
+            err = logging.StreamHandler(sys.stderr)
+            err.setFormatter(logging.Formatter(f"[rank {env.rank}] %(levelname)s %(message)s"))
+            self.log.addHandler(err)
+        self._out_dir = out_dir
+
+    def start(self, start_step: int, resumed_from: Optional[str], info: dict[str, Any]) -> None:
+        if not self.env.is_writer:
+            return
+        self._event({"event": "start", "step": start_step, "resumed_from": resumed_from, **info})
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self._out_dir, "tb"), purge_step=start_step + 1)
+        if self.cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, smoothing=0.1)
+
+    def info(self, msg: str) -> None:
+        self.log.info(msg)
+
+    def warning(self, msg: str) -> None:
+        self.log.warning(msg)
+
+    def _event(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def step(self, step: int, m: dict[str, Any]) -> None:
+        if not self.env.is_writer:
+            return
+        self._event({"step": step, **m})
+        if self.tb is not None:
+            for key, tag in TB_TAGS.items():
+                if key in m and m[key] is not None:
+                    self.tb.add_scalar(tag, m[key], step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
+            self.bar.update(1)
+        if step % self.cfg.log_every == 0 or step == 1 or step == self.total:
+            grad = "nan" if not math.isfinite(m["grad_norm"]) else f"{m['grad_norm']:.3f}"
+            self.info(f"step {step:6d}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {grad}  "
+                      f"{m['clips_per_s']:.2f} clips/s  {m['step_time_s']:.3f} s/step  "
+                      f"tokens enc/dec {m['tokens_encoder']}/{m['tokens_decoder']}  "
+                      f"peak {m['peak_mem_gib']:.2f} GiB  skipped files {m['skipped_files']} steps {m['skipped_steps']}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        for h in list(self.log.handlers):
+            h.close()
+            self.log.removeHandler(h)
