@@ -60,6 +60,8 @@ MAX_LISTED_BAD = 10
 SYNTHETIC_CLIPS = 1024
 """Clips per epoch of data.dataset=synthetic."""
 DEFAULT_BUNDLED_ROOT = os.path.join("data", "bundled")
+BUNDLED_PARAMS = synth.SynthParams()
+"""What the loader generates when the bundled dataset is missing (the generator CLI's defaults)."""
 
 # Stream tags for :func:`sample_seed`, so that no two random choices share a stream.
 _ORDER, _TEMPORAL, _SPATIAL, _REDRAW, _WORKER = range(5)
@@ -80,7 +82,7 @@ def bundled_root(cfg: Config) -> str:
     return cfg.data.root or os.path.join(os.getcwd(), DEFAULT_BUNDLED_ROOT)
 
 
-def ensure_bundled(root: str, params: synth.SynthParams = synth.SynthParams(), workers: int = 0) -> str:
+def ensure_bundled(root: str, params: Optional[synth.SynthParams] = None, workers: int = 0) -> str:
     """Generate the bundled dataset into `root` unless it is complete; safe to call from every rank.
 
     An exclusive ``flock`` on ``root/.lock`` serialises the callers (no torch.distributed needed):
@@ -95,7 +97,7 @@ def ensure_bundled(root: str, params: synth.SynthParams = synth.SynthParams(), w
         try:
             if not synth.is_complete(root):
                 log.warning("bundled dataset missing in %s: generating it (first use)", root)
-                synth.generate(root, params, workers=workers or min(4, os.cpu_count() or 1))
+                synth.generate(root, params or BUNDLED_PARAMS, workers=workers or min(4, os.cpu_count() or 1))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return root

@@ -49,6 +49,8 @@ _DIRECTIONS = {"right": 0.0, "left": math.pi, "up": -math.pi / 2, "down": math.p
 SLOW_SPEED = (0.8, 1.3)  # px per frame
 FAST_SPEED = (2.0, 2.6)
 SHAPES = ("disc", "square", "diamond")
+RADIUS = (11.0, 17.0)  # object half-size, px
+ORBIT = (18.0, 30.0)  # circle radius, px
 LIGHT_JITTER = math.radians(35)  # light direction: from the top edge +- this
 LIGHT_STRENGTH = (0.6, 0.85)  # fraction of light lost across the frame
 SPLITS = {"train": 0, "val": 1}
@@ -70,6 +72,21 @@ class SynthParams:
     crf: int = 18
     version: int = META_VERSION
 
+    def check(self) -> None:
+        """Raise ValueError naming the (CLI) option for values the motion classes do not fit in."""
+        if self.num_train < 0 or self.num_val < 0 or self.fps < 1:
+            raise ValueError(f"--num-train={self.num_train} --num-val={self.num_val} --fps={self.fps}: "
+                             "counts must be >= 0 and fps >= 1")
+        if self.frames < 8:
+            raise ValueError(f"--frames={self.frames}: must be >= 8")
+        if self.height % 2 or self.width % 2:
+            raise ValueError(f"--height={self.height} --width={self.width}: both must be even (yuv420p)")
+        side = 2 * (RADIUS[1] + 2)
+        need = max(side + FAST_SPEED[1] * (self.frames - 1), side + 2 * ORBIT[0])
+        if min(self.height, self.width) < need:
+            raise ValueError(f"--height={self.height} --width={self.width}: an object at the fast speed "
+                             f"over --frames={self.frames} needs both >= {math.ceil(need)} px")
+
 
 @dataclass(frozen=True)
 class ClipSpec:
@@ -86,14 +103,14 @@ def clip_spec(params: SynthParams, split: str, index: int) -> tuple[ClipSpec, np
     rng = np.random.default_rng([params.seed, SPLITS[split], index])
     label = int(rng.integers(len(CLASSES)))
     name = CLASSES[label]
-    radius = float(rng.uniform(11, 17))
+    radius = float(rng.uniform(*RADIUS))
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     H, W, L = params.height, params.width, params.frames
     t = np.arange(L, dtype=np.float64)
     margin = radius + 2
     if name.startswith("circle"):
         # Radius of the orbit 18-30 px, about one turn in 24-40 frames.
-        orbit = rng.uniform(18, 30)
+        orbit = min(rng.uniform(*ORBIT), min(H, W) / 2 - margin)
         omega = 2 * math.pi / rng.uniform(24, 40) * (1 if name == "circle_cw" else -1)
         cy = rng.uniform(margin + orbit, H - margin - orbit)
         cx = rng.uniform(margin + orbit, W - margin - orbit)
@@ -257,6 +274,7 @@ def is_complete(out_dir: str, params: Optional[SynthParams] = None) -> bool:
 def generate(out_dir: str, params: SynthParams = SynthParams(), workers: int = 2, verbose: bool = True) -> dict:
     """Write the dataset (files, list files, meta.json last). Returns the meta dict."""
     t0 = time.perf_counter()
+    params.check()
     params = SynthParams(**{**asdict(params), "codec": available_codec(params.codec)})
     jobs = []
     for split, count in (("train", params.num_train), ("val", params.num_val)):
@@ -300,15 +318,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--crf", type=int, default=d.crf, help="libx264 constant rate factor")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes")
     a = ap.parse_args(argv)
-    for key in ("num_train", "num_val", "frames", "height", "width", "fps", "workers"):
-        if getattr(a, key) < (0 if key.startswith("num") else 1):
-            ap.error(f"--{key.replace('_', '-')}={getattr(a, key)}: must be positive")
-    if a.height % 2 or a.width % 2 or a.height < 80 or a.width < 96:
-        ap.error(f"--height={a.height} --width={a.width}: both even, at least 80 x 96 (yuv420p, objects fit)")
-    if a.frames < 8:
-        ap.error(f"--frames={a.frames}: at least 8")
+    if a.workers < 1:
+        ap.error(f"--workers={a.workers}: must be >= 1")
     params = SynthParams(num_train=a.num_train, num_val=a.num_val, seed=a.seed, frames=a.frames,
                          height=a.height, width=a.width, fps=a.fps, codec=a.codec, crf=a.crf)
+    try:
+        params.check()
+    except ValueError as e:
+        ap.error(str(e))
     generate(a.out_dir, params, workers=a.workers)
     return 0
 
