@@ -20,14 +20,14 @@ import torch
 
 from mats_scale.config import load_config
 from mats_scale.data.inmemory import moving_square_clips, normalize
-from mats_scale.masking import Selection, TokenGrid, tube_masking
+from mats_scale.masking import Selection, TokenGrid, embed_motion_scores, tube_masking
 from mats_scale.parallel.distributed import barrier, init_distributed
 from mats_scale.parallel.ds_config import resolve_ds_config
 from mats_scale.parallel.engine import build_engine
 
 STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
 BASE = ["model.size=debug", "model.num_frames=4", "model.img_size=64", "model.drop_path=0.0",
-        "optim.clip_grad=0.5", "train.device=cpu", "train.precision=fp32"]
+        "optim.clip_grad=0.02", "train.device=cpu", "train.precision=fp32"]
 ZERO3_ALL_PARTITIONED = {  # a user template: partition every parameter of the tiny model
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
@@ -63,8 +63,15 @@ def global_batches(cfg, n: int) -> list[tuple[torch.Tensor, Selection]]:
 def run_case(cfg, env, ds_config, batches, shard: bool, out_dir: str | None) -> dict:
     """Steps on this rank's share (shard=True) or on the whole batch; returns what rank 0 records."""
     engine = build_engine(cfg, env, ds_config)
-    rec = {"init": engine.state_dict(), "applied": [], "losses": []}
+    rec = {"init": engine.state_dict(), "applied": []}
     micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    mine = slice(env.rank * micro * accum, (env.rank + 1) * micro * accum) if shard else slice(None)
+
+    def motion_scores():  # MATS scores through the (sharded) patch embedding, outside forward
+        with engine.autocast():
+            return embed_motion_scores(engine.module.encoder.patch_embed, batches[0][0][mine])
+
+    rec["scores_init"] = motion_scores()
     for i, (video, sel) in enumerate(batches):
         nan_step = i == STEPS
         if nan_step:
@@ -75,11 +82,11 @@ def run_case(cfg, env, ds_config, batches, shard: bool, out_dir: str | None) -> 
             out = engine.forward(video[part], Selection(sel.visible_ids[part], sel.target_ids[part]))
             loss = out.loss * float("nan") if nan_step and (env.rank == 0 or not shard) else out.loss
             engine.backward(loss)
-            rec["losses"].append(out.loss.item())
         rec["applied"].append(engine.step(LR, skip=nan_step).applied)
         if nan_step:
             rec["after_nan"] = engine.state_dict()
     rec["final"] = engine.state_dict()
+    rec["scores_final"] = motion_scores()
     if out_dir is not None:
         engine.save(os.path.join(out_dir, "engine"))
     del engine
@@ -107,6 +114,9 @@ def main() -> None:
         batches = global_batches(cfg, STEPS + 2)
         results[name] = run_case(cfg, env, ds, batches, shard=True,
                                  out_dir=os.path.join(out, name) if name in SAVE else None)
+        if env.rank == 1:  # rank 1's scores of its share, for the test to compare with the reference
+            torch.save({k: results[name][k] for k in ("scores_init", "scores_final")},
+                       os.path.join(out, f"{name}.rank1_scores.pt"))
     ref_cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH}", "parallel.backend=none"])
     results["reference"] = run_case(ref_cfg, env, None, global_batches(ref_cfg, STEPS + 2), shard=False,
                                     out_dir=None)

@@ -77,6 +77,9 @@ class FSDP2Engine(LocalEngine):
         fully_shard(model, mesh=mesh, mp_policy=mp)
         model.to_empty(device=env.device)
         init_sharded(model, env.device)
+        # FSDP2 picks its root in the first forward and refuses a root forward after a child's;
+        # MATS calls patch_embed before every forward, so settle the root now (no public API).
+        model._get_fsdp_state()._lazy_init()
         return cls(model, cfg, env)
 
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from mats_scale.config import Config, ConfigError
-from mats_scale.masking import Selection, TokenGrid, tube_masking
+from mats_scale.data.errors import DataError
+from mats_scale.masking import Selection, TokenGrid, embed_motion_scores, pixel_motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import DistEnv, LaunchError, all_reduce, barrier, detect_env, \
     init_distributed, shutdown
@@ -81,15 +82,26 @@ class StopRequest:
 
 
 def make_selector(cfg: Config) -> Callable[[Engine, torch.Tensor, dict, torch.Generator], Selection]:
-    """Token selection of ``cfg.masking`` for one micro-batch."""
+    """Token selection of ``cfg.masking`` for one micro-batch on the training device.
+
+    MATS needs motion scores: the loader's pixel scores when it computed them, else the embed score
+    through the engine's (possibly sharded) patch embedding, called as a module under the engine's
+    precision context so ZeRO-3 / FSDP2 gather its parameters.
+    """
     grid = TokenGrid.from_model(cfg.model)
-    m = cfg.masking
-    if m.strategy != "tube" or m.decoder != "none":
-        raise ConfigError(f"masking.strategy={m.strategy}, masking.decoder={m.decoder}: this build has "
-                          "tube masking with decoder none only")
+    m, tubelet, patch = cfg.masking, cfg.model.tubelet_size, cfg.model.patch
 
     def select(engine: Engine, video: torch.Tensor, batch: dict, gen: torch.Generator) -> Selection:
-        return tube_masking(grid, m.ratio, video.shape[0], gen)
+        scores = None
+        if m.strategy == "mats":
+            if batch.get("scores") is not None:
+                scores = batch["scores"].to(video.device, non_blocking=True)
+            elif m.score == "embed":
+                with engine.autocast():
+                    scores = embed_motion_scores(engine.module.encoder.patch_embed, video)
+            else:
+                scores = pixel_motion_scores(video, tubelet, patch)
+        return select_tokens(m, grid, video.shape[0], gen, scores)
 
     return select
 
@@ -123,119 +135,139 @@ def prepare(cfg: Config) -> tuple[DistEnv, Optional[dict]]:
 
         ds_config, _ = resolve_ds_config(cfg, env.world_size, bf16=env.amp_dtype is not None,
                                          cuda=env.device.type == "cuda")
-    make_selector(cfg)
     return env, ds_config
 
 
-def train(cfg: Config) -> TrainResult:
-    _, ds_config = prepare(cfg)
-    env = init_distributed(cfg.train, cfg.parallel)
-    faults = Faults.from_env()
-    out_dir = cfg.train.out_dir
-    if env.is_writer:
-        os.makedirs(out_dir, exist_ok=True)
-    barrier()
-    ckpt = CheckpointManager(out_dir, cfg.train.keep_last, env, on_save=faults.in_save)
-    resume_path = ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints first
-    _write_run_files(cfg, env, ds_config)
-    log = RunLogger(out_dir, env, cfg.logging, cfg.train.steps)
+class Trainer:
+    """Set-up, the step loop and checkpointing of one run; :func:`train` drives it."""
 
-    engine = build_engine(cfg, env, ds_config)
-    mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
-    stream = BatchStream(build_loader(cfg, env.rank, env.world_size))
-    select = make_selector(cfg)
-    counters = Counters()
-    expect = {"world_size": env.world_size, "engine": engine.name, "model": asdict(cfg.model)}
-    if resume_path is not None:
-        _, state = ckpt.load(resume_path, engine, expect)
-        counters = Counters(**state["counters"])
-        stream.load_state_dict(state["data"])
-        restore_rng(state["rng"], mask_gen)
+    def __init__(self, cfg: Config) -> None:
+        _, ds_config = prepare(cfg)
+        self.cfg = cfg
+        self.env = env = init_distributed(cfg.train, cfg.parallel)
+        self.faults = Faults.from_env()
+        if env.is_writer:
+            os.makedirs(cfg.train.out_dir, exist_ok=True)
+        barrier()
+        self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env, on_save=self.faults.in_save)
+        self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
+        _write_run_files(cfg, env, ds_config)
+        self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps)
 
-    batch_total = total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)
-    log.start(counters.step, str(resume_path) if resume_path else None,
-              {"engine": engine.name, "world_size": env.world_size, "device": str(env.device),
-               "precision": env.precision, "total_batch": batch_total})
-    log.info(f"engine {engine.name} on {env.world_size} x {env.device} ({env.precision}), total batch "
-             f"{batch_total} = {cfg.data.batch_size} x {env.world_size} x {cfg.optim.grad_accum}, "
-             f"{len(stream.loader)} batches per epoch per rank, run dir {out_dir}")
-    if resume_path is not None:
-        log.info(f"resumed from {resume_path} at step {counters.step}")
-    if counters.step >= cfg.train.steps:
-        log.info(f"nothing to do: step {counters.step} >= train.steps={cfg.train.steps}")
+        self.engine = build_engine(cfg, env, ds_config)
+        self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
+        self.stream = BatchStream(build_loader(cfg, env.rank, env.world_size))
+        self.select = make_selector(cfg)
+        self.counters = Counters()
+        # What a checkpoint must agree on to be resumed by this run.
+        self.expect = {"world_size": env.world_size, "engine": self.engine.name, "model": asdict(cfg.model)}
+        if self.resume_path is not None:
+            _, state = self.ckpt.load(self.resume_path, self.engine, self.expect)
+            self.counters = Counters(**state["counters"])
+            self.stream.load_state_dict(state["data"])
+            restore_rng(state["rng"], self.mask_gen)
+        self.batch_total = total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)
 
-    def save() -> None:
-        state = {"counters": asdict(counters), "data": stream.state_dict(), "rng": capture_rng(mask_gen)}
-        path = ckpt.save(counters.step, engine, state, {**expect, "config": cfg.to_yaml()})
-        log.info(f"saved {path}")
+    def save(self) -> None:
+        state = {"counters": asdict(self.counters), "data": self.stream.state_dict(),
+                 "rng": capture_rng(self.mask_gen)}
+        path = self.ckpt.save(self.counters.step, self.engine, state, {**self.expect, "config": self.cfg.to_yaml()})
+        self.log.info(f"saved {path}")
 
-    last_loss, stopped = float("nan"), False
-    engine.zero_grad()
-    with StopRequest() as stop:
-        while counters.step < cfg.train.steps:
-            step = counters.step + 1
-            t0 = time.perf_counter()
-            data_time = 0.0
-            lr = lr_at(step - 1, cfg.train.steps, cfg.optim, batch_total)
-            # [finite loss sum, non-finite micro-batches, stop requests, skipped files, enc tokens, dec tokens]
-            stats = torch.zeros(6, dtype=torch.float64, device=env.device)
-            for _ in range(cfg.optim.grad_accum):
-                t_data = time.perf_counter()
-                batch = stream.next()
-                data_time += time.perf_counter() - t_data
-                for path, reason in batch.get("skipped", ()):
-                    log.warning(f"skipped unreadable file {path}: {reason}")
-                    stats[3] += 1
-                video = batch["video"].to(env.device, non_blocking=True)
-                sel = select(engine, video, batch, mask_gen)
-                out = engine.forward(video, sel)
-                loss = faults.loss(out.loss, step, env.rank)
-                finite = torch.isfinite(loss.detach())
-                stats[0] += torch.where(finite, loss.detach().double(), 0.0)
-                stats[1] += (~finite).double()
-                engine.backward(loss)
-                stats[4] += sel.visible_ids.numel()
-                stats[5] += sel.visible_ids.numel() + sel.target_ids.numel()
-            faults.during_step(step, env.rank)
-            stats[2] = float(stop.signum is not None)
-            all_reduce(stats)
-            loss_sum, nonfinite, stop_votes, new_skipped, enc_tokens, dec_tokens = stats.tolist()
-            result = engine.step(lr, skip=nonfinite > 0)
-            counters.step = step
-            counters.skipped_files += int(new_skipped)
-            micro_total = cfg.optim.grad_accum * env.world_size
-            last_loss = loss_sum / (micro_total - nonfinite) if nonfinite < micro_total else float("nan")
-            if result.applied:
-                counters.nan_streak = 0
-            else:
-                counters.skipped_steps += 1
-                counters.nan_streak += 1
-                why = (f"non-finite loss in {int(nonfinite)} of {micro_total} micro-batches" if nonfinite
-                       else f"non-finite gradient norm {result.grad_norm}")
-                log.warning(f"step {step}: {why}; update skipped ({counters.nan_streak} in a row, "
-                            f"{counters.skipped_steps} in total)")
-                if cfg.train.nan_policy == "stop" or counters.nan_streak >= cfg.train.max_nan_steps:
+    def step(self, step: int, stop: StopRequest) -> tuple[dict[str, Any], int, bool]:
+        """One optimizer step: returns (metrics, non-finite micro-batches, stop requested on any rank)."""
+        cfg, env, engine = self.cfg, self.env, self.engine
+        t0 = time.perf_counter()
+        data_time = 0.0
+        lr = lr_at(step - 1, cfg.train.steps, cfg.optim, self.batch_total)
+        # [finite loss sum, non-finite micro-batches, stop requests, skipped files, enc tokens, dec tokens]
+        stats = torch.zeros(6, dtype=torch.float64, device=env.device)
+        for _ in range(cfg.optim.grad_accum):
+            t_data = time.perf_counter()
+            batch = self.stream.next()
+            data_time += time.perf_counter() - t_data
+            stats[3] += len(batch.get("skipped", ()))  # the loader warns once per bad file
+            video = batch["video"].to(env.device, non_blocking=True)
+            sel = self.select(engine, video, batch, self.mask_gen)
+            out = engine.forward(video, sel)
+            loss = self.faults.loss(out.loss, step, env.rank)
+            finite = torch.isfinite(loss.detach())
+            stats[0] += torch.where(finite, loss.detach().double(), 0.0)
+            stats[1] += (~finite).double()
+            engine.backward(loss)
+            stats[4] += sel.visible_ids.numel()
+            stats[5] += sel.visible_ids.numel() + sel.target_ids.numel()
+        self.faults.during_step(step, env.rank)
+        stats[2] = float(stop.signum is not None)
+        all_reduce(stats)  # every rank takes the same skip / stop decision
+        loss_sum, nonfinite, stop_votes, new_skipped, enc_tokens, dec_tokens = stats.tolist()
+        result = engine.step(lr, skip=nonfinite > 0)
+        c = self.counters
+        c.step = step
+        c.skipped_files += int(new_skipped)
+        if result.applied:
+            c.nan_streak = 0
+        else:
+            c.skipped_steps += 1
+            c.nan_streak += 1
+        micro_total = cfg.optim.grad_accum * env.world_size
+        dt = time.perf_counter() - t0
+        metrics = {"loss": loss_sum / micro_total if not nonfinite else float("nan"),  # a skipped step logs NaN
+                   "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
+                   "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
+                   "tokens_encoder": int(enc_tokens), "tokens_decoder": int(dec_tokens),
+                   "peak_mem_gib": peak_memory_gib(env.device), "skipped_files": c.skipped_files,
+                   "skipped_steps": c.skipped_steps}
+        return metrics, int(nonfinite), stop_votes > 0
+
+    def run(self) -> TrainResult:
+        cfg, c, log = self.cfg, self.counters, self.log
+        log.start(c.step, str(self.resume_path) if self.resume_path else None,
+                  {"engine": self.engine.name, "world_size": self.env.world_size, "device": str(self.env.device),
+                   "precision": self.env.precision, "total_batch": self.batch_total})
+        log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} ({self.env.precision}), "
+                 f"total batch {self.batch_total} = {cfg.data.batch_size} x {self.env.world_size} x "
+                 f"{cfg.optim.grad_accum}, {len(self.stream.loader)} batches per epoch per rank, "
+                 f"run dir {cfg.train.out_dir}")
+        if self.resume_path is not None:
+            log.info(f"resumed from {self.resume_path} at step {c.step}")
+        if c.step >= cfg.train.steps:
+            log.info(f"nothing to do: step {c.step} >= train.steps={cfg.train.steps}")
+        metrics, stopped = {"loss": float("nan")}, False
+        self.engine.zero_grad()
+        with StopRequest() as stop:
+            while c.step < cfg.train.steps:
+                step = c.step + 1
+                metrics, nonfinite, stopped = self.step(step, stop)
+                why = None
+                if not metrics["applied"]:
+                    why = (f"non-finite loss in {nonfinite} of {cfg.optim.grad_accum * self.env.world_size} "
+                           f"micro-batches" if nonfinite else f"non-finite gradient norm {metrics['grad_norm']}")
+                    log.warning(f"step {step}: {why}; update skipped ({c.nan_streak} in a row, "
+                                f"{c.skipped_steps} in total)")
+                log.step(step, metrics)
+                if why and (cfg.train.nan_policy == "stop" or c.nan_streak >= cfg.train.max_nan_steps):
                     raise TrainingError(
-                        f"step {step}: {why}; stopping after {counters.nan_streak} skipped step(s) in a row "
+                        f"step {step}: {why}; stopping after {c.nan_streak} skipped step(s) in a row "
                         f"(train.nan_policy={cfg.train.nan_policy}, train.max_nan_steps={cfg.train.max_nan_steps}); "
-                        f"the last checkpoint is {ckpt.latest()}")
-            dt = time.perf_counter() - t0
-            log.step(step, {"loss": last_loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
-                            "clips_per_s": batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
-                            "tokens_encoder": int(enc_tokens), "tokens_decoder": int(dec_tokens),
-                            "peak_mem_gib": peak_memory_gib(env.device), "skipped_files": counters.skipped_files,
-                            "skipped_steps": counters.skipped_steps})
-            stopped = stop_votes > 0
-            every = cfg.train.save_every
-            if stopped or step == cfg.train.steps or (every and step % every == 0):
-                save()
-            faults.after_step(step)
-            if stopped:
-                log.info(f"stopping after step {step} on signal; resume with train.resume=auto")
-                break
-    log.close()
-    barrier()
-    return TrainResult(counters.step, counters.skipped_steps, last_loss, stopped, out_dir)
+                        f"last checkpoint: {self.ckpt.latest() or 'none yet'}")
+                every = cfg.train.save_every
+                if stopped or step == cfg.train.steps or (every and step % every == 0):
+                    self.save()
+                self.faults.after_step(step)
+                if stopped:
+                    log.info(f"stopping after step {step} on signal; resume with train.resume=auto")
+                    break
+        barrier()
+        return TrainResult(c.step, c.skipped_steps, metrics["loss"], stopped, cfg.train.out_dir)
+
+
+def train(cfg: Config) -> TrainResult:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.log.close()
 
 
 def run(cfg: Config) -> int:
@@ -247,7 +279,7 @@ def run(cfg: Config) -> int:
     except ConfigError as e:
         print(f"{prefix}config error: {e}", file=sys.stderr, flush=True)
         return 2
-    except (LaunchError, CheckpointError, TrainingError) as e:
+    except (LaunchError, CheckpointError, TrainingError, DataError) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
     shutdown()

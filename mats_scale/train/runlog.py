@@ -52,7 +52,9 @@ class _TqdmHandler(logging.StreamHandler):
 class RunLogger:
     def __init__(self, out_dir: str, env: DistEnv, cfg: LoggingConfig, total_steps: int) -> None:
         self.env, self.cfg, self.total = env, cfg, total_steps
-        self.log = logging.getLogger(f"mats_scale.train.rank{env.rank}")
+        # Handlers sit on the package logger, so the data loader's warnings ("mats_scale.data") land
+        # in the console and train.log too.
+        self.log = logging.getLogger("mats_scale")
         self.log.handlers.clear()
         self.log.propagate = False
         self.tb = self.bar = self.jsonl = None

@@ -1,0 +1,181 @@
+"""Distributed engines on 2 CPU processes (gloo, fp32) against a single-process run.
+
+Each module-scoped fixture launches one torchrun job (or a short sequence of them) and several tests
+assert on what it wrote, so process start-up is paid once per scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dist_parity_worker import CASES, SAVE
+from launch_util import ROOT, TINY, metric_runs, pretrain, same_float, tail, torchrun
+from mats_scale.parallel.engine import consolidate_checkpoint
+from mats_scale.train.export import export
+
+pytestmark = pytest.mark.dist
+
+
+# ---- parity of every engine with one process -----------------------------------------------------
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity")
+    proc = torchrun(2, [ROOT / "tests" / "dist_parity_worker.py", out])
+    assert proc.returncode == 0, tail(proc)
+    results = torch.load(out / "results.pt", weights_only=False)
+    rank1 = {name: torch.load(out / f"{name}.rank1_scores.pt") for name in CASES}
+    return out, results, rank1
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_engine_matches_single_process_run(parity, name):
+    _, results, _ = parity
+    rec, ref = results[name], results["reference"]
+    assert _max_diff(rec["init"], ref["init"]) == 0.0  # same weights from the same seed, sharded or not
+    moved = _max_diff(ref["final"], ref["init"])
+    assert moved > 1e-3  # the steps changed the weights ...
+    assert _max_diff(rec["final"], ref["final"]) < 1e-5  # ... identically up to fp32 reduction order
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nonfinite_loss_on_one_rank_skips_the_update_everywhere(parity, name):
+    _, results, _ = parity
+    rec = results[name]
+    assert rec["applied"] == [True, True, True, False, True]
+    assert _max_diff(rec["before_nan"], rec["after_nan"]) == 0.0  # parameters untouched by the skipped step
+    # ... and the optimizer state too: the step after it still matches the reference (checked above).
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_motion_scores_through_the_sharded_patch_embedding(parity, name):
+    _, results, rank1 = parity
+    ref = results["reference"]
+    for key in ("scores_init", "scores_final"):
+        scores = torch.cat([results[name][key], rank1[name][key]])
+        torch.testing.assert_close(scores, ref[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SAVE))
+def test_sharded_checkpoint_consolidates_to_the_trained_weights(parity, name):
+    out, results, _ = parity
+    backend = "fsdp2" if name.startswith("fsdp2") else "deepspeed"
+    sd = consolidate_checkpoint(backend, str(out / name / "engine"))
+    assert _max_diff(sd, results[name]["final"]) == 0.0
+
+
+# ---- ZeRO-3, MATS + dual masking: SIGKILL, crash during a save, resume -----------------------------
+RESUME = TINY + ["parallel.backend=deepspeed", "parallel.zero_stage=3", "model.drop_path=0.1",
+                 "masking.strategy=mats", "masking.ratio=0.75", "masking.keep_ratio=0.5",
+                 "masking.decoder=running_cell", "masking.decoder_mode=lean", "data.batch_size=1",
+                 "optim.grad_accum=2", "optim.clip_grad=0.05", "train.steps=8", "train.save_every=2",
+                 "train.keep_last=2", "logging.log_every=1"]
+NAN_STEP = 3
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    a, b = base / "uninterrupted", base / "interrupted"
+    nan = {"MATS_FAULT_NAN_STEPS": str(NAN_STEP)}
+    runs = {"A": pretrain(2, RESUME + [f"train.out_dir={a}"], **nan),
+            "B": pretrain(2, RESUME + [f"train.out_dir={b}"], MATS_FAULT_KILL_AFTER_STEP="5", **nan)}
+    after_b = sorted(p.name for p in (b / "checkpoints").iterdir())
+    runs["C"] = pretrain(2, RESUME + [f"train.out_dir={b}"], MATS_FAULT_CRASH_IN_SAVE="6", **nan)
+    after_c = sorted(p.name for p in (b / "checkpoints").iterdir())
+    pointer_c = (b / "checkpoints" / "latest").read_text()
+    runs["D"] = pretrain(2, RESUME + [f"train.out_dir={b}"], **nan)
+    return {"a": a, "b": b, "runs": runs, "after_b": after_b, "after_c": after_c, "pointer_c": pointer_c}
+
+
+def test_uninterrupted_run_keeps_the_last_checkpoints(resumed):
+    assert resumed["runs"]["A"].returncode == 0, tail(resumed["runs"]["A"])
+    ckpts = resumed["a"] / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    assert (ckpts / "latest").read_text() == "step_00000008"
+    meta = json.loads((ckpts / "step_00000008" / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["engine"] == "deepspeed-zero3" and meta["world_size"] == 2
+
+
+def test_nonfinite_step_is_skipped_counted_and_logged(resumed):
+    steps = metric_runs(resumed["a"])[0]["steps"]
+    assert [s for s, r in steps.items() if not r["applied"]] == [NAN_STEP]
+    assert math.isnan(steps[NAN_STEP]["loss"])  # a skipped step logs NaN (rank 0 had it)
+    assert steps[8]["skipped_steps"] == 1 and all(math.isfinite(steps[s]["loss"]) for s in (4, 5, 8))
+    assert f"step {NAN_STEP}: non-finite loss in 2 of 4 micro-batches; update skipped" in \
+        (resumed["a"] / "train.log").read_text()
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(resumed):
+    runs = resumed["runs"]
+    assert runs["B"].returncode != 0 and "step_00000004" in resumed["after_b"]
+    assert runs["D"].returncode == 0, tail(runs["D"])
+    ref = metric_runs(resumed["a"])[0]["steps"]
+    b_run, c_run, d_run = metric_runs(resumed["b"])
+    assert max(b_run["steps"]) == 5  # killed after step 5, whose checkpoint was never written
+    assert c_run["start"]["resumed_from"].endswith("step_00000004")
+    assert d_run["start"]["resumed_from"].endswith("step_00000004")  # C crashed while saving step 6
+    for run in (b_run, c_run, d_run):
+        for step, rec in run["steps"].items():
+            for key in ("loss", "grad_norm", "lr", "tokens_encoder", "tokens_decoder"):
+                assert same_float(rec[key], ref[step][key]), (step, key, rec[key], ref[step][key])
+    assert sorted(d_run["steps"]) == [5, 6, 7, 8]
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint(resumed):
+    assert resumed["runs"]["C"].returncode != 0
+    assert resumed["pointer_c"] == "step_00000004"
+    assert ".tmp-step_00000006" in resumed["after_c"] and "step_00000006" not in resumed["after_c"]
+    # The next save cleaned up the half-written directory.
+    assert sorted(p.name for p in (resumed["b"] / "checkpoints").iterdir()) == \
+        ["latest", "step_00000006", "step_00000008"]
+
+
+def test_exported_weights_of_the_resumed_run_equal_the_uninterrupted_ones(resumed, tmp_path):
+    a = export(str(resumed["a"]), str(tmp_path / "a.pt"))
+    d = export(str(resumed["b"]), str(tmp_path / "d.pt"))
+    assert a.keys() == d.keys() and all(torch.equal(a[k], d[k]) for k in a)
+    assert torch.load(tmp_path / "d.pt").keys() == d.keys()
+
+
+# ---- FSDP2: SIGTERM saves and exits 0; the resumed run continues exactly ---------------------------
+FSDP = TINY + ["parallel.backend=fsdp2", "model.drop_path=0.1", "data.batch_size=2", "train.steps=6",
+               "train.save_every=0", "logging.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def sigterm(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sigterm")
+    a, b = base / "uninterrupted", base / "interrupted"
+    runs = {"A": pretrain(2, FSDP + [f"train.out_dir={a}"]),
+            "B": pretrain(2, FSDP + [f"train.out_dir={b}"], MATS_FAULT_SIGTERM_AT_STEP="3")}
+    pointer_b = (b / "checkpoints" / "latest").read_text() if (b / "checkpoints" / "latest").exists() else None
+    runs["C"] = pretrain(2, FSDP + [f"train.out_dir={b}"])
+    return {"a": a, "b": b, "runs": runs, "pointer_b": pointer_b}
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sigterm):
+    proc = sigterm["runs"]["B"]
+    assert proc.returncode == 0, tail(proc)
+    assert sigterm["pointer_b"] == "step_00000003"  # saved right after the step the signal came in
+    assert "stopping after step 3 on signal" in proc.stdout
+    assert max(metric_runs(sigterm["b"])[0]["steps"]) == 3
+
+
+def test_fsdp2_resume_after_sigterm_reproduces_the_losses(sigterm):
+    assert sigterm["runs"]["C"].returncode == 0, tail(sigterm["runs"]["C"])
+    ref = metric_runs(sigterm["a"])[0]["steps"]
+    first, second = metric_runs(sigterm["b"])
+    assert second["start"]["resumed_from"].endswith("step_00000003") and sorted(second["steps"]) == [4, 5, 6]
+    for run in (first, second):
+        for step, rec in run["steps"].items():
+            assert rec["loss"] == ref[step]["loss"] and rec["grad_norm"] == ref[step]["grad_norm"], step
+
