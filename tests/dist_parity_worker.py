@@ -21,7 +21,7 @@ import torch
 from mats_scale.config import load_config
 from mats_scale.data.inmemory import moving_square_clips, normalize
 from mats_scale.masking import Selection, TokenGrid, embed_motion_scores, tube_masking
-from mats_scale.parallel.distributed import barrier, init_distributed
+from mats_scale.parallel.distributed import barrier, detect_env, init_distributed
 from mats_scale.parallel.ds_config import resolve_ds_config
 from mats_scale.parallel.engine import build_engine
 
@@ -46,6 +46,11 @@ CASES = {
     "fsdp2": ["parallel.backend=fsdp2"],
     "fsdp2_ac_accum": ["parallel.backend=fsdp2", "parallel.checkpoint_encoder_every=2", "data.batch_size=1",
                        "optim.grad_accum=2"],
+}
+# bf16 (DeepSpeed torch_autocast, FSDP2 mixed precision) on tiny shapes: close to fp32, not equal.
+BF16_CASES = {
+    "zero3_bf16": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "train.precision=bf16"],
+    "fsdp2_bf16": ["parallel.backend=fsdp2", "train.precision=bf16"],
 }
 SAVE = {"zero3", "zero1", "fsdp2"}
 
@@ -99,7 +104,7 @@ def main() -> None:
     zero3_json = os.path.join(out, "zero3_all_partitioned.json")
     env = None
     results = {}
-    for name, overrides in CASES.items():
+    for name, overrides in {**CASES, **BF16_CASES}.items():
         overrides = [o.format(zero3_json=zero3_json) for o in overrides]
         cfg = load_config(None, BASE + ["data.batch_size=2"] + overrides)
         if env is None:
@@ -108,13 +113,14 @@ def main() -> None:
                 with open(zero3_json, "w") as f:
                     json.dump(ZERO3_ALL_PARTITIONED, f)
             barrier()
+        case_env = detect_env(cfg.train, cfg.parallel)  # precision of this case
         ds = None
         if cfg.parallel.backend == "deepspeed":
-            ds, _ = resolve_ds_config(cfg, env.world_size, bf16=False, cuda=False)
+            ds, _ = resolve_ds_config(cfg, env.world_size, bf16=case_env.amp_dtype is not None, cuda=False)
         batches = global_batches(cfg, STEPS + 2)
-        results[name] = run_case(cfg, env, ds, batches, shard=True,
+        results[name] = run_case(cfg, case_env, ds, batches, shard=True,
                                  out_dir=os.path.join(out, name) if name in SAVE else None)
-        if env.rank == 1:  # rank 1's scores of its share, for the test to compare with the reference
+        if env.rank == 1 and name in CASES:  # rank 1's scores of its share, for the test to compare with the reference
             torch.save({k: results[name][k] for k in ("scores_init", "scores_final")},
                        os.path.join(out, f"{name}.rank1_scores.pt"))
     ref_cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH}", "parallel.backend=none"])

@@ -3,13 +3,15 @@
 Order (torchtitan ``parallelize``): activation checkpointing, then ``fully_shard`` on the patch
 embedding (its own unit, so MATS can call it for motion scores outside the root forward), on every
 encoder and decoder block, then on the root; ``to_empty`` materialises the shards and
-:func:`init_sharded` fills them. bf16 runs all-gather parameters in bf16 and reduce gradients in fp32
-under autocast, keeping fp32 master shards.
+:func:`init_sharded` fills them. bf16 runs use FSDP2's mixed precision (no autocast): bf16 parameter
+all-gathers and compute, fp32 gradient reduce-scatter and fp32 master shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import ContextManager
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -66,15 +68,16 @@ class FSDP2Engine(LocalEngine):
     def build(cls, cfg: Config, env: DistEnv) -> "FSDP2Engine":
         model = apply_checkpointing(build_pretrain_model(cfg.model, device="meta"), cfg)
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        mp = MixedPrecisionPolicy()
+        root_mp = unit_mp = MixedPrecisionPolicy()
         if env.amp_dtype is not None:
-            # Inputs stay fp32 (autocast casts per op), so pixel targets come from the fp32 clip.
-            mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32,
-                                      cast_forward_inputs=False)
-        units = [model.encoder.patch_embed, *model.encoder.blocks, *model.decoder.blocks]
-        for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            # bf16 all-gathers and compute, fp32 gradient reduction and master shards. Each unit casts
+            # its own inputs; the root does not, so pixel targets come from the fp32 clip.
+            unit_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32)
+            root_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
+        for unit in (model.encoder.patch_embed, *model.encoder.blocks, *model.decoder.blocks):
+            fully_shard(unit, mesh=mesh, mp_policy=unit_mp)
+        fully_shard(model, mesh=mesh, mp_policy=root_mp)
         model.to_empty(device=env.device)
         init_sharded(model, env.device)
         # FSDP2 picks its root in the first forward and refuses a root forward after a child's;
@@ -85,6 +88,9 @@ class FSDP2Engine(LocalEngine):
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv) -> None:
         super().__init__(model, cfg, env)
         self._micro = 0
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()  # the mixed-precision policy casts, see build()
 
     def backward(self, loss: torch.Tensor) -> None:
         # Reduce-scatter gradients only after the last micro-batch of the step.
