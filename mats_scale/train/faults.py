@@ -6,11 +6,13 @@ step numbers are 1-based optimizer steps as logged:
     MATS_FAULT_NAN_STEPS=3,4        rank 0 multiplies its loss by NaN in these steps
     MATS_FAULT_KILL_AFTER_STEP=5    every rank SIGKILLs itself after step 5 (after a save due then)
     MATS_FAULT_CRASH_IN_SAVE=6      every rank SIGKILLs itself in the middle of saving step 6
-    MATS_FAULT_SIGTERM_AT_STEP=3    rank 0 sends itself SIGTERM during step 3
+    MATS_FAULT_SIGTERM_AT_STEP=3    at the start of step 3, rank 0 sends SIGTERM to its child processes
+                                    (data workers), then to itself, as DeepSpeed's launcher does
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ class Faults:
 
     def during_step(self, step: int, rank: int) -> None:
         if step == self.sigterm_at_step and rank == 0:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
     def after_step(self, step: int) -> None:

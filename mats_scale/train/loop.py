@@ -11,7 +11,6 @@ learning rate ``lr_at(s - 1)``.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -127,7 +126,7 @@ def _write_run_files(cfg: Config, env: DistEnv, ds_config: Optional[dict]) -> No
 
 
 def prepare(cfg: Config) -> tuple[DistEnv, Optional[dict]]:
-    """Everything that can fail on a bad config or launch, before any heavy import or communication."""
+    """Everything that can fail on a bad config or launch, before any communication or model building."""
     env = detect_env(cfg.train, cfg.parallel)
     ds_config = None
     if cfg.parallel.backend == "deepspeed":
@@ -182,6 +181,7 @@ class Trainer:
         lr = lr_at(step - 1, cfg.train.steps, cfg.optim, self.batch_total)
         # [finite loss sum, non-finite micro-batches, stop requests, skipped files, enc tokens, dec tokens]
         stats = torch.zeros(6, dtype=torch.float64, device=env.device)
+        self.faults.during_step(step, env.rank)
         for _ in range(cfg.optim.grad_accum):
             t_data = time.perf_counter()
             batch = self.stream.next()
@@ -197,7 +197,6 @@ class Trainer:
             engine.backward(loss)
             stats[4] += sel.visible_ids.numel()
             stats[5] += sel.visible_ids.numel() + sel.target_ids.numel()
-        self.faults.during_step(step, env.rank)
         stats[2] = float(stop.signum is not None)
         all_reduce(stats)  # every rank takes the same skip / stop decision
         loss_sum, nonfinite, stop_votes, new_skipped, enc_tokens, dec_tokens = stats.tolist()
