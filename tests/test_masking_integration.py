@@ -5,9 +5,9 @@ import torch
 
 from mats_scale.config import MaskingConfig, ModelConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
-from mats_scale.masking import TokenGrid, embed_motion_scores, select_tokens
+from mats_scale.masking import TokenGrid, embed_motion_scores, motion_scores, pixel_motion_scores, select_tokens
 from mats_scale.masking.common import ids_to_mask
-from mats_scale.models.layers import patchify
+from mats_scale.models.layers import gather_patches, patchify
 from mats_scale.models.pretrain import build_pretrain_model
 
 MODEL = ModelConfig(size="debug", num_frames=8, img_size=64)  # 4 x 4 x 4 = 64 tokens
@@ -32,7 +32,13 @@ def _model_and_clip():
 def test_every_setting_trains_the_model(setting):
     model, video = _model_and_clip()
     cfg, grid = MaskingConfig(**setting), TokenGrid.from_model(MODEL)
-    scores = embed_motion_scores(model.encoder.patch_embed, video) if cfg.strategy == "mats" else None
+    scores = motion_scores(cfg, model.encoder.patch_embed, video)
+    if cfg.strategy == "mats":
+        assert torch.equal(scores, embed_motion_scores(model.encoder.patch_embed, video))
+        pixel = MaskingConfig(**setting, score="pixel")
+        assert torch.equal(motion_scores(pixel, model.encoder.patch_embed, video), pixel_motion_scores(video, 2, 16))
+    else:
+        assert scores is None
     sel = select_tokens(cfg, grid, 2, torch.Generator().manual_seed(0), scores)
     out = model(video, *sel)
     out.loss.backward()
@@ -68,3 +74,14 @@ def test_mats_dropped_tokens_are_neither_encoded_nor_reconstructed():
     torch.testing.assert_close(loss, base_loss)
     for g, g0 in zip(grads, base_grads):
         torch.testing.assert_close(g, g0)
+
+
+@pytest.mark.parametrize("shape,t,p", [((2, 3, 8, 64, 48), 2, 16), ((1, 3, 6, 28, 28), 3, 14)])
+def test_gather_patches_equals_patchify_then_gather(shape, t, p):
+    video = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    n = (shape[2] // t) * (shape[3] // p) * (shape[4] // p)
+    ids = torch.rand(shape[0], n, generator=torch.Generator().manual_seed(1)).argsort(dim=1)[:, : n // 2 + 1]
+    expected = torch.gather(patchify(video, t, p), 1, ids[..., None].expand(-1, -1, 3 * t * p * p))
+    assert torch.equal(gather_patches(video, ids, t, p), expected)
+    clip = video.transpose(3, 4).contiguous().transpose(3, 4)  # same values, non-contiguous layout
+    assert torch.equal(gather_patches(clip, ids, t, p), expected)

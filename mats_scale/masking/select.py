@@ -19,6 +19,7 @@ import torch
 from mats_scale.config import MaskingConfig
 from mats_scale.masking.common import Selection, TokenGrid
 from mats_scale.masking.mats import mats_counts, mats_dual_selection, mats_dual_target_count, mats_selection
+from mats_scale.masking.motion import embed_motion_scores, pixel_motion_scores
 from mats_scale.masking.random_mask import random_masking
 from mats_scale.masking.running_cell import decoder_kept_count, draw_phases, dual_masking, lean_target_range
 from mats_scale.masking.tube import tube_masking
@@ -86,3 +87,14 @@ def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generato
     out = dual_masking(grid, sel.visible_ids, cfg.decoder_ratio, "lean", phases, num_targets=high)
     # Fixed loss count (tube with T' % 4 == 0): every weight is 1 by construction.
     return out._replace(target_weights=None) if low == high else out
+
+
+def motion_scores(cfg: MaskingConfig, patch_embed: torch.nn.Module, video: torch.Tensor) -> Optional[torch.Tensor]:
+    """The scores :func:`select_tokens` needs for `cfg`: None unless ``strategy=mats``; then
+    ``embed_motion_scores`` (``score=embed``) or ``pixel_motion_scores`` (``score=pixel``, normally
+    computed in the data loader on the raw clip instead) on `video` (B, C, T, H, W)."""
+    if cfg.strategy != "mats":
+        return None
+    if cfg.score == "embed":
+        return embed_motion_scores(patch_embed, video)
+    return pixel_motion_scores(video, patch_embed.tubelet_size, patch_embed.patch_size)
