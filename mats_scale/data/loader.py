@@ -386,3 +386,7 @@ def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
     items = None if cfg.data.dataset == "synthetic" else resolve_items(cfg, "train")
     cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
     return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=cuda)
+
+
+__all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader",
+           "bundled_root", "ensure_bundled", "resolve_items"]
