@@ -315,3 +315,11 @@ def test_pixel_scores_in_the_batch_feed_mats(dataset):
     assert (b["scores"] > 0).any()  # the objects move
     sel = select_tokens(cfg.masking, grid, 4, torch.Generator().manual_seed(0), b["scores"])
     assert sel.visible_ids.shape[0] == 4
+
+
+def test_bundled_refuses_to_generate_into_foreign_data(tmp_path):
+    (tmp_path / "my_video.mp4").write_bytes(b"\0" * 10)
+    cfg = load_config(None, [*BASE, f"data.root={tmp_path}"])
+    with pytest.raises(DataError, match=r"is not a bundled dataset .*my_video\.mp4"):
+        build_pretrain_loader(cfg, rank=0, world_size=1)
+    assert sorted(os.listdir(tmp_path)) == ["my_video.mp4"]

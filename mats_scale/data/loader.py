@@ -90,15 +90,25 @@ def bundled_root(cfg: Config) -> str:
     return cfg.data.root or os.path.join(os.getcwd(), DEFAULT_BUNDLED_ROOT)
 
 
+# What a (possibly interrupted) generation leaves in its directory; anything else means foreign data.
+_GENERATED_NAMES = {".lock", "train", "val", "train.txt", "val.txt", "classes.txt", "meta.json", "meta.json.part"}
+
+
 def ensure_bundled(root: str, params: Optional[synth.SynthParams] = None, workers: int = 0) -> str:
     """Generate the bundled dataset into `root` unless it is complete; safe to call from every rank.
 
     An exclusive ``flock`` on ``root/.lock`` serialises the callers (no torch.distributed needed):
     the first one generates, the others wait on the lock and then find ``meta.json`` (the done-marker,
     written last). A run that died mid-generation leaves no marker, so the next caller regenerates.
+    A non-empty `root` with other files than a generation writes is refused (DataError).
     """
     if synth.is_complete(root):
         return root
+    foreign = sorted(set(os.listdir(root)) - _GENERATED_NAMES) if os.path.isdir(root) else []
+    if foreign:  # never write sample videos into somebody's data directory
+        raise DataError(f"data.root={root!r} is not a bundled dataset (no meta.json, and it holds "
+                        f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): point data.root "
+                        "at an empty or new directory, or use data.dataset=list / folder for your videos")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -345,10 +355,21 @@ class PretrainLoader:
         """The remaining batches of the current epoch; at its end the loader moves to the next epoch."""
         self.sampler.epoch, self.sampler.start = self.epoch, self.batch
         for batch in self.loader:
-            self._account(batch)
+            try:
+                self._account(batch)
+            except DataError:
+                self.close()  # the run ends here: stop the workers now, not at garbage collection
+                raise
             self.batch += 1
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
+
+    def close(self) -> None:
+        """Shut the worker processes down now (they restart on the next iteration)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # torch's own clean shutdown of persistent workers
+        self.loader._iterator = None
 
     def _account(self, batch: dict[str, Any]) -> None:
         for path, reason in self.skip_stats.update(batch["skipped"], batch["reads"]):
