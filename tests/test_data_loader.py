@@ -274,3 +274,52 @@ def test_segment_sampling_turns_flip_off(tmp_path):
     assert any(flipped()) and not all(flipped())
     assert not any(flipped("data.segment_sampling=true"))
     assert not any(flipped("data.flip=false"))
+
+
+# ---- motion: frame selection and pixel scores -------------------------------------------------
+def _grating(shift):
+    x = np.arange(64, dtype=np.float32)
+    row = 128 + 100 * np.sin((x + shift) * 2 * np.pi / 16)
+    return np.broadcast_to(row[None, :, None], (64, 64, 3)).astype(np.uint8)
+
+
+def test_frame_selection_skips_the_still_tail(tmp_path):
+    # 48 frames: a grating sliding 3 px per frame for frames 0-15, then still (frame 15) to the end.
+    frames = np.stack([_grating(3 * min(t, 15)) for t in range(48)])
+    synth.write_video(str(tmp_path / "early_motion.mp4"), frames, fps=8)
+    lst = write_list(tmp_path / "list.txt", [str(tmp_path / "early_motion.mp4")] * 2)
+    # T = 4 -> tau = 2 pairs; alpha 1.5 -> 6 candidates s + 8k (s <= 7): pairs P0 = (s, s+8),
+    # P1 = (s+16, s+24), P2 = (s+32, s+40). A pair's score is its change from the previous pair (P0
+    # copies P1's): P0 and P1 score the motion, P2 (still, like P1) scores 0 and is never drawn.
+    over = ["data.sampling_rate=8", "data.num_sample=2", "masking.frame_selection=true"]
+    ld = build_pretrain_loader(cfg_for("", *over, list_file=lst), rank=0, world_size=1)
+    ids = torch.cat([b["frame_index"] for _ in range(4) for b in epoch_batches(ld)])  # (16, 4)
+    assert ids.shape == (16, 4)
+    assert (ids[:, 1] - ids[:, 0] == 8).all() and (ids[:, 3] - ids[:, 2] == 8).all()  # whole pairs
+    assert (ids.diff(dim=1) > 0).all()  # temporal order
+    assert (ids.max(dim=1).values < 32).all()
+    assert torch.equal(ids[0::2], ids[1::2])  # the num_sample clips of a video share their frames
+    plain = build_pretrain_loader(cfg_for("", *over[:2], list_file=lst), rank=0, world_size=1)
+    plain_ids = torch.cat([b["frame_index"] for _ in range(4) for b in epoch_batches(plain)])
+    assert (plain_ids.max(dim=1).values >= 32).any()  # without selection the still tail is sampled
+
+
+def test_pixel_scores_in_the_batch_feed_mats(dataset):
+    from mats_scale.masking import TokenGrid, pixel_motion_scores, select_tokens
+
+    cfg = cfg_for(dataset, "model.img_size=64", "masking.strategy=mats", "masking.score=pixel")
+    b = next(iter(build_pretrain_loader(cfg, rank=0, world_size=1)))
+    grid = TokenGrid.from_model(cfg.model)
+    assert b["scores"].shape == (4, grid.num_tokens) and b["scores"].dtype == torch.float32
+    torch.testing.assert_close(b["scores"], pixel_motion_scores(b["video"], 2, 16))
+    assert (b["scores"] > 0).any()  # the objects move
+    sel = select_tokens(cfg.masking, grid, 4, torch.Generator().manual_seed(0), b["scores"])
+    assert sel.visible_ids.shape[0] == 4
+
+
+def test_bundled_refuses_to_generate_into_foreign_data(tmp_path):
+    (tmp_path / "my_video.mp4").write_bytes(b"\0" * 10)
+    cfg = load_config(None, [*BASE, f"data.root={tmp_path}"])
+    with pytest.raises(DataError, match=r"is not a bundled dataset .*my_video\.mp4"):
+        build_pretrain_loader(cfg, rank=0, world_size=1)
+    assert sorted(os.listdir(tmp_path)) == ["my_video.mp4"]

@@ -119,3 +119,25 @@ def test_eval_views_short_side_resize_and_three_crops():
 def test_finetune_augment_shape():
     out = finetune_augment(torch.randint(0, 256, (8, 128, 176, 3), dtype=torch.uint8), 112, gen())
     assert out.shape == (3, 8, 112, 112) and out.dtype == torch.float32
+
+
+def test_multi_clip_views_spread_over_the_video():
+    from mats_scale.data.video import multi_clip_indices
+
+    views = multi_clip_indices(100, 8, 4, 5)
+    assert [v[0] for v in views] == [0, 18, 36, 53, 71] and views[-1][-1] == 99  # first to last clip
+    assert all(v[1] - v[0] == 4 for v in views)
+    seg = multi_clip_indices(40, 8, 4, 2, segments=True)
+    assert seg[0] != seg[1] and all(i // 5 == k for v in seg for k, i in enumerate(v))
+    assert multi_clip_indices(5, 8, 4, 3) == [[0, 1, 2, 3, 4, 0, 1, 2]] * 3  # looped: one distinct view
+
+
+def test_read_eval_views_shapes(tmp_path):
+    import numpy as np
+
+    from mats_scale.data.synth import write_video
+    from mats_scale.data.video import read_eval_views
+
+    write_video(str(tmp_path / "v.mp4"), np.zeros((24, 64, 96, 3), np.uint8), fps=8)
+    views = read_eval_views(str(tmp_path / "v.mp4"), length=4, rate=2, size=32, num_clips=2, num_crops=3)
+    assert views.shape == (6, 3, 4, 32, 32) and views.dtype == torch.float32

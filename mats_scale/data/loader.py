@@ -6,8 +6,10 @@ bad files.
         batch["video"]              # (B, 3, T, S, S) float32, ImageNet-normalised; B = data.batch_size
         batch["label"]              # (B,) int64 (-1 where the source has no labels)
         batch["index"]              # (B,) int64 dataset index of the video each clip came from
+        batch["frame_index"]        # (B, T) int64 frame numbers in that video
         batch["skipped"]            # [(path, reason), ...] read failures behind this batch
-        batch["scores"]             # (B, N) pixel motion scores, only with masking mats + score pixel
+        batch["scores"]             # (B, N) float32 pixel motion scores (masking.strategy=mats and
+                                    # masking.score=pixel only), for select_tokens
     state = loader.state_dict()     # epoch + batches consumed in it (+ skip counters)
 
 Determinism: the epoch order is a permutation seeded by (seed, epoch), padded to a multiple of the
@@ -17,6 +19,11 @@ selection, the replacement drawn for a bad file) comes from generators seeded by
 (seed, epoch, pos, attempt, repeat), so clips depend neither on the number of workers nor on which
 worker made them; ranks get disjoint positions, hence different clips; and restarting at batch k of
 epoch e (``load_state_dict``) yields exactly the batches an uninterrupted run would.
+
+Adaptive frame selection (``masking.frame_selection``): the sampler picks 2 * ceil(alpha * tau)
+candidate frames instead of T (tau = T / 2 pairs; same stride or segments), and
+:func:`mats_scale.masking.select_frames` keeps tau pairs by their pixel motion, once per video on
+the decoded frames before cropping, so the ``num_sample`` clips of a video share their frames.
 
 Bad files: a read that fails (:class:`VideoReadError`: missing, empty,
 truncated, not a video, too few frames) is recorded as a skip event and a replacement video is drawn
@@ -48,6 +55,7 @@ from mats_scale.data.inmemory import moving_square_clips
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
 from mats_scale.data.transforms import pretrain_augment
 from mats_scale.data.video import clip_indices, open_video, read_frames, segment_indices
+from mats_scale.masking import candidate_frame_count, pixel_motion_scores, select_frames
 
 log = logging.getLogger("mats_scale.data")
 
@@ -64,7 +72,7 @@ BUNDLED_PARAMS = synth.SynthParams()
 """What the loader generates when the bundled dataset is missing (the generator CLI's defaults)."""
 
 # Stream tags for :func:`sample_seed`, so that no two random choices share a stream.
-_ORDER, _TEMPORAL, _SPATIAL, _REDRAW, _WORKER = range(5)
+_ORDER, _TEMPORAL, _SPATIAL, _REDRAW, _WORKER, _SELECT = range(6)
 
 
 def sample_seed(*keys: int) -> int:
@@ -82,15 +90,25 @@ def bundled_root(cfg: Config) -> str:
     return cfg.data.root or os.path.join(os.getcwd(), DEFAULT_BUNDLED_ROOT)
 
 
+# What a (possibly interrupted) generation leaves in its directory; anything else means foreign data.
+_GENERATED_NAMES = {".lock", "train", "val", "train.txt", "val.txt", "classes.txt", "meta.json", "meta.json.part"}
+
+
 def ensure_bundled(root: str, params: Optional[synth.SynthParams] = None, workers: int = 0) -> str:
     """Generate the bundled dataset into `root` unless it is complete; safe to call from every rank.
 
     An exclusive ``flock`` on ``root/.lock`` serialises the callers (no torch.distributed needed):
     the first one generates, the others wait on the lock and then find ``meta.json`` (the done-marker,
     written last). A run that died mid-generation leaves no marker, so the next caller regenerates.
+    A non-empty `root` with other files than a generation writes is refused (DataError).
     """
     if synth.is_complete(root):
         return root
+    foreign = sorted(set(os.listdir(root)) - _GENERATED_NAMES) if os.path.isdir(root) else []
+    if foreign:  # never write sample videos into somebody's data directory
+        raise DataError(f"data.root={root!r} is not a bundled dataset (no meta.json, and it holds "
+                        f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): point data.root "
+                        "at an empty or new directory, or use data.dataset=list / folder for your videos")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -175,6 +193,11 @@ class PretrainClips(Dataset):
         self.min_frames = d.min_frames
         self.tubelet, self.patch = m.tubelet_size, m.patch
         self.pixel_scores = cfg.masking.strategy == "mats" and cfg.masking.score == "pixel"
+        # Adaptive frame selection: decode 2 * ceil(alpha * tau) candidates, keep tau pairs.
+        self.frame_selection = cfg.masking.frame_selection
+        self.frame_keep_ratio = cfg.masking.frame_keep_ratio
+        self.decode_frames = (candidate_frame_count(m.num_frames // 2, cfg.masking.frame_alpha)
+                              if self.frame_selection else m.num_frames)
 
     def __len__(self) -> int:
         return SYNTHETIC_CLIPS if self.items is None else len(self.items)
@@ -182,20 +205,23 @@ class PretrainClips(Dataset):
     # -- reading ---------------------------------------------------------------------------
     def _frame_indices(self, n: int, gen: torch.Generator) -> list[int]:
         if self.segments:
-            return segment_indices(n, self.num_frames, gen)
-        return clip_indices(n, self.num_frames, self.rate, gen)
+            return segment_indices(n, self.decode_frames, gen)
+        return clip_indices(n, self.decode_frames, self.rate, gen)
 
-    def _decode(self, index: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        """(T, H, W, 3) uint8 frames of video `index` and its label; VideoReadError if unusable."""
+    def _decode(self, index: int, gen: torch.Generator) -> tuple[torch.Tensor, list[int], int]:
+        """(F, H, W, 3) uint8 frames of video `index` (F = T, or the frame-selection candidates), their
+        frame numbers in the video, and its label; VideoReadError if the video is unusable."""
         if self.items is None:
             # In-memory clip rendered a bit larger than the input so the multi-scale crop has room.
-            video, pos = moving_square_clips(1, self.num_frames, self.size * 8 // 7, gen)
+            video, pos = moving_square_clips(1, self.decode_frames, self.size * 8 // 7, gen)
             v = pos[0, -1] - pos[0, 0]
             label = int(v[1] < 0) + 2 * int(v[0] < 0)  # quadrant of the square's direction
-            return (video[0] * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).contiguous(), label
+            frames = (video[0] * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+            return frames, list(range(self.decode_frames)), label
         item = self.items[index]
         vr = open_video(item.path, min_frames=self.min_frames)
-        return read_frames(vr, self._frame_indices(len(vr), gen), item.path), item.label
+        ids = self._frame_indices(len(vr), gen)
+        return read_frames(vr, ids, item.path), ids, item.label
 
     def __getitem__(self, work: tuple[int, int, int]) -> dict[str, Any]:
         epoch, pos, index = work
@@ -205,34 +231,41 @@ class PretrainClips(Dataset):
                 gen = make_generator(_REDRAW, self.seed, epoch, pos, attempt)
                 index = int(torch.randint(len(self), (1,), generator=gen))
             try:
-                frames, label = self._decode(index, make_generator(_TEMPORAL, self.seed, epoch, pos, attempt))
+                frames, ids, label = self._decode(index, make_generator(_TEMPORAL, self.seed, epoch, pos, attempt))
             except VideoReadError as e:
                 skipped.append((e.path, e.reason))
                 continue
+            if self.frame_selection:
+                # Once per video, on the decoded candidates (before cropping), so the num_sample clips
+                # of a video share their frames as in VideoMAE V2's repeated sampling.
+                keep = select_frames(frames.permute(3, 0, 1, 2), self.num_frames // 2,
+                                     make_generator(_SELECT, self.seed, epoch, pos, attempt),
+                                     patch=self.patch, keep_ratio=self.frame_keep_ratio)
+                frames, ids = frames[keep], [ids[k] for k in keep.tolist()]  # (T, H, W, 3), T numbers
             clips = [pretrain_augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
                                       flip=self.flip)
                      for r in range(self.num_sample)]
             video = torch.stack(clips)  # (S, 3, T, H, W)
-            return self._sample(video, label, index, skipped, attempt + 1, failed=False)
+            return self._sample(video, label, index, ids, skipped, attempt + 1, failed=False)
         # Every attempt failed: the main process raises DataError on this flag (with the file list).
         video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size)
-        return self._sample(video, -1, index, skipped, MAX_ATTEMPTS, failed=True)
+        return self._sample(video, -1, index, [0] * self.num_frames, skipped, MAX_ATTEMPTS, failed=True)
 
-    def _sample(self, video, label, index, skipped, reads, failed) -> dict[str, Any]:
+    def _sample(self, video, label, index, frame_ids, skipped, reads, failed) -> dict[str, Any]:
         S = video.shape[0]
         out = {"video": video, "label": torch.full((S,), label, dtype=torch.int64),
-               "index": torch.full((S,), index, dtype=torch.int64), "skipped": skipped, "reads": reads,
-               "failed": int(failed)}
+               "index": torch.full((S,), index, dtype=torch.int64),
+               "frame_index": torch.tensor(frame_ids, dtype=torch.int64).expand(S, -1),
+               "skipped": skipped, "reads": reads, "failed": int(failed)}
         if self.pixel_scores:
-            from mats_scale.masking import pixel_motion_scores
-
             out["scores"] = pixel_motion_scores(video, self.tubelet, self.patch)
         return out
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate per-video samples (each S clips) into one batch of B = videos * S clips."""
-    out: dict[str, Any] = {k: torch.cat([s[k] for s in samples]) for k in ("video", "label", "index")}
+    out: dict[str, Any] = {k: torch.cat([s[k] for s in samples])
+                           for k in ("video", "label", "index", "frame_index")}
     if "scores" in samples[0]:
         out["scores"] = torch.cat([s["scores"] for s in samples])
     out["skipped"] = [e for s in samples for e in s["skipped"]]
@@ -322,10 +355,21 @@ class PretrainLoader:
         """The remaining batches of the current epoch; at its end the loader moves to the next epoch."""
         self.sampler.epoch, self.sampler.start = self.epoch, self.batch
         for batch in self.loader:
-            self._account(batch)
+            try:
+                self._account(batch)
+            except DataError:
+                self.close()  # the run ends here: stop the workers now, not at garbage collection
+                raise
             self.batch += 1
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
+
+    def close(self) -> None:
+        """Shut the worker processes down now (they restart on the next iteration)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # torch's own clean shutdown of persistent workers
+        self.loader._iterator = None
 
     def _account(self, batch: dict[str, Any]) -> None:
         for path, reason in self.skip_stats.update(batch["skipped"], batch["reads"]):
@@ -363,3 +407,7 @@ def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
     items = None if cfg.data.dataset == "synthetic" else resolve_items(cfg, "train")
     cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
     return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=cuda)
+
+
+__all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader",
+           "bundled_root", "ensure_bundled", "resolve_items"]

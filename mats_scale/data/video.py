@@ -104,3 +104,37 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     line = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text[0]) if text else type(e).__name__
     return line[:160]
+
+
+def multi_clip_indices(num_frames: int, length: int, rate: int, num_clips: int,
+                       segments: bool = False) -> list[list[int]]:
+    """Test-time temporal views: `num_clips` clips spread evenly over the video (VideoMAE's
+    ``test_num_segment``): strided clips start at evenly spaced offsets in [0, n - span]; with
+    `segments` each view takes a different evenly spaced position inside every segment."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips={num_clips}: must be >= 1")
+    if segments:
+        edges = np.linspace(0, num_frames, length + 1)
+        width = np.diff(edges)
+        return [[min(int(edges[i] + width[i] * (c + 0.5) / num_clips), num_frames - 1) for i in range(length)]
+                for c in range(num_clips)]
+    first = clip_indices(num_frames, length, rate, None)
+    stride = first[1] - first[0] if length > 1 else 1
+    if first != [first[0] + i * stride for i in range(length)]:  # looped short video: one view
+        return [first] * num_clips
+    room = num_frames - ((length - 1) * stride + 1)
+    starts = np.linspace(0, room, num_clips) if num_clips > 1 else [room // 2]
+    return [[int(round(s)) + i * stride for i in range(length)] for s in starts]
+
+
+def read_eval_views(path: str, *, length: int, rate: int, size: int, num_clips: int = 1, num_crops: int = 1,
+                    segments: bool = False, min_frames: int = 1) -> torch.Tensor:
+    """All test-time views of one video: (num_clips * num_crops, 3, T, size, size) float32,
+    ImageNet-normalised (short-side resize, centre or three crops; clips outer, crops inner).
+    Raises :class:`VideoReadError` for an unusable file (evaluation must not silently swap videos)."""
+    from mats_scale.data.transforms import eval_views
+
+    vr = open_video(path, min_frames=min_frames)
+    views = [eval_views(read_frames(vr, ids, path), size, num_crops)
+             for ids in multi_clip_indices(len(vr), length, rate, num_clips, segments)]
+    return torch.cat(views)
