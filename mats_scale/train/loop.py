@@ -24,7 +24,7 @@ import torch
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
-from mats_scale.masking import Selection, TokenGrid, embed_motion_scores, pixel_motion_scores, select_tokens
+from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import DistEnv, LaunchError, all_reduce, barrier, detect_env, \
     init_distributed, shutdown
@@ -88,18 +88,15 @@ def make_selector(cfg: Config) -> Callable[[Engine, torch.Tensor, dict, torch.Ge
     precision context so ZeRO-3 / FSDP2 gather its parameters.
     """
     grid = TokenGrid.from_model(cfg.model)
-    m, tubelet, patch = cfg.masking, cfg.model.tubelet_size, cfg.model.patch
+    m = cfg.masking
 
     def select(engine: Engine, video: torch.Tensor, batch: dict, gen: torch.Generator) -> Selection:
-        scores = None
-        if m.strategy == "mats":
-            if batch.get("scores") is not None:
-                scores = batch["scores"].to(video.device, non_blocking=True)
-            elif m.score == "embed":
-                with engine.autocast():
-                    scores = embed_motion_scores(engine.module.encoder.patch_embed, video)
-            else:
-                scores = pixel_motion_scores(video, tubelet, patch)
+        scores = batch.get("scores")  # pixel scores computed by the loader, when it did
+        if scores is not None:
+            scores = scores.to(video.device, non_blocking=True)
+        else:
+            with engine.autocast():
+                scores = motion_scores(m, engine.module.encoder.patch_embed, video)  # None unless mats
         return select_tokens(m, grid, video.shape[0], gen, scores)
 
     return select
