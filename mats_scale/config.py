@@ -294,7 +294,7 @@ class ParallelConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = 10
-    """Print a line to stdout and train.log every N optimizer steps (TensorBoard and metrics.jsonl get every step)."""
+    """Print a line to stdout and train.log every N steps (TensorBoard and metrics.jsonl get every step)."""
     tensorboard: bool = True
     """Write TensorBoard scalars under out_dir/tb."""
     progress_bar: bool = True

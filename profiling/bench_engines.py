@@ -56,7 +56,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per engine per round")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help="comma-separated subset of " + ",".join(ENGINES))
     p.add_argument("--out", default=str(ROOT / "profiling" / "out" / "bench_engines.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -122,7 +123,8 @@ def summarise(args, times: dict[str, list[list[float]]], wall: float) -> dict:
 
     total = 2 * args.batch
     res = {name: {"step_s_median": statistics.median(s for rnd in rounds for s in rnd),
-                  "step_s_rounds": [statistics.median(rnd) for rnd in rounds]} for name, rounds in times.items()}
+                  "step_s_rounds": [statistics.median(rnd) for rnd in rounds]}
+           for name, rounds in times.items()}
     for r in res.values():
         r["clips_per_s"] = total / r["step_s_median"]
     ratios = {}

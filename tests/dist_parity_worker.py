@@ -42,7 +42,8 @@ CASES = {
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ds_config={zero3_json}"],
     "zero3_ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ds_config={zero3_json}",
                  "parallel.checkpoint_encoder_every=1", "parallel.checkpoint_decoder_every=1"],
-    "zero3_offload": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.offload_optimizer=true"],
+    "zero3_offload": ["parallel.backend=deepspeed", "parallel.zero_stage=3",
+                      "parallel.offload_optimizer=true"],
     "fsdp2": ["parallel.backend=fsdp2"],
     "fsdp2_ac_accum": ["parallel.backend=fsdp2", "parallel.checkpoint_encoder_every=2", "data.batch_size=1",
                        "optim.grad_accum=2"],
@@ -94,8 +95,6 @@ def run_case(cfg, env, ds_config, batches, shard: bool, out_dir: str | None) -> 
     rec["scores_final"] = motion_scores()
     if out_dir is not None:
         engine.save(os.path.join(out_dir, "engine"))
-    del engine
-    gc.collect()
     return rec
 
 
@@ -120,7 +119,8 @@ def main() -> None:
         batches = global_batches(cfg, STEPS + 2)
         results[name] = run_case(cfg, case_env, ds, batches, shard=True,
                                  out_dir=os.path.join(out, name) if name in SAVE else None)
-        if env.rank == 1 and name in CASES:  # rank 1's scores of its share, for the test to compare with the reference
+        gc.collect()  # the case's engine is gone: free its memory before the next one
+        if env.rank == 1 and name in CASES:  # rank 1's scores of its share, compared with the reference
             torch.save({k: results[name][k] for k in ("scores_init", "scores_final")},
                        os.path.join(out, f"{name}.rank1_scores.pt"))
     ref_cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH}", "parallel.backend=none"])

@@ -34,10 +34,12 @@ def env(**extra: str) -> dict[str, str]:
 
 def torchrun(nproc: int, args: list, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env(**extra_env))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env(**extra_env))
 
 
-def pretrain(nproc: int, overrides: list[str], timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+def pretrain(nproc: int, overrides: list[str], timeout: int = 300,
+             **extra_env: str) -> subprocess.CompletedProcess:
     return torchrun(nproc, [PRETRAIN, *overrides], timeout=timeout, **extra_env)
 
 

@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-
 from dist_parity_worker import BF16_CASES, CASES, SAVE
 from launch_util import ROOT, TINY, metric_runs, pretrain, same_float, tail, torchrun
+
 from mats_scale.parallel.engine import consolidate_checkpoint
 from mats_scale.train.export import export
 
@@ -172,7 +172,8 @@ def sigterm(tmp_path_factory):
     a, b = base / "uninterrupted", base / "interrupted"
     runs = {"A": pretrain(2, FSDP + [f"train.out_dir={a}"]),
             "B": pretrain(2, FSDP + [f"train.out_dir={b}"], MATS_FAULT_SIGTERM_AT_STEP="3")}
-    pointer_b = (b / "checkpoints" / "latest").read_text() if (b / "checkpoints" / "latest").exists() else None
+    pointer = b / "checkpoints" / "latest"
+    pointer_b = pointer.read_text() if pointer.exists() else None
     runs["C"] = pretrain(2, FSDP + [f"train.out_dir={b}"])
     return {"a": a, "b": b, "runs": runs, "pointer_b": pointer_b}
 

@@ -6,10 +6,13 @@ import json
 import statistics
 import subprocess
 
+import pytest
 from launch_util import BIN, PRETRAIN, env, free_port, metric_runs, tail
+
 from mats_scale.config import load_config
 
 
+@pytest.mark.dist
 def test_default_main_job_under_the_deepspeed_launcher(tmp_path):
     run = tmp_path / "run"
     # cwd=tmp_path: the bundled dataset is generated on first use into ./data/bundled.
@@ -22,7 +25,7 @@ def test_default_main_job_under_the_deepspeed_launcher(tmp_path):
     (only,) = metric_runs(run)
     assert only["start"]["engine"] == "deepspeed-zero2" and sorted(only["steps"]) == list(range(1, 61))
     losses = [only["steps"][s]["loss"] for s in range(1, 61)]
-    assert statistics.mean(losses[-10:]) < 0.85 * statistics.mean(losses[:5]), losses  # MATS + dual masking learns
+    assert statistics.mean(losses[-10:]) < 0.85 * statistics.mean(losses[:5]), losses  # it learns
 
     cfg = load_config(str(run / "config.yaml"))  # the resolved config round-trips
     assert (cfg.masking.strategy, cfg.masking.decoder, cfg.data.dataset, cfg.train.steps) == \

@@ -136,7 +136,8 @@ class DeepSpeedEngine:
         norm = float(norm) if norm is not None else float("nan")
         applied = self.ds.was_step_applied()
         if skip and applied:
-            raise RuntimeError(f"DeepSpeed ZeRO-{self.stage} applied an update although the loss was non-finite "
+            raise RuntimeError(f"DeepSpeed ZeRO-{self.stage} applied an update although the loss was "
+                               "non-finite "
                                f"(grad norm {norm}); refusing to continue with possibly corrupted weights")
         return StepResult(norm, applied)
 

@@ -62,10 +62,11 @@ def detect_env(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if parallel.backend == "none" and world > 1:
-        raise LaunchError(f"parallel.backend=none runs one process, but the launcher started WORLD_SIZE={world}; "
-                          "use parallel.backend=deepspeed or fsdp2")
+        raise LaunchError(f"parallel.backend=none runs one process, but the launcher started "
+                          f"WORLD_SIZE={world}; use parallel.backend=deepspeed or fsdp2")
     device = resolve_device(train, local_rank)
-    amp = torch.bfloat16 if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda") else None
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
+    amp = torch.bfloat16 if bf16 else None
     return DistEnv(rank, world, local_rank, device, amp)
 
 
@@ -83,7 +84,8 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if env.world_size > 1:
-            raise LaunchError(f"WORLD_SIZE={env.world_size} but MASTER_PORT is not set; start with deepspeed or torchrun")
+            raise LaunchError(f"WORLD_SIZE={env.world_size} but MASTER_PORT is not set; "
+                              "start with deepspeed or torchrun")
         os.environ["MASTER_PORT"] = str(_free_port())
     for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
         os.environ.setdefault(key, str(value))
@@ -93,7 +95,8 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     else:
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=30),
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(minutes=30),
                                 device_id=env.device if env.device.type == "cuda" else None)
     return env
 

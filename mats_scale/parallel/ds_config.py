@@ -52,10 +52,13 @@ def derived_fields(cfg: Config, world_size: int, *, bf16: bool, cuda: bool) -> d
         "train_micro_batch_size_per_gpu": (b, f"data.batch_size={b}"),
         "gradient_accumulation_steps": (acc, f"optim.grad_accum={acc}"),
         "gradient_clipping": (float(cfg.optim.clip_grad or 0.0), f"optim.clip_grad={cfg.optim.clip_grad}"),
-        "zero_optimization.stage": (cfg.parallel.zero_stage, f"parallel.zero_stage={cfg.parallel.zero_stage}"),
-        "torch_autocast.enabled": (bf16, f"train.precision={cfg.train.precision} on {'cuda' if cuda else 'cpu'}"),
+        "zero_optimization.stage": (cfg.parallel.zero_stage,
+                                    f"parallel.zero_stage={cfg.parallel.zero_stage}"),
+        "torch_autocast.enabled": (bf16,
+                                   f"train.precision={cfg.train.precision} on {'cuda' if cuda else 'cpu'}"),
         "torch_autocast.dtype": ("bfloat16", "bf16 autocast (the only reduced precision mats-scale uses)"),
-        "bf16.enabled": (False, "train.precision: bf16 runs through torch_autocast, not DeepSpeed's bf16 mode"),
+        "bf16.enabled": (False,
+                         "train.precision: bf16 runs through torch_autocast, not DeepSpeed's bf16 mode"),
         "fp16.enabled": (False, "train.precision (fp16 is not supported)"),
     }
     if cfg.parallel.offload_optimizer:
@@ -110,7 +113,8 @@ def resolve_ds_config(cfg: Config, world_size: int, *, bf16: bool, cuda: bool) -
         _set(ds, key, value)
     leftover = _auto_keys(ds)
     if leftover:
-        raise ConfigError(f"{path}: {', '.join(leftover)}=\"auto\" is not a field mats-scale derives; set a value")
+        raise ConfigError(f"{path}: {', '.join(leftover)}=\"auto\" is not a field mats-scale derives; "
+                          "set a value")
     return ds, path
 
 

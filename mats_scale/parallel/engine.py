@@ -139,7 +139,8 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in strip_wrapper_prefix(self.module.state_dict()).items()}
+        sd = strip_wrapper_prefix(self.module.state_dict())
+        return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

@@ -123,8 +123,9 @@ class FSDP2Engine(LocalEngine):
 
     @staticmethod
     def consolidate(path: str) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "model.pt")

@@ -152,7 +152,8 @@ class CheckpointManager:
         for key, value in expect.items():
             if meta.get(key) != value:
                 raise CheckpointError(f"{path}: written with {key}={meta.get(key)!r}, this run has "
-                                      f"{key}={value!r}; resume with the same setting or another train.out_dir")
+                                      f"{key}={value!r}; resume with the same setting or another "
+                                      "train.out_dir")
         engine.load(str(path / "engine"))
         # Our own file: numpy and python RNG states need the full unpickler.
         state = torch.load(path / f"rank_{self.env.rank:05d}.pt", map_location="cpu", weights_only=False)

@@ -36,8 +36,9 @@ class Faults:
     @classmethod
     def from_env(cls) -> "Faults":
         nan = os.environ.get("MATS_FAULT_NAN_STEPS", "")
-        return cls(frozenset(int(s) for s in nan.split(",") if s.strip()), _step("MATS_FAULT_KILL_AFTER_STEP"),
-                   _step("MATS_FAULT_CRASH_IN_SAVE"), _step("MATS_FAULT_SIGTERM_AT_STEP"))
+        return cls(frozenset(int(s) for s in nan.split(",") if s.strip()),
+                   _step("MATS_FAULT_KILL_AFTER_STEP"), _step("MATS_FAULT_CRASH_IN_SAVE"),
+                   _step("MATS_FAULT_SIGTERM_AT_STEP"))
 
     def loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
         # Multiplied (not added) so the gradients are non-finite too, as with a real overflow.

@@ -26,8 +26,15 @@ from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
 from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
-from mats_scale.parallel.distributed import DistEnv, LaunchError, all_reduce, barrier, detect_env, \
-    init_distributed, shutdown
+from mats_scale.parallel.distributed import (
+    DistEnv,
+    LaunchError,
+    all_reduce,
+    barrier,
+    detect_env,
+    init_distributed,
+    shutdown,
+)
 from mats_scale.parallel.engine import Engine, build_engine
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
@@ -145,7 +152,8 @@ class Trainer:
         if env.is_writer:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
         barrier()
-        self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env, on_save=self.faults.in_save)
+        self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env,
+                                      on_save=self.faults.in_save)
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
         _write_run_files(cfg, env, ds_config)
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps)
@@ -167,7 +175,8 @@ class Trainer:
     def save(self) -> None:
         state = {"counters": asdict(self.counters), "data": self.stream.state_dict(),
                  "rng": capture_rng(self.mask_gen)}
-        path = self.ckpt.save(self.counters.step, self.engine, state, {**self.expect, "config": self.cfg.to_yaml()})
+        meta = {**self.expect, "config": self.cfg.to_yaml()}
+        path = self.ckpt.save(self.counters.step, self.engine, state, meta)
         self.log.info(f"saved {path}")
 
     def step(self, step: int, stop: StopRequest) -> tuple[dict[str, Any], int, bool]:
@@ -208,7 +217,7 @@ class Trainer:
             c.nan_streak += 1
         micro_total = cfg.optim.grad_accum * env.world_size
         dt = time.perf_counter() - t0
-        metrics = {"loss": loss_sum / micro_total if not nonfinite else float("nan"),  # a skipped step logs NaN
+        metrics = {"loss": loss_sum / micro_total if not nonfinite else float("nan"),  # skipped: NaN
                    "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                    "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
                    "tokens_encoder": int(enc_tokens), "tokens_decoder": int(dec_tokens),
@@ -219,12 +228,13 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, c, log = self.cfg, self.counters, self.log
         log.start(c.step, str(self.resume_path) if self.resume_path else None,
-                  {"engine": self.engine.name, "world_size": self.env.world_size, "device": str(self.env.device),
-                   "precision": self.env.precision, "total_batch": self.batch_total})
-        log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} ({self.env.precision}), "
-                 f"total batch {self.batch_total} = {cfg.data.batch_size} x {self.env.world_size} x "
-                 f"{cfg.optim.grad_accum}, {len(self.stream.loader)} batches per epoch per rank, "
-                 f"run dir {cfg.train.out_dir}")
+                  {"engine": self.engine.name, "world_size": self.env.world_size,
+                   "device": str(self.env.device), "precision": self.env.precision,
+                   "total_batch": self.batch_total})
+        log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} "
+                 f"({self.env.precision}), total batch {self.batch_total} = {cfg.data.batch_size} x "
+                 f"{self.env.world_size} x {cfg.optim.grad_accum}, "
+                 f"{len(self.stream.loader)} batches per epoch per rank, run dir {cfg.train.out_dir}")
         if self.resume_path is not None:
             log.info(f"resumed from {self.resume_path} at step {c.step}")
         if c.step >= cfg.train.steps:
@@ -237,15 +247,17 @@ class Trainer:
                 metrics, nonfinite, stopped = self.step(step, stop)
                 why = None
                 if not metrics["applied"]:
-                    why = (f"non-finite loss in {nonfinite} of {cfg.optim.grad_accum * self.env.world_size} "
-                           f"micro-batches" if nonfinite else f"non-finite gradient norm {metrics['grad_norm']}")
+                    micro = cfg.optim.grad_accum * self.env.world_size
+                    why = (f"non-finite loss in {nonfinite} of {micro} micro-batches" if nonfinite
+                           else f"non-finite gradient norm {metrics['grad_norm']}")
                     log.warning(f"step {step}: {why}; update skipped ({c.nan_streak} in a row, "
                                 f"{c.skipped_steps} in total)")
                 log.step(step, metrics)
                 if why and (cfg.train.nan_policy == "stop" or c.nan_streak >= cfg.train.max_nan_steps):
                     raise TrainingError(
                         f"step {step}: {why}; stopping after {c.nan_streak} skipped step(s) in a row "
-                        f"(train.nan_policy={cfg.train.nan_policy}, train.max_nan_steps={cfg.train.max_nan_steps}); "
+                        f"(train.nan_policy={cfg.train.nan_policy}, "
+                        f"train.max_nan_steps={cfg.train.max_nan_steps}); "
                         f"last checkpoint: {self.ckpt.latest() or 'none yet'}")
                 every = cfg.train.save_every
                 if stopped or step == cfg.train.steps or (every and step % every == 0):

@@ -26,7 +26,8 @@ TB_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "clips_per_s": "perf/clips_per_s", "step_time_s": "perf/step_time_s", "data_time_s": "perf/data_time_s",
     "tokens_encoder": "tokens/encoder_per_step", "tokens_decoder": "tokens/decoder_per_step",
-    "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files", "skipped_steps": "train/skipped_steps",
+    "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files",
+    "skipped_steps": "train/skipped_steps",
 }
 
 
@@ -111,10 +112,12 @@ class RunLogger:
             self.bar.update(1)
         if step % self.cfg.log_every == 0 or step == 1 or step == self.total:
             grad = "nan" if not math.isfinite(m["grad_norm"]) else f"{m['grad_norm']:.3f}"
-            self.info(f"step {step:6d}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {grad}  "
+            self.info(f"step {step:6d}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  "
+                      f"grad_norm {grad}  "
                       f"{m['clips_per_s']:.2f} clips/s  {m['step_time_s']:.3f} s/step  "
                       f"tokens enc/dec {m['tokens_encoder']}/{m['tokens_decoder']}  "
-                      f"peak {m['peak_mem_gib']:.2f} GiB  skipped files {m['skipped_files']} steps {m['skipped_steps']}")
+                      f"peak {m['peak_mem_gib']:.2f} GiB  "
+                      f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
 
     def close(self) -> None:
         if self.bar is not None:

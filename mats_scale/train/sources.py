@@ -61,7 +61,8 @@ class BatchStream:
                 return next(self._it)
             except StopIteration:
                 self._it = None
-        raise DataError(f"the data loader yields no batch in a whole epoch ({len(self.loader)} batches per epoch)")
+        raise DataError(f"the data loader yields no batch in a whole epoch "
+                        f"({len(self.loader)} batches per epoch)")
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
