@@ -1,7 +1,7 @@
 """Time one pre-training step (selection, forward, backward, optimizer) per masking setting.
 
-    PYTHONPATH=. python profiling/bench_step.py                       # ViT-B, batch 2, 16x224, fp32
-    PYTHONPATH=. python profiling/bench_step.py --size S --runs 3 --setting mats-dual-lean
+    python profiling/bench_step.py                       # ViT-B, batch 2, 16x224, fp32
+    python profiling/bench_step.py --size S --runs 3 --setting mats-dual-lean --setting tube
 
 Default settings, measured in the same run with their steps interleaved (so machine load hits both):
   tube-rc-ref     tube 0.9 + running cell 0.5, reference mode (the VideoMAE V2 setting; baseline)
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from mats_scale.config import MaskingConfig, ModelConfig, OptimConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
