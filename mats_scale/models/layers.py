@@ -33,6 +33,22 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     return rearrange(video, "b c (T t) (H p) (W q) -> b (T H W) (c t p q)", t=tubelet, p=patch, q=patch)
 
 
+def gather_patches(video: torch.Tensor, ids: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """``gather_tokens(patchify(video), ids)`` without patchifying the whole clip: (B, n, C*t*p*p).
+
+    video: (B, C, T, H, W), ids: (B, n) int64 flat token ids. Indexes an 8-D view of the clip, so only
+    the n selected patches are copied (a MATS step needs 470 of 1568; the full patchify copy of a
+    16x224 clip is 19 MB per sample).
+    """
+    B, C, T, H, W = video.shape
+    nt, nh, nw = T // tubelet, H // patch, W // patch
+    v = video.reshape(B, C, nt, tubelet, nh, patch, nw, patch)  # a view for a contiguous clip
+    t, h, w = ids // (nh * nw), (ids // nw) % nh, ids % nw  # (B, n) each
+    b = torch.arange(B, device=ids.device)[:, None]
+    # Advanced indices on dims 0, 2, 4, 6 (separated by slices) move to the front: (B, n, C, t, p, p).
+    return v[b, :, t, :, h, :, w, :].reshape(B, ids.shape[1], -1)
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D), ids: (B, n) int64 -> (B, n, D). Fixed shapes, no boolean indexing."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -151,5 +167,5 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
 
 
-__all__ = ["Attention", "Block", "PatchEmbed3D", "TubeletConv", "drop_path_rates", "gather_tokens",
-           "init_vit_module", "patchify", "sincos_table"]
+__all__ = ["Attention", "Block", "PatchEmbed3D", "TubeletConv", "drop_path_rates", "gather_patches",
+           "gather_tokens", "init_vit_module", "patchify", "sincos_table"]

@@ -28,9 +28,8 @@ from mats_scale.models.layers import (
     Block,
     PatchEmbed3D,
     drop_path_rates,
-    gather_tokens,
+    gather_patches,
     init_vit_module,
-    patchify,
     sincos_table,
 )
 
@@ -150,10 +149,10 @@ class PretrainVideoMAE(nn.Module):
     def forward(self, video: torch.Tensor, visible_ids: torch.Tensor, target_ids: torch.Tensor,
                 target_weights: Optional[torch.Tensor] = None) -> PretrainOutput:
         B = video.shape[0]
-        patches = patchify(video, self.tubelet_size, self.patch_size)  # (B, N, C*t*p*p)
+        t, p = self.tubelet_size, self.patch_size
 
-        # Encoder: embeds and back-propagates through the visible tokens only.
-        x_vis = self.encoder(gather_tokens(patches, visible_ids), visible_ids)  # (B, Nv, D)
+        # Encoder: embeds and back-propagates through the visible tokens only (B, Nv, C*t*p*p).
+        x_vis = self.encoder(gather_patches(video, visible_ids, t, p), visible_ids)  # (B, Nv, D)
         x_vis = self.encoder_to_decoder(x_vis)  # (B, Nv, Dd)
 
         # Decoder input: [visible tokens + pos, mask token + pos at each target], mask tokens last.
@@ -163,7 +162,7 @@ class PretrainVideoMAE(nn.Module):
         pred = self.decoder(x, target_ids.shape[1])  # (B, Nt, t*p*p*C)
 
         with torch.no_grad():
-            raw = gather_tokens(patches, target_ids).float()  # (B, Nt, C*t*p*p)
+            raw = gather_patches(video, target_ids, t, p).float()  # (B, Nt, C*t*p*p)
             raw = (raw.view(B, raw.shape[1], self.in_chans, -1) * self.pixel_std + self.pixel_mean).flatten(2)
             target = pixel_targets(raw, self.in_chans, self.norm_pix_loss)
 
