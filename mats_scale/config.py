@@ -154,10 +154,12 @@ class MaskingConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"
-    """synthetic (clips generated in memory), list (VideoMAE list file) or folder (scan a directory)."""
+    dataset: str = "bundled"
+    """bundled (generated sample videos, created on first use), list (VideoMAE list file), folder
+    (scan a directory) or synthetic (clips rendered in memory, no files)."""
     root: str = ""
-    """Prefix joined to every path of a list file, or the folder to scan."""
+    """bundled: the dataset directory (empty: data/bundled under the working directory); list: prefix
+    joined to every relative path; folder: the directory to scan."""
     train_list: str = ""
     """List file for training: one `path label` per line (labels ignored in pre-training)."""
     val_list: str = ""
@@ -166,22 +168,35 @@ class DataConfig:
     """Frame stride of a clip (VideoMAE); ignored with segment sampling."""
     segment_sampling: bool = False
     """SSv2-style uniform segments instead of a strided clip (also turns horizontal flip off)."""
+    flip: bool = True
+    """Random horizontal flip in training augmentation (never with segment_sampling)."""
+    min_frames: int = 4
+    """Videos with fewer frames are skipped as bad; longer ones too short for the clip are looped."""
     num_sample: int = 1
-    """Repeated sampling: clips drawn per decoded video (VideoMAE V2)."""
+    """Repeated sampling: clips drawn per decoded video (VideoMAE V2); divides batch_size."""
     batch_size: int = 2
-    """Micro-batch per process (GPU); total batch = batch_size * world size * grad_accum."""
+    """Clips per micro-batch per process (GPU); total batch = batch_size * world size * grad_accum."""
     num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
     max_bad_fraction: float = 0.1
-    """Stop with an error when more than this fraction of the files read so far are unreadable."""
+    """Stop with an error when more than this fraction of the video reads so far failed."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.dataset", self.dataset, ["synthetic", "list", "folder"])
-        for key in ("sampling_rate", "num_sample", "batch_size"):
+        _check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
+        for key in ("sampling_rate", "num_sample", "batch_size", "min_frames", "prefetch_factor"):
             _check_positive(f"data.{key}", getattr(self, key))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             _fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
+        if self.batch_size % self.num_sample:
+            _fail("data.batch_size", self.batch_size,
+                  f"must be divisible by data.num_sample={self.num_sample} (clips per decoded video)")
+        if self.dataset == "list" and not self.train_list:
+            _fail("data.train_list", self.train_list, "data.dataset=list needs a list file")
+        if self.dataset == "folder" and not self.root:
+            _fail("data.root", self.root, "data.dataset=folder needs the directory to scan")
 
 
 @dataclass

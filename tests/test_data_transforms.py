@@ -1,0 +1,143 @@
+"""Frame sampling and clip augmentation (uint8 torch ops)."""
+
+import pytest
+import torch
+
+from mats_scale.config import IMAGENET_MEAN, IMAGENET_STD
+from mats_scale.data.inmemory import normalize
+from mats_scale.data.transforms import (
+    SCALES,
+    eval_views,
+    finetune_augment,
+    multiscale_crop_box,
+    pretrain_augment,
+    short_side_resize,
+    spatial_crops,
+    to_model_input,
+)
+from mats_scale.data.video import clip_indices, segment_indices
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- frame sampling ---------------------------------------------------------------------------
+def test_clip_indices_strided_and_random_start():
+    starts = set()
+    for s in range(20):
+        idx = clip_indices(100, 8, 4, gen(s))
+        assert [b - a for a, b in zip(idx, idx[1:])] == [4] * 7
+        assert 0 <= idx[0] and idx[-1] < 100
+        starts.add(idx[0])
+    assert len(starts) > 5
+    assert clip_indices(100, 8, 4, None) == [35 + 4 * i for i in range(8)]  # centred: (100 - 29) // 2
+
+
+def test_clip_indices_short_video_fallback():
+    # 20 frames cannot hold 8 frames at stride 4 (span 29): the stride shrinks to (20 - 1) // 7 = 2.
+    idx = clip_indices(20, 8, 4, gen())
+    assert [b - a for a, b in zip(idx, idx[1:])] == [2] * 7 and idx[-1] < 20
+    # 5 frames cannot hold 8 distinct frames: the video is looped.
+    assert clip_indices(5, 8, 4, gen()) == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_segment_indices_one_per_segment():
+    for s in range(10):
+        idx = segment_indices(40, 8, gen(s))
+        assert [i // 5 for i in idx] == list(range(8))
+    assert segment_indices(40, 8, None) == [2 + 5 * i for i in range(8)]
+    assert segment_indices(4, 8, gen()) == sorted(segment_indices(4, 8, gen()))  # short: repeats, in order
+
+
+# ---- augmentation -----------------------------------------------------------------------------
+def test_multiscale_crop_box_sides_and_bounds():
+    H, W, S = 128, 176, 112
+    allowed = {S if abs(int(128 * s) - S) < 3 else int(128 * s) for s in SCALES}
+    seen = set()
+    for s in range(200):
+        top, left, ch, cw = multiscale_crop_box(H, W, S, gen(s))
+        assert ch in allowed and cw in allowed
+        assert 0 <= top and top + ch <= H and 0 <= left and left + cw <= W
+        seen.add((ch, cw))
+    assert (128, 128) in seen and (84, 84) in seen and (112, 128) in seen
+
+
+def test_pretrain_augment_shapes_dtype_and_input_untouched():
+    frames = torch.randint(0, 256, (8, 128, 176, 3), dtype=torch.uint8)
+    before = frames.clone()
+    out = pretrain_augment(frames, 112, gen())
+    assert out.shape == (3, 8, 112, 112) and out.dtype == torch.float32
+    assert torch.equal(frames, before)
+    lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    hi = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert (out.amin(dim=(1, 2, 3)) >= lo - 1e-5).all() and (out.amax(dim=(1, 2, 3)) <= hi + 1e-5).all()
+
+
+def _left_dark_clip():
+    frames = torch.full((4, 64, 64, 3), 250, dtype=torch.uint8)
+    frames[:, :, :32] = 5  # dark left half, bright right half
+    return frames
+
+
+def _is_flipped(out):
+    return bool(out[:, :, :, :4].mean() > out[:, :, :, -4:].mean())
+
+
+def test_flip_happens_only_when_enabled():
+    flips_on = [_is_flipped(pretrain_augment(_left_dark_clip(), 48, gen(s), flip=True)) for s in range(40)]
+    flips_off = [_is_flipped(pretrain_augment(_left_dark_clip(), 48, gen(s), flip=False)) for s in range(40)]
+    assert 5 < sum(flips_on) < 35
+    assert not any(flips_off)
+
+
+def test_normalisation_matches_imagenet_constants_and_inmemory():
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    out = to_model_input(x.permute(0, 3, 1, 2))  # (3, T, H, W)
+    ref = normalize((x.permute(3, 0, 1, 2).float() / 255)[None])[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    mean_pixel = torch.tensor([round(m * 255) for m in IMAGENET_MEAN], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert to_model_input(mean_pixel).abs().max() < 0.01  # the ImageNet mean colour maps to ~0
+
+
+def test_eval_views_short_side_resize_and_three_crops():
+    frames = torch.zeros(4, 120, 160, 3, dtype=torch.uint8)
+    frames[..., 0] = torch.arange(160, dtype=torch.uint8)  # red encodes x
+    assert short_side_resize(frames, 96).shape == (4, 3, 96, 128)
+    views = eval_views(frames, 96, num_crops=3)
+    assert views.shape == (3, 3, 4, 96, 96) and views.dtype == torch.float32
+    red = views[:, 0, 0, 0]  # (crop, x) of the first row
+    assert red[0, 0] < red[1, 0] < red[2, 0]  # left, centre, right crop along the long side
+    assert eval_views(frames, 96).shape == (1, 3, 4, 96, 96)
+    tall = short_side_resize(frames.transpose(1, 2), 96)  # portrait: crops run top to bottom
+    crops = spatial_crops(tall, 96, 3)
+    assert [c.shape[-2:] for c in crops] == [(96, 96)] * 3
+    with pytest.raises(ValueError, match="num_crops"):
+        spatial_crops(tall, 96, 2)
+
+
+def test_finetune_augment_shape():
+    out = finetune_augment(torch.randint(0, 256, (8, 128, 176, 3), dtype=torch.uint8), 112, gen())
+    assert out.shape == (3, 8, 112, 112) and out.dtype == torch.float32
+
+
+def test_multi_clip_views_spread_over_the_video():
+    from mats_scale.data.video import multi_clip_indices
+
+    views = multi_clip_indices(100, 8, 4, 5)
+    assert [v[0] for v in views] == [0, 18, 36, 53, 71] and views[-1][-1] == 99  # first to last clip
+    assert all(v[1] - v[0] == 4 for v in views)
+    seg = multi_clip_indices(40, 8, 4, 2, segments=True)
+    assert seg[0] != seg[1] and all(i // 5 == k for v in seg for k, i in enumerate(v))
+    assert multi_clip_indices(5, 8, 4, 3) == [[0, 1, 2, 3, 4, 0, 1, 2]] * 3  # looped: one distinct view
+
+
+def test_read_eval_views_shapes(tmp_path):
+    import numpy as np
+
+    from mats_scale.data.synth import write_video
+    from mats_scale.data.video import read_eval_views
+
+    write_video(str(tmp_path / "v.mp4"), np.zeros((24, 64, 96, 3), np.uint8), fps=8)
+    views = read_eval_views(str(tmp_path / "v.mp4"), length=4, rate=2, size=32, num_clips=2, num_crops=3)
+    assert views.shape == (6, 3, 4, 32, 32) and views.dtype == torch.float32
