@@ -125,18 +125,26 @@ class MaskingConfig:
     """MATS motion score: embed (patch-embedding L2, the paper) or pixel (cheap, in the loader)."""
     finetune_keep_ratio: float = 0.6
     """MATS rho_post for fine-tuning: deterministic top tokens by motion."""
+    finetune_eval_keep_all: bool = False
+    """Fine-tuning evaluation on every token (True) or on the same top rho_post as training (False)."""
     frame_selection: bool = False
     """Adaptive frame selection in the loader (decode 2*alpha*tau candidates, keep tau pairs)."""
     frame_alpha: float = 1.5
     """Candidate over-sampling factor alpha of adaptive frame selection."""
+    frame_keep_ratio: float = 0.3
+    """Frame selection: high-motion tokens = this top fraction of all candidate tokens by pixel score."""
 
     def __post_init__(self) -> None:
         _check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
         _check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
         _check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
         _check_choice("masking.score", self.score, ["embed", "pixel"])
-        for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio"):
+        for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio", "frame_keep_ratio"):
             _check_open_unit(f"masking.{key}", getattr(self, key))
+        if self.strategy == "mats" and self.decoder == "running_cell" and self.decoder_mode != "lean":
+            _fail("masking.decoder_mode", self.decoder_mode,
+                  "masking.strategy=mats with masking.decoder=running_cell needs lean (the reference mode "
+                  "places mask tokens over a full-grid decoder mask that MATS does not keep)")
         if self.decoder == "running_cell" and not 1 <= int(4 * self.decoder_ratio) <= 3:
             _fail("masking.decoder_ratio", self.decoder_ratio,
                   "the running cell needs k = int(4 * ratio) in 1..3, i.e. a ratio in [0.25, 1)")
@@ -293,6 +301,27 @@ class Config:
             if h % 2 or w % 2:
                 _fail("model.img_size", self.model.img_size,
                       f"the running cell needs an even token grid, got {h}x{w} patches")
+        self._check_masking_counts()
+
+    def _check_masking_counts(self) -> None:
+        # ---- cross-field checks of the masking section (issue 3) ----
+        m, n = self.masking, self.model.num_tokens
+        if m.strategy == "mats":
+            n_keep, n_vis = int(m.keep_ratio * n), int((1.0 - m.ratio) * n)
+            if not 1 <= n_vis < n_keep:
+                _fail("masking.keep_ratio", m.keep_ratio,
+                      f"MATS must keep more tokens than the encoder sees: int(keep_ratio * N) = {n_keep} "
+                      f"vs int((1 - masking.ratio) * N) = {n_vis} visible (N={n}), and at least 1 visible")
+        else:
+            t, h, w = self.model.grid
+            n_mask = t * int(m.ratio * h * w) if m.strategy == "tube" else int(m.ratio * n)
+            if not 1 <= n_mask < n:
+                _fail("masking.ratio", m.ratio, f"masks {n_mask} of N={n} tokens; needs at least 1 masked "
+                      "and 1 visible")
+        if m.frame_selection and self.model.tubelet_size != 2:
+            _fail("masking.frame_selection", True,
+                  f"selects frame pairs, so it needs model.tubelet_size=2 (got {self.model.tubelet_size})")
+        # ---- end of the masking checks ----
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))

@@ -1,0 +1,88 @@
+"""The one dispatch the training loop calls: ``masking.*`` config -> :class:`Selection`.
+
+| strategy | decoder      | mode      | visible          | targets (weights)                               |
+|----------|--------------|-----------|------------------|-------------------------------------------------|
+| tube     | none         | -         | T'(H'W'-m)       | T' m, m = int(rho H'W')                         |
+| random   | none         | -         | N - int(rho N)   | int(rho N)                                      |
+| tube/rnd | running_cell | reference | as above         | K decoder-kept (0 where the encoder saw it)     |
+| tube/rnd | running_cell | lean      | as above         | loss positions, padded to the max (0 on pads)   |
+| mats     | none         | -         | int((1-rho) N)   | int(rho_pre N) - visible                        |
+| mats     | running_cell | lean      | int((1-rho) N)   | M = n_t - floor(n_t k / 4) (mats_dual_selection)|
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mats_scale.config import MaskingConfig
+from mats_scale.masking.common import Selection, TokenGrid
+from mats_scale.masking.mats import mats_counts, mats_dual_selection, mats_dual_target_count, mats_selection
+from mats_scale.masking.random_mask import random_masking
+from mats_scale.masking.running_cell import decoder_kept_count, draw_phases, dual_masking, lean_target_range
+from mats_scale.masking.tube import tube_masking
+
+
+def _check_combination(cfg: MaskingConfig) -> None:
+    # Config validation refuses this too; the check here covers configs built by hand.
+    if cfg.strategy == "mats" and cfg.decoder == "running_cell" and cfg.decoder_mode != "lean":
+        raise ValueError("masking.decoder_mode='reference' is not defined with masking.strategy=mats: "
+                         "MATS + running cell needs masking.decoder_mode=lean")
+
+
+def selection_counts(cfg: MaskingConfig, grid: TokenGrid) -> tuple[int, int]:
+    """(visible ids, target ids) per clip for `cfg` on `grid`, without drawing random numbers."""
+    _check_combination(cfg)
+    n = grid.num_tokens
+    if cfg.strategy == "mats":
+        n_vis, n_tgt = mats_counts(n, cfg.ratio, cfg.keep_ratio)
+        if cfg.decoder == "running_cell":
+            n_tgt = mats_dual_target_count(n_tgt, cfg.decoder_ratio)
+        return n_vis, n_tgt
+    if cfg.strategy == "tube":
+        n_mask = grid.t * int(cfg.ratio * grid.spatial)
+    elif cfg.strategy == "random":
+        n_mask = int(cfg.ratio * n)
+    else:
+        raise ValueError(f"masking.strategy={cfg.strategy!r}: allowed: tube, random, mats")
+    if cfg.decoder == "none":
+        return n - n_mask, n_mask
+    if cfg.decoder_mode == "reference":
+        return n - n_mask, decoder_kept_count(grid, cfg.decoder_ratio)
+    return n - n_mask, lean_target_range(grid, cfg.ratio, cfg.decoder_ratio, cfg.strategy)[1]
+
+
+def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generator: torch.Generator,
+                  scores: Optional[torch.Tensor] = None) -> Selection:
+    """Visible / target ids (and loss weights) for one batch, as `cfg` says.
+
+    `scores` (B, N) motion scores are required for ``mats`` (embed_motion_scores or
+    pixel_motion_scores); the result lives on the scores' device, otherwise on the generator's.
+    Shapes always equal :func:`selection_counts`.
+    """
+    _check_combination(cfg)
+    if cfg.strategy == "mats":
+        if scores is None:
+            raise ValueError("masking.strategy=mats needs motion scores (B, N)")
+        if scores.shape != (batch_size, grid.num_tokens):
+            raise ValueError(f"MATS scores of shape {tuple(scores.shape)}, expected "
+                             f"({batch_size}, {grid.num_tokens}) for the grid {grid}")
+        if cfg.decoder == "running_cell":
+            return mats_dual_selection(grid, scores, cfg.ratio, cfg.keep_ratio, cfg.decoder_ratio, generator)
+        return mats_selection(scores, cfg.ratio, cfg.keep_ratio, generator)
+    if cfg.strategy == "tube":
+        sel = tube_masking(grid, cfg.ratio, batch_size, generator)
+    elif cfg.strategy == "random":
+        sel = random_masking(grid, cfg.ratio, batch_size, generator)
+    else:
+        raise ValueError(f"masking.strategy={cfg.strategy!r}: allowed: tube, random, mats")
+    if cfg.decoder == "none":
+        return sel
+    phases = draw_phases(batch_size, generator)
+    if cfg.decoder_mode == "reference":
+        return dual_masking(grid, sel.visible_ids, cfg.decoder_ratio, "reference", phases)
+    low, high = lean_target_range(grid, cfg.ratio, cfg.decoder_ratio, cfg.strategy)
+    out = dual_masking(grid, sel.visible_ids, cfg.decoder_ratio, "lean", phases, num_targets=high)
+    # Fixed loss count (tube with T' % 4 == 0): every weight is 1 by construction.
+    return out._replace(target_weights=None) if low == high else out
