@@ -1,0 +1,80 @@
+"""Writing profiler results: CSV, a Markdown table and PNG plots (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any, Callable, Optional, Sequence
+
+GIB = 1024 ** 3
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
+    """columns: (key, header, formatter) triples."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row[key]) for key, _, fmt in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(text: str, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def giga(x: float) -> str:
+    return f"{x / 1e9:.2f}"
+
+
+def gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def plain(x: Any) -> str:
+    return str(x)
+
+
+def plot_lines(path: str, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
+               xlabel: str, ylabel: str, title: str, logy: bool = False, ncols: Optional[int] = None) -> str:
+    """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    ncols = ncols or min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
