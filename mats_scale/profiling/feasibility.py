@@ -140,3 +140,28 @@ def plan(wl_by_strategy: dict[str, Workload], engines: list[str], policies: dict
             if progress is not None:
                 progress.update(1)
     return plans
+
+
+def engine_of(parallel) -> str:
+    """The ENGINE_CHOICES label of a ``parallel`` config section."""
+    if parallel.backend == "fsdp2":
+        return "fsdp2"
+    if parallel.backend == "deepspeed":
+        return f"zero{parallel.zero_stage}" + ("-offload" if parallel.offload_optimizer else "")
+    return "zero0"  # single process: every state in full on the one GPU
+
+
+def check_config(wl: Workload, engine: str, node: Node, *, allowance: Allowance = Allowance(),
+                 ds_config: Optional[dict] = None) -> dict:
+    """Predicted per-GPU memory of one configured job (its micro-batch `wl.batch`) and the largest
+    micro-batch that fits, as one row."""
+    kind, stage, offload = ENGINE_CHOICES[engine]
+    states = model_states(param_stats(build_model(wl, "meta")), engine=kind, zero_stage=stage, dp=node.gpus,
+                          dtype=wl.dtype, offload_optimizer=offload, ds_config=ds_config)
+    act = activation_model(wl)
+    allocated = states.total + act.peak(wl.batch) + act.inputs(wl.batch)
+    total = allocated + allowance.total(allocated)
+    return {"engine": engine, "batch": wl.batch, "states_gib": states.total / GIB,
+            "activations_gib": act.peak(wl.batch) / GIB, "allocated_gib": allocated / GIB, "total_gib": total / GIB,
+            "capacity_gib": node.mem_gib, "fits": total <= node.mem_gib * GIB,
+            "max_batch": max_micro_batch(states, act, node, allowance)}

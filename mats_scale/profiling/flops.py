@@ -27,12 +27,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from math import prod
+import warnings
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch.utils.flop_counter import FlopCounterMode
+
+with warnings.catch_warnings():  # fvcore imports torch.jit.script, deprecated in recent PyTorch
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from mats_scale.models.layers import patchify
 from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs
@@ -107,6 +111,7 @@ class FlopReport:
         row.pop("skipped_ops")
         row.update({f"macs_{k}": v for k, v in self.by_module.items()})
         row["decoder_tokens"] = self.decoder_tokens
+        row["step_macs"] = self.step_macs
         return row
 
 

@@ -44,13 +44,23 @@ def gib(x: float) -> str:
     return f"{x / GIB:.2f}"
 
 
+def mib(x: float) -> str:
+    return f"{x / 2 ** 20:.1f}"
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def plain(x: Any) -> str:
     return str(x)
 
 
 def plot_lines(path: str, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
-               xlabel: str, ylabel: str, title: str, logy: bool = False, ncols: Optional[int] = None) -> str:
-    """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}."""
+               xlabel: str, ylabel: str, title: str, logy: bool = False, ncols: Optional[int] = None,
+               xlabels: Optional[dict[str, str]] = None) -> str:
+    """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}. xs may be
+    strings (categories, e.g. model sizes); `xlabels` overrides the x label of some panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +74,7 @@ def plot_lines(path: str, panels: dict[str, dict[str, tuple[Sequence[float], Seq
         for label, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_title(name)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel((xlabels or {}).get(name, xlabel))
         ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
@@ -72,6 +82,35 @@ def plot_lines(path: str, panels: dict[str, dict[str, tuple[Sequence[float], Seq
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(path: str, panels: dict[str, dict[str, dict[str, float]]], *, ylabel: str, title: str) -> str:
+    """Grouped bars, one subplot per panel: {panel: {series: {category: value}}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        categories = list(next(iter(series.values())))
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
+            bars = ax.bar(xs, [values[c] for c in categories], width, label=label)
+            ax.bar_label(bars, fontsize=6)
+        ax.set_xticks(range(len(categories)), categories, rotation=20, fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mats_scale.config import MaskingConfig, ModelConfig
+from mats_scale.config import Config, MaskingConfig, ModelConfig
 from mats_scale.masking import Selection, TokenGrid, select_tokens, selection_counts
 from mats_scale.models.pretrain import PretrainVideoMAE, build_pretrain_model
 from mats_scale.parallel.checkpointing import apply_activation_checkpointing
@@ -79,6 +79,7 @@ class Workload:
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise ValueError(f"batch={self.batch}: must be >= 1")
+        Config(model=self.model, masking=self.masking)  # the config's cross-field checks (ConfigError)
 
     @property
     def grid(self) -> TokenGrid:
