@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     f1 = (lambda x: "-" if isinstance(x, float) and math.isnan(x) else f"{x:.1f}")
     cols = [("strategy", "strategy", plain), ("engine", "engine", plain), ("checkpoint", "ckpt", plain),
             ("max_batch", "max micro-batch", plain), ("params_gib", "params", f2), ("grads_gib", "grads", f2),
-            ("master_adam_gib", "master+Adam", f2), ("fp32_grads_gib", "fp32 grads", f2),
+            ("master_adam_gib", "master+Adam", f2), ("step_temp_gib", "step temp", f2),
             ("gathered_gib", "gathered", f2), ("buffers_gib", "buckets", f2), ("activations_gib", "activations", f2),
             ("allowance_gib", "allowance", f2), ("total_gib", "total GiB", f2), ("step_s", "step s", f2),
             ("days", f"days / {args.epochs:g} ep", f1)]

@@ -27,6 +27,7 @@ from mats_scale.profiling.memory import (
     activation_model,
     model_states,
     param_stats,
+    peak_allocated,
 )
 from mats_scale.profiling.workload import Workload, build_model
 
@@ -62,11 +63,15 @@ K400_TRAIN_CLIPS = 240_000
 
 
 def max_micro_batch(states: ModelStates, act: ActivationModel, node: Node, allowance: Allowance) -> int:
-    """Largest b with (states + peak(b) + inputs(b)) (1 + frag) + context <= memory; 0 if none fits."""
+    """Largest b with peak_allocated(b) (1 + frag) + context <= memory; 0 if none fits."""
     usable = (node.mem_gib - allowance.cuda_context_gib) * GIB / (1.0 + allowance.fragmentation)
+    if states.step + act.inputs(1) > usable:
+        return 0
     budget = usable - states.total - act.peak_const
-    per_clip = act.peak_per_clip + act.input_per_clip
-    return max(0, math.floor(budget / per_clip))
+    b = max(0, math.floor(budget / (act.peak_per_clip + act.input_per_clip)))
+    while b > 0 and peak_allocated(states, act, b) > usable:  # the step transient can bind at small b
+        b -= 1
+    return b
 
 
 def step_seconds(train_flops_per_clip: int, batch: int, node: Node, mfu: float) -> float:
@@ -96,12 +101,12 @@ class Plan:
         b = self.max_batch
         act_peak = self.act.peak(b) if b else 0
         inputs = self.act.inputs(b)
-        allocated = self.states.total + act_peak + inputs
+        allocated = peak_allocated(self.states, self.act, b) if b else self.states.total
         return {
             "strategy": self.strategy, "engine": self.engine, "checkpoint": self.checkpoint, "max_batch": b,
             "params_gib": self.states.params / GIB, "grads_gib": self.states.grads / GIB,
             "master_adam_gib": (self.states.master + self.states.optimizer) / GIB,
-            "fp32_grads_gib": self.states.fp32_grads / GIB, "gathered_gib": self.states.gathered / GIB,
+            "step_temp_gib": self.states.step_temp / GIB, "gathered_gib": self.states.gathered / GIB,
             "buffers_gib": self.states.comm_buffers / GIB, "activations_gib": act_peak / GIB,
             "inputs_gib": inputs / GIB, "allowance_gib": self.allowance_bytes / GIB,
             "total_gib": (allocated + self.allowance_bytes) / GIB, "host_gib": self.states.cpu_bytes / GIB,
@@ -132,7 +137,7 @@ def plan(wl_by_strategy: dict[str, Workload], engines: list[str], policies: dict
             tf = train_flops(wlp) + score_flops
             for label in engines:
                 b = max_micro_batch(states[label], act, node, allowance)
-                allocated = states[label].total + (act.peak(b) + act.inputs(b) if b else 0)
+                allocated = peak_allocated(states[label], act, b) if b else states[label].total
                 plans.append(Plan(strategy, label, pname, b, states[label], act, tf,
                                   step_seconds(tf, b, node, mfu) if b else math.nan,
                                   training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
@@ -159,7 +164,7 @@ def check_config(wl: Workload, engine: str, node: Node, *, allowance: Allowance 
     states = model_states(param_stats(build_model(wl, "meta")), engine=kind, zero_stage=stage, dp=node.gpus,
                           dtype=wl.dtype, offload_optimizer=offload, ds_config=ds_config)
     act = activation_model(wl)
-    allocated = states.total + act.peak(wl.batch) + act.inputs(wl.batch)
+    allocated = peak_allocated(states, act, wl.batch)
     total = allocated + allowance.total(allocated)
     return {"engine": engine, "batch": wl.batch, "states_gib": states.total / GIB,
             "activations_gib": act.peak(wl.batch) / GIB, "allocated_gib": allocated / GIB, "total_gib": total / GIB,

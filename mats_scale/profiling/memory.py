@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mats_scale.models.layers import Block
+from mats_scale.optim import param_groups
 from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs, state_tensors
 
 CUDA_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to this
@@ -257,6 +258,7 @@ class ParamStats:
     numels: tuple[int, ...]  # every parameter tensor
     largest_layer: int  # most parameters owned directly by one module (DeepSpeed's "largest layer")
     largest_block: int  # most parameters in one transformer block (one FSDP2 unit / ZeRO-3 fetch)
+    groups: tuple[tuple[int, ...], ...] = ()  # numels per AdamW param group (decay, no decay)
 
     @property
     def total(self) -> int:
@@ -264,11 +266,27 @@ class ParamStats:
 
 
 def param_stats(model: nn.Module) -> ParamStats:
-    """Counts from a (meta) model; the rule for the largest layer is DeepSpeed's ``model_to_params``."""
+    """Counts from a (meta) model; the largest layer is DeepSpeed's ``model_to_params`` rule and the
+    groups are the project's AdamW groups (``mats_scale.optim.param_groups``)."""
     numels = tuple(p.numel() for p in model.parameters())
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     blocks = [sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, Block)]
-    return ParamStats(numels, largest_layer, max(blocks, default=0))
+    groups = tuple(tuple(p.numel() for p in g["params"]) for g in param_groups(model, weight_decay=0.05))
+    return ParamStats(numels, largest_layer, max(blocks, default=0), groups)
+
+
+def largest_sub_group(stats: ParamStats, dp: int, sub_group_size: int) -> int:
+    """Elements of the largest optimizer sub-group partition: DeepSpeed sizes its fp32 gradient buffer
+    (ZeRO-3) by it and steps one sub-group at a time (stage3 ``_create_fp16_sub_groups``)."""
+    best = 0
+    for group in stats.groups or (stats.numels,):
+        acc = 0
+        for n in group:
+            acc += math.ceil(n / dp)
+            if acc >= sub_group_size:
+                best, acc = max(best, acc), 0
+        best = max(best, acc)
+    return best
 
 
 # ---- model states ---------------------------------------------------------------------------------
@@ -278,24 +296,43 @@ ENGINES = ("deepspeed", "fsdp2")
 
 @dataclass
 class ModelStates:
-    """Bytes per GPU held outside the activations (DeepSpeed / FSDP2, Adam)."""
+    """Bytes per GPU held outside the activations (DeepSpeed / FSDP2, AdamW).
+
+    Three moments matter: ``resident`` is what stays between steps; during forward and backward the
+    ``gathered`` working set comes on top (with the activations); during the optimizer step the fp32
+    gradients of one optimizer sub-group come on top instead (the activations are gone by then).
+    """
 
     params: int  # low-precision (compute) parameters resident: full copy, or partition + persistent
-    grads: int  # low-precision gradients resident: full (ZeRO-0/1) or partition buffer (ZeRO-2/3)
+    grads: int  # gradients resident: full (ZeRO-0/1), partition buffer (ZeRO-2/3), fp32 shards (FSDP2)
     master: int  # fp32 master weights (the sharded fp32 params for FSDP2)
-    optimizer: int  # Adam exp_avg + exp_avg_sq, fp32
-    fp32_grads: int  # fp32 gradients the optimizer step reads (DeepSpeed: a persistent buffer at ZeRO-3)
-    gathered: int  # ZeRO-3 / FSDP2: un-sharded parameters being used or prefetched, and their gradients
-    comm_buffers: int  # DeepSpeed gradient bucket buffers (reduce_bucket_size, ...), from the ds_config
+    optimizer: int  # AdamW exp_avg + exp_avg_sq, fp32
+    comm_buffers: int  # DeepSpeed gradient bucket buffers (reduce_bucket_size), from the ds_config
+    gathered: int  # forward/backward transient: un-sharded parameters in use or prefetched (+ their grads)
+    step_temp: int  # optimizer-step transient: fp32 grads, their flat copy, AdamW's denominator (3 x 4 B/elt)
     cpu_bytes: int = 0  # what optimizer offload keeps in host memory instead (per GPU process)
 
     @property
+    def resident(self) -> int:
+        return self.params + self.grads + self.master + self.optimizer + self.comm_buffers
+
+    @property
     def total(self) -> int:
-        return (self.params + self.grads + self.master + self.optimizer + self.fp32_grads + self.gathered
-                + self.comm_buffers)
+        """Model-state bytes during forward and backward (what the activations come on top of)."""
+        return self.resident + self.gathered
+
+    @property
+    def step(self) -> int:
+        """Model-state bytes during the optimizer step."""
+        return self.resident + self.step_temp
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "resident": self.resident, "total": self.total, "step": self.step}
+
+
+def peak_allocated(states: ModelStates, act: "ActivationModel", batch: int) -> int:
+    """Predicted ``torch.cuda.max_memory_allocated`` of a training step at micro-batch `batch`."""
+    return max(states.total + act.peak(batch) + act.inputs(batch), states.step + act.inputs(batch))
 
 
 def zero_config(ds_config: Optional[dict]):
@@ -318,19 +355,21 @@ def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: in
     DeepSpeed (mixed precision: `dtype` params and grads, fp32 master + Adam; in fp32 DeepSpeed still
     clones an fp32 master at ZeRO-1..3) allocates, per its 0.19 sources:
 
-    ======== ============ ============ ============= ====== ============ ========================
-    stage    params       grads        fp32 master   Adam   fp32 grads   buffers / working set
-    ======== ============ ============ ============= ====== ============ ========================
-    0        P            P            P             P      P (step)     --
-    1        P            P            P/N           P/N    P/N (step)   reduce bucket (x2 overlap)
-    2        P            P/N          P/N           P/N    P/N (step)   reduce bucket (x2 overlap)
-    3        P/N + pers.  P/N          P/N           P/N    P/N (kept)   reduce bucket; gathered
-    ======== ============ ============ ============= ====== ============ ========================
+    ===== =========== ===== =========== ===== ========================== ======================
+    stage params      grads fp32 master Adam  step temporaries (x3 fp32) buffers / working set
+    ===== =========== ===== =========== ===== ========================== ======================
+    0     P           P     P           P     P                          --
+    1     P           P     P/N         P/N   largest sub-group / N      reduce bucket (x2 overlap)
+    2     P           P/N   P/N         P/N   largest sub-group / N      reduce bucket (x2 overlap)
+    3     P/N + pers. P/N   P/N         P/N   largest sub-group / N      reduce bucket; gathered
+    ===== =========== ===== =========== ===== ========================== ======================
 
-    ZeRO-3 "gathered" = (prefetch bucket + largest layer, capped by max_live_parameters) in the compute
-    dtype plus the largest layer's gradient before it is bucketed; persistent parameters (numel <=
-    param_persistence_threshold) stay gathered in full on every GPU. With ``offload_optimizer`` (ZeRO-3)
-    master, Adam, fp32 grads and the gradient partitions live in host memory (``cpu_bytes``).
+    ZeRO-3 "gathered" = twice (all-gather flat buffer + per-parameter copy) the window of prefetch
+    bucket + largest layer (capped by max_live_parameters and by P) in the compute dtype, plus the
+    largest layer's gradient before it is bucketed; persistent parameters
+    (numel <= param_persistence_threshold) stay gathered in full on every GPU. With
+    ``offload_optimizer`` (ZeRO-3) master, Adam, fp32 grads and the gradient partitions live in host
+    memory (``cpu_bytes``).
 
     FSDP2 (``fully_shard`` with MixedPrecisionPolicy(param_dtype=`dtype`, reduce_dtype=fp32)): sharded
     fp32 params (they are the master), fp32 sharded grads, Adam; un-sharded: the current and the
@@ -347,7 +386,7 @@ def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: in
         shard = sum(math.ceil(n / dp) for n in stats.numels)
         blk = stats.largest_block
         return ModelStates(params=0, grads=fp32 * shard, master=fp32 * shard, optimizer=2 * fp32 * shard,
-                           fp32_grads=0, gathered=2 * blk * pb + blk * (pb + fp32), comm_buffers=0)
+                           comm_buffers=0, gathered=2 * blk * pb + blk * (pb + fp32), step_temp=0)
     if engine != "deepspeed":
         raise ValueError(f"engine={engine!r}: allowed: {', '.join(ENGINES)}")
     if zero_stage not in (0, 1, 2, 3):
@@ -361,26 +400,28 @@ def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: in
     if zero_stage == 0:
         mixed = pb != fp32  # fp32 without ZeRO: the optimizer updates the params directly
         return ModelStates(params=pb * P, grads=gb * P, master=fp32 * P if mixed else 0,
-                           optimizer=2 * fp32 * P, fp32_grads=fp32 * P if mixed else 0, gathered=0,
-                           comm_buffers=0)
+                           optimizer=2 * fp32 * P, comm_buffers=0, gathered=0, step_temp=3 * fp32 * P)
     part = sum(math.ceil(n / dp) for n in stats.numels)  # DeepSpeed pads each tensor to a multiple of N
+    sub = largest_sub_group(stats, dp, zc.sub_group_size)  # elements the optimizer steps at once
     if zero_stage in (1, 2):
         bucket_dtype_bytes = fp32 if zero_stage == 1 else gb  # stage 1 stages an fp32 accumulator
         buckets = zc.reduce_bucket_size * bucket_dtype_bytes * (2 if overlap else 1) if zc.contiguous_gradients else 0
         return ModelStates(params=pb * P, grads=gb * (P if zero_stage == 1 else part), master=fp32 * part,
-                           optimizer=2 * fp32 * part, fp32_grads=fp32 * part, gathered=0, comm_buffers=buckets)
+                           optimizer=2 * fp32 * part, comm_buffers=buckets, gathered=0, step_temp=3 * fp32 * sub)
 
     persistent = sum(n for n in stats.numels if n <= zc.param_persistence_threshold)
-    live = min(zc.max_live_parameters, zc.prefetch_bucket_size + stats.largest_layer)
-    gathered = live * pb + stats.largest_layer * pb
+    # The coalesced all-gather fills a flat buffer, then copies each parameter out of the N rank slices
+    # (partition_parameters.py, AllGatherCoalescedHandle.wait: torch.cat): the window is held twice.
+    live = min(zc.max_live_parameters, zc.prefetch_bucket_size + stats.largest_layer, P)
+    gathered = 2 * live * pb + stats.largest_layer * pb
     buckets = zc.reduce_bucket_size * gb if zc.contiguous_gradients else 0
-    opt = dict(master=fp32 * part, optimizer=2 * fp32 * part, fp32_grads=fp32 * part)
+    params = pb * (part + persistent)
     if offload_optimizer:
-        cpu = sum(opt.values()) + gb * part
-        return ModelStates(params=pb * (part + persistent), grads=0, master=0, optimizer=0, fp32_grads=0,
-                           gathered=gathered, comm_buffers=buckets, cpu_bytes=cpu)
-    return ModelStates(params=pb * (part + persistent), grads=gb * part, gathered=gathered, comm_buffers=buckets,
-                       **opt)
+        cpu = fp32 * part * 3 + gb * part + 3 * fp32 * sub
+        return ModelStates(params=params, grads=0, master=0, optimizer=0, comm_buffers=buckets, gathered=gathered,
+                           step_temp=0, cpu_bytes=cpu)
+    return ModelStates(params=params, grads=gb * part, master=fp32 * part, optimizer=2 * fp32 * part,
+                       comm_buffers=buckets, gathered=gathered, step_temp=3 * fp32 * sub)
 
 
 def deepspeed_zero3_estimate(stats: ParamStats, dp: int) -> int:
@@ -406,32 +447,6 @@ class Allowance:
         return int(self.cuda_context_gib * GIB + self.fragmentation * allocated)
 
 
-@dataclass
-class MemoryBreakdown:
-    """Predicted per-GPU memory of one configuration at one micro-batch."""
-
-    batch: int
-    states: ModelStates
-    activations_peak: int
-    inputs: int
-    allowance: int
-
-    @property
-    def allocated_peak(self) -> int:
-        """What ``torch.cuda.max_memory_allocated`` should report."""
-        return self.states.total + self.activations_peak + self.inputs
-
-    @property
-    def total(self) -> int:
-        return self.allocated_peak + self.allowance
-
-
-def memory_breakdown(states: ModelStates, act: ActivationModel, batch: int,
-                     allowance: Allowance = Allowance()) -> MemoryBreakdown:
-    allocated = states.total + act.peak(batch) + act.inputs(batch)
-    return MemoryBreakdown(batch, states, act.peak(batch), act.inputs(batch), allowance.total(allocated))
-
-
-__all__ = ["ActivationMemory", "ActivationModel", "Allowance", "LiveBytes", "MemoryBreakdown", "ModelStates",
-           "ParamStats", "SdpaKernel", "activation_model", "deepspeed_zero3_estimate", "measure_activations",
-           "memory_breakdown", "model_states", "param_stats"]
+__all__ = ["ActivationMemory", "ActivationModel", "Allowance", "LiveBytes", "ModelStates", "ParamStats",
+           "SdpaKernel", "activation_model", "deepspeed_zero3_estimate", "largest_sub_group", "measure_activations",
+           "model_states", "param_stats", "peak_allocated"]
