@@ -134,8 +134,11 @@ def make_inputs(wl: Workload, device: str | torch.device = "meta", seed: int = 0
         video = torch.empty(shape, device=device, dtype=wl.dtype)
     else:
         video = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, wl.dtype)
+    # Compact copies: a masking output may be a view of a larger (B, N) buffer, which the training
+    # loop would hold too, but the figures should not depend on how the masking code slices.
     sel = draw_selection(wl, seed=seed)
-    sel = Selection(*(t.to(device) if t is not None else None for t in sel))
+    sel = Selection(*(t.to(device).clone(memory_format=torch.contiguous_format) if t is not None else None
+                      for t in sel))
     return video, sel
 
 
