@@ -17,11 +17,14 @@ import time
 
 from mats_scale.profiling.cli import add_sweep_args, policy_list, run
 
-
 # DESIGN.md "Reference figures": pre-training GMACs per 16x224 clip, tube 90% (VideoMAE V2 paper).
 DESIGN_TABLE = [  # (size, decoder ratio or None, GMACs)
-    ("B", None, 35.48), ("B", 0.25, 31.63), ("B", 0.5, 25.87), ("B", 0.75, 21.06),
-    ("g", None, 263.93), ("g", 0.5, 241.61),
+    ("B", None, 35.48),
+    ("B", 0.25, 31.63),
+    ("B", 0.5, 25.87),
+    ("B", 0.75, 21.06),
+    ("g", None, 263.93),
+    ("g", 0.5, 241.61),
 ]
 
 
@@ -39,16 +42,39 @@ def design_table(out: str) -> int:
         no_ln = (r.ref_macs - r.layer_norm_macs) / 1e9
         err = 100 * (ours / paper - 1)
         worst = max(worst, abs(err))
-        rows.append(dict(size=size, decoder="none" if rho_d is None else f"running cell {rho_d}",
-                         visible=r.n_visible, targets=r.n_targets, paper=f"{paper:.2f}", ours=f"{ours:.2f}",
-                         err=f"{err:+.3f}%", no_ln=f"{no_ln:.2f}", this_code=f"{r.fwd_macs / 1e9:.2f}"))
-    cols = [(k, h, str) for k, h in [("size", "size"), ("decoder", "decoder (reference mode)"),
-                                      ("visible", "enc tokens"), ("targets", "mask tokens"),
-                                      ("paper", "paper GMACs"), ("ours", "ours GMACs"), ("err", "error"),
-                                      ("no_ln", "ours w/o layer norm"), ("this_code", "this code's forward")]]
-    text = ("# VideoMAE V2 pre-training GMACs per 16x224 clip, tube 90%\n\n" + markdown_table(rows, cols)
-            + "\n'ours' counts the papers' way (patch embedding of all N tokens); 'this code's forward' "
-              "embeds only the visible tokens.\n")
+        rows.append(
+            dict(
+                size=size,
+                decoder="none" if rho_d is None else f"running cell {rho_d}",
+                visible=r.n_visible,
+                targets=r.n_targets,
+                paper=f"{paper:.2f}",
+                ours=f"{ours:.2f}",
+                err=f"{err:+.3f}%",
+                no_ln=f"{no_ln:.2f}",
+                this_code=f"{r.fwd_macs / 1e9:.2f}",
+            )
+        )
+    cols = [
+        (k, h, str)
+        for k, h in [
+            ("size", "size"),
+            ("decoder", "decoder (reference mode)"),
+            ("visible", "enc tokens"),
+            ("targets", "mask tokens"),
+            ("paper", "paper GMACs"),
+            ("ours", "ours GMACs"),
+            ("err", "error"),
+            ("no_ln", "ours w/o layer norm"),
+            ("this_code", "this code's forward"),
+        ]
+    ]
+    text = (
+        "# VideoMAE V2 pre-training GMACs per 16x224 clip, tube 90%\n\n"
+        + markdown_table(rows, cols)
+        + "\n'ours' counts the papers' way (patch embedding of all N tokens); 'this code's forward' "
+        "embeds only the visible tokens.\n"
+    )
     path = write_markdown(text, os.path.join(out, "design_table.md"))
     print(text)
     print(f"worst error {worst:.3f}% -> {path}")
@@ -56,11 +82,16 @@ def design_table(out: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_sweep_args(parser)
-    parser.add_argument("--checkpoint", type=policy_list, default=policy_list("none"),
-                        help="checkpointing policies for the training-step FLOPs: none, half, full or E,D "
-                             "(default none)")
+    parser.add_argument(
+        "--checkpoint",
+        type=policy_list,
+        default=policy_list("none"),
+        help="checkpointing policies for the training-step FLOPs: none, half, full or E,D (default none)",
+    )
     parser.add_argument("--design-table", action="store_true", help="only reproduce the DESIGN.md table")
     args = parser.parse_args(argv)
     if args.design_table:
@@ -80,22 +111,37 @@ def main(argv=None) -> int:
         masking = masking_config(strategy, ratio, args.decoder_ratio, args.keep_ratio)
         wl = Workload(model, masking)
         rep = count_flops(wl)
-        row = dict(size=size, strategy=strategy, ratio=ratio, decoder_ratio=args.decoder_ratio, **rep.as_row())
+        row = dict(
+            size=size, strategy=strategy, ratio=ratio, decoder_ratio=args.decoder_ratio, **rep.as_row()
+        )
         for name, policy in args.checkpoint.items():
             if policy != (0, 0):  # count_flops already did the no-checkpointing step
-                row[f"train_flops_{name}"] = train_flops(Workload(model, masking, checkpoint=policy)) + 2 * rep.score_macs
+                row[f"train_flops_{name}"] = (
+                    train_flops(Workload(model, masking, checkpoint=policy)) + 2 * rep.score_macs
+                )
         rows.append(row)
     elapsed = time.perf_counter() - t0
 
     out = args.out
     write_csv(rows, os.path.join(out, "flops.csv"))
-    cols = [("size", "size", plain), ("strategy", "strategy", plain), ("ratio", "rho", plain),
-            ("n_visible", "enc tokens", plain), ("decoder_tokens", "dec tokens", plain),
-            ("ref_macs", "GMACs (papers)", giga), ("fwd_macs", "GMACs fwd (this code)", giga),
-            ("score_macs", "GMACs MATS score", giga), ("train_flops", "GFLOPs train step", giga),
-            ("elementwise_ops", "G elementwise (not in MACs)", giga)]
-    write_markdown(f"# FLOPs per clip ({args.num_frames}x{args.img_size}, rho_d={args.decoder_ratio})\n\n"
-                   + markdown_table(rows, cols), os.path.join(out, "flops.md"))
+    cols = [
+        ("size", "size", plain),
+        ("strategy", "strategy", plain),
+        ("ratio", "rho", plain),
+        ("n_visible", "enc tokens", plain),
+        ("decoder_tokens", "dec tokens", plain),
+        ("ref_macs", "GMACs (papers)", giga),
+        ("fwd_macs", "GMACs fwd (this code)", giga),
+        ("score_macs", "GMACs MATS score", giga),
+        ("train_flops", "GFLOPs train step", giga),
+        ("elementwise_ops", "G elementwise (not in MACs)", giga),
+    ]
+    write_markdown(
+        f"# FLOPs per clip ({args.num_frames}x{args.img_size}, rho_d={args.decoder_ratio})\n\n"
+        + markdown_table(rows, cols),
+        os.path.join(out, "flops.md"),
+    )
+
     def series(size, strategy):
         sel = [r for r in rows if r["size"] == size and r["strategy"] == strategy]
         return [r["ratio"] for r in sel], [r["step_macs"] / 1e9 for r in sel]
@@ -104,12 +150,28 @@ def main(argv=None) -> int:
     ref_ratio = min(args.ratios, key=lambda r: abs(r - 0.9))
     by_size = f"all sizes at rho={ref_ratio}"
     panels[by_size] = {
-        st: (args.sizes, [next(r["step_macs"] / 1e9 for r in rows if r["size"] == s
-                                                 and r["strategy"] == st and r["ratio"] == ref_ratio)
-                                            for s in args.sizes])
-        for st in args.strategies}
-    plot_lines(os.path.join(out, "flops.png"), panels, xlabel="encoder mask ratio", xlabels={by_size: "model size"},
-               ylabel="GMACs per clip (fwd + MATS score)", title="Pre-training forward GMACs per clip", logy=True)
+        st: (
+            args.sizes,
+            [
+                next(
+                    r["step_macs"] / 1e9
+                    for r in rows
+                    if r["size"] == s and r["strategy"] == st and r["ratio"] == ref_ratio
+                )
+                for s in args.sizes
+            ],
+        )
+        for st in args.strategies
+    }
+    plot_lines(
+        os.path.join(out, "flops.png"),
+        panels,
+        xlabel="encoder mask ratio",
+        xlabels={by_size: "model size"},
+        ylabel="GMACs per clip (fwd + MATS score)",
+        title="Pre-training forward GMACs per clip",
+        logy=True,
+    )
     print(f"{len(rows)} configurations in {elapsed:.1f}s -> {out}/flops.csv, flops.md, flops.png")
     return 0
 

@@ -20,26 +20,54 @@ from mats_scale.profiling.cli import add_sweep_args, dtype_arg, policy_list, pos
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_sweep_args(parser)
     parser.add_argument("--batch", type=positive(int), default=1, help="micro-batch per GPU (default 1)")
     parser.add_argument("--dtype", type=dtype_arg, default="bf16", help="compute dtype: bf16, fp16, fp32")
-    parser.add_argument("--checkpoint", type=policy_list, default=policy_list("none"),
-                        help="checkpointing policies, comma-separated: none, half, full; or 'E,D' pairs "
-                             "separated by ';' (default none)")
-    parser.add_argument("--target", choices=["cuda", "cpu"], default="cuda",
-                        help="device whose attention kernel and allocator rounding are emulated")
-    parser.add_argument("--dp", type=positive(int), default=8, help="data-parallel GPUs for the ZeRO-3 column")
+    parser.add_argument(
+        "--checkpoint",
+        type=policy_list,
+        default=policy_list("none"),
+        help="checkpointing policies, comma-separated: none, half, full; or 'E,D' pairs "
+        "separated by ';' (default none)",
+    )
+    parser.add_argument(
+        "--target",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="device whose attention kernel and allocator rounding are emulated",
+    )
+    parser.add_argument(
+        "--dp", type=positive(int), default=8, help="data-parallel GPUs for the ZeRO-3 column"
+    )
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
 
     from mats_scale.config import ModelConfig
     from mats_scale.profiling.memory import measure_activations, model_states, param_stats
-    from mats_scale.profiling.report import GIB, dtype_name, gib, markdown_table, mib, plain, plot_lines, write_csv, write_markdown
+    from mats_scale.profiling.report import (
+        GIB,
+        dtype_name,
+        gib,
+        markdown_table,
+        mib,
+        plain,
+        plot_lines,
+        write_csv,
+        write_markdown,
+    )
     from mats_scale.profiling.workload import Workload, build_model, masking_config, token_counts
 
-    jobs = [(s, st, r, p) for s in args.sizes for st in args.strategies for r in args.ratios for p in args.checkpoint]
+    jobs = [
+        (s, st, r, p)
+        for s in args.sizes
+        for st in args.strategies
+        for r in args.ratios
+        for p in args.checkpoint
+    ]
     states = {}
     rows, t0 = [], time.perf_counter()
     for size, strategy, ratio, pname in tqdm(jobs, desc="memory", disable=args.no_progress, file=sys.stderr):
@@ -47,43 +75,93 @@ def main(argv=None) -> int:
         masking = masking_config(strategy, ratio, args.decoder_ratio, args.keep_ratio)
         wl = Workload(model, masking, args.batch, args.dtype, args.checkpoint[pname])
         if size not in states:
-            states[size] = model_states(param_stats(build_model(wl, "meta")), zero_stage=3, dp=args.dp,
-                                        dtype=args.dtype).total
+            states[size] = model_states(
+                param_stats(build_model(wl, "meta")), zero_stage=3, dp=args.dp, dtype=args.dtype
+            ).total
         act = measure_activations(wl, target=args.target)
         n_vis, n_tgt = token_counts(wl)
-        rows.append(dict(size=size, strategy=strategy, ratio=ratio, decoder_ratio=args.decoder_ratio,
-                         checkpoint=pname, batch=args.batch, dtype=dtype_name(args.dtype),
-                         target=args.target, n_visible=n_vis, n_targets=n_tgt, saved_bytes=act.saved_bytes,
-                         peak_bytes=act.peak_bytes, input_bytes=act.input_bytes,
-                         zero3_states_bytes=states[size]))
+        rows.append(
+            dict(
+                size=size,
+                strategy=strategy,
+                ratio=ratio,
+                decoder_ratio=args.decoder_ratio,
+                checkpoint=pname,
+                batch=args.batch,
+                dtype=dtype_name(args.dtype),
+                target=args.target,
+                n_visible=n_vis,
+                n_targets=n_tgt,
+                saved_bytes=act.saved_bytes,
+                peak_bytes=act.peak_bytes,
+                input_bytes=act.input_bytes,
+                zero3_states_bytes=states[size],
+            )
+        )
     elapsed = time.perf_counter() - t0
 
     out = args.out
     write_csv(rows, os.path.join(out, "memory.csv"))
-    cols = [("size", "size", plain), ("strategy", "strategy", plain), ("ratio", "rho", plain),
-            ("checkpoint", "ckpt", plain), ("n_visible", "enc tokens", plain), ("n_targets", "targets", plain),
-            ("saved_bytes", "saved GiB", gib), ("peak_bytes", "peak GiB", gib),
-            ("input_bytes", "batch MiB", mib), ("zero3_states_bytes", f"ZeRO-3 states GiB (dp={args.dp})", gib)]
-    write_markdown(f"# Activation memory per GPU, micro-batch {args.batch}, {args.num_frames}x{args.img_size}, "
-                   f"{dtype_name(args.dtype)}, {args.target} kernels\n\n" + markdown_table(rows, cols),
-                   os.path.join(out, "memory.md"))
+    cols = [
+        ("size", "size", plain),
+        ("strategy", "strategy", plain),
+        ("ratio", "rho", plain),
+        ("checkpoint", "ckpt", plain),
+        ("n_visible", "enc tokens", plain),
+        ("n_targets", "targets", plain),
+        ("saved_bytes", "saved GiB", gib),
+        ("peak_bytes", "peak GiB", gib),
+        ("input_bytes", "batch MiB", mib),
+        ("zero3_states_bytes", f"ZeRO-3 states GiB (dp={args.dp})", gib),
+    ]
+    write_markdown(
+        f"# Activation memory per GPU, micro-batch {args.batch}, {args.num_frames}x{args.img_size}, "
+        f"{dtype_name(args.dtype)}, {args.target} kernels\n\n" + markdown_table(rows, cols),
+        os.path.join(out, "memory.md"),
+    )
 
     def series(size, strategy, pname):
-        sel = [r for r in rows if r["size"] == size and r["strategy"] == strategy and r["checkpoint"] == pname]
+        sel = [
+            r for r in rows if r["size"] == size and r["strategy"] == strategy and r["checkpoint"] == pname
+        ]
         return [r["ratio"] for r in sel], [r["peak_bytes"] / GIB for r in sel]
 
-    label = (lambda st, p: st if len(args.checkpoint) == 1 else f"{st} ckpt={p}")
-    panels = {f"ViT-{s}": {label(st, p): series(s, st, p) for st in args.strategies for p in args.checkpoint}
-              for s in args.sizes}
+    def label(st, p):
+        return st if len(args.checkpoint) == 1 else f"{st} ckpt={p}"
+
+    panels = {
+        f"ViT-{s}": {label(st, p): series(s, st, p) for st in args.strategies for p in args.checkpoint}
+        for s in args.sizes
+    }
     ref_ratio = min(args.ratios, key=lambda r: abs(r - 0.9))
     by_size = f"all sizes at rho={ref_ratio}"
-    panels[by_size] = {label(st, p): (args.sizes, [next(r["peak_bytes"] / GIB for r in rows if r["size"] == s and
-                                                        r["strategy"] == st and r["checkpoint"] == p and
-                                                        r["ratio"] == ref_ratio) for s in args.sizes])
-                       for st in args.strategies for p in args.checkpoint}
-    plot_lines(os.path.join(out, "memory.png"), panels, xlabel="encoder mask ratio", xlabels={by_size: "model size"},
-               ylabel=f"peak activation GiB (batch {args.batch})", logy=True,
-               title=f"Activation memory per GPU ({dtype_name(args.dtype)}, {args.target} kernels)")
+    panels[by_size] = {
+        label(st, p): (
+            args.sizes,
+            [
+                next(
+                    r["peak_bytes"] / GIB
+                    for r in rows
+                    if r["size"] == s
+                    and r["strategy"] == st
+                    and r["checkpoint"] == p
+                    and r["ratio"] == ref_ratio
+                )
+                for s in args.sizes
+            ],
+        )
+        for st in args.strategies
+        for p in args.checkpoint
+    }
+    plot_lines(
+        os.path.join(out, "memory.png"),
+        panels,
+        xlabel="encoder mask ratio",
+        xlabels={by_size: "model size"},
+        ylabel=f"peak activation GiB (batch {args.batch})",
+        logy=True,
+        title=f"Activation memory per GPU ({dtype_name(args.dtype)}, {args.target} kernels)",
+    )
     print(f"{len(rows)} configurations in {elapsed:.1f}s -> {out}/memory.csv, memory.md, memory.png")
     return 0
 

@@ -39,8 +39,15 @@ def _live_tensor_bytes() -> int:
 
 
 def _worker(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
     import deepspeed
     import torch
 
@@ -53,9 +60,12 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {
-        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3, "reduce_bucket_size": int(args.reduce_bucket)},
-        "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
     }
     cfg = ModelConfig(size=args.size, num_frames=args.num_frames, img_size=args.img_size)
     base = _live_tensor_bytes()
@@ -97,18 +107,30 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         peaks = train_step(args.steps - 1, tracker)
     buffers = sum(b.untyped_storage().nbytes() for b in model.buffers())
     measured = _live_tensor_bytes() - base
-    queue.put(dict(rank=rank, measured=measured, buffers=buffers, ds_config=ds_config, peaks=peaks,
-                   dtype=str(next(iter(engine.optimizer.fp32_partitioned_groups_flat)).dtype)))
+    queue.put(
+        dict(
+            rank=rank,
+            measured=measured,
+            buffers=buffers,
+            ds_config=ds_config,
+            peaks=peaks,
+            dtype=str(next(iter(engine.optimizer.fp32_partitioned_groups_flat)).dtype),
+        )
+    )
     deepspeed.comm.destroy_process_group()
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="S")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--num-frames", type=int, default=16)
     parser.add_argument("--img-size", type=int, default=112)
-    parser.add_argument("--reduce-bucket", type=float, default=2e6, help="zero_optimization.reduce_bucket_size")
+    parser.add_argument(
+        "--reduce-bucket", type=float, default=2e6, help="zero_optimization.reduce_bucket_size"
+    )
     parser.add_argument("--out", default="profiling/out")
     args = parser.parse_args(argv)
 
@@ -116,7 +138,12 @@ def main(argv=None) -> int:
     import torch.multiprocessing as mp
 
     from mats_scale.config import ModelConfig
-    from mats_scale.profiling.memory import deepspeed_zero3_estimate, measure_activations, model_states, param_stats
+    from mats_scale.profiling.memory import (
+        deepspeed_zero3_estimate,
+        measure_activations,
+        model_states,
+        param_stats,
+    )
     from mats_scale.profiling.workload import Workload, build_model, masking_config
 
     world = 2
@@ -138,22 +165,38 @@ def main(argv=None) -> int:
     cfg = ModelConfig(size=args.size, num_frames=args.num_frames, img_size=args.img_size)
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)
     stats = param_stats(build_model(wl, "meta"))
-    states = model_states(stats, zero_stage=3, dp=world, dtype=torch.float32, ds_config=results[0]["ds_config"])
+    states = model_states(
+        stats, zero_stage=3, dp=world, dtype=torch.float32, ds_config=results[0]["ds_config"]
+    )
     act = measure_activations(wl, target="cpu")  # meta device, CPU attention kernel, fp32
     # Between steps: the resident states. On top during forward + backward: the gathered working set
     # and the activation peak; during the optimizer step: the step temporaries.
-    predicted = dict(resident=states.resident, fwd_bwd=states.gathered + act.peak_bytes, step=states.step_temp)
-    report = dict(size=args.size, world=world, params=stats.total, predicted=predicted,
-                  predicted_breakdown=states.as_dict(), activation_peak=act.peak_bytes,
-                  deepspeed_estimate_16bit=deepspeed_zero3_estimate(stats, world), ranks=[])
+    predicted = dict(
+        resident=states.resident, fwd_bwd=states.gathered + act.peak_bytes, step=states.step_temp
+    )
+    report = dict(
+        size=args.size,
+        world=world,
+        params=stats.total,
+        predicted=predicted,
+        predicted_breakdown=states.as_dict(),
+        activation_peak=act.peak_bytes,
+        deepspeed_estimate_16bit=deepspeed_zero3_estimate(stats, world),
+        ranks=[],
+    )
     for r in results:
         measured = dict(resident=r["measured"] - r["buffers"], **r["peaks"])
         errors = {k: measured[k] / predicted[k] - 1 for k in predicted}
-        report["ranks"].append(dict(rank=r["rank"], module_buffers=r["buffers"], measured=measured, errors=errors))
+        report["ranks"].append(
+            dict(rank=r["rank"], module_buffers=r["buffers"], measured=measured, errors=errors)
+        )
         for k in predicted:
-            print(f"rank {r['rank']} {k:9s}: measured {measured[k] / 2**20:8.2f} MiB, predicted "
-                  f"{predicted[k] / 2**20:8.2f} MiB, error {100 * errors[k]:+.2f}%")
-    print(f"DeepSpeed's estimate (assumes 16-bit params): {report['deepspeed_estimate_16bit'] / 2**20:.2f} MiB per GPU")
+            print(
+                f"rank {r['rank']} {k:9s}: measured {measured[k] / 2**20:8.2f} MiB, predicted "
+                f"{predicted[k] / 2**20:8.2f} MiB, error {100 * errors[k]:+.2f}%"
+            )
+    ds = report["deepspeed_estimate_16bit"]
+    print(f"DeepSpeed's estimate (assumes 16-bit params): {ds / 2**20:.2f} MiB per GPU")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "zero3_cpu.json")
     with open(path, "w") as f:

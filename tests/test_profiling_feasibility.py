@@ -13,15 +13,27 @@ from profiling import feasibility as feasibility_cli
 
 
 def _states(resident_gib: float, gathered_gib: float = 0.0, step_gib: float = 0.0) -> ModelStates:
-    return ModelStates(params=int(resident_gib * GIB), grads=0, master=0, optimizer=0, comm_buffers=0,
-                       gathered=int(gathered_gib * GIB), step_temp=int(step_gib * GIB))
+    return ModelStates(
+        params=int(resident_gib * GIB),
+        grads=0,
+        master=0,
+        optimizer=0,
+        comm_buffers=0,
+        gathered=int(gathered_gib * GIB),
+        step_temp=int(step_gib * GIB),
+    )
 
 
 def test_max_micro_batch_is_the_boundary():
     node = Node(gpus=8, mem_gib=40.0, peak_tflops=312.0)
     allowance = Allowance(cuda_context_gib=1.0, fragmentation=0.1)
-    act = ActivationModel(saved_per_clip=0, saved_const=0, peak_per_clip=int(0.3 * GIB), peak_const=12345,
-                          input_per_clip=5 * 2 ** 20)
+    act = ActivationModel(
+        saved_per_clip=0,
+        saved_const=0,
+        peak_per_clip=int(0.3 * GIB),
+        peak_const=12345,
+        input_per_clip=5 * 2**20,
+    )
     states = _states(6.0, gathered_gib=0.5, step_gib=2.0)
     b = max_micro_batch(states, act, node, allowance)
 
@@ -39,13 +51,15 @@ def test_training_days_arithmetic():
     node = Node(gpus=8, mem_gib=80, peak_tflops=100.0)
     # 1 TFLOP per clip at 50% of 100 TFLOPS: 0.02 s per clip per GPU; 1000 clips / (10 x 8) -> 13 steps
     # of 10 clips: 13 x 0.2 s = 2.6 s per epoch.
-    days = training_days(10 ** 12, 10, node, 0.5, epochs=86400 / 2.6, train_clips=1000)
+    days = training_days(10**12, 10, node, 0.5, epochs=86400 / 2.6, train_clips=1000)
     assert days == pytest.approx(1.0)
 
 
 def test_plan_orders_strategies_engines_and_checkpointing():
     model = ModelConfig(size="S")
-    wls = {st: Workload(model, masking_config(st, 0.9), dtype=torch.bfloat16) for st in ("tube+rc", "mats+dual")}
+    wls = {
+        st: Workload(model, masking_config(st, 0.9), dtype=torch.bfloat16) for st in ("tube+rc", "mats+dual")
+    }
     policies = {k: CHECKPOINT_POLICIES[k] for k in ("none", "full")}
     plans = plan(wls, ["zero0", "zero3"], policies, NODES["a100-40"])
     best = {(p.strategy, p.engine, p.checkpoint): p for p in plans}
@@ -64,11 +78,26 @@ def test_plan_orders_strategies_engines_and_checkpointing():
 
 def test_cli_sweep_and_config_check(tmp_path, capsys):
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("model:\n  size: S\n  num_frames: 8\n  img_size: 128\nmasking:\n  strategy: mats\n"
-                   "  decoder: running_cell\n  decoder_mode: lean\ndata:\n  batch_size: 64\n"
-                   "parallel:\n  backend: deepspeed\n  zero_stage: 3\n")
-    argv = ["--config", str(cfg), "--engines", "zero2,zero3", "--checkpoint", "none,full", "--strategies",
-            "tube+rc,mats+dual", "--node", "a100-40", "--out", str(tmp_path), "--no-progress"]
+    cfg.write_text(
+        "model:\n  size: S\n  num_frames: 8\n  img_size: 128\nmasking:\n  strategy: mats\n"
+        "  decoder: running_cell\n  decoder_mode: lean\ndata:\n  batch_size: 64\n"
+        "parallel:\n  backend: deepspeed\n  zero_stage: 3\n"
+    )
+    argv = [
+        "--config",
+        str(cfg),
+        "--engines",
+        "zero2,zero3",
+        "--checkpoint",
+        "none,full",
+        "--strategies",
+        "tube+rc,mats+dual",
+        "--node",
+        "a100-40",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert run(feasibility_cli.main, argv) == 0
     out = capsys.readouterr().out
     assert "Headline: ViT-S on 8 x 40 GiB, ZeRO-3" in out and "Your config" in out and "FITS" in out
@@ -84,5 +113,7 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "--node custom needs --gpu-mem-gib and --peak-tflops" in capsys.readouterr().err
     assert run(feasibility_cli.main, ["masking.ratio=2", "--out", str(tmp_path)]) == 2
     assert "masking.ratio=2" in capsys.readouterr().err
-    assert run(feasibility_cli.main, ["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    assert (
+        run(feasibility_cli.main, ["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    )
     assert "no such file" in capsys.readouterr().err

@@ -12,8 +12,14 @@ from mats_scale.profiling.workload import Workload, build_model, make_inputs, ma
 from profiling import flops_per_mask_ratio as flops_cli
 
 # DESIGN.md "Reference figures": VideoMAE V2 pre-training GMACs per 16x224 clip, tube 90%.
-DESIGN = [("B", None, 35.48), ("B", 0.25, 31.63), ("B", 0.5, 25.87), ("B", 0.75, 21.06),
-          ("g", None, 263.93), ("g", 0.5, 241.61)]
+DESIGN = [
+    ("B", None, 35.48),
+    ("B", 0.25, 31.63),
+    ("B", 0.5, 25.87),
+    ("B", 0.75, 21.06),
+    ("g", None, 263.93),
+    ("g", 0.5, 241.61),
+]
 
 
 @pytest.mark.parametrize("size,rho_d,paper", DESIGN)
@@ -27,7 +33,9 @@ def test_reproduces_videomae_v2_table_within_1_percent(size, rho_d, paper):
 
 def test_mats_plus_dual_is_cheaper_than_mats_and_than_dual():
     model = ModelConfig(size="B")
-    reports = {st: count_flops(Workload(model, masking_config(st, 0.9))) for st in ("tube+rc", "mats", "mats+dual")}
+    reports = {
+        st: count_flops(Workload(model, masking_config(st, 0.9))) for st in ("tube+rc", "mats", "mats+dual")
+    }
     for key in ("ref_macs", "step_macs", "train_flops"):
         values = {st: getattr(r, key) for st, r in reports.items()}
         assert values["mats+dual"] < values["mats"], key
@@ -42,8 +50,9 @@ def test_sdpa_handle_equals_explicit_attention_count():
     path (two matmuls, counted by fvcore itself) counts."""
     masking = masking_config("tube+rc", 0.9)
     fused = count_flops(Workload(ModelConfig(size="S"), masking), with_train=False, with_elementwise=False)
-    math = count_flops(Workload(ModelConfig(size="S", attn_impl="math"), masking), with_train=False,
-                       with_elementwise=False)
+    math = count_flops(
+        Workload(ModelConfig(size="S", attn_impl="math"), masking), with_train=False, with_elementwise=False
+    )
     assert fused.fwd_macs == math.fwd_macs
     assert fused.by_module == math.by_module
 
@@ -73,8 +82,23 @@ def test_skipped_ops_are_reported_and_small():
 
 
 def test_cli_writes_csv_markdown_and_plot(tmp_path):
-    argv = ["--sizes", "debug", "--ratios", "0.75,0.9", "--strategies", "tube+rc,mats+dual", "--num-frames", "8",
-            "--img-size", "64", "--checkpoint", "none,full", "--out", str(tmp_path), "--no-progress"]
+    argv = [
+        "--sizes",
+        "debug",
+        "--ratios",
+        "0.75,0.9",
+        "--strategies",
+        "tube+rc,mats+dual",
+        "--num-frames",
+        "8",
+        "--img-size",
+        "64",
+        "--checkpoint",
+        "none,full",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert run(flops_cli.main, argv) == 0
     with open(tmp_path / "flops.csv") as f:
         rows = list(csv.DictReader(f))
@@ -91,7 +115,23 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, capsys):
     assert e.value.code == 2
     assert "open interval (0, 1)" in capsys.readouterr().err
     # MATS cannot keep fewer tokens than the encoder sees: the config's own check, one line, exit 2.
-    code = run(flops_cli.main, ["--sizes", "debug", "--ratios", "0.5", "--strategies", "mats", "--num-frames", "8",
-                                "--img-size", "64", "--out", str(tmp_path), "--no-progress"])
+    code = run(
+        flops_cli.main,
+        [
+            "--sizes",
+            "debug",
+            "--ratios",
+            "0.5",
+            "--strategies",
+            "mats",
+            "--num-frames",
+            "8",
+            "--img-size",
+            "64",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: masking.keep_ratio=")

@@ -33,14 +33,21 @@ from mats_scale.profiling.workload import (
 from profiling import memory_per_mask_ratio as memory_cli
 
 
-@pytest.mark.parametrize("size,frames,img,strategy,batch", [
-    ("S", 16, 224, "mats+dual", 1), ("S", 16, 224, "mats+dual", 2),
-    ("B", 16, 128, "tube+rc", 1), ("B", 16, 128, "tube+rc", 2),
-])
+@pytest.mark.parametrize(
+    "size,frames,img,strategy,batch",
+    [
+        ("S", 16, 224, "mats+dual", 1),
+        ("S", 16, 224, "mats+dual", 2),
+        ("B", 16, 128, "tube+rc", 1),
+        ("B", 16, 128, "tube+rc", 2),
+    ],
+)
 def test_meta_figures_equal_a_real_cpu_run(size, frames, img, strategy, batch):
     """Nothing is estimated: the meta-device run saves (and peaks at) exactly the bytes a real CPU
     forward + backward does, when it uses the CPU attention kernel."""
-    wl = Workload(ModelConfig(size=size, num_frames=frames, img_size=img), masking_config(strategy, 0.9), batch)
+    wl = Workload(
+        ModelConfig(size=size, num_frames=frames, img_size=img), masking_config(strategy, 0.9), batch
+    )
     meta = measure_activations(wl, device="meta", target="cpu")
     real = measure_activations(wl, device="cpu")
     assert meta == real
@@ -63,7 +70,9 @@ def _block_saved_bytes(wl: Workload) -> tuple[int, int]:
     """Bytes one encoder block saves (its input included) and the bytes of that input."""
     model = build_model(wl, "meta")
     _, sel = make_inputs(wl, "meta")
-    x = torch.empty(wl.batch, sel.visible_ids.shape[1], wl.model.arch.embed_dim, device="meta", requires_grad=True)
+    x = torch.empty(
+        wl.batch, sel.visible_ids.shape[1], wl.model.arch.embed_dim, device="meta", requires_grad=True
+    )
     params = {storage_key(t) for t in state_tensors(model)}
     saved = {}
 
@@ -79,8 +88,10 @@ def _block_saved_bytes(wl: Workload) -> tuple[int, int]:
 
 def test_checkpointing_keeps_only_block_inputs():
     wl = Workload(ModelConfig(size="B", num_frames=16, img_size=128), masking_config("tube+rc", 0.9), batch=2)
-    none, every, half = (measure_activations(replace(wl, checkpoint=c), target="cpu").saved_bytes
-                         for c in [(0, 0), (1, 0), (2, 0)])
+    none, every, half = (
+        measure_activations(replace(wl, checkpoint=c), target="cpu").saved_bytes
+        for c in [(0, 0), (1, 0), (2, 0)]
+    )
     block, block_input = _block_saved_bytes(wl)
     depth = wl.model.arch.depth
     # A checkpointed block keeps its input instead of everything it would have saved.
@@ -108,8 +119,9 @@ def test_live_bytes_peak_equals_torch_mem_tracker():
     with SdpaKernel("cpu_flash"), tracker:
         model(*args).loss.backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()
-    outside = sum(v for k, v in peak.items() if str(k) in ("_MemRefType.PARAM", "_MemRefType.BUFFER",
-                                                            "_MemRefType.OTH"))
+    outside = sum(
+        v for k, v in peak.items() if str(k) in ("_MemRefType.PARAM", "_MemRefType.BUFFER", "_MemRefType.OTH")
+    )
     assert ours.peak == peak["Total"] - outside
 
 
@@ -130,8 +142,11 @@ def _ds_printed_gpu_gib(model, dp: int) -> float:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=dp)
-    row = next(line for line in buf.getvalue().splitlines()
-               if "offload_param=none, offload_optimizer=none, zero_init=1" in line)
+    row = next(
+        line
+        for line in buf.getvalue().splitlines()
+        if "offload_param=none, offload_optimizer=none, zero_init=1" in line
+    )
     return float(re.findall(r"([\d.]+)GB", row)[1])
 
 
@@ -145,14 +160,21 @@ def test_zero3_states_agree_with_deepspeed_estimators():
     # DeepSpeed's own counting on the real model = ours on meta.
     assert model_to_params(real) == (stats.total, stats.largest_layer)
     dp = 8
-    assert _ds_printed_gpu_gib(real, dp) == pytest.approx(deepspeed_zero3_estimate(stats, dp) / 2 ** 30, abs=0.006)
+    assert _ds_printed_gpu_gib(real, dp) == pytest.approx(
+        deepspeed_zero3_estimate(stats, dp) / 2**30, abs=0.006
+    )
 
     pad = len(stats.numels) * 18  # per-tensor padding to a multiple of dp, at most 18 B per tensor
     part = sum(math.ceil(n / dp) for n in stats.numels)
     # ZeRO-3: the estimator's 18 B/param = 16-bit partition + fp32 master + Adam + fp32 grads; ours adds
     # the 16-bit gradient partitions, the persistent params, the buckets and the gathered window.
-    s3 = model_states(stats, zero_stage=3, dp=dp, dtype=torch.bfloat16, ds_config={"zero_optimization": {
-        "stage3_param_persistence_threshold": 0}})
+    s3 = model_states(
+        stats,
+        zero_stage=3,
+        dp=dp,
+        dtype=torch.bfloat16,
+        ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    )
     ours18 = s3.params + s3.master + s3.optimizer + 4 * part
     assert abs(ours18 - (deepspeed_zero3_estimate(stats, dp) - 4 * stats.largest_layer)) <= pad
     # ZeRO-2: the estimator's 2 P + 18 P / N = 16-bit params + (16-bit grads, fp32 grads, master, Adam) / N.
@@ -164,22 +186,28 @@ def test_zero3_states_agree_with_deepspeed_estimators():
 def test_states_follow_the_ds_config_and_offload():
     stats = param_stats(build_model(Workload(ModelConfig(size="L"), masking_config("tube", 0.9)), "meta"))
     base = model_states(stats, zero_stage=3, dp=8)
-    small = model_states(stats, zero_stage=3, dp=8, ds_config={"zero_optimization": {
-        "reduce_bucket_size": 2.5e8, "stage3_prefetch_bucket_size": 1e7}})
+    small = model_states(
+        stats,
+        zero_stage=3,
+        dp=8,
+        ds_config={"zero_optimization": {"reduce_bucket_size": 2.5e8, "stage3_prefetch_bucket_size": 1e7}},
+    )
     assert base.comm_buffers == 5e8 * 2 and small.comm_buffers == 2.5e8 * 2  # DeepSpeed's default, halved
     assert small.gathered == 2 * (1e7 + stats.largest_layer) * 2 + stats.largest_layer * 2
     off = model_states(stats, zero_stage=3, dp=8, offload_optimizer=True)
     assert off.master == off.optimizer == off.grads == 0 and off.cpu_bytes > base.master + base.optimizer
-    assert model_states(stats, zero_stage=1, dp=8).resident > model_states(stats, zero_stage=2, dp=8).resident > \
-        base.resident
+    assert (
+        model_states(stats, zero_stage=1, dp=8).resident
+        > model_states(stats, zero_stage=2, dp=8).resident
+        > base.resident
+    )
     with pytest.raises(ValueError, match="offload_optimizer needs zero_stage=3"):
         model_states(stats, zero_stage=2, offload_optimizer=True)
 
 
-@pytest.mark.slow
 @pytest.mark.dist
 def test_zero3_cpu_run_matches_prediction(tmp_path, monkeypatch):
-    """2-process DeepSpeed ZeRO-3 of ViT-S on the CPU (about a minute): resident states, the
+    """2-process DeepSpeed ZeRO-3 of ViT-S on the CPU (~30 s): resident states, the
     forward/backward transient and the optimizer-step transient within 10% of the prediction."""
     import json
 
@@ -194,15 +222,35 @@ def test_zero3_cpu_run_matches_prediction(tmp_path, monkeypatch):
 
 
 def test_cli_sweep_writes_outputs(tmp_path):
-    argv = ["--sizes", "debug", "--ratios", "0.75,0.9", "--strategies", "tube+rc,mats", "--num-frames", "8",
-            "--img-size", "64", "--checkpoint", "none,full", "--batch", "2", "--out", str(tmp_path), "--no-progress"]
+    argv = [
+        "--sizes",
+        "debug",
+        "--ratios",
+        "0.75,0.9",
+        "--strategies",
+        "tube+rc,mats",
+        "--num-frames",
+        "8",
+        "--img-size",
+        "64",
+        "--checkpoint",
+        "none,full",
+        "--batch",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert run(memory_cli.main, argv) == 0
     with open(tmp_path / "memory.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
     for r in rows:
         if r["checkpoint"] == "full":
-            twin = next(x for x in rows if x["checkpoint"] == "none" and x["strategy"] == r["strategy"]
-                        and x["ratio"] == r["ratio"])
+            twin = next(
+                x
+                for x in rows
+                if x["checkpoint"] == "none" and x["strategy"] == r["strategy"] and x["ratio"] == r["ratio"]
+            )
             assert int(r["saved_bytes"]) < int(twin["saved_bytes"])
     assert (tmp_path / "memory.png").stat().st_size > 0

@@ -24,8 +24,11 @@ def choices_list(allowed: Sequence[str], what: str) -> Callable[[str], list[str]
         items = _items(text)
         bad = [s for s in items if s not in allowed]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"{what} {text!r}: allowed: {', '.join(allowed)} (comma-separated)")
+            raise argparse.ArgumentTypeError(
+                f"{what} {text!r}: allowed: {', '.join(allowed)} (comma-separated)"
+            )
         return items
+
     return parse
 
 
@@ -35,7 +38,9 @@ def ratio_list(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"ratios {text!r}: comma-separated numbers in the open interval (0, 1)")
+        raise argparse.ArgumentTypeError(
+            f"ratios {text!r}: comma-separated numbers in the open interval (0, 1)"
+        )
     return values
 
 
@@ -60,19 +65,33 @@ def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
         if value is None or value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r}: must be a number > 0")
         return value
+
     return parse
 
 
 def add_sweep_args(parser: argparse.ArgumentParser, *, sizes: bool = True) -> None:
     if sizes:
-        parser.add_argument("--sizes", type=choices_list(list(SIZES), "sizes"), default=_items(DEFAULT_SIZES),
-                            help=f"model sizes (default {DEFAULT_SIZES})")
-    parser.add_argument("--ratios", type=ratio_list, default=ratio_list(DEFAULT_RATIOS),
-                        help=f"encoder mask ratios rho (default {DEFAULT_RATIOS})")
-    parser.add_argument("--strategies", type=choices_list(list(STRATEGIES), "strategies"),
-                        default=_items(DEFAULT_STRATEGIES), help=f"presets: {', '.join(STRATEGIES)} "
-                        f"(default {DEFAULT_STRATEGIES})")
-    parser.add_argument("--decoder-ratio", type=float, default=0.5, help="running-cell ratio rho_d (default 0.5)")
+        parser.add_argument(
+            "--sizes",
+            type=choices_list(list(SIZES), "sizes"),
+            default=_items(DEFAULT_SIZES),
+            help=f"model sizes (default {DEFAULT_SIZES})",
+        )
+    parser.add_argument(
+        "--ratios",
+        type=ratio_list,
+        default=ratio_list(DEFAULT_RATIOS),
+        help=f"encoder mask ratios rho (default {DEFAULT_RATIOS})",
+    )
+    parser.add_argument(
+        "--strategies",
+        type=choices_list(list(STRATEGIES), "strategies"),
+        default=_items(DEFAULT_STRATEGIES),
+        help=f"presets: {', '.join(STRATEGIES)} (default {DEFAULT_STRATEGIES})",
+    )
+    parser.add_argument(
+        "--decoder-ratio", type=float, default=0.5, help="running-cell ratio rho_d (default 0.5)"
+    )
     parser.add_argument("--keep-ratio", type=float, default=0.3, help="MATS rho_pre (default 0.3)")
     parser.add_argument("--num-frames", type=positive(int), default=16, help="frames per clip (default 16)")
     parser.add_argument("--img-size", type=positive(int), default=224, help="input resolution (default 224)")

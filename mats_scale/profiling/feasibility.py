@@ -78,8 +78,9 @@ def step_seconds(train_flops_per_clip: int, batch: int, node: Node, mfu: float) 
     return train_flops_per_clip * batch / (node.peak_tflops * 1e12 * mfu)
 
 
-def training_days(train_flops_per_clip: int, batch: int, node: Node, mfu: float, epochs: float,
-                  train_clips: int) -> float:
+def training_days(
+    train_flops_per_clip: int, batch: int, node: Node, mfu: float, epochs: float, train_clips: int
+) -> float:
     steps = math.ceil(train_clips / (batch * node.gpus))
     return epochs * steps * step_seconds(train_flops_per_clip, batch, node, mfu) / 86400
 
@@ -103,21 +104,41 @@ class Plan:
         inputs = self.act.inputs(b)
         allocated = peak_allocated(self.states, self.act, b) if b else self.states.total
         return {
-            "strategy": self.strategy, "engine": self.engine, "checkpoint": self.checkpoint, "max_batch": b,
-            "params_gib": self.states.params / GIB, "grads_gib": self.states.grads / GIB,
+            "strategy": self.strategy,
+            "engine": self.engine,
+            "checkpoint": self.checkpoint,
+            "max_batch": b,
+            "params_gib": self.states.params / GIB,
+            "grads_gib": self.states.grads / GIB,
             "master_adam_gib": (self.states.master + self.states.optimizer) / GIB,
-            "step_temp_gib": self.states.step_temp / GIB, "gathered_gib": self.states.gathered / GIB,
-            "buffers_gib": self.states.comm_buffers / GIB, "activations_gib": act_peak / GIB,
-            "inputs_gib": inputs / GIB, "allowance_gib": self.allowance_bytes / GIB,
-            "total_gib": (allocated + self.allowance_bytes) / GIB, "host_gib": self.states.cpu_bytes / GIB,
-            "act_per_clip_mib": self.act.peak_per_clip / 2 ** 20,
-            "train_tflops_per_clip": self.train_flops_per_clip / 1e12, "step_s": self.step_s, "days": self.days,
+            "step_temp_gib": self.states.step_temp / GIB,
+            "gathered_gib": self.states.gathered / GIB,
+            "buffers_gib": self.states.comm_buffers / GIB,
+            "activations_gib": act_peak / GIB,
+            "inputs_gib": inputs / GIB,
+            "allowance_gib": self.allowance_bytes / GIB,
+            "total_gib": (allocated + self.allowance_bytes) / GIB,
+            "host_gib": self.states.cpu_bytes / GIB,
+            "act_per_clip_mib": self.act.peak_per_clip / 2**20,
+            "train_tflops_per_clip": self.train_flops_per_clip / 1e12,
+            "step_s": self.step_s,
+            "days": self.days,
         }
 
 
-def plan(wl_by_strategy: dict[str, Workload], engines: list[str], policies: dict[str, tuple[int, int]],
-         node: Node, *, mfu: float = 0.35, epochs: float = 800, train_clips: int = K400_TRAIN_CLIPS,
-         allowance: Allowance = Allowance(), ds_config: Optional[dict] = None, progress=None) -> list[Plan]:
+def plan(
+    wl_by_strategy: dict[str, Workload],
+    engines: list[str],
+    policies: dict[str, tuple[int, int]],
+    node: Node,
+    *,
+    mfu: float = 0.35,
+    epochs: float = 800,
+    train_clips: int = K400_TRAIN_CLIPS,
+    allowance: Allowance = Allowance(),
+    ds_config: Optional[dict] = None,
+    progress=None,
+) -> list[Plan]:
     """Every strategy x engine x policy. `wl_by_strategy` gives the model/masking/dtype per strategy."""
     plans = []
     any_wl = next(iter(wl_by_strategy.values()))
@@ -127,8 +148,15 @@ def plan(wl_by_strategy: dict[str, Workload], engines: list[str], policies: dict
         if label not in ENGINE_CHOICES:
             raise ValueError(f"engine {label!r}: allowed: {', '.join(ENGINE_CHOICES)}")
         engine, stage, offload = ENGINE_CHOICES[label]
-        states[label] = model_states(stats, engine=engine, zero_stage=stage, dp=node.gpus, dtype=any_wl.dtype,
-                                     offload_optimizer=offload, ds_config=ds_config)
+        states[label] = model_states(
+            stats,
+            engine=engine,
+            zero_stage=stage,
+            dp=node.gpus,
+            dtype=any_wl.dtype,
+            offload_optimizer=offload,
+            ds_config=ds_config,
+        )
     for strategy, wl in wl_by_strategy.items():
         score_flops = 2 * count_flops(wl, with_train=False, with_elementwise=False).score_macs
         for pname, policy in policies.items():
@@ -138,10 +166,20 @@ def plan(wl_by_strategy: dict[str, Workload], engines: list[str], policies: dict
             for label in engines:
                 b = max_micro_batch(states[label], act, node, allowance)
                 allocated = peak_allocated(states[label], act, b) if b else states[label].total
-                plans.append(Plan(strategy, label, pname, b, states[label], act, tf,
-                                  step_seconds(tf, b, node, mfu) if b else math.nan,
-                                  training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
-                                  allowance.total(allocated)))
+                plans.append(
+                    Plan(
+                        strategy,
+                        label,
+                        pname,
+                        b,
+                        states[label],
+                        act,
+                        tf,
+                        step_seconds(tf, b, node, mfu) if b else math.nan,
+                        training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
+                        allowance.total(allocated),
+                    )
+                )
             if progress is not None:
                 progress.update(1)
     return plans
@@ -156,17 +194,37 @@ def engine_of(parallel) -> str:
     return "zero0"  # single process: every state in full on the one GPU
 
 
-def check_config(wl: Workload, engine: str, node: Node, *, allowance: Allowance = Allowance(),
-                 ds_config: Optional[dict] = None) -> dict:
+def check_config(
+    wl: Workload,
+    engine: str,
+    node: Node,
+    *,
+    allowance: Allowance = Allowance(),
+    ds_config: Optional[dict] = None,
+) -> dict:
     """Predicted per-GPU memory of one configured job (its micro-batch `wl.batch`) and the largest
     micro-batch that fits, as one row."""
     kind, stage, offload = ENGINE_CHOICES[engine]
-    states = model_states(param_stats(build_model(wl, "meta")), engine=kind, zero_stage=stage, dp=node.gpus,
-                          dtype=wl.dtype, offload_optimizer=offload, ds_config=ds_config)
+    states = model_states(
+        param_stats(build_model(wl, "meta")),
+        engine=kind,
+        zero_stage=stage,
+        dp=node.gpus,
+        dtype=wl.dtype,
+        offload_optimizer=offload,
+        ds_config=ds_config,
+    )
     act = activation_model(wl)
     allocated = peak_allocated(states, act, wl.batch)
     total = allocated + allowance.total(allocated)
-    return {"engine": engine, "batch": wl.batch, "states_gib": states.total / GIB,
-            "activations_gib": act.peak(wl.batch) / GIB, "allocated_gib": allocated / GIB, "total_gib": total / GIB,
-            "capacity_gib": node.mem_gib, "fits": total <= node.mem_gib * GIB,
-            "max_batch": max_micro_batch(states, act, node, allowance)}
+    return {
+        "engine": engine,
+        "batch": wl.batch,
+        "states_gib": states.total / GIB,
+        "activations_gib": act.peak(wl.batch) / GIB,
+        "allocated_gib": allocated / GIB,
+        "total_gib": total / GIB,
+        "capacity_gib": node.mem_gib,
+        "fits": total <= node.mem_gib * GIB,
+        "max_batch": max_micro_batch(states, act, node, allowance),
+    }

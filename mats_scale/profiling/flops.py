@@ -25,9 +25,9 @@ Conventions (the papers call MACs "FLOPs"; we report both, FLOPs = 2 x MACs):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from math import prod
-import warnings
 from typing import Any
 
 import torch
@@ -44,9 +44,25 @@ from mats_scale.profiling.workload import Workload, build_model, make_inputs, mo
 # Ops fvcore skips that only move or index data (no arithmetic): not counted even as elementwise.
 DATA_MOVEMENT_OPS = ("aten::embedding",)
 # Reductions: one op per input element; every other skipped op: one per output element.
-REDUCTION_OPS = ("aten::mean", "aten::var", "aten::sum", "aten::std", "aten::norm", "aten::linalg_vector_norm")
-MAC_OPS = ("linear", "addmm", "matmul", "mm", "bmm", "_convolution", "einsum", "scaled_dot_product_attention",
-           "layer_norm")
+REDUCTION_OPS = (
+    "aten::mean",
+    "aten::var",
+    "aten::sum",
+    "aten::std",
+    "aten::norm",
+    "aten::linalg_vector_norm",
+)
+MAC_OPS = (
+    "linear",
+    "addmm",
+    "matmul",
+    "mm",
+    "bmm",
+    "_convolution",
+    "einsum",
+    "scaled_dot_product_attention",
+    "layer_norm",
+)
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -64,6 +80,7 @@ def _numel_handle(use_input: bool):
     def handle(inputs: list[Any], outputs: list[Any]) -> int:
         shape = get_shape(inputs[0] if use_input else outputs[0])
         return prod(shape) if shape is not None else 0
+
     return handle
 
 
@@ -115,9 +132,13 @@ class FlopReport:
         return row
 
 
-MODULE_PARTS = {"patch_embed": "encoder.patch_embed", "encoder_blocks": "encoder.blocks",
-                "encoder_to_decoder": "encoder_to_decoder", "decoder_blocks": "decoder.blocks",
-                "head": "decoder.head"}
+MODULE_PARTS = {
+    "patch_embed": "encoder.patch_embed",
+    "encoder_blocks": "encoder.blocks",
+    "encoder_to_decoder": "encoder_to_decoder",
+    "decoder_blocks": "decoder.blocks",
+    "head": "decoder.head",
+}
 
 
 def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool = True) -> FlopReport:
@@ -150,10 +171,18 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
     score = embed_full if wl.uses_embed_score else 0
 
     train = train_flops(wl) + 2 * score if with_train else 0
-    return FlopReport(n_visible=sel.visible_ids.shape[1], n_targets=sel.target_ids.shape[1], fwd_macs=fwd,
-                      ref_macs=ref, score_macs=score, layer_norm_macs=by_op.get("layer_norm", 0),
-                      train_flops=train, elementwise_ops=elementwise, by_module=by_module,
-                      skipped_ops=skipped)
+    return FlopReport(
+        n_visible=sel.visible_ids.shape[1],
+        n_targets=sel.target_ids.shape[1],
+        fwd_macs=fwd,
+        ref_macs=ref,
+        score_macs=score,
+        layer_norm_macs=by_op.get("layer_norm", 0),
+        train_flops=train,
+        elementwise_ops=elementwise,
+        by_module=by_module,
+        skipped_ops=skipped,
+    )
 
 
 def train_flops(wl: Workload, *, backward: bool = True) -> int:

@@ -47,7 +47,7 @@ from mats_scale.optim import param_groups
 from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs, state_tensors
 
 CUDA_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to this
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -84,18 +84,26 @@ class SdpaKernel:
         self.kernel = kernel
         self._original = None
 
-    def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def attention(
+        self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
         if attn_mask is not None or is_causal or enable_gqa:
             raise NotImplementedError("profiling masked, causal or grouped-query attention is not supported")
         if self.kernel == "flash":
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, False, scale=scale)[0]
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, False, scale=scale)[
+                0
+            ]
         if self.kernel == "efficient":
-            return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, dropout_p,
-                                                                          scale=scale)[0]
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, dropout_p, scale=scale
+            )[0]
         if self.kernel == "cpu_flash":
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, False,
-                                                                              scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, dropout_p, False, scale=scale)[0]
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, False, scale=scale
+            )[0]
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, None, dropout_p, False, scale=scale
+        )[0]
 
     def __enter__(self) -> "SdpaKernel":
         self._original = F.scaled_dot_product_attention
@@ -108,6 +116,7 @@ class SdpaKernel:
 
 
 # ---- live-bytes tracker ---------------------------------------------------------------------------
+
 
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages created inside the mode, and their peak.
@@ -148,6 +157,7 @@ class LiveBytes(TorchDispatchMode):
 
 # ---- activations ----------------------------------------------------------------------------------
 
+
 @dataclass
 class ActivationMemory:
     """Bytes for one micro-batch of ``batch`` clips on one GPU."""
@@ -165,8 +175,14 @@ def _score_forward(model: nn.Module, video: torch.Tensor) -> None:
     embed_motion_scores(model.encoder.patch_embed, video)
 
 
-def measure_activations(wl: Workload, *, device: str = "meta", target: str = "cuda",
-                        track_peak: bool = True, sdpa_kernel: Optional[str] = None) -> ActivationMemory:
+def measure_activations(
+    wl: Workload,
+    *,
+    device: str = "meta",
+    target: str = "cuda",
+    track_peak: bool = True,
+    sdpa_kernel: Optional[str] = None,
+) -> ActivationMemory:
     """Run one forward + backward of `wl` on `device` and measure its activation memory.
 
     ``device="meta"`` emulates `target`'s attention kernel and allocator rounding; on a real device the
@@ -190,8 +206,11 @@ def measure_activations(wl: Workload, *, device: str = "meta", target: str = "cu
         return t
 
     # Parameter gradients leave the activation budget as soon as they exist (see module doc).
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-             for p in model.parameters() if p.requires_grad]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        for p in model.parameters()
+        if p.requires_grad
+    ]
     on_meta = torch.device(device).type == "meta"
     kernel = sdpa_kernel or default_sdpa_kernel(target, wl.dtype)
     tracker = LiveBytes(CUDA_BLOCK if on_meta and target == "cuda" else 1)
@@ -244,14 +263,17 @@ class ActivationModel:
 def activation_model(wl: Workload, *, target: str = "cuda") -> ActivationModel:
     """Measure on ``meta`` at batch 1 and 2 (tests check a third batch lands on the line)."""
     a, b = (measure_activations(wl.with_batch(n), target=target) for n in (1, 2))
-    return ActivationModel(saved_per_clip=b.saved_bytes - a.saved_bytes,
-                           saved_const=2 * a.saved_bytes - b.saved_bytes,
-                           peak_per_clip=b.peak_bytes - a.peak_bytes,
-                           peak_const=2 * a.peak_bytes - b.peak_bytes,
-                           input_per_clip=b.input_bytes - a.input_bytes)
+    return ActivationModel(
+        saved_per_clip=b.saved_bytes - a.saved_bytes,
+        saved_const=2 * a.saved_bytes - b.saved_bytes,
+        peak_per_clip=b.peak_bytes - a.peak_bytes,
+        peak_const=2 * a.peak_bytes - b.peak_bytes,
+        input_per_clip=b.input_bytes - a.input_bytes,
+    )
 
 
 # ---- parameters -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ParamStats:
@@ -346,10 +368,17 @@ def _bytes_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: int = 3, dp: int = 8,
-                 dtype: torch.dtype = torch.bfloat16, offload_optimizer: bool = False,
-                 ds_config: Optional[dict] = None, grad_accum_dtype: Optional[torch.dtype] = None
-                 ) -> ModelStates:
+def model_states(
+    stats: ParamStats,
+    *,
+    engine: str = "deepspeed",
+    zero_stage: int = 3,
+    dp: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    offload_optimizer: bool = False,
+    ds_config: Optional[dict] = None,
+    grad_accum_dtype: Optional[torch.dtype] = None,
+) -> ModelStates:
     """Per-GPU model states with AdamW, data parallel over `dp` GPUs.
 
     DeepSpeed (mixed precision: `dtype` params and grads, fp32 master + Adam; in fp32 DeepSpeed still
@@ -385,8 +414,15 @@ def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: in
     if engine == "fsdp2":
         shard = sum(math.ceil(n / dp) for n in stats.numels)
         blk = stats.largest_block
-        return ModelStates(params=0, grads=fp32 * shard, master=fp32 * shard, optimizer=2 * fp32 * shard,
-                           comm_buffers=0, gathered=2 * blk * pb + blk * (pb + fp32), step_temp=0)
+        return ModelStates(
+            params=0,
+            grads=fp32 * shard,
+            master=fp32 * shard,
+            optimizer=2 * fp32 * shard,
+            comm_buffers=0,
+            gathered=2 * blk * pb + blk * (pb + fp32),
+            step_temp=0,
+        )
     if engine != "deepspeed":
         raise ValueError(f"engine={engine!r}: allowed: {', '.join(ENGINES)}")
     if zero_stage not in (0, 1, 2, 3):
@@ -399,15 +435,33 @@ def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: in
     overlap = bool(zc.overlap_comm) if zc.overlap_comm is not None else zero_stage == 3
     if zero_stage == 0:
         mixed = pb != fp32  # fp32 without ZeRO: the optimizer updates the params directly
-        return ModelStates(params=pb * P, grads=gb * P, master=fp32 * P if mixed else 0,
-                           optimizer=2 * fp32 * P, comm_buffers=0, gathered=0, step_temp=3 * fp32 * P)
+        return ModelStates(
+            params=pb * P,
+            grads=gb * P,
+            master=fp32 * P if mixed else 0,
+            optimizer=2 * fp32 * P,
+            comm_buffers=0,
+            gathered=0,
+            step_temp=3 * fp32 * P,
+        )
     part = sum(math.ceil(n / dp) for n in stats.numels)  # DeepSpeed pads each tensor to a multiple of N
     sub = largest_sub_group(stats, dp, zc.sub_group_size)  # elements the optimizer steps at once
     if zero_stage in (1, 2):
         bucket_dtype_bytes = fp32 if zero_stage == 1 else gb  # stage 1 stages an fp32 accumulator
-        buckets = zc.reduce_bucket_size * bucket_dtype_bytes * (2 if overlap else 1) if zc.contiguous_gradients else 0
-        return ModelStates(params=pb * P, grads=gb * (P if zero_stage == 1 else part), master=fp32 * part,
-                           optimizer=2 * fp32 * part, comm_buffers=buckets, gathered=0, step_temp=3 * fp32 * sub)
+        buckets = (
+            zc.reduce_bucket_size * bucket_dtype_bytes * (2 if overlap else 1)
+            if zc.contiguous_gradients
+            else 0
+        )
+        return ModelStates(
+            params=pb * P,
+            grads=gb * (P if zero_stage == 1 else part),
+            master=fp32 * part,
+            optimizer=2 * fp32 * part,
+            comm_buffers=buckets,
+            gathered=0,
+            step_temp=3 * fp32 * sub,
+        )
 
     persistent = sum(n for n in stats.numels if n <= zc.param_persistence_threshold)
     # The coalesced all-gather fills a flat buffer, then copies each parameter out of the N rank slices
@@ -418,10 +472,25 @@ def model_states(stats: ParamStats, *, engine: str = "deepspeed", zero_stage: in
     params = pb * (part + persistent)
     if offload_optimizer:
         cpu = fp32 * part * 3 + gb * part + 3 * fp32 * sub
-        return ModelStates(params=params, grads=0, master=0, optimizer=0, comm_buffers=buckets, gathered=gathered,
-                           step_temp=0, cpu_bytes=cpu)
-    return ModelStates(params=params, grads=gb * part, master=fp32 * part, optimizer=2 * fp32 * part,
-                       comm_buffers=buckets, gathered=gathered, step_temp=3 * fp32 * sub)
+        return ModelStates(
+            params=params,
+            grads=0,
+            master=0,
+            optimizer=0,
+            comm_buffers=buckets,
+            gathered=gathered,
+            step_temp=0,
+            cpu_bytes=cpu,
+        )
+    return ModelStates(
+        params=params,
+        grads=gb * part,
+        master=fp32 * part,
+        optimizer=2 * fp32 * part,
+        comm_buffers=buckets,
+        gathered=gathered,
+        step_temp=3 * fp32 * sub,
+    )
 
 
 def deepspeed_zero3_estimate(stats: ParamStats, dp: int) -> int:
@@ -429,12 +498,19 @@ def deepspeed_zero3_estimate(stats: ParamStats, dp: int) -> int:
     ``estimate_zero3_model_states_mem_needs_all_live``: 4 x largest layer + 18 bytes x P / N."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    _, gpu, _ = estimate_zero3_model_states_mem_needs(stats.total, stats.largest_layer, num_gpus_per_node=dp,
-                                                      num_nodes=1, cpu_offload=False, cpu_offload_params=False)
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        stats.total,
+        stats.largest_layer,
+        num_gpus_per_node=dp,
+        num_nodes=1,
+        cpu_offload=False,
+        cpu_offload_params=False,
+    )
     return gpu
 
 
 # ---- allowance ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Allowance:
@@ -447,6 +523,19 @@ class Allowance:
         return int(self.cuda_context_gib * GIB + self.fragmentation * allocated)
 
 
-__all__ = ["ActivationMemory", "ActivationModel", "Allowance", "LiveBytes", "ModelStates", "ParamStats",
-           "SdpaKernel", "activation_model", "deepspeed_zero3_estimate", "largest_sub_group", "measure_activations",
-           "model_states", "param_stats", "peak_allocated"]
+__all__ = [
+    "ActivationMemory",
+    "ActivationModel",
+    "Allowance",
+    "LiveBytes",
+    "ModelStates",
+    "ParamStats",
+    "SdpaKernel",
+    "activation_model",
+    "deepspeed_zero3_estimate",
+    "largest_sub_group",
+    "measure_activations",
+    "model_states",
+    "param_stats",
+    "peak_allocated",
+]

@@ -6,7 +6,7 @@ import csv
 import os
 from typing import Any, Callable, Optional, Sequence
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> str:
@@ -21,7 +21,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> str:
     return path
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]
+) -> str:
     """columns: (key, header, formatter) triples."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -45,7 +47,7 @@ def gib(x: float) -> str:
 
 
 def mib(x: float) -> str:
-    return f"{x / 2 ** 20:.1f}"
+    return f"{x / 2**20:.1f}"
 
 
 def dtype_name(dtype: Any) -> str:
@@ -56,16 +58,38 @@ def plain(x: Any) -> str:
     return str(x)
 
 
-def plot_lines(path: str, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
-               xlabel: str, ylabel: str, title: str, logy: bool = False, ncols: Optional[int] = None,
-               xlabels: Optional[dict[str, str]] = None) -> str:
-    """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}. xs may be
-    strings (categories, e.g. model sizes); `xlabels` overrides the x label of some panels."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, title: str, path: str) -> str:
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_lines(
+    path: str,
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+    ncols: Optional[int] = None,
+    xlabels: Optional[dict[str, str]] = None,
+) -> str:
+    """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}. xs may be
+    strings (categories, e.g. model sizes); `xlabels` overrides the x label of some panels."""
+    plt = _pyplot()
     n = len(panels)
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
@@ -82,21 +106,12 @@ def plot_lines(path: str, panels: dict[str, dict[str, tuple[Sequence[float], Seq
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, title, path)
 
 
 def plot_bars(path: str, panels: dict[str, dict[str, dict[str, float]]], *, ylabel: str, title: str) -> str:
     """Grouped bars, one subplot per panel: {panel: {series: {category: value}}}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
     for ax, (name, series) in zip(axes.flat, panels.items()):
@@ -111,9 +126,4 @@ def plot_bars(path: str, panels: dict[str, dict[str, dict[str, float]]], *, ylab
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, title, path)

@@ -43,13 +43,15 @@ CHECKPOINT_POLICIES: dict[str, tuple[int, int]] = {"none": (0, 0), "half": (2, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def masking_config(strategy: str, ratio: float, decoder_ratio: float = 0.5, keep_ratio: float = 0.3,
-                   score: str = "embed") -> MaskingConfig:
+def masking_config(
+    strategy: str, ratio: float, decoder_ratio: float = 0.5, keep_ratio: float = 0.3, score: str = "embed"
+) -> MaskingConfig:
     """MaskingConfig of a named preset (validated by the config's own checks)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: allowed: {', '.join(STRATEGIES)}")
-    return MaskingConfig(ratio=ratio, decoder_ratio=decoder_ratio, keep_ratio=keep_ratio, score=score,
-                         **STRATEGIES[strategy])
+    return MaskingConfig(
+        ratio=ratio, decoder_ratio=decoder_ratio, keep_ratio=keep_ratio, score=score, **STRATEGIES[strategy]
+    )
 
 
 def parse_policy(name: str) -> tuple[int, int]:
@@ -59,8 +61,10 @@ def parse_policy(name: str) -> tuple[int, int]:
     try:
         enc, dec = (int(v) for v in name.split(","))
     except ValueError:
-        raise ValueError(f"checkpointing policy {name!r}: allowed: {', '.join(CHECKPOINT_POLICIES)} "
-                         "or 'E,D' (checkpoint every E-th encoder and D-th decoder block, 0 = off)") from None
+        raise ValueError(
+            f"checkpointing policy {name!r}: allowed: {', '.join(CHECKPOINT_POLICIES)} "
+            "or 'E,D' (checkpoint every E-th encoder and D-th decoder block, 0 = off)"
+        ) from None
     if enc < 0 or dec < 0:
         raise ValueError(f"checkpointing policy {name!r}: every-N values must be >= 0")
     return enc, dec
@@ -124,8 +128,9 @@ def build_model(wl: Workload, device: str | torch.device = "meta") -> PretrainVi
     return apply_activation_checkpointing(model, *wl.checkpoint)
 
 
-def make_inputs(wl: Workload, device: str | torch.device = "meta", seed: int = 0
-                ) -> tuple[torch.Tensor, Selection]:
+def make_inputs(
+    wl: Workload, device: str | torch.device = "meta", seed: int = 0
+) -> tuple[torch.Tensor, Selection]:
     """video (B, C, T, H, W) in the workload dtype and the selection, on `device`."""
     m = wl.model
     shape = (wl.batch, 3, m.num_frames, m.img_size, m.img_size)
@@ -137,8 +142,9 @@ def make_inputs(wl: Workload, device: str | torch.device = "meta", seed: int = 0
     # Compact copies: a masking output may be a view of a larger (B, N) buffer, which the training
     # loop would hold too, but the figures should not depend on how the masking code slices.
     sel = draw_selection(wl, seed=seed)
-    sel = Selection(*(t.to(device).clone(memory_format=torch.contiguous_format) if t is not None else None
-                      for t in sel))
+    sel = Selection(
+        *(t.to(device).clone(memory_format=torch.contiguous_format) if t is not None else None for t in sel)
+    )
     return video, sel
 
 
