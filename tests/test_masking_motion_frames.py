@@ -48,17 +48,20 @@ def test_pixel_scores_single_tubelet_and_bad_shapes():
 
 
 @pytest.mark.parametrize("frames", [4, 6, 16])
-def test_embed_scores_match_the_embedding_difference(frames):
+@pytest.mark.parametrize("affine", [True, False])
+def test_embed_scores_match_the_embedding_difference(frames, affine):
     g = torch.Generator().manual_seed(1)
     pe = PatchEmbed3D(in_chans=3, embed_dim=8, tubelet_size=2, patch_size=4)
+    with torch.no_grad():
+        pe.proj.bias.normal_(generator=g)  # a non-zero bias, which the affine path must cancel
     calls = []
     pe.register_forward_hook(lambda *_: calls.append(1))
     video = torch.randn(2, 3, frames, 8, 8, generator=g)
-    scores = embed_motion_scores(pe, video)
+    scores = embed_motion_scores(pe, video, affine=affine)
     emb = F.conv3d(video, pe.proj.weight, pe.proj.bias, stride=(2, 4, 4))  # (B, D, T', H', W')
     feats = [[[emb[b, :, t].flatten(1)[:, s] for s in range(4)] for t in range(frames // 2)] for b in range(2)]
     torch.testing.assert_close(scores, _loop_scores(feats), rtol=1e-4, atol=1e-5)
-    assert len(calls) == 1  # the module itself ran (ZeRO-3 hooks would fire)
+    assert calls  # the module itself ran (ZeRO-3 hooks would fire)
     assert not scores.requires_grad and pe.proj.weight.grad is None
 
 

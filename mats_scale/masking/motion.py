@@ -42,16 +42,30 @@ def pixel_motion_scores(video: torch.Tensor, tubelet: int, patch: int) -> torch.
         return torch.cat([d[:, :1], d], dim=1).flatten(1)
 
 
-def embed_motion_scores(patch_embed: nn.Module, video: torch.Tensor) -> torch.Tensor:
+def embed_motion_scores(patch_embed: nn.Module, video: torch.Tensor, *, affine: bool = True) -> torch.Tensor:
     """MATS score: L2 distance between the detached patch embeddings (before position embedding) of
     the same spatial patch in consecutive tubelets: (B, N) float32.
 
-    Calls ``patch_embed(video)`` as a module (so ZeRO-3 / FSDP parameter-gathering hooks fire) under
-    no_grad: scoring needs every token's embedding, the gradient only the encoder's visible tokens.
-    `patch_embed` maps (B, C, T, H, W) to (B, N, D) and has ``tubelet_size`` (PatchEmbed3D).
+    Runs under no_grad and calls `patch_embed` as a module (so ZeRO-3 / FSDP parameter-gathering hooks
+    fire): scoring needs every token's embedding, the gradient only the encoder's visible tokens.
+    `patch_embed` maps (B, C, T, H, W) to (B, N, D) and has ``tubelet_size`` and ``patch_size``
+    (PatchEmbed3D).
+
+    ``affine=True`` (PatchEmbed3D is a Conv3d, so e(x) = Wx + b): e(x_t) - e(x_{t-1}) = e(x_t - x_{t-1})
+    - e(0), so the module embeds the T'-1 pixel differences of consecutive tubelets plus one zero
+    tubelet-patch: (T'-1)/T' of the GEMM work of embedding the clip, and no cancellation between two
+    large embeddings. ``affine=False`` embeds the clip and differences the embeddings (any module).
     """
     B, _, T, H, W = video.shape
-    num_tubelets = T // patch_embed.tubelet_size
+    t = patch_embed.tubelet_size
+    num_tubelets = T // t
     with torch.no_grad():
-        emb = patch_embed(video)  # (B, N, D)
-        return _consecutive_l2(emb.view(B, num_tubelets, -1, emb.shape[-1]))
+        if not affine or num_tubelets == 1:
+            emb = patch_embed(video)  # (B, N, D)
+            return _consecutive_l2(emb.view(B, num_tubelets, -1, emb.shape[-1]))
+        diff = video[:, :, t:] - video[:, :, :-t]  # (B, C, T - t, H, W): tubelet i+1 minus tubelet i
+        delta = patch_embed(diff)  # (B, (T'-1) H'W', D) = W d + b
+        p = patch_embed.patch_size
+        zero = patch_embed(video.new_zeros(1, video.shape[1], t, p, p))  # (1, 1, D) = b
+        d = torch.linalg.vector_norm(delta - zero, dim=-1).view(B, num_tubelets - 1, -1)  # (B, T'-1, H'W')
+        return torch.cat([d[:, :1], d], dim=1).flatten(1).float()
