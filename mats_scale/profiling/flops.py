@@ -16,8 +16,9 @@ Conventions (the papers call MACs "FLOPs"; we report both, FLOPs = 2 x MACs):
   their encoders run the tubelet Conv3d over all N tokens before dropping the masked ones, so the
   patch embedding of every token is counted once. The DESIGN.md table is reproduced in that
   convention (see profiling/VALIDATION.md).
-* ``score_macs``: MATS with the embedding score runs the patch embedding over all N tokens under
-  no_grad to score motion (forward only); it is part of this code's training step.
+* ``score_macs``: MATS with the embedding score runs the masking suite's ``embed_motion_scores``
+  under no_grad (forward only; it embeds the T'-1 tubelet differences, 7/8 of a 16-frame clip's
+  embedding); counted by FlopCounterMode as it runs. It is part of this code's training step.
 * ``train_flops``: one training step (forward + backward, with the recomputation of checkpointed
   blocks) per clip, from ``torch.utils.flop_counter.FlopCounterMode`` on ``meta`` (GEMMs, convs and
   attention, backward included; no layer norm), plus the forward of the MATS score.
@@ -162,13 +163,13 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
             fa_all.set_op_handle(op, _numel_handle(op in REDUCTION_OPS))
         elementwise = fa_all.total() - fwd
 
-    # The whole-clip patch embedding: the papers' convention, and MATS's embedding score. The tubelet
-    # Conv3d (kernel = stride) is exactly the GEMM over all N patches, which is what we trace (jit
-    # tracing of a 5-D conv fails on meta); the MACs are N * C*t*p*p * D either way.
+    # The papers' convention embeds the whole clip. The tubelet Conv3d (kernel = stride) is exactly the
+    # GEMM over all N patches, which is what we trace (jit tracing of a 5-D conv fails on meta); the
+    # MACs are N * C*t*p*p * D either way.
     all_patches = patchify(video, wl.model.tubelet_size, wl.model.patch)  # (1, N, C*t*p*p)
     embed_full = _analysis(model.encoder.patch_embed, (all_patches,)).total()
     ref = fwd - by_module["patch_embed"] + embed_full
-    score = embed_full if wl.uses_embed_score else 0
+    score = score_macs(model, video) if wl.uses_embed_score else 0
 
     train = train_flops(wl) + 2 * score if with_train else 0
     return FlopReport(
@@ -183,6 +184,15 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
         by_module=by_module,
         skipped_ops=skipped,
     )
+
+
+def score_macs(model: torch.nn.Module, video: torch.Tensor) -> int:
+    """MACs of the MATS embedding score as the masking suite computes it (FlopCounterMode, 2 per MAC)."""
+    from mats_scale.masking import embed_motion_scores
+
+    with FlopCounterMode(display=False) as counter:
+        embed_motion_scores(model.encoder.patch_embed, video)
+    return counter.get_total_flops() // 2
 
 
 def train_flops(wl: Workload, *, backward: bool = True) -> int:
@@ -202,4 +212,4 @@ def skipped_op_names(report: FlopReport) -> list[str]:
     return sorted(report.skipped_ops, key=lambda op: -report.skipped_ops[op])
 
 
-__all__ = ["FlopReport", "count_flops", "sdpa_flop_jit", "skipped_op_names", "train_flops"]
+__all__ = ["FlopReport", "count_flops", "score_macs", "sdpa_flop_jit", "skipped_op_names", "train_flops"]

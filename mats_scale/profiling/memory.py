@@ -1,7 +1,7 @@
 """Per-GPU memory of pre-training: activations measured exactly on ``meta``, model states modelled.
 
 Activations (:func:`measure_activations`) are not estimated: the real forward and backward run on the
-``meta`` device (shapes and dtypes only, nothing allocated, ViT-g in about a second) and we record
+``meta`` device (shapes and dtypes only, nothing allocated, ViT-g in about two seconds) and we record
 
 * ``saved_bytes``: what the autograd graph holds at the end of the forward, i.e. every tensor packed
   by ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage (q, k and v are views of
@@ -30,6 +30,7 @@ GPU (see the field docs and profiling/VALIDATION.md for the accounting and its v
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import asdict, dataclass
@@ -215,8 +216,9 @@ def measure_activations(
     kernel = sdpa_kernel or default_sdpa_kernel(target, wl.dtype)
     tracker = LiveBytes(CUDA_BLOCK if on_meta and target == "cuda" else 1)
     tracker.ignore([*state_tensors(model), *inputs])
+    sdpa = SdpaKernel(kernel) if on_meta else contextlib.nullcontext()
     try:
-        with SdpaKernel(kernel) if on_meta else _nullmode(), tracker if track_peak else _nullmode():
+        with sdpa, tracker if track_peak else contextlib.nullcontext():
             if wl.uses_embed_score:
                 _score_forward(model, video)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -229,14 +231,6 @@ def measure_activations(
         for h in hooks:
             h.remove()
     return ActivationMemory(wl.batch, saved_bytes, tracker.peak if track_peak else 0, input_bytes)
-
-
-class _nullmode:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @dataclass
