@@ -101,7 +101,15 @@ def main(argv=None) -> int:
 
     from mats_scale.config import ModelConfig
     from mats_scale.profiling.flops import count_flops, train_flops
-    from mats_scale.profiling.report import giga, markdown_table, plain, plot_lines, write_csv, write_markdown
+    from mats_scale.profiling.report import (
+        giga,
+        markdown_table,
+        plain,
+        plot_lines,
+        sweep_panels,
+        write_csv,
+        write_markdown,
+    )
     from mats_scale.profiling.workload import Workload, masking_config
 
     jobs = [(s, st, r) for s in args.sizes for st in args.strategies for r in args.ratios]
@@ -142,27 +150,13 @@ def main(argv=None) -> int:
         os.path.join(out, "flops.md"),
     )
 
-    def series(size, strategy):
-        sel = [r for r in rows if r["size"] == size and r["strategy"] == strategy]
-        return [r["ratio"] for r in sel], [r["step_macs"] / 1e9 for r in sel]
-
-    panels = {f"ViT-{size}": {st: series(size, st) for st in args.strategies} for size in args.sizes}
-    ref_ratio = min(args.ratios, key=lambda r: abs(r - 0.9))
-    by_size = f"all sizes at rho={ref_ratio}"
-    panels[by_size] = {
-        st: (
-            args.sizes,
-            [
-                next(
-                    r["step_macs"] / 1e9
-                    for r in rows
-                    if r["size"] == s and r["strategy"] == st and r["ratio"] == ref_ratio
-                )
-                for s in args.sizes
-            ],
-        )
-        for st in args.strategies
-    }
+    panels, by_size = sweep_panels(
+        rows,
+        args.sizes,
+        args.ratios,
+        {st: (lambda r, st=st: r["strategy"] == st) for st in args.strategies},
+        lambda r: r["step_macs"] / 1e9,
+    )
     plot_lines(
         os.path.join(out, "flops.png"),
         panels,

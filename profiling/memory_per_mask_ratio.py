@@ -56,6 +56,7 @@ def main(argv=None) -> int:
         mib,
         plain,
         plot_lines,
+        sweep_panels,
         write_csv,
         write_markdown,
     )
@@ -120,39 +121,15 @@ def main(argv=None) -> int:
         os.path.join(out, "memory.md"),
     )
 
-    def series(size, strategy, pname):
-        sel = [
-            r for r in rows if r["size"] == size and r["strategy"] == strategy and r["checkpoint"] == pname
-        ]
-        return [r["ratio"] for r in sel], [r["peak_bytes"] / GIB for r in sel]
-
     def label(st, p):
         return st if len(args.checkpoint) == 1 else f"{st} ckpt={p}"
 
-    panels = {
-        f"ViT-{s}": {label(st, p): series(s, st, p) for st in args.strategies for p in args.checkpoint}
-        for s in args.sizes
-    }
-    ref_ratio = min(args.ratios, key=lambda r: abs(r - 0.9))
-    by_size = f"all sizes at rho={ref_ratio}"
-    panels[by_size] = {
-        label(st, p): (
-            args.sizes,
-            [
-                next(
-                    r["peak_bytes"] / GIB
-                    for r in rows
-                    if r["size"] == s
-                    and r["strategy"] == st
-                    and r["checkpoint"] == p
-                    and r["ratio"] == ref_ratio
-                )
-                for s in args.sizes
-            ],
-        )
+    series = {
+        label(st, p): (lambda r, st=st, p=p: r["strategy"] == st and r["checkpoint"] == p)
         for st in args.strategies
         for p in args.checkpoint
     }
+    panels, by_size = sweep_panels(rows, args.sizes, args.ratios, series, lambda r: r["peak_bytes"] / GIB)
     plot_lines(
         os.path.join(out, "memory.png"),
         panels,

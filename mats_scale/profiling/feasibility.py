@@ -62,6 +62,22 @@ ENGINE_CHOICES: dict[str, tuple[str, int, bool]] = {
 K400_TRAIN_CLIPS = 240_000
 
 
+def engine_states(stats, label: str, node: Node, dtype, ds_config: Optional[dict] = None) -> ModelStates:
+    """Model states per GPU of an ENGINE_CHOICES label on `node` (data parallel over its GPUs)."""
+    if label not in ENGINE_CHOICES:
+        raise ValueError(f"engine {label!r}: allowed: {', '.join(ENGINE_CHOICES)}")
+    engine, stage, offload = ENGINE_CHOICES[label]
+    return model_states(
+        stats,
+        engine=engine,
+        zero_stage=stage,
+        dp=node.gpus,
+        dtype=dtype,
+        offload_optimizer=offload,
+        ds_config=ds_config,
+    )
+
+
 def max_micro_batch(states: ModelStates, act: ActivationModel, node: Node, allowance: Allowance) -> int:
     """Largest b with peak_allocated(b) (1 + frag) + context <= memory; 0 if none fits."""
     usable = (node.mem_gib - allowance.cuda_context_gib) * GIB / (1.0 + allowance.fragmentation)
@@ -145,18 +161,7 @@ def plan(
     stats = param_stats(build_model(any_wl, "meta"))
     states = {}
     for label in engines:
-        if label not in ENGINE_CHOICES:
-            raise ValueError(f"engine {label!r}: allowed: {', '.join(ENGINE_CHOICES)}")
-        engine, stage, offload = ENGINE_CHOICES[label]
-        states[label] = model_states(
-            stats,
-            engine=engine,
-            zero_stage=stage,
-            dp=node.gpus,
-            dtype=any_wl.dtype,
-            offload_optimizer=offload,
-            ds_config=ds_config,
-        )
+        states[label] = engine_states(stats, label, node, any_wl.dtype, ds_config)
     for strategy, wl in wl_by_strategy.items():
         score_flops = 2 * count_flops(wl, with_train=False, with_elementwise=False).score_macs
         for pname, policy in policies.items():
@@ -204,16 +209,7 @@ def check_config(
 ) -> dict:
     """Predicted per-GPU memory of one configured job (its micro-batch `wl.batch`) and the largest
     micro-batch that fits, as one row."""
-    kind, stage, offload = ENGINE_CHOICES[engine]
-    states = model_states(
-        param_stats(build_model(wl, "meta")),
-        engine=kind,
-        zero_stage=stage,
-        dp=node.gpus,
-        dtype=wl.dtype,
-        offload_optimizer=offload,
-        ds_config=ds_config,
-    )
+    states = engine_states(param_stats(build_model(wl, "meta")), engine, node, wl.dtype, ds_config)
     act = activation_model(wl)
     allocated = peak_allocated(states, act, wl.batch)
     total = allocated + allowance.total(allocated)

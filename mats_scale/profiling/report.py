@@ -58,6 +58,34 @@ def plain(x: Any) -> str:
     return str(x)
 
 
+def sweep_panels(
+    rows: Sequence[dict[str, Any]],
+    sizes: Sequence[str],
+    ratios: Sequence[float],
+    series: dict[str, Callable[[dict], bool]],
+    value: Callable[[dict], float],
+) -> tuple[dict, str]:
+    """Panels for :func:`plot_lines` from a size x ratio sweep: one panel per size (value against mask
+    ratio, one line per series), and one panel against size at the ratio closest to 0.9. `series`
+    maps a line label to a row filter. Returns (panels, name of the by-size panel)."""
+    panels: dict[str, dict] = {}
+    for size in sizes:
+        panels[f"ViT-{size}"] = {}
+        for label, keep in series.items():
+            sel = [r for r in rows if r["size"] == size and keep(r)]
+            panels[f"ViT-{size}"][label] = ([r["ratio"] for r in sel], [value(r) for r in sel])
+    ref = min(ratios, key=lambda r: abs(r - 0.9))
+    by_size = f"all sizes at rho={ref}"
+    panels[by_size] = {
+        label: (
+            list(sizes),
+            [next(value(r) for r in rows if r["size"] == s and r["ratio"] == ref and keep(r)) for s in sizes],
+        )
+        for label, keep in series.items()
+    }
+    return panels, by_size
+
+
 def _pyplot():
     import matplotlib
 
