@@ -33,7 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from mats_scale.config import MaskingConfig, ModelConfig, OptimConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
-from mats_scale.masking import TokenGrid, embed_motion_scores, pixel_motion_scores, select_tokens, selection_counts
+from mats_scale.masking import (
+    TokenGrid,
+    embed_motion_scores,
+    pixel_motion_scores,
+    select_tokens,
+    selection_counts,
+)
 from mats_scale.models.pretrain import build_pretrain_model
 from mats_scale.optim import build_adamw, param_groups
 

@@ -1,0 +1,226 @@
+"""Will it fit, and how long will it take? A planner for one node of N GPUs, before renting it.
+
+For each strategy x engine (DeepSpeed ZeRO stage / FSDP2) x activation-checkpointing policy:
+
+    per-GPU bytes(b) = (model states + comm buffers + activation peak(b) + batch(b)) * (1 + fragmentation)
+                       + CUDA context
+    max micro-batch  = the largest b with bytes(b) <= GPU memory
+
+The activation peak is measured on ``meta`` (exact for the graph, see memory.py) and is affine in b;
+the model states follow DeepSpeed's allocations (memory.model_states). The step time is the training
+FLOPs of a micro-batch (FlopCounterMode, recomputation included) at a stated MFU of the GPU's dense
+peak; days = epochs x steps per epoch x step time. Nothing here is measured on a GPU: MFU is an input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from mats_scale.profiling.flops import count_flops, train_flops
+from mats_scale.profiling.memory import (
+    GIB,
+    ActivationModel,
+    Allowance,
+    ModelStates,
+    activation_model,
+    model_states,
+    param_stats,
+    peak_allocated,
+)
+from mats_scale.profiling.workload import Workload, build_model
+
+
+@dataclass(frozen=True)
+class Node:
+    gpus: int
+    mem_gib: float  # memory per GPU
+    peak_tflops: float  # dense bf16 tensor-core peak per GPU
+    name: str = "custom"
+
+
+# Dense bf16 peaks from NVIDIA's A100 (312 TFLOPS) and H100 SXM (989 TFLOPS) datasheets.
+NODES: dict[str, Node] = {
+    "a100-80": Node(8, 80.0, 312.0, "8x A100-80GB"),
+    "a100-40": Node(8, 40.0, 312.0, "8x A100-40GB"),
+    "h100-80": Node(8, 80.0, 989.0, "8x H100-SXM-80GB"),
+}
+
+# Engines: label -> (engine, zero stage, optimizer offload)
+ENGINE_CHOICES: dict[str, tuple[str, int, bool]] = {
+    "zero0": ("deepspeed", 0, False),
+    "zero1": ("deepspeed", 1, False),
+    "zero2": ("deepspeed", 2, False),
+    "zero3": ("deepspeed", 3, False),
+    "zero3-offload": ("deepspeed", 3, True),
+    "fsdp2": ("fsdp2", 3, False),
+}
+
+# K400 training clips: about 240k videos, the size the VideoMAE papers quote (the Kinetics paper: 400
+# classes of at least 400 clips each). Override for the copy you actually have.
+K400_TRAIN_CLIPS = 240_000
+
+
+def engine_states(stats, label: str, node: Node, dtype, ds_config: Optional[dict] = None) -> ModelStates:
+    """Model states per GPU of an ENGINE_CHOICES label on `node` (data parallel over its GPUs)."""
+    if label not in ENGINE_CHOICES:
+        raise ValueError(f"engine {label!r}: allowed: {', '.join(ENGINE_CHOICES)}")
+    engine, stage, offload = ENGINE_CHOICES[label]
+    return model_states(
+        stats,
+        engine=engine,
+        zero_stage=stage,
+        dp=node.gpus,
+        dtype=dtype,
+        offload_optimizer=offload,
+        ds_config=ds_config,
+    )
+
+
+def max_micro_batch(states: ModelStates, act: ActivationModel, node: Node, allowance: Allowance) -> int:
+    """Largest b with peak_allocated(b) (1 + frag) + context <= memory; 0 if none fits."""
+    usable = (node.mem_gib - allowance.cuda_context_gib) * GIB / (1.0 + allowance.fragmentation)
+    if states.step + act.inputs(1) > usable:
+        return 0
+    budget = usable - states.total - act.peak_const
+    b = max(0, math.floor(budget / (act.peak_per_clip + act.input_per_clip)))
+    while b > 0 and peak_allocated(states, act, b) > usable:  # the step transient can bind at small b
+        b -= 1
+    return b
+
+
+def step_seconds(train_flops_per_clip: int, batch: int, node: Node, mfu: float) -> float:
+    return train_flops_per_clip * batch / (node.peak_tflops * 1e12 * mfu)
+
+
+def training_days(
+    train_flops_per_clip: int, batch: int, node: Node, mfu: float, epochs: float, train_clips: int
+) -> float:
+    steps = math.ceil(train_clips / (batch * node.gpus))
+    return epochs * steps * step_seconds(train_flops_per_clip, batch, node, mfu) / 86400
+
+
+@dataclass
+class Plan:
+    strategy: str
+    engine: str
+    checkpoint: str
+    max_batch: int
+    states: ModelStates
+    act: ActivationModel
+    train_flops_per_clip: int
+    step_s: float
+    days: float
+    allowance_bytes: int
+
+    def row(self) -> dict:
+        b = self.max_batch
+        act_peak = self.act.peak(b) if b else 0
+        inputs = self.act.inputs(b)
+        allocated = peak_allocated(self.states, self.act, b) if b else self.states.total
+        return {
+            "strategy": self.strategy,
+            "engine": self.engine,
+            "checkpoint": self.checkpoint,
+            "max_batch": b,
+            "params_gib": self.states.params / GIB,
+            "grads_gib": self.states.grads / GIB,
+            "master_adam_gib": (self.states.master + self.states.optimizer) / GIB,
+            "step_temp_gib": self.states.step_temp / GIB,
+            "gathered_gib": self.states.gathered / GIB,
+            "buffers_gib": self.states.comm_buffers / GIB,
+            "activations_gib": act_peak / GIB,
+            "inputs_gib": inputs / GIB,
+            "allowance_gib": self.allowance_bytes / GIB,
+            "total_gib": (allocated + self.allowance_bytes) / GIB,
+            "host_gib": self.states.cpu_bytes / GIB,
+            "act_per_clip_mib": self.act.peak_per_clip / 2**20,
+            "train_tflops_per_clip": self.train_flops_per_clip / 1e12,
+            "step_s": self.step_s,
+            "days": self.days,
+        }
+
+
+def plan(
+    wl_by_strategy: dict[str, Workload],
+    engines: list[str],
+    policies: dict[str, tuple[int, int]],
+    node: Node,
+    *,
+    mfu: float = 0.35,
+    epochs: float = 800,
+    train_clips: int = K400_TRAIN_CLIPS,
+    allowance: Allowance = Allowance(),
+    ds_config: Optional[dict] = None,
+    progress=None,
+) -> list[Plan]:
+    """Every strategy x engine x policy. `wl_by_strategy` gives the model/masking/dtype per strategy."""
+    plans = []
+    any_wl = next(iter(wl_by_strategy.values()))
+    stats = param_stats(build_model(any_wl, "meta"))
+    states = {}
+    for label in engines:
+        states[label] = engine_states(stats, label, node, any_wl.dtype, ds_config)
+    for strategy, wl in wl_by_strategy.items():
+        score_flops = 2 * count_flops(wl, with_train=False, with_elementwise=False).score_macs
+        for pname, policy in policies.items():
+            wlp = Workload(wl.model, wl.masking, 1, wl.dtype, policy)
+            act = activation_model(wlp)
+            tf = train_flops(wlp) + score_flops
+            for label in engines:
+                b = max_micro_batch(states[label], act, node, allowance)
+                allocated = peak_allocated(states[label], act, b) if b else states[label].total
+                plans.append(
+                    Plan(
+                        strategy,
+                        label,
+                        pname,
+                        b,
+                        states[label],
+                        act,
+                        tf,
+                        step_seconds(tf, b, node, mfu) if b else math.nan,
+                        training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
+                        allowance.total(allocated),
+                    )
+                )
+            if progress is not None:
+                progress.update(1)
+    return plans
+
+
+def engine_of(parallel) -> str:
+    """The ENGINE_CHOICES label of a ``parallel`` config section."""
+    if parallel.backend == "fsdp2":
+        return "fsdp2"
+    if parallel.backend == "deepspeed":
+        return f"zero{parallel.zero_stage}" + ("-offload" if parallel.offload_optimizer else "")
+    return "zero0"  # single process: every state in full on the one GPU
+
+
+def check_config(
+    wl: Workload,
+    engine: str,
+    node: Node,
+    *,
+    allowance: Allowance = Allowance(),
+    ds_config: Optional[dict] = None,
+) -> dict:
+    """Predicted per-GPU memory of one configured job (its micro-batch `wl.batch`) and the largest
+    micro-batch that fits, as one row."""
+    states = engine_states(param_stats(build_model(wl, "meta")), engine, node, wl.dtype, ds_config)
+    act = activation_model(wl)
+    allocated = peak_allocated(states, act, wl.batch)
+    total = allocated + allowance.total(allocated)
+    return {
+        "engine": engine,
+        "batch": wl.batch,
+        "states_gib": states.total / GIB,
+        "activations_gib": act.peak(wl.batch) / GIB,
+        "allocated_gib": allocated / GIB,
+        "total_gib": total / GIB,
+        "capacity_gib": node.mem_gib,
+        "fits": total <= node.mem_gib * GIB,
+        "max_batch": max_micro_batch(states, act, node, allowance),
+    }

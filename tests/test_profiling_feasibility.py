@@ -1,0 +1,119 @@
+import csv
+import math
+
+import pytest
+import torch
+
+from mats_scale.config import ModelConfig
+from mats_scale.profiling.cli import run
+from mats_scale.profiling.feasibility import NODES, Node, max_micro_batch, plan, training_days
+from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, ModelStates, peak_allocated
+from mats_scale.profiling.workload import CHECKPOINT_POLICIES, Workload, masking_config
+from profiling import feasibility as feasibility_cli
+
+
+def _states(resident_gib: float, gathered_gib: float = 0.0, step_gib: float = 0.0) -> ModelStates:
+    return ModelStates(
+        params=int(resident_gib * GIB),
+        grads=0,
+        master=0,
+        optimizer=0,
+        comm_buffers=0,
+        gathered=int(gathered_gib * GIB),
+        step_temp=int(step_gib * GIB),
+    )
+
+
+def test_max_micro_batch_is_the_boundary():
+    node = Node(gpus=8, mem_gib=40.0, peak_tflops=312.0)
+    allowance = Allowance(cuda_context_gib=1.0, fragmentation=0.1)
+    act = ActivationModel(
+        saved_per_clip=0,
+        saved_const=0,
+        peak_per_clip=int(0.3 * GIB),
+        peak_const=12345,
+        input_per_clip=5 * 2**20,
+    )
+    states = _states(6.0, gathered_gib=0.5, step_gib=2.0)
+    b = max_micro_batch(states, act, node, allowance)
+
+    def total(n):
+        allocated = peak_allocated(states, act, n)
+        return allocated + allowance.total(allocated)
+
+    assert b > 0
+    assert total(b) <= node.mem_gib * GIB < total(b + 1)
+    # Nothing fits when the optimizer step alone overflows.
+    assert max_micro_batch(_states(1.0, step_gib=40.0), act, node, allowance) == 0
+
+
+def test_training_days_arithmetic():
+    node = Node(gpus=8, mem_gib=80, peak_tflops=100.0)
+    # 1 TFLOP per clip at 50% of 100 TFLOPS: 0.02 s per clip per GPU; 1000 clips / (10 x 8) -> 13 steps
+    # of 10 clips: 13 x 0.2 s = 2.6 s per epoch.
+    days = training_days(10**12, 10, node, 0.5, epochs=86400 / 2.6, train_clips=1000)
+    assert days == pytest.approx(1.0)
+
+
+def test_plan_orders_strategies_engines_and_checkpointing():
+    model = ModelConfig(size="S")
+    wls = {
+        st: Workload(model, masking_config(st, 0.9), dtype=torch.bfloat16) for st in ("tube+rc", "mats+dual")
+    }
+    policies = {k: CHECKPOINT_POLICIES[k] for k in ("none", "full")}
+    plans = plan(wls, ["zero0", "zero3"], policies, NODES["a100-40"])
+    best = {(p.strategy, p.engine, p.checkpoint): p for p in plans}
+    assert len(best) == 8
+    for engine in ("zero0", "zero3"):
+        for pol in policies:
+            assert best["mats+dual", engine, pol].max_batch > best["tube+rc", engine, pol].max_batch
+        assert best["mats+dual", engine, "full"].max_batch > best["mats+dual", engine, "none"].max_batch
+    # ViT-S is small enough that ZeRO-3's default 5e8-element reduce bucket outweighs what it shards.
+    assert best["mats+dual", "zero3", "none"].max_batch < best["mats+dual", "zero0", "none"].max_batch
+    # Recomputation costs time: a larger step per clip with full checkpointing.
+    p0, p1 = best["mats+dual", "zero3", "none"], best["mats+dual", "zero3", "full"]
+    assert p1.train_flops_per_clip > p0.train_flops_per_clip
+    assert math.isclose(p0.step_s, p0.train_flops_per_clip * p0.max_batch / (312e12 * 0.35))
+
+
+def test_cli_sweep_and_config_check(tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "model:\n  size: S\n  num_frames: 8\n  img_size: 128\nmasking:\n  strategy: mats\n"
+        "  decoder: running_cell\n  decoder_mode: lean\ndata:\n  batch_size: 64\n"
+        "parallel:\n  backend: deepspeed\n  zero_stage: 3\n"
+    )
+    argv = [
+        "--config",
+        str(cfg),
+        "--engines",
+        "zero2,zero3",
+        "--checkpoint",
+        "none,full",
+        "--strategies",
+        "tube+rc,mats+dual",
+        "--node",
+        "a100-40",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert run(feasibility_cli.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "Headline: ViT-S on 8 x 40 GiB, ZeRO-3" in out and "Your config" in out and "FITS" in out
+    with open(tmp_path / "feasibility.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2
+    assert all(float(r["total_gib"]) <= 40.0 for r in rows)
+    assert (tmp_path / "feasibility.png").stat().st_size > 0
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert run(feasibility_cli.main, ["--node", "custom", "--out", str(tmp_path)]) == 2
+    assert "--node custom needs --gpu-mem-gib and --peak-tflops" in capsys.readouterr().err
+    assert run(feasibility_cli.main, ["masking.ratio=2", "--out", str(tmp_path)]) == 2
+    assert "masking.ratio=2" in capsys.readouterr().err
+    assert (
+        run(feasibility_cli.main, ["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    )
+    assert "no such file" in capsys.readouterr().err
