@@ -215,6 +215,8 @@ class OptimConfig:
     """Gradient-norm clipping threshold; None disables clipping."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    fused: bool = True
+    """Fused AdamW kernel (torch's fused=True, CPU and CUDA); false uses the per-parameter loop."""
 
     def __post_init__(self) -> None:
         _check_positive("optim.base_lr", self.base_lr)

@@ -41,7 +41,7 @@ from mats_scale.masking import (
     selection_counts,
 )
 from mats_scale.models.pretrain import build_pretrain_model
-from mats_scale.optim import build_adamw, param_groups
+from mats_scale.optim import build_adamw
 
 SETTINGS = {
     "tube": dict(strategy="tube"),
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--setting", action="append", choices=sorted(SETTINGS),
                     help=f"repeatable; default: {BASELINE} and mats-dual-lean")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fused-adamw", action="store_true",
-                    help="AdamW(fused=True) on the project's parameter groups instead of optim.build_adamw")
+    ap.add_argument("--unfused-adamw", action="store_true",
+                    help="optim.fused=false: torch's per-parameter AdamW loop instead of the fused kernel")
     args = ap.parse_args(argv)
     names = args.setting or [BASELINE, "mats-dual-lean"]
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
@@ -139,10 +139,7 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         model = build_pretrain_model(model_cfg, device="cpu")
         masking = MaskingConfig(**SETTINGS[name])
-        if args.fused_adamw:
-            opt = torch.optim.AdamW(param_groups(model, OptimConfig().weight_decay), lr=1e-4, fused=True)
-        else:
-            opt = build_adamw(model, OptimConfig(), args.batch)
+        opt = build_adamw(model, OptimConfig(fused=not args.unfused_adamw), args.batch)
         benches.append(Bench(name, masking, model, opt, grid, torch.Generator().manual_seed(args.seed)))
     raw, _ = moving_square_clips(args.batch, args.frames, args.img, torch.Generator().manual_seed(args.seed))
     video = normalize(raw)
@@ -164,7 +161,7 @@ def main(argv=None) -> int:
 
     result = {
         "note": "indicative timings; fp32 on CPU",
-        "optimizer": "AdamW(fused=True)" if args.fused_adamw else "optim.build_adamw",
+        "optimizer": f"optim.build_adamw(fused={not args.unfused_adamw})",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cpu_count": os.cpu_count()},
         "shape": {"size": args.size, "batch": args.batch, "frames": args.frames, "img": args.img,

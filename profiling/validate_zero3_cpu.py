@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                 for p in model.parameters():
                     p.normal_(0.0, 0.02)
     model.reset_buffers()
-    opt = build_adamw(model, OptimConfig(), total_batch=world)
+    opt = build_adamw(model, OptimConfig(fused=not args.unfused_adam), total_batch=world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)
 
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--reduce-bucket", type=float, default=2e6, help="zero_optimization.reduce_bucket_size"
     )
+    parser.add_argument("--unfused-adam", action="store_true", help="optim.fused=false (torch's unfused AdamW)")
     parser.add_argument("--out", default="profiling/out")
     args = parser.parse_args(argv)
 
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)
     stats = param_stats(build_model(wl, "meta"))
     states = model_states(
-        stats, zero_stage=3, dp=world, dtype=torch.float32, ds_config=results[0]["ds_config"]
+        stats, zero_stage=3, dp=world, dtype=torch.float32, ds_config=results[0]["ds_config"],
+        fused_adam=not args.unfused_adam,
     )
     act = measure_activations(wl, target="cpu")  # meta device, CPU attention kernel, fp32
     # Between steps: the resident states. On top during forward + backward: the gathered working set

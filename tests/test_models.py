@@ -76,9 +76,10 @@ def test_tubelet_gemm_equals_conv3d():
     cfg = ModelConfig(size="debug", num_frames=4, img_size=32)
     model = build_pretrain_model(cfg)
     video = torch.randn(2, 3, 4, 32, 32)
-    conv = model.encoder.patch_embed(video)  # Conv3d path: (B, N, D)
+    conv = model.encoder.patch_embed.proj(video).flatten(2).transpose(1, 2)  # Conv3d kernel: (B, N, D)
     gemm = model.encoder.patch_embed(patchify(video, 2, 16))  # gathered-patch path
     torch.testing.assert_close(conv, gemm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encoder.patch_embed(video), gemm)  # whole clip: same GEMM
 
 
 def test_loss_only_at_targets_and_weights():

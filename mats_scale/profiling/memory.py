@@ -325,7 +325,7 @@ class ModelStates:
     optimizer: int  # AdamW exp_avg + exp_avg_sq, fp32
     comm_buffers: int  # DeepSpeed gradient bucket buffers (reduce_bucket_size), from the ds_config
     gathered: int  # forward/backward transient: un-sharded parameters in use or prefetched (+ their grads)
-    step_temp: int  # optimizer-step transient: fp32 grads, their flat copy, AdamW's denominator (3 x 4 B/elt)
+    step_temp: int  # optimizer-step transient: fp32 grads (fused AdamW: 1 x 4 B/elt; unfused: 3 x 4 B/elt)
     cpu_bytes: int = 0  # what optimizer offload keeps in host memory instead (per GPU process)
 
     @property
@@ -372,6 +372,7 @@ def model_states(
     offload_optimizer: bool = False,
     ds_config: Optional[dict] = None,
     grad_accum_dtype: Optional[torch.dtype] = None,
+    fused_adam: bool = True,
 ) -> ModelStates:
     """Per-GPU model states with AdamW, data parallel over `dp` GPUs.
 
@@ -379,7 +380,7 @@ def model_states(
     clones an fp32 master at ZeRO-1..3) allocates, per its 0.19 sources:
 
     ===== =========== ===== =========== ===== ========================== ======================
-    stage params      grads fp32 master Adam  step temporaries (x3 fp32) buffers / working set
+    stage params      grads fp32 master Adam  step temporaries (fp32) buffers / working set
     ===== =========== ===== =========== ===== ========================== ======================
     0     P           P     P           P     P                          --
     1     P           P     P/N         P/N   largest sub-group / N      reduce bucket (x2 overlap)
@@ -394,6 +395,11 @@ def model_states(
     ``offload_optimizer`` (ZeRO-3) master, Adam, fp32 grads and the gradient partitions live in host
     memory (``cpu_bytes``).
 
+    Step temporaries: with the fused AdamW kernel (``optim.fused``, the default) only the fp32
+    gradients of the stepped elements (1 x 4 B/elt); torch's unfused AdamW also makes the flat copy
+    and the denominator (3 x 4 B/elt). Both measured on the 2-process CPU ZeRO-3 run
+    (``profiling/validate_zero3_cpu.py [--unfused-adam]``).
+
     FSDP2 (``fully_shard`` with MixedPrecisionPolicy(param_dtype=`dtype`, reduce_dtype=fp32)): sharded
     fp32 params (they are the master), fp32 sharded grads, Adam; un-sharded: the current and the
     prefetched block in `dtype` plus the current block's gradient (`dtype`, then fp32 for the
@@ -404,6 +410,7 @@ def model_states(
     P = stats.total
     pb = _bytes_of(dtype)
     fp32 = 4
+    temps = 1 if fused_adam else 3  # fp32 elements of step temporaries per stepped element
 
     if engine == "fsdp2":
         shard = sum(math.ceil(n / dp) for n in stats.numels)
@@ -436,7 +443,7 @@ def model_states(
             optimizer=2 * fp32 * P,
             comm_buffers=0,
             gathered=0,
-            step_temp=3 * fp32 * P,
+            step_temp=temps * fp32 * P,
         )
     part = sum(math.ceil(n / dp) for n in stats.numels)  # DeepSpeed pads each tensor to a multiple of N
     sub = largest_sub_group(stats, dp, zc.sub_group_size)  # elements the optimizer steps at once
@@ -454,7 +461,7 @@ def model_states(
             optimizer=2 * fp32 * part,
             comm_buffers=buckets,
             gathered=0,
-            step_temp=3 * fp32 * sub,
+            step_temp=temps * fp32 * sub,
         )
 
     persistent = sum(n for n in stats.numels if n <= zc.param_persistence_threshold)
@@ -465,7 +472,7 @@ def model_states(
     buckets = zc.reduce_bucket_size * gb if zc.contiguous_gradients else 0
     params = pb * (part + persistent)
     if offload_optimizer:
-        cpu = fp32 * part * 3 + gb * part + 3 * fp32 * sub
+        cpu = fp32 * part * 3 + gb * part + temps * fp32 * sub
         return ModelStates(
             params=params,
             grads=0,
@@ -483,7 +490,7 @@ def model_states(
         optimizer=2 * fp32 * part,
         comm_buffers=buckets,
         gathered=gathered,
-        step_temp=3 * fp32 * sub,
+        step_temp=temps * fp32 * sub,
     )
 
 
