@@ -104,6 +104,8 @@ def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys):
     assert [e.value for e in tb.Scalars("tokens/decoder_per_step")] == [64, 64, 64]
     log = (tmp_path / "train.log").read_text()
     assert "step      2/3" in log and "step      3/3" in log and "clips/s" in log
+    losses = [e.value for e in tb.Scalars("train/loss")]  # k = 1 of 3 steps: first vs last step
+    assert f"loss: mean of the first 1 steps {losses[0]:.4f} -> mean of the last 1 steps {losses[-1]:.4f}" in log
     err = capsys.readouterr().err
     assert "3/3" in err and "step/s" in err  # tqdm bar with rate / ETA on stderr
 

@@ -266,6 +266,7 @@ class Trainer:
                 if stopped:
                     log.info(f"stopping after step {step} on signal; resume with train.resume=auto")
                     break
+        log.summary()
         barrier()
         return TrainResult(c.step, c.skipped_steps, metrics["loss"], stopped, cfg.train.out_dir)
 

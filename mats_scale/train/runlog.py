@@ -74,6 +74,7 @@ class RunLogger:
             err.setFormatter(logging.Formatter(f"[rank {env.rank}] %(levelname)s %(message)s"))
             self.log.addHandler(err)
         self._out_dir = out_dir
+        self._losses: list[float] = []  # this session's step losses, for the closing summary
 
     def start(self, start_step: int, resumed_from: Optional[str], info: dict[str, Any]) -> None:
         if not self.env.is_writer:
@@ -103,6 +104,7 @@ class RunLogger:
         if not self.env.is_writer:
             return
         self._event({"step": step, **m})
+        self._losses.append(m["loss"])
         if self.tb is not None:
             for key, tag in TB_TAGS.items():
                 if key in m and m[key] is not None:
@@ -118,6 +120,16 @@ class RunLogger:
                       f"tokens enc/dec {m['tokens_encoder']}/{m['tokens_decoder']}  "
                       f"peak {m['peak_mem_gib']:.2f} GiB  "
                       f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
+
+    def summary(self) -> None:
+        """One line that shows whether the loss fell: mean of the session's first vs last steps."""
+        finite = [x for x in self._losses if math.isfinite(x)]
+        if len(finite) < 2:
+            return
+        k = max(1, min(10, len(finite) // 3))
+        first, last = sum(finite[:k]) / k, sum(finite[-k:]) / k
+        self.info(f"loss: mean of the first {k} steps {first:.4f} -> mean of the last {k} steps {last:.4f} "
+                  f"({last / first:.2f}x)")
 
     def close(self) -> None:
         if self.bar is not None:
