@@ -95,7 +95,9 @@ def main(argv=None) -> int:
         "--train-clips", type=positive(int), default=None, help="training clips (K400: 240000)"
     )
     parser.add_argument(
-        "--ds-config", help="DeepSpeed JSON whose zero_optimization buckets to use (else defaults)"
+        "--ds-config",
+        help="DeepSpeed JSON whose zero_optimization buckets to use (else the config's parallel.ds_config, "
+        "else the shipped ds_configs/zero{stage}.json)",
     )
     parser.add_argument(
         "--context-gib", type=float, default=1.0, help="CUDA context allowance per GPU (1.0 GiB)"
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
         overrides.insert(0, "model.size=g")
     cfg = load_config(args.config, overrides)
     node, ds_config = _node(args), _ds_config(args.ds_config)
+    if ds_config is None and cfg.parallel.ds_config:  # the config's own template, as the launcher uses
+        ds_config = _ds_config(cfg.parallel.ds_config)
     allowance = Allowance(args.context_gib, args.fragmentation)
     m = cfg.masking
     wls = {

@@ -68,8 +68,13 @@ def test_plan_orders_strategies_engines_and_checkpointing():
         for pol in policies:
             assert best["mats+dual", engine, pol].max_batch > best["tube+rc", engine, pol].max_batch
         assert best["mats+dual", engine, "full"].max_batch > best["mats+dual", engine, "none"].max_batch
-    # ViT-S is small enough that ZeRO-3's default 5e8-element reduce bucket outweighs what it shards.
-    assert best["mats+dual", "zero3", "none"].max_batch < best["mats+dual", "zero0", "none"].max_batch
+    # With the shipped templates (5e7-element buckets) ZeRO-3 shards more than its buckets cost...
+    assert best["mats+dual", "zero3", "none"].max_batch > best["mats+dual", "zero0", "none"].max_batch
+    # ...while DeepSpeed's own default 5e8-element reduce bucket (an empty ds_config) outweighs what
+    # it shards of a model as small as ViT-S.
+    defaults = {(p.strategy, p.engine, p.checkpoint): p
+                for p in plan(wls, ["zero0", "zero3"], policies, NODES["a100-40"], ds_config={})}
+    assert defaults["mats+dual", "zero3", "none"].max_batch < defaults["mats+dual", "zero0", "none"].max_batch
     # Recomputation costs time: a larger step per clip with full checkpointing.
     p0, p1 = best["mats+dual", "zero3", "none"], best["mats+dual", "zero3", "full"]
     assert p1.train_flops_per_clip > p0.train_flops_per_clip

@@ -62,11 +62,24 @@ ENGINE_CHOICES: dict[str, tuple[str, int, bool]] = {
 K400_TRAIN_CLIPS = 240_000
 
 
+def shipped_ds_config(stage: int, offload: bool) -> dict:
+    """The project's own DeepSpeed template for a ZeRO stage (what `launchers/pretrain.py` runs)."""
+    from mats_scale.parallel.ds_config import DS_CONFIG_DIR, load_template
+
+    return load_template(str(DS_CONFIG_DIR / ("zero3_offload.json" if offload else f"zero{stage}.json")))
+
+
 def engine_states(stats, label: str, node: Node, dtype, ds_config: Optional[dict] = None) -> ModelStates:
-    """Model states per GPU of an ENGINE_CHOICES label on `node` (data parallel over its GPUs)."""
+    """Model states per GPU of an ENGINE_CHOICES label on `node` (data parallel over its GPUs).
+
+    Bucket sizes come from `ds_config`, or, when it is None, from the shipped template of the stage
+    (ds_configs/zero{stage}.json), since that is what a run without parallel.ds_config uses.
+    """
     if label not in ENGINE_CHOICES:
         raise ValueError(f"engine {label!r}: allowed: {', '.join(ENGINE_CHOICES)}")
     engine, stage, offload = ENGINE_CHOICES[label]
+    if ds_config is None and engine == "deepspeed":
+        ds_config = shipped_ds_config(stage, offload)
     return model_states(
         stats,
         engine=engine,
