@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import random
+import signal
 from collections import OrderedDict
 from typing import Any, Iterator, Optional, Sequence
 
@@ -300,9 +301,18 @@ class EpochBatches:
             yield [(self.epoch, p, order[p % self.num_items]) for p in positions[b * vpb:(b + 1) * vpb]]
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Global RNGs of each worker get their own stream (our sampling never uses them, but user code
-    or libraries might): derived from the DataLoader's per-worker torch seed, itself from (seed, rank)."""
+def _init_worker(worker_id: int) -> None:
+    """Set up a DataLoader worker process.
+
+    Stop signals are left to the main process: DeepSpeed's launcher sends SIGTERM to a rank's whole
+    process tree, workers first, and a worker killed by it makes the trainer fail ("DataLoader worker
+    ... killed") before it can save its checkpoint; the trainer handles the signal and stops its
+    workers (they also exit when their parent dies). Global RNGs of each worker get their own stream
+    (our sampling never uses them, but user code or libraries might): derived from the DataLoader's
+    per-worker torch seed, itself from (seed, rank).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed() % (1 << 32)
     random.seed(s)
     np.random.seed(s)
@@ -335,7 +345,7 @@ class PretrainLoader:
             self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
             pin_memory=pin_memory, persistent_workers=workers > 0,
             prefetch_factor=d.prefetch_factor if workers > 0 else None,
-            worker_init_fn=_seed_worker if workers > 0 else None,
+            worker_init_fn=_init_worker if workers > 0 else None,
             # Own generator: worker seeds never consume the trainer's global torch RNG, so a resumed
             # run's RNG stream matches an uninterrupted one.
             generator=make_generator(_WORKER, cfg.train.seed, rank))

@@ -24,6 +24,7 @@ import torch
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
+from mats_scale.data.loader import build_pretrain_loader
 from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import (
@@ -39,7 +40,7 @@ from mats_scale.parallel.engine import Engine, build_engine
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
-from mats_scale.train.sources import BatchStream, build_loader
+from mats_scale.train.sources import BatchStream
 
 
 class TrainingError(RuntimeError):
@@ -160,7 +161,7 @@ class Trainer:
 
         self.engine = build_engine(cfg, env, ds_config)
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
-        self.stream = BatchStream(build_loader(cfg, env.rank, env.world_size))
+        self.stream = BatchStream(build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size))
         self.select = make_selector(cfg)
         self.counters = Counters()
         # What a checkpoint must agree on to be resumed by this run.

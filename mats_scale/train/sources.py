@@ -9,41 +9,9 @@ would.
 
 from __future__ import annotations
 
-import signal
-from typing import Any, Callable, Optional
+from typing import Any
 
-from mats_scale.config import Config
 from mats_scale.data.errors import DataError
-
-
-class LeaveStopSignalsToTrainer:
-    """DataLoader ``worker_init_fn`` wrapper: workers ignore SIGTERM and SIGINT.
-
-    DeepSpeed's launcher terminates a rank's whole process tree, its loader workers first, and torch
-    makes a worker die of SIGTERM; the trainer then raises "DataLoader worker ... killed" before it
-    can save. The trainer handles the signal (checkpoint, clean exit) and its loader stops the
-    workers (they also exit when their parent dies). A class, not a closure, so it pickles for
-    spawn-started workers too.
-    """
-
-    def __init__(self, inner: Optional[Callable[[int], None]]) -> None:
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
-def build_loader(cfg: Config, rank: int, world_size: int):
-    from mats_scale.data.loader import build_pretrain_loader
-
-    loader = build_pretrain_loader(cfg, rank=rank, world_size=world_size)
-    if cfg.data.num_workers > 0:
-        workers = loader.loader  # the torch DataLoader inside PretrainLoader
-        workers.worker_init_fn = LeaveStopSignalsToTrainer(workers.worker_init_fn)
-    return loader
 
 
 class BatchStream:
