@@ -54,6 +54,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     from mats_scale.config import ModelConfig, OptimConfig
     from mats_scale.models.pretrain import PretrainVideoMAE
     from mats_scale.optim import build_adamw
+    from mats_scale.parallel.deepspeed_engine import mark_zero3_leaf_modules
     from mats_scale.profiling.memory import LiveBytes
     from mats_scale.profiling.workload import Workload, draw_selection, masking_config
 
@@ -79,6 +80,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                     p.normal_(0.0, 0.02)
     model.reset_buffers()
     opt = build_adamw(model, OptimConfig(fused=not args.unfused_adam), total_batch=world)
+    mark_zero3_leaf_modules(model)  # as the project's DeepSpeed engine does
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)
 

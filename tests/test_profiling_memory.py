@@ -193,7 +193,10 @@ def test_states_follow_the_ds_config_and_offload():
         ds_config={"zero_optimization": {"reduce_bucket_size": 2.5e8, "stage3_prefetch_bucket_size": 1e7}},
     )
     assert base.comm_buffers == 5e8 * 2 and small.comm_buffers == 2.5e8 * 2  # DeepSpeed's default, halved
-    assert small.gathered == 2 * (1e7 + stats.largest_layer) * 2 + stats.largest_layer * 2
+    # The window: prefetch bucket + one fetch unit (a whole block: the engine's leaf modules), held
+    # twice, plus the largest layer's gradient, all in bf16.
+    assert stats.largest_block > stats.largest_layer
+    assert small.gathered == 2 * (1e7 + stats.largest_block) * 2 + stats.largest_layer * 2
     off = model_states(stats, zero_stage=3, dp=8, offload_optimizer=True)
     assert off.master == off.optimizer == off.grads == 0 and off.cpu_bytes > base.master + base.optimizer
     assert (

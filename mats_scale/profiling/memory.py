@@ -389,7 +389,8 @@ def model_states(
     ===== =========== ===== =========== ===== ========================== ======================
 
     ZeRO-3 "gathered" = twice (all-gather flat buffer + per-parameter copy) the window of prefetch
-    bucket + largest layer (capped by max_live_parameters and by P) in the compute dtype, plus the
+    bucket + one fetch unit (a transformer block: the engine marks blocks as DeepSpeed leaf modules;
+    capped by max_live_parameters and by P) in the compute dtype, plus the
     largest layer's gradient before it is bucketed; persistent parameters
     (numel <= param_persistence_threshold) stay gathered in full on every GPU. With
     ``offload_optimizer`` (ZeRO-3) master, Adam, fp32 grads and the gradient partitions live in host
@@ -467,7 +468,10 @@ def model_states(
     persistent = sum(n for n in stats.numels if n <= zc.param_persistence_threshold)
     # The coalesced all-gather fills a flat buffer, then copies each parameter out of the N rank slices
     # (partition_parameters.py, AllGatherCoalescedHandle.wait: torch.cat): the window is held twice.
-    live = min(zc.max_live_parameters, zc.prefetch_bucket_size + stats.largest_layer, P)
+    # The project's ZeRO-3 engine fetches a whole transformer block at once (DeepSpeed leaf modules,
+    # parallel/deepspeed_engine.mark_zero3_leaf_modules): the fetch unit is a block, not a layer.
+    unit = max(stats.largest_block, stats.largest_layer)
+    live = min(zc.max_live_parameters, zc.prefetch_bucket_size + unit, P)
     gathered = 2 * live * pb + stats.largest_layer * pb
     buckets = zc.reduce_bucket_size * gb if zc.contiguous_gradients else 0
     params = pb * (part + persistent)
