@@ -182,12 +182,17 @@ class DataConfig:
     """Batches each worker prepares ahead."""
     max_bad_fraction: float = 0.1
     """Stop with an error when more than this fraction of the video reads so far failed."""
+    eval_clips: int = 1
+    """Evaluation: temporal views per video, spread evenly over it (VideoMAE's test_num_segment)."""
+    eval_crops: int = 1
+    """Evaluation: spatial views per clip, 1 (centre) or 3 (along the long side; test_num_crop)."""
 
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
-        for key in ("sampling_rate", "num_sample", "batch_size", "min_frames", "prefetch_factor"):
+        for key in ("sampling_rate", "num_sample", "batch_size", "min_frames", "prefetch_factor", "eval_clips"):
             _check_positive(f"data.{key}", getattr(self, key))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        _check_choice("data.eval_crops", self.eval_crops, [1, 3])
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             _fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:

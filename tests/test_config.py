@@ -39,6 +39,8 @@ def test_yaml_then_dotlist(tmp_path):
     ("masking.strategy=magic", "masking.strategy='magic': allowed: tube, random, mats"),
     ("masking.decoder_ratio=0.1", "masking.decoder_ratio"),  # only meaningful with the running cell
     ("parallel.zero_stage=4", "parallel.zero_stage=4: allowed: 0, 1, 2, 3"),
+    ("data.eval_crops=2", "data.eval_crops=2: allowed: 1, 3"),
+    ("data.eval_clips=0", "data.eval_clips=0"),
 ])
 def test_bad_values_name_key_value_and_rule(override, needle):
     extra = ["masking.decoder=running_cell"] if override.startswith("masking.decoder_ratio") else []

@@ -1,5 +1,5 @@
 """The pre-training loader: decode -> augment -> collate, deterministic, resumable, and robust to
-bad files.
+bad files (the fine-tuning training loader, :mod:`mats_scale.data.finetune`, is this one with another view).
 
     loader = build_pretrain_loader(cfg, rank=rank, world_size=world_size)
     for batch in loader:            # the rest of the current epoch; then the loader moves to the next
@@ -54,7 +54,7 @@ from mats_scale.data import synth
 from mats_scale.data.errors import DataError, ListFileError, VideoReadError
 from mats_scale.data.inmemory import moving_square_clips
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
-from mats_scale.data.transforms import pretrain_augment
+from mats_scale.data.transforms import finetune_augment, pretrain_augment
 from mats_scale.data.video import clip_indices, open_video, read_frames, segment_indices
 from mats_scale.masking import candidate_frame_count, pixel_motion_scores, select_frames
 
@@ -177,12 +177,21 @@ class SkipStats:
 
 
 # ---- the dataset (runs in the workers) ----------------------------------------------------------
+AUGMENTS = ("pretrain", "finetune")
+"""Training views: multi-scale crop (pre-training) or short-side resize + random crop (fine-tuning)."""
+
+
 class PretrainClips(Dataset):
     """Map-style dataset over work items ``(epoch, pos, index)``; one item = one video ->
-    ``num_sample`` augmented clips. Pure function of the item: no state changes between calls."""
+    ``num_sample`` augmented clips. Pure function of the item: no state changes between calls.
+    `augment` picks the training view (:data:`AUGMENTS`); everything else is shared."""
 
-    def __init__(self, cfg: Config, items: Optional[list[VideoItem]], *, seed: int) -> None:
+    def __init__(self, cfg: Config, items: Optional[list[VideoItem]], *, seed: int,
+                 augment: str = "pretrain") -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment={augment!r}: allowed {', '.join(AUGMENTS)}")
         d, m = cfg.data, cfg.model
+        self.augment = pretrain_augment if augment == "pretrain" else finetune_augment
         self.items = items  # None: in-memory synthetic clips
         self.seed = seed
         self.num_frames = m.num_frames
@@ -243,7 +252,7 @@ class PretrainClips(Dataset):
                                      make_generator(_SELECT, self.seed, epoch, pos, attempt),
                                      patch=self.patch, keep_ratio=self.frame_keep_ratio)
                 frames, ids = frames[keep], [ids[k] for k in keep.tolist()]  # (T, H, W, 3), T numbers
-            clips = [pretrain_augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
+            clips = [self.augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
                                       flip=self.flip)
                      for r in range(self.num_sample)]
             video = torch.stack(clips)  # (S, 3, T, H, W)
@@ -323,14 +332,14 @@ class PretrainLoader:
     """Iterable over pre-training batches with epoch/position state; see the module doc."""
 
     def __init__(self, cfg: Config, items: Optional[list[VideoItem]], *, rank: int, world_size: int,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, augment: str = "pretrain") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         d = cfg.data
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.max_bad_fraction = d.max_bad_fraction
-        self.dataset = PretrainClips(cfg, items, seed=cfg.train.seed)
+        self.dataset = PretrainClips(cfg, items, seed=cfg.train.seed, augment=augment)
         self.num_items = len(self.dataset)
         self.min_reads = min(MIN_READS, self.num_items)
         videos_per_batch = d.batch_size // d.num_sample
