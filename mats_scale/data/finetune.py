@@ -25,12 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mats_scale.config import Config
 from mats_scale.data.errors import DataError, VideoReadError
 from mats_scale.data.lists import VideoItem
-from mats_scale.data.loader import PretrainLoader, _init_worker, resolve_items
+from mats_scale.data.loader import PretrainLoader, init_worker, resolve_items, wants_pinned_memory
 from mats_scale.data.video import read_eval_views
 
 
@@ -42,17 +42,13 @@ def require_labels(items: list[VideoItem], what: str) -> None:
                         "fine-tuning and evaluation need 'path label' list lines or class sub-folders")
 
 
-def _on_cuda(cfg: Config) -> bool:
-    return cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
-
-
 def build_finetune_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) -> PretrainLoader:
     """The fine-tuning training loader of `rank` (data.dataset, split "train"); see the module doc."""
     items = None
     if cfg.data.dataset != "synthetic":  # in-memory clips are labelled by the square's direction
         items = resolve_items(cfg, "train")
         require_labels(items, f"data.dataset={cfg.data.dataset} (train)")
-    return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=_on_cuda(cfg),
+    return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg),
                           augment="finetune")
 
 
@@ -94,10 +90,10 @@ def build_eval_loader(cfg: Config, *, rank: int = 0, world_size: int = 1, split:
     if not mine:
         raise DataError(f"{len(items)} {split} videos leave rank {rank} of {world_size} with none")
     workers = cfg.data.num_workers
-    return DataLoader(torch.utils.data.Subset(EvalVideos(cfg, items), mine), batch_size=cfg.data.batch_size,
-                      shuffle=False, collate_fn=eval_collate, num_workers=workers, pin_memory=_on_cuda(cfg),
+    return DataLoader(Subset(EvalVideos(cfg, items), mine), batch_size=cfg.data.batch_size, shuffle=False,
+                      collate_fn=eval_collate, num_workers=workers, pin_memory=wants_pinned_memory(cfg),
                       prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
-                      worker_init_fn=_init_worker if workers > 0 else None)
+                      worker_init_fn=init_worker if workers > 0 else None)
 
 
 __all__ = ["EvalVideos", "build_eval_loader", "build_finetune_loader", "eval_collate", "require_labels"]

@@ -310,7 +310,7 @@ class EpochBatches:
             yield [(self.epoch, p, order[p % self.num_items]) for p in positions[b * vpb:(b + 1) * vpb]]
 
 
-def _init_worker(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
     """Set up a DataLoader worker process.
 
     Stop signals are left to the main process: DeepSpeed's launcher sends SIGTERM to a rank's whole
@@ -354,7 +354,7 @@ class PretrainLoader:
             self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
             pin_memory=pin_memory, persistent_workers=workers > 0,
             prefetch_factor=d.prefetch_factor if workers > 0 else None,
-            worker_init_fn=_init_worker if workers > 0 else None,
+            worker_init_fn=init_worker if workers > 0 else None,
             # Own generator: worker seeds never consume the trainer's global torch RNG, so a resumed
             # run's RNG stream matches an uninterrupted one.
             generator=make_generator(_WORKER, cfg.train.seed, rank))
@@ -417,6 +417,11 @@ class PretrainLoader:
         self.skip_stats.load_state_dict(sd["skip_stats"])
 
 
+def wants_pinned_memory(cfg: Config) -> bool:
+    """Pinned host memory for the batches when the run trains on CUDA."""
+    return cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
+
+
 def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) -> PretrainLoader:
     """The pre-training loader of `rank` for data.dataset (bundled data is generated on first use).
 
@@ -424,8 +429,7 @@ def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
     :class:`ListFileError` (a :class:`DataError`) or :class:`DataError` before any worker starts.
     """
     items = None if cfg.data.dataset == "synthetic" else resolve_items(cfg, "train")
-    cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
-    return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=cuda)
+    return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg))
 
 
 __all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader",
