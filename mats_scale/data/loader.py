@@ -432,5 +432,5 @@ def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
     return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg))
 
 
-__all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader",
-           "bundled_root", "ensure_bundled", "resolve_items"]
+__all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader", "init_worker",
+           "bundled_root", "ensure_bundled", "resolve_items", "wants_pinned_memory"]
