@@ -20,95 +20,24 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from mats_scale.models.sizes import SIZES, ViTSize
+from mats_scale import tokens
+from mats_scale.errors import ConfigError, check_choice, check_open_unit, check_positive, fail
+from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
+from mats_scale.resources import config_path, shipped_configs
 
-# ImageNet statistics used for input normalisation (and undone for the pixel targets).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line: ``key=value: what is allowed``."""
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Config", "ConfigError", "ModelConfig", "load_config",
+           "load_config_or_exit", "load_config_text", "parse_args"]
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r}: {allowed}")
-
-
-def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        _fail(key, value, "allowed: " + ", ".join(map(str, choices)))
-
-
-def _check_open_unit(key: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        _fail(key, value, "must be in the open interval (0, 1)")
-
-
-def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
-
-
-@dataclass
-class ModelConfig:
-    size: str = "B"
-    """Model size from the registry: debug, S, B, L, H, g."""
-    num_frames: int = 16
-    """Frames per clip fed to the model (T)."""
-    img_size: int = 224
-    """Square input resolution (H = W)."""
-    tubelet_size: int = 2
-    """Frames per tubelet (t)."""
-    patch_size: Optional[int] = None
-    """Spatial patch size p; None takes the size's default (16, or 14 for g)."""
-    decoder_depth: Optional[int] = None
-    """Decoder blocks; None takes the size's default (4)."""
-    drop_path: float = 0.0
-    """Stochastic depth rate, linearly increasing over the encoder blocks."""
-    attn_impl: str = "sdpa"
-    """Attention kernel: sdpa (F.scaled_dot_product_attention) or math (explicit, for tests)."""
-    norm_pix_loss: bool = True
-    """Normalise pixel targets per patch and channel (VideoMAE); False regresses raw pixels."""
-
-    def __post_init__(self) -> None:
-        _check_choice("model.size", self.size, list(SIZES))
-        _check_choice("model.attn_impl", self.attn_impl, ["sdpa", "math"])
-        for key in ("num_frames", "img_size", "tubelet_size"):
-            _check_positive(f"model.{key}", getattr(self, key))
-        if self.patch_size is not None:
-            _check_positive("model.patch_size", self.patch_size)
-        if self.decoder_depth is not None:
-            _check_positive("model.decoder_depth", self.decoder_depth)
-        if not 0.0 <= self.drop_path < 1.0:
-            _fail("model.drop_path", self.drop_path, "must be in [0, 1)")
-        if self.num_frames % self.tubelet_size:
-            _fail("model.num_frames", self.num_frames,
-                  f"must be divisible by model.tubelet_size={self.tubelet_size}")
-        if self.img_size % self.patch:
-            _fail("model.img_size", self.img_size, f"must be divisible by the patch size {self.patch}")
-
-    @property
-    def arch(self) -> ViTSize:
-        return SIZES[self.size]
-
-    @property
-    def patch(self) -> int:
-        return self.patch_size if self.patch_size is not None else self.arch.patch_size
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """Token grid (T', H', W') = (T/t, H/p, W/p)."""
-        return (self.num_frames // self.tubelet_size, self.img_size // self.patch, self.img_size // self.patch)
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.grid
-        return t * h * w
+# The model section is the model's own argument dataclass (torch-free, next to the size registry).
+ModelConfig = ModelArgs
 
 
 @dataclass
 class MaskingConfig:
+    preset: str = ""
+    """Named preset that sets strategy, decoder and decoder_mode: tube (VideoMAE), tube+rc (VideoMAE V2),
+    tube+rc-lean, mats (EVEREST), mats+dual (ours); empty: set those keys yourself."""
     strategy: str = "tube"
     """Encoder token selection: tube (VideoMAE), random, or mats (motion-aware, EVEREST)."""
     ratio: float = 0.9
@@ -135,21 +64,27 @@ class MaskingConfig:
     """Frame selection: high-motion tokens = this top fraction of all candidate tokens by pixel score."""
 
     def __post_init__(self) -> None:
-        _check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
-        _check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
-        _check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
-        _check_choice("masking.score", self.score, ["embed", "pixel"])
+        if self.preset:
+            check_choice("masking.preset", self.preset, list(tokens.PRESETS))
+            for key, value in tokens.PRESETS[self.preset].items():
+                if getattr(self, key) != value:
+                    fail(f"masking.{key}", getattr(self, key),
+                         f"masking.preset={self.preset} sets {key}={value}; drop one of the two")
+        check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
+        check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
+        check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
+        check_choice("masking.score", self.score, ["embed", "pixel"])
         for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio", "frame_keep_ratio"):
-            _check_open_unit(f"masking.{key}", getattr(self, key))
+            check_open_unit(f"masking.{key}", getattr(self, key))
         if self.strategy == "mats" and self.decoder == "running_cell" and self.decoder_mode != "lean":
-            _fail("masking.decoder_mode", self.decoder_mode,
+            fail("masking.decoder_mode", self.decoder_mode,
                   "masking.strategy=mats with masking.decoder=running_cell needs lean (the reference mode "
                   "places mask tokens over a full-grid decoder mask that MATS does not keep)")
         if self.decoder == "running_cell" and not 1 <= int(4 * self.decoder_ratio) <= 3:
-            _fail("masking.decoder_ratio", self.decoder_ratio,
+            fail("masking.decoder_ratio", self.decoder_ratio,
                   "the running cell needs k = int(4 * ratio) in 1..3, i.e. a ratio in [0.25, 1)")
         if self.frame_alpha < 1.0:
-            _fail("masking.frame_alpha", self.frame_alpha, "must be >= 1")
+            fail("masking.frame_alpha", self.frame_alpha, "must be >= 1")
 
 
 @dataclass
@@ -188,20 +123,20 @@ class DataConfig:
     """Evaluation: spatial views per clip, 1 (centre) or 3 (along the long side; test_num_crop)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
+        check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
         for key in ("sampling_rate", "num_sample", "batch_size", "min_frames", "prefetch_factor", "eval_clips"):
-            _check_positive(f"data.{key}", getattr(self, key))
-        _check_positive("data.num_workers", self.num_workers, allow_zero=True)
-        _check_choice("data.eval_crops", self.eval_crops, [1, 3])
+            check_positive(f"data.{key}", getattr(self, key))
+        check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        check_choice("data.eval_crops", self.eval_crops, [1, 3])
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            _fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
+            fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:
-            _fail("data.batch_size", self.batch_size,
+            fail("data.batch_size", self.batch_size,
                   f"must be divisible by data.num_sample={self.num_sample} (clips per decoded video)")
         if self.dataset == "list" and not self.train_list:
-            _fail("data.train_list", self.train_list, "data.dataset=list needs a list file")
+            fail("data.train_list", self.train_list, "data.dataset=list needs a list file")
         if self.dataset == "folder" and not self.root:
-            _fail("data.root", self.root, "data.dataset=folder needs the directory to scan")
+            fail("data.root", self.root, "data.dataset=folder needs the directory to scan")
 
 
 @dataclass
@@ -224,15 +159,15 @@ class OptimConfig:
     """Fused AdamW kernel (torch's fused=True, CPU and CUDA); false uses the per-parameter loop."""
 
     def __post_init__(self) -> None:
-        _check_positive("optim.base_lr", self.base_lr)
-        _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
-        _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
-        _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive("optim.grad_accum", self.grad_accum)
+        check_positive("optim.base_lr", self.base_lr)
+        check_positive("optim.min_lr", self.min_lr, allow_zero=True)
+        check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("optim.grad_accum", self.grad_accum)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            _fail("optim.betas", list(self.betas), "must be two numbers in [0, 1)")
+            fail("optim.betas", list(self.betas), "must be two numbers in [0, 1)")
         if self.clip_grad is not None:
-            _check_positive("optim.clip_grad", self.clip_grad)
+            check_positive("optim.clip_grad", self.clip_grad)
 
 
 @dataclass
@@ -259,17 +194,17 @@ class TrainConfig:
     """With nan_policy=skip: consecutive skipped steps after which the run stops with an error."""
 
     def __post_init__(self) -> None:
-        _check_positive("train.steps", self.steps)
-        _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
-        _check_choice("train.precision", self.precision, ["auto", "fp32", "bf16"])
-        _check_choice("train.nan_policy", self.nan_policy, ["skip", "stop"])
-        _check_positive("train.save_every", self.save_every, allow_zero=True)
-        _check_positive("train.keep_last", self.keep_last)
-        _check_positive("train.max_nan_steps", self.max_nan_steps)
+        check_positive("train.steps", self.steps)
+        check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
+        check_choice("train.precision", self.precision, ["auto", "fp32", "bf16"])
+        check_choice("train.nan_policy", self.nan_policy, ["skip", "stop"])
+        check_positive("train.save_every", self.save_every, allow_zero=True)
+        check_positive("train.keep_last", self.keep_last)
+        check_positive("train.max_nan_steps", self.max_nan_steps)
         if not self.out_dir:
-            _fail("train.out_dir", self.out_dir, "must be a directory path")
+            fail("train.out_dir", self.out_dir, "must be a directory path")
         if not self.resume:
-            _fail("train.resume", self.resume, "allowed: auto, none, or a checkpoint directory")
+            fail("train.resume", self.resume, "allowed: auto, none, or a checkpoint directory")
 
 
 @dataclass
@@ -279,23 +214,24 @@ class ParallelConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3 (ignored by fsdp2 and none)."""
     offload_optimizer: bool = False
-    """ZeRO-3 optimizer states (and step) in CPU memory (ds_configs/zero3_offload.json)."""
+    """ZeRO-3 optimizer states (and step) in CPU memory (shipped template zero3_offload.json)."""
     ds_config: str = ""
-    """DeepSpeed JSON template; empty picks ds_configs/zero{stage}.json (zero3_offload.json with offload)."""
+    """DeepSpeed JSON template; empty picks the shipped mats_scale/ds_configs/zero{stage}.json
+    (zero3_offload.json with offload)."""
     checkpoint_encoder_every: int = 0
     """Activation checkpointing of every N-th encoder block (0: off, 1: all)."""
     checkpoint_decoder_every: int = 0
     """Activation checkpointing of every N-th decoder block (0: off, 1: all)."""
 
     def __post_init__(self) -> None:
-        _check_choice("parallel.backend", self.backend, ["none", "deepspeed", "fsdp2"])
-        _check_choice("parallel.zero_stage", self.zero_stage, [0, 1, 2, 3])
+        check_choice("parallel.backend", self.backend, ["none", "deepspeed", "fsdp2"])
+        check_choice("parallel.zero_stage", self.zero_stage, [0, 1, 2, 3])
         for key in ("checkpoint_encoder_every", "checkpoint_decoder_every"):
-            _check_positive(f"parallel.{key}", getattr(self, key), allow_zero=True)
+            check_positive(f"parallel.{key}", getattr(self, key), allow_zero=True)
         if self.offload_optimizer and self.zero_stage != 3:
-            _fail("parallel.offload_optimizer", True, "needs parallel.zero_stage=3")
+            fail("parallel.offload_optimizer", True, "needs parallel.zero_stage=3")
         if self.ds_config and not os.path.isfile(self.ds_config):
-            _fail("parallel.ds_config", self.ds_config, "no such file (a DeepSpeed JSON template)")
+            fail("parallel.ds_config", self.ds_config, "no such file (a DeepSpeed JSON template)")
 
 
 @dataclass
@@ -308,7 +244,7 @@ class LoggingConfig:
     """tqdm progress bar with ETA on rank 0 (stderr)."""
 
     def __post_init__(self) -> None:
-        _check_positive("logging.log_every", self.log_every)
+        check_positive("logging.log_every", self.log_every)
 
 
 @dataclass
@@ -325,36 +261,28 @@ class Config:
         # ---- cross-section checks of the distributed run (issue 5) ----
         if self.parallel.backend != "deepspeed":
             if self.parallel.offload_optimizer:
-                _fail("parallel.offload_optimizer", True, "needs parallel.backend=deepspeed")
+                fail("parallel.offload_optimizer", True, "needs parallel.backend=deepspeed")
             if self.parallel.ds_config:
-                _fail("parallel.ds_config", self.parallel.ds_config, "needs parallel.backend=deepspeed")
+                fail("parallel.ds_config", self.parallel.ds_config, "needs parallel.backend=deepspeed")
         # ---- end of issue 5 checks ----
         if self.masking.decoder == "running_cell":
             _, h, w = self.model.grid
             if h % 2 or w % 2:
-                _fail("model.img_size", self.model.img_size,
+                fail("model.img_size", self.model.img_size,
                       f"the running cell needs an even token grid, got {h}x{w} patches")
         self._check_masking_counts()
 
     def _check_masking_counts(self) -> None:
-        # ---- cross-field checks of the masking section (issue 3) ----
-        m, n = self.masking, self.model.num_tokens
-        if m.strategy == "mats":
-            n_keep, n_vis = int(m.keep_ratio * n), int((1.0 - m.ratio) * n)
-            if not 1 <= n_vis < n_keep:
-                _fail("masking.keep_ratio", m.keep_ratio,
-                      f"MATS must keep more tokens than the encoder sees: int(keep_ratio * N) = {n_keep} "
-                      f"vs int((1 - masking.ratio) * N) = {n_vis} visible (N={n}), and at least 1 visible")
-        else:
-            t, h, w = self.model.grid
-            n_mask = t * int(m.ratio * h * w) if m.strategy == "tube" else int(m.ratio * n)
-            if not 1 <= n_mask < n:
-                _fail("masking.ratio", m.ratio, f"masks {n_mask} of N={n} tokens; needs at least 1 masked "
-                      "and 1 visible")
+        # Token counts come from the one torch-free source the masking suite and profilers use.
+        m = self.masking
+        try:
+            tokens.selection_counts(m, tokens.TokenGrid.from_model(self.model))
+        except ValueError as e:
+            key = "keep_ratio" if m.strategy == "mats" else "ratio"
+            fail(f"masking.{key}", getattr(m, key), str(e))
         if m.frame_selection and self.model.tubelet_size != 2:
-            _fail("masking.frame_selection", True,
-                  f"selects frame pairs, so it needs model.tubelet_size=2 (got {self.model.tubelet_size})")
-        # ---- end of the masking checks ----
+            fail("masking.frame_selection", True,
+                 f"selects frame pairs, so it needs model.tubelet_size=2 (got {self.model.tubelet_size})")
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
@@ -364,20 +292,34 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
     merged = OmegaConf.structured(Config)
     try:
+        layers = []
         if path:
-            if not os.path.isfile(path):
-                raise ConfigError(f"--config={path!r}: no such file")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            found = config_path(path)
+            if found is None:
+                raise ConfigError(f"--config={path!r}: no such file, nor a shipped config "
+                                  f"(shipped: {', '.join(shipped_configs())})")
+            layers.append(OmegaConf.load(found))
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        # A masking preset is a layer under the file and the overrides: keys set explicitly win
+        # (and MaskingConfig refuses one that contradicts the preset).
+        preset = OmegaConf.select(OmegaConf.merge(*layers), "masking.preset", default="")
+        if preset in tokens.PRESETS:
+            merged = OmegaConf.merge(merged, {"masking": tokens.PRESETS[preset]})
+        merged = OmegaConf.merge(merged, *layers)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         raise ConfigError(f"{e.full_key}: unknown key") from None
     except (ValidationError, OmegaConfBaseException) as e:  # wrong type, bad YAML structure, ...
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e.msg).splitlines()[0]}") from None
+
+
+def load_config_text(text: str) -> Config:
+    """A Config from the YAML a run recorded (``config.yaml``, a checkpoint's ``meta.json``)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Optional[str], list[str]]:

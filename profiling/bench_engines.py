@@ -65,8 +65,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def overrides(args, engine: str) -> list[str]:
     return [f"model.size={args.size}", f"model.num_frames={args.frames}", f"model.img_size={args.img}",
-            "masking.strategy=mats", "masking.score=embed", "masking.decoder=running_cell",
-            "masking.decoder_mode=lean", f"data.batch_size={args.batch}", "data.dataset=synthetic",
+            "masking.preset=mats+dual", "masking.score=embed", f"data.batch_size={args.batch}",
+            "data.dataset=synthetic",
             "train.device=cpu", "train.precision=fp32", *ENGINES[engine]]
 
 
@@ -76,9 +76,9 @@ def worker(args) -> None:
     from mats_scale.config import load_config
     from mats_scale.data.inmemory import moving_square_clips, normalize
     from mats_scale.parallel.distributed import barrier, detect_env, init_distributed
-    from mats_scale.parallel.ds_config import resolve_ds_config
     from mats_scale.parallel.engine import build_engine
-    from mats_scale.train.loop import make_selector, seed_rank_streams
+    from mats_scale.train.loop import seed_rank_streams
+    from mats_scale.train.pretrain import PretrainTask
 
     names = args.engines.split(",")
     first = load_config(None, overrides(args, names[0]))
@@ -89,18 +89,16 @@ def worker(args) -> None:
     for name in names:
         cfg = load_config(None, overrides(args, name))
         case_env = detect_env(cfg.train, cfg.parallel)
-        ds = resolve_ds_config(cfg, env.world_size, bf16=False, cuda=False)[0] \
-            if cfg.parallel.backend == "deepspeed" else None
-        engine = build_engine(cfg, case_env, ds)
-        benches[name] = (engine, make_selector(cfg), seed_rank_streams(cfg.train.seed, env.rank, env.device))
+        task = PretrainTask(cfg)
+        engine = build_engine(cfg, case_env, task.model_spec())
+        benches[name] = (engine, task, seed_rank_streams(cfg.train.seed, env.rank, env.device))
 
     def step(name: str, i: int) -> float:
-        engine, select, gen = benches[name]
+        engine, task, gen = benches[name]
         video = clips[i % len(clips)]
         barrier()
         t0 = time.perf_counter()
-        sel = select(engine, video, {}, gen)
-        out = engine.forward(video, sel)
+        out = task.step(engine, {"video": video}, gen)  # the Trainer's micro-batch: scores, selection, forward
         engine.backward(out.loss)
         engine.step(1e-4)
         barrier()

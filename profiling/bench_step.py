@@ -1,12 +1,12 @@
 """Time one pre-training step (selection, forward, backward, optimizer) per masking setting.
 
     python profiling/bench_step.py                       # ViT-B, batch 2, 16x224, fp32
-    python profiling/bench_step.py --size S --runs 3 --setting mats-dual-lean --setting tube
+    python profiling/bench_step.py --size S --runs 3 --setting mats+dual --setting tube
 
 Default settings, measured in the same run with their steps interleaved (so machine load hits both):
-  tube-rc-ref     tube 0.9 + running cell 0.5, reference mode (the VideoMAE V2 setting; baseline)
-  mats-dual-lean  MATS embed scores (rho_pre 0.3, rho 0.9) + running cell 0.5, lean decoder
-Also available: tube, tube-rc-lean, mats, mats-pixel-dual-lean.
+  tube+rc     tube 0.9 + running cell 0.5, reference mode (the VideoMAE V2 setting; baseline)
+  mats+dual   MATS embed scores (rho_pre 0.3, rho 0.9) + running cell 0.5, lean decoder
+Also available: the other presets (tube, tube+rc-lean, mats) and mats+dual-pixel.
 
 Prints one JSON object: per setting the median step seconds (after warm-up), clips/s, the phase split
 (selection / forward+backward / optimizer), model FLOPs of the step (torch.utils.flop_counter, which
@@ -33,25 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from mats_scale.config import MaskingConfig, ModelConfig, OptimConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
-from mats_scale.masking import (
-    TokenGrid,
-    embed_motion_scores,
-    pixel_motion_scores,
-    select_tokens,
-    selection_counts,
-)
+from mats_scale.masking import TokenGrid, select_tokens, selection_counts
 from mats_scale.models.pretrain import build_pretrain_model
 from mats_scale.optim import build_adamw
+from mats_scale.tokens import PRESETS
 
-SETTINGS = {
-    "tube": dict(strategy="tube"),
-    "tube-rc-ref": dict(strategy="tube", decoder="running_cell", decoder_mode="reference"),
-    "tube-rc-lean": dict(strategy="tube", decoder="running_cell", decoder_mode="lean"),
-    "mats": dict(strategy="mats", score="embed"),
-    "mats-dual-lean": dict(strategy="mats", score="embed", decoder="running_cell", decoder_mode="lean"),
-    "mats-pixel-dual-lean": dict(strategy="mats", score="pixel", decoder="running_cell", decoder_mode="lean"),
-}
-BASELINE = "tube-rc-ref"
+# The project's masking presets (mats_scale.tokens.PRESETS), plus MATS + dual with the pixel score.
+SETTINGS = {**{name: dict(preset=name, **fields) for name, fields in PRESETS.items()},
+            "mats+dual-pixel": dict(preset="mats+dual", score="pixel", **PRESETS["mats+dual"])}
+BASELINE = "tube+rc"
 
 
 @dataclass
@@ -68,9 +58,9 @@ class Bench:
         scores = None
         if self.masking.strategy == "mats":
             if self.masking.score == "embed":
-                scores = embed_motion_scores(self.model.encoder.patch_embed, video)
+                scores = self.model.motion_scores(video)
             else:  # in training this runs in the data loader; timed here as part of the step
-                scores = pixel_motion_scores(raw, self.model.tubelet_size, self.model.patch_size)
+                scores = self.model.motion_scores(raw, "pixel")
         return select_tokens(self.masking, self.grid, video.shape[0], self.generator, scores)
 
     def step(self, video: torch.Tensor, raw: torch.Tensor) -> tuple[float, float, float]:
@@ -123,12 +113,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--setting", action="append", choices=sorted(SETTINGS),
-                    help=f"repeatable; default: {BASELINE} and mats-dual-lean")
+                    help=f"repeatable; default: {BASELINE} and mats+dual")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--unfused-adamw", action="store_true",
                     help="optim.fused=false: torch's per-parameter AdamW loop instead of the fused kernel")
     args = ap.parse_args(argv)
-    names = args.setting or [BASELINE, "mats-dual-lean"]
+    names = args.setting or [BASELINE, "mats+dual"]
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
         ap.error("--runs and --batch must be >= 1, --warmup >= 0")
 

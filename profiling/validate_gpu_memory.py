@@ -24,7 +24,6 @@ from mats_scale.profiling.cli import choices_list, policy_list, run
 def measure_on_gpu(wl) -> int:
     import torch
 
-    from mats_scale.masking import embed_motion_scores
     from mats_scale.profiling.workload import build_model, make_inputs, model_inputs
 
     model = build_model(wl, "cuda")
@@ -36,7 +35,7 @@ def measure_on_gpu(wl) -> int:
 
     def step():
         if wl.uses_embed_score:
-            embed_motion_scores(model.encoder.patch_embed, video)
+            model.motion_scores(video)
         out = model(*args)
         out.loss.backward()
 

@@ -15,6 +15,7 @@ DeepSpeed's own estimate for reference (it assumes 16-bit parameters, so it is n
 from __future__ import annotations
 
 import argparse
+import queue as queue_mod
 import gc
 import json
 import os
@@ -52,6 +53,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     import torch
 
     from mats_scale.config import ModelConfig, OptimConfig
+    from mats_scale.models.layers import Block
     from mats_scale.models.pretrain import PretrainVideoMAE
     from mats_scale.optim import build_adamw
     from mats_scale.parallel.deepspeed_engine import mark_zero3_leaf_modules
@@ -80,7 +82,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                     p.normal_(0.0, 0.02)
     model.reset_buffers()
     opt = build_adamw(model, OptimConfig(fused=not args.unfused_adam), total_batch=world)
-    mark_zero3_leaf_modules(model)  # as the project's DeepSpeed engine does
+    mark_zero3_leaf_modules(model, (Block,))  # as the project's DeepSpeed engine does
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)
 
@@ -158,12 +160,19 @@ def main(argv=None) -> int:
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+    results = []
+    while len(results) < world:  # a worker that dies never reports: stop instead of waiting
+        try:
+            results.append(queue.get(timeout=5))
+        except queue_mod.Empty:
+            if any(p.exitcode for p in procs):
+                break
     for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        print("error: a worker failed", file=sys.stderr)
+        p.join(timeout=60)
+    if len(results) < world or any(p.exitcode for p in procs):
+        print(f"error: a worker failed (exit codes {[p.exitcode for p in procs]})", file=sys.stderr)
         return 1
+    results.sort(key=lambda r: r["rank"])
 
     cfg = ModelConfig(size=args.size, num_frames=args.num_frames, img_size=args.img_size)
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)

@@ -20,9 +20,10 @@ import torch
 
 from mats_scale.config import load_config
 from mats_scale.data.inmemory import moving_square_clips, normalize
-from mats_scale.masking import Selection, TokenGrid, embed_motion_scores, tube_masking
+from mats_scale.masking import Selection, TokenGrid, tube_masking
+from mats_scale.models.pretrain import pretrain_spec
+from mats_scale.parallel.base import Engine
 from mats_scale.parallel.distributed import barrier, detect_env, init_distributed
-from mats_scale.parallel.ds_config import resolve_ds_config
 from mats_scale.parallel.engine import build_engine
 
 STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
@@ -66,16 +67,17 @@ def global_batches(cfg, n: int) -> list[tuple[torch.Tensor, Selection]]:
     return out
 
 
-def run_case(cfg, env, ds_config, batches, shard: bool, out_dir: str | None) -> dict:
+def run_case(cfg, env, batches, shard: bool, out_dir: str | None) -> dict:
     """Steps on this rank's share (shard=True) or on the whole batch; returns what rank 0 records."""
-    engine = build_engine(cfg, env, ds_config)
-    rec = {"init": engine.state_dict(), "applied": []}
+    engine = build_engine(cfg, env, pretrain_spec(cfg.model))
+    rec = {"init": engine.state_dict(), "applied": [], "is_engine": isinstance(engine, Engine),
+           "kind": engine.kind}
     micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
     mine = slice(env.rank * micro * accum, (env.rank + 1) * micro * accum) if shard else slice(None)
 
-    def motion_scores():  # MATS scores through the (sharded) patch embedding, outside forward
+    def motion_scores():  # MATS scores through the (sharded) model, outside forward
         with engine.autocast():
-            return embed_motion_scores(engine.module.encoder.patch_embed, batches[0][0][mine])
+            return engine.module.motion_scores(batches[0][0][mine])
 
     rec["scores_init"] = motion_scores()
     for i, (video, sel) in enumerate(batches):
@@ -85,7 +87,7 @@ def run_case(cfg, env, ds_config, batches, shard: bool, out_dir: str | None) -> 
         for m in range(accum):
             lo = (env.rank * accum + m) * micro if shard else m * micro
             part = slice(lo, lo + micro)
-            out = engine.forward(video[part], Selection(sel.visible_ids[part], sel.target_ids[part]))
+            out = engine.forward(video[part], sel.visible_ids[part], sel.target_ids[part])
             loss = out.loss * float("nan") if nan_step and (env.rank == 0 or not shard) else out.loss
             engine.backward(loss)
         rec["applied"].append(engine.step(LR, skip=nan_step).applied)
@@ -113,18 +115,15 @@ def main() -> None:
                     json.dump(ZERO3_ALL_PARTITIONED, f)
             barrier()
         case_env = detect_env(cfg.train, cfg.parallel)  # precision of this case
-        ds = None
-        if cfg.parallel.backend == "deepspeed":
-            ds, _ = resolve_ds_config(cfg, env.world_size, bf16=case_env.amp_dtype is not None, cuda=False)
         batches = global_batches(cfg, STEPS + 2)
-        results[name] = run_case(cfg, case_env, ds, batches, shard=True,
+        results[name] = run_case(cfg, case_env, batches, shard=True,
                                  out_dir=os.path.join(out, name) if name in SAVE else None)
         gc.collect()  # the case's engine is gone: free its memory before the next one
         if env.rank == 1 and name in CASES:  # rank 1's scores of its share, compared with the reference
             torch.save({k: results[name][k] for k in ("scores_init", "scores_final")},
                        os.path.join(out, f"{name}.rank1_scores.pt"))
     ref_cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH}", "parallel.backend=none"])
-    results["reference"] = run_case(ref_cfg, env, None, global_batches(ref_cfg, STEPS + 2), shard=False,
+    results["reference"] = run_case(ref_cfg, env, global_batches(ref_cfg, STEPS + 2), shard=False,
                                     out_dir=None)
     if env.is_writer:
         torch.save(results, os.path.join(out, "results.pt"))

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mats_scale.config import ModelConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
 from mats_scale.masking import TokenGrid, tube_masking
-from mats_scale.models.pretrain import build_pretrain_model
+from mats_scale.models.pretrain import build_pretrain_model, pretrain_spec
 from mats_scale.parallel.checkpointing import apply_activation_checkpointing
 
 CFG = ModelConfig(size="debug", num_frames=8, img_size=64, decoder_depth=2)
@@ -20,7 +20,8 @@ def _inputs():
 
 def _model(enc_every=0, dec_every=0):
     torch.manual_seed(0)
-    return apply_activation_checkpointing(build_pretrain_model(CFG), enc_every, dec_every)
+    return apply_activation_checkpointing(build_pretrain_model(CFG), pretrain_spec(CFG),
+                                          {"encoder": enc_every, "decoder": dec_every})
 
 
 def _saved_bytes(model, video, sel) -> int:

@@ -80,7 +80,7 @@ def test_launcher_rejects_bad_config_with_one_line_and_exit_2():
     assert lines == ["config error: masking.ratio=1.5: must be in the open interval (0, 1)"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "mats_scale" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(str(path), [])
     assert cfg.model.num_frames % cfg.model.tubelet_size == 0
@@ -92,7 +92,7 @@ def test_shipped_vit_g_config_fits_one_node_per_the_planner():
     from mats_scale.profiling.feasibility import NODES, check_config, engine_of
     from mats_scale.profiling.workload import Workload
 
-    cfg = load_config(str(ROOT / "configs" / "k400_vit_g_mats_dual.yaml"), [])
+    cfg = load_config(str(ROOT / "mats_scale" / "configs" / "k400_vit_g_mats_dual.yaml"), [])
     wl = Workload(cfg.model, cfg.masking, cfg.data.batch_size, torch.bfloat16,
                   (cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every))
     report = check_config(wl, engine_of(cfg.parallel), NODES["a100-80"])

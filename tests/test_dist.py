@@ -79,11 +79,17 @@ def test_motion_scores_through_the_sharded_patch_embedding(parity, name):
         torch.testing.assert_close(scores, ref[key], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [*CASES, *BF16_CASES, "reference"])
+def test_every_engine_satisfies_the_engine_protocol(parity, name):
+    rec = parity[1][name]
+    kind = "none" if name == "reference" else "fsdp2" if name.startswith("fsdp2") else "deepspeed"
+    assert rec["is_engine"] and rec["kind"] == kind
+
+
 @pytest.mark.parametrize("name", sorted(SAVE))
 def test_sharded_checkpoint_consolidates_to_the_trained_weights(parity, name):
     out, results, _ = parity
-    backend = "fsdp2" if name.startswith("fsdp2") else "deepspeed"
-    sd = consolidate_checkpoint(backend, str(out / name / "engine"))
+    sd = consolidate_checkpoint(results[name]["kind"], str(out / name / "engine"))
     assert _max_diff(sd, results[name]["final"]) == 0.0
 
 

@@ -5,7 +5,7 @@ import torch
 
 from mats_scale.config import MaskingConfig, ModelConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
-from mats_scale.masking import TokenGrid, embed_motion_scores, motion_scores, pixel_motion_scores, select_tokens
+from mats_scale.masking import TokenGrid, embed_motion_scores, pixel_motion_scores, select_tokens
 from mats_scale.masking.common import ids_to_mask
 from mats_scale.models.layers import gather_patches, patchify
 from mats_scale.models.pretrain import build_pretrain_model
@@ -32,13 +32,10 @@ def _model_and_clip():
 def test_every_setting_trains_the_model(setting):
     model, video = _model_and_clip()
     cfg, grid = MaskingConfig(**setting), TokenGrid.from_model(MODEL)
-    scores = motion_scores(cfg, model.encoder.patch_embed, video)
+    scores = model.motion_scores(video, cfg.score) if cfg.strategy == "mats" else None
     if cfg.strategy == "mats":
         assert torch.equal(scores, embed_motion_scores(model.encoder.patch_embed, video))
-        pixel = MaskingConfig(**setting, score="pixel")
-        assert torch.equal(motion_scores(pixel, model.encoder.patch_embed, video), pixel_motion_scores(video, 2, 16))
-    else:
-        assert scores is None
+        assert torch.equal(model.motion_scores(video, "pixel"), pixel_motion_scores(video, 2, 16))
     sel = select_tokens(cfg, grid, 2, torch.Generator().manual_seed(0), scores)
     out = model(video, *sel)
     out.loss.backward()

@@ -15,7 +15,8 @@ from launch_util import PRETRAIN, ROOT, TINY, env, metric_runs
 
 from mats_scale.config import ConfigError, load_config
 from mats_scale.parallel.distributed import DistEnv
-from mats_scale.parallel.ds_config import DS_CONFIG_DIR, resolve_ds_config
+from mats_scale.parallel.ds_config import resolve_ds_config
+from mats_scale.resources import ds_template
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager
 from mats_scale.train.export import main as export_main
 from mats_scale.train.loop import TrainingError, train
@@ -169,7 +170,7 @@ def test_unusable_checkpoints_are_refused_with_the_reason(tmp_path):
 
 
 # ---- DeepSpeed config templates ------------------------------------------------------------------
-@pytest.mark.parametrize("template", sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+@pytest.mark.parametrize("template", sorted(p.name for p in Path(ds_template("")).glob("*.json")))
 def test_every_template_resolves_from_the_typed_config(template):
     stage = int(template[4])
     extra = ["parallel.offload_optimizer=true"] if "offload" in template else []

@@ -17,12 +17,12 @@ from mats_scale.masking.running_cell import (
     lean_target_range,
     running_cell_drop,
 )
-from mats_scale.masking.select import motion_scores, select_tokens, selection_counts
+from mats_scale.masking.select import select_tokens, selection_counts
 from mats_scale.masking.tube import tube_masking
 
 __all__ = [
     "Selection", "TokenGrid", "candidate_frame_count", "decoder_kept_count", "draw_phases", "dual_masking",
     "embed_motion_scores", "finetune_selection", "lean_target_range", "mats_dual_selection",
-    "mats_selection", "motion_scores", "pixel_motion_scores", "random_masking", "running_cell_drop", "select_frames",
+    "mats_selection", "pixel_motion_scores", "random_masking", "running_cell_drop", "select_frames",
     "select_tokens", "selection_counts", "tube_masking", "weighted_sample_without_replacement",
 ]

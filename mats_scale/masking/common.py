@@ -1,32 +1,12 @@
-"""Shared types of the masking strategies."""
+"""Shared types of the masking strategies (TokenGrid lives in the torch-free ``mats_scale.tokens``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
-
-@dataclass(frozen=True)
-class TokenGrid:
-    """Token grid (T', H', W') of a clip; token (t, h, w) has flat id (t * H' + h) * W' + w."""
-
-    t: int
-    h: int
-    w: int
-
-    @property
-    def spatial(self) -> int:
-        return self.h * self.w
-
-    @property
-    def num_tokens(self) -> int:
-        return self.t * self.h * self.w
-
-    @classmethod
-    def from_model(cls, model_cfg) -> "TokenGrid":
-        return cls(*model_cfg.grid)
+from mats_scale.tokens import TokenGrid
 
 
 class Selection(NamedTuple):

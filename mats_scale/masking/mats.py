@@ -11,23 +11,8 @@ from __future__ import annotations
 import torch
 
 from mats_scale.masking.common import Selection, TokenGrid, rand, sorted_ids
-from mats_scale.masking.running_cell import CELL, cell_drop_count, draw_phases, running_cell_drop
-
-
-def mats_counts(num_tokens: int, ratio: float, keep_ratio: float) -> tuple[int, int]:
-    """(n_vis, n_targets) per clip of MATS pre-training selection."""
-    n_keep = int(keep_ratio * num_tokens)
-    n_vis = int((1.0 - ratio) * num_tokens)
-    if not 1 <= n_vis < n_keep:
-        raise ValueError(f"MATS keeps int(keep_ratio * N) = {n_keep} tokens but the encoder needs "
-                         f"int((1 - ratio) * N) = {n_vis} of them (N={num_tokens}); need 1 <= visible < kept")
-    return n_vis, n_keep - n_vis
-
-
-def mats_dual_target_count(num_targets: int, decoder_ratio: float) -> int:
-    """M = n_t - floor(n_t * k / 4): the running cell drops k of every 4 positions, so MATS + dual
-    masking keeps the same fraction of the MATS targets (157 of 314 at rho_d = 0.5)."""
-    return num_targets - num_targets * cell_drop_count(decoder_ratio) // CELL
+from mats_scale.masking.running_cell import draw_phases, running_cell_drop
+from mats_scale.tokens import finetune_count, mats_counts, mats_dual_target_count
 
 
 def top_motion(scores: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -85,5 +70,5 @@ def finetune_selection(scores: torch.Tensor, keep_ratio: float, keep_all: bool =
         return torch.arange(N, device=scores.device).expand(B, N).contiguous()
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"fine-tuning keep_ratio={keep_ratio!r}: must be in (0, 1]")
-    n = max(1, int(keep_ratio * N))
+    n = finetune_count(N, keep_ratio)
     return sorted_ids(scores.argsort(dim=1, descending=True, stable=True)[:, :n])

@@ -23,24 +23,13 @@ from typing import Optional
 import torch
 
 from mats_scale.masking.common import Selection, TokenGrid, ids_to_mask
-
-CELL = 4  # positions of the 2x2 cell, and the period of the running cell in slices
-
-
-def cell_drop_count(ratio: float) -> int:
-    """k = int(4 * rho_d): positions dropped per 2x2 cell; only 1..3 are meaningful."""
-    k = int(CELL * ratio)
-    if not 1 <= k <= CELL - 1:
-        raise ValueError(f"running-cell decoder ratio={ratio!r}: k = int(4 * ratio) = {k} must be in 1..3, "
-                         "i.e. a ratio in [0.25, 1)")
-    return k
-
-
-def check_even_grid(grid: TokenGrid) -> None:
-    if grid.h % 2 or grid.w % 2:
-        raise ValueError(f"running-cell decoder masking needs an even token grid, got {grid.h}x{grid.w} "
-                         "patches (odd grids are refused, not padded)")
-
+from mats_scale.tokens import (  # noqa: F401 - counts are torch-free, re-exported here
+    CELL,
+    cell_drop_count,
+    check_even_grid,
+    decoder_kept_count,
+    lean_target_range,
+)
 
 def draw_phases(batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """One phase in 0..3 per clip: (B,) int64 on the generator's device."""
@@ -58,40 +47,6 @@ def running_cell_drop(grid: TokenGrid, ratio: float, phases: torch.Tensor) -> to
     j = 2 * (h % 2) + (w % 2)  # (1, H', W'): the cell entry each position reads
     queue_pos = (j + t + 1 + phases.view(-1, 1, 1, 1)) % CELL  # (B, T', H', W')
     return (queue_pos < k).flatten(1)  # q[i] = 1 (dropped) iff i < k
-
-
-def decoder_kept_count(grid: TokenGrid, ratio: float) -> int:
-    """K: decoder-kept tokens per clip (fixed: every slice keeps (4-k)/4 of an even grid)."""
-    check_even_grid(grid)
-    return grid.t * grid.spatial * (CELL - cell_drop_count(ratio)) // CELL
-
-
-def _kept_per_position(grid: TokenGrid, ratio: float) -> torch.Tensor:
-    """(4, H'W'): in how many slices each spatial position is decoder-kept, for each phase."""
-    drop = running_cell_drop(grid, ratio, torch.arange(CELL)).view(CELL, grid.t, grid.spatial)
-    return (~drop).sum(dim=1)
-
-
-def lean_target_range(grid: TokenGrid, ratio: float, decoder_ratio: float, strategy: str) -> tuple[int, int]:
-    """(min, max) number of loss positions (encoder-masked AND decoder-kept) per clip.
-
-    loss = K - |visible AND kept|. Tube: the visible set is n_vis spatial positions in every slice, so
-    |visible AND kept| is the sum of their per-position kept counts; the extremes take the n_vis
-    smallest / largest counts over the 4 phases (equal when T' % 4 == 0). Random: any n_vis tokens.
-    Computed without random numbers (the profilers call it).
-    """
-    K = decoder_kept_count(grid, decoder_ratio)
-    if strategy == "tube":
-        n_vis_spatial = grid.spatial - int(ratio * grid.spatial)
-        counts = _kept_per_position(grid, decoder_ratio).sort(dim=1).values  # (4, HW) ascending
-        low = counts[:, :n_vis_spatial].sum(dim=1).min().item()
-        high = counts[:, grid.spatial - n_vis_spatial:].sum(dim=1).max().item()
-        return K - high, K - low
-    if strategy == "random":
-        n = grid.num_tokens
-        n_vis = n - int(ratio * n)
-        return K - min(n_vis, K), K - max(0, n_vis - (n - K))
-    raise ValueError(f"lean running-cell targets are defined for tube and random, not {strategy!r}")
 
 
 def dual_masking(grid: TokenGrid, visible_ids: torch.Tensor, decoder_ratio: float, mode: str,

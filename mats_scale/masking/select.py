@@ -12,46 +12,25 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from mats_scale.config import MaskingConfig
+from mats_scale import tokens
 from mats_scale.masking.common import Selection, TokenGrid
-from mats_scale.masking.mats import mats_counts, mats_dual_selection, mats_dual_target_count, mats_selection
-from mats_scale.masking.motion import embed_motion_scores, pixel_motion_scores
+from mats_scale.masking.mats import mats_dual_selection, mats_selection
 from mats_scale.masking.random_mask import random_masking
-from mats_scale.masking.running_cell import decoder_kept_count, draw_phases, dual_masking, lean_target_range
+from mats_scale.masking.running_cell import draw_phases, dual_masking, lean_target_range
 from mats_scale.masking.tube import tube_masking
 
-
-def _check_combination(cfg: MaskingConfig) -> None:
-    # Config validation refuses this too; the check here covers configs built by hand.
-    if cfg.strategy == "mats" and cfg.decoder == "running_cell" and cfg.decoder_mode != "lean":
-        raise ValueError("masking.decoder_mode='reference' is not defined with masking.strategy=mats: "
-                         "MATS + running cell needs masking.decoder_mode=lean")
+if TYPE_CHECKING:
+    from mats_scale.config import MaskingConfig
 
 
 def selection_counts(cfg: MaskingConfig, grid: TokenGrid) -> tuple[int, int]:
-    """(visible ids, target ids) per clip for `cfg` on `grid`, without drawing random numbers."""
-    _check_combination(cfg)
-    n = grid.num_tokens
-    if cfg.strategy == "mats":
-        n_vis, n_tgt = mats_counts(n, cfg.ratio, cfg.keep_ratio)
-        if cfg.decoder == "running_cell":
-            n_tgt = mats_dual_target_count(n_tgt, cfg.decoder_ratio)
-        return n_vis, n_tgt
-    if cfg.strategy == "tube":
-        n_mask = grid.t * int(cfg.ratio * grid.spatial)
-    elif cfg.strategy == "random":
-        n_mask = int(cfg.ratio * n)
-    else:
-        raise ValueError(f"masking.strategy={cfg.strategy!r}: allowed: tube, random, mats")
-    if cfg.decoder == "none":
-        return n - n_mask, n_mask
-    if cfg.decoder_mode == "reference":
-        return n - n_mask, decoder_kept_count(grid, cfg.decoder_ratio)
-    return n - n_mask, lean_target_range(grid, cfg.ratio, cfg.decoder_ratio, cfg.strategy)[1]
+    """(visible ids, target ids) per clip for `cfg` on `grid`, without drawing random numbers
+    (the torch-free :func:`mats_scale.tokens.selection_counts`)."""
+    return tokens.selection_counts(cfg, grid)
 
 
 def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generator: torch.Generator,
@@ -62,7 +41,7 @@ def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generato
     pixel_motion_scores); the result lives on the scores' device, otherwise on the generator's.
     Shapes always equal :func:`selection_counts`.
     """
-    _check_combination(cfg)
+    tokens.check_combination(cfg)
     if cfg.strategy == "mats":
         if scores is None:
             raise ValueError("masking.strategy=mats needs motion scores (B, N)")
@@ -87,14 +66,3 @@ def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generato
     out = dual_masking(grid, sel.visible_ids, cfg.decoder_ratio, "lean", phases, num_targets=high)
     # Fixed loss count (tube with T' % 4 == 0): every weight is 1 by construction.
     return out._replace(target_weights=None) if low == high else out
-
-
-def motion_scores(cfg: MaskingConfig, patch_embed: torch.nn.Module, video: torch.Tensor) -> Optional[torch.Tensor]:
-    """The scores :func:`select_tokens` needs for `cfg`: None unless ``strategy=mats``; then
-    ``embed_motion_scores`` (``score=embed``) or ``pixel_motion_scores`` (``score=pixel``, normally
-    computed in the data loader on the raw clip instead) on `video` (B, C, T, H, W)."""
-    if cfg.strategy != "mats":
-        return None
-    if cfg.score == "embed":
-        return embed_motion_scores(patch_embed, video)
-    return pixel_motion_scores(video, patch_embed.tubelet_size, patch_embed.patch_size)

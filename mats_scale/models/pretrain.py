@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mats_scale.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from mats_scale.models.layers import (
     Block,
     PatchEmbed3D,
@@ -32,6 +31,9 @@ from mats_scale.models.layers import (
     init_vit_module,
     sincos_table,
 )
+from mats_scale.masking.motion import embed_motion_scores, pixel_motion_scores
+from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
+from mats_scale.models.spec import InitMixin, ModelSpec, build_model
 
 NORM_EPS = 1e-6
 
@@ -57,7 +59,7 @@ def pixel_targets(patches: torch.Tensor, in_chans: int, normalize: bool) -> torc
 
 
 class VideoEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, in_chans: int = 3) -> None:
+    def __init__(self, cfg: ModelArgs, in_chans: int = 3) -> None:
         super().__init__()
         arch = cfg.arch
         self.embed_dim = arch.embed_dim
@@ -84,14 +86,13 @@ class VideoEncoder(nn.Module):
 
 
 class VideoDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, out_dim: int) -> None:
+    def __init__(self, cfg: ModelArgs, out_dim: int) -> None:
         super().__init__()
         arch = cfg.arch
-        depth = cfg.decoder_depth if cfg.decoder_depth is not None else arch.decoder_depth
         self.blocks = nn.ModuleList(
             Block(dim=arch.decoder_dim, num_heads=arch.decoder_heads, mlp_dim=arch.decoder_mlp_dim,
                   fused_attn=cfg.attn_impl == "sdpa", norm_eps=NORM_EPS)
-            for _ in range(depth)
+            for _ in range(cfg.decoder_blocks)
         )
         self.norm = nn.LayerNorm(arch.decoder_dim, eps=NORM_EPS)
         self.head = nn.Linear(arch.decoder_dim, out_dim)
@@ -103,13 +104,12 @@ class VideoDecoder(nn.Module):
         return self.head(self.norm(x[:, -num_pred:]))
 
 
-class PretrainVideoMAE(nn.Module):
-    def __init__(self, cfg: ModelConfig, in_chans: int = 3) -> None:
+class PretrainVideoMAE(InitMixin, nn.Module):
+    def __init__(self, cfg: ModelArgs, in_chans: int = 3) -> None:
         super().__init__()
         arch = cfg.arch
         self.in_chans = in_chans
         self.tubelet_size, self.patch_size = cfg.tubelet_size, cfg.patch
-        self.grid = cfg.grid
         self.norm_pix_loss = cfg.norm_pix_loss
         self.out_dim = in_chans * cfg.tubelet_size * cfg.patch ** 2
 
@@ -140,12 +140,19 @@ class PretrainVideoMAE(nn.Module):
         if m is self:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def init_weights(self) -> None:
-        self.reset_buffers()
-        for m in self.modules():
-            self.init_module(m)
-
     # ---- forward --------------------------------------------------------------------------
+    def motion_scores(self, video: torch.Tensor, score: str = "embed") -> torch.Tensor:
+        """MATS motion scores (B, N) of `video` (B, C, T, H, W), no gradient.
+
+        ``embed``: L2 between the patch embeddings of consecutive tubelets (the paper), run through
+        this model's own patch embedding; ``pixel``: the same on raw pixels. A method of the root
+        module, so sharded engines gather the patch embedding as in any forward (FSDP2 registers it
+        as a forward method, ZeRO-3 fetches through the module hooks).
+        """
+        if score == "embed":
+            return embed_motion_scores(self.encoder.patch_embed, video)
+        return pixel_motion_scores(video, self.tubelet_size, self.patch_size)
+
     def forward(self, video: torch.Tensor, visible_ids: torch.Tensor, target_ids: torch.Tensor,
                 target_weights: Optional[torch.Tensor] = None) -> PretrainOutput:
         B = video.shape[0]
@@ -175,21 +182,23 @@ class PretrainVideoMAE(nn.Module):
         return PretrainOutput(loss, pred, target)
 
 
-def build_pretrain_model(cfg: ModelConfig, *, device: torch.device | str | None = None,
-                         init: bool = True) -> PretrainVideoMAE:
-    """Build on ``meta``, then (unless `device` is meta) materialise on `device` and initialise.
+def pretrain_spec(cfg: ModelArgs) -> ModelSpec:
+    """The pre-training model as the engines see it: blocks of the encoder and the decoder; the patch
+    embedding is a unit of its own (motion scores call it alone)."""
+    return ModelSpec(
+        name=f"pretrain-{cfg.size}",
+        build=lambda: PretrainVideoMAE(cfg),
+        block_types=(Block,),
+        block_groups=lambda m: {"encoder": m.encoder.blocks, "decoder": m.decoder.blocks},
+        extra_units=lambda m: [m.encoder.patch_embed],
+        forward_methods=("motion_scores",),
+    )
 
-    Structure never allocates or draws random numbers, so a model built here and one built on meta,
-    moved with ``to_empty`` and initialised with ``init_weights`` are identical for the same seed.
-    """
-    with torch.device("meta"):
-        model = PretrainVideoMAE(cfg)
-    device = torch.device(device) if device is not None else torch.get_default_device()
-    if device.type != "meta":
-        model.to_empty(device=device)
-        if init:
-            model.init_weights()
-    return model
+
+def build_pretrain_model(cfg: ModelArgs, *, device: torch.device | str | None = None,
+                         init: bool = True) -> PretrainVideoMAE:
+    """:func:`~mats_scale.models.spec.build_model` of :func:`pretrain_spec` (meta, then `device`)."""
+    return build_model(pretrain_spec(cfg), device, init=init)
 
 
 def count_params(module: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """Model size registry: one place for every ViT shape (DESIGN.md "Model sizes").
 
 All sizes share: fixed 1-D sin-cos position embeddings (the VideoMAE table), q/v-only qkv bias,
-LayerNorm eps 1e-6, tubelet 2 and a decoder of depth 4. `debug` is a toy size for tests.
+LayerNorm eps 1e-6 and a decoder of depth 4 (the tubelet size is a model argument, models/args.py). `debug` is a toy size for tests.
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ class ViTSize:
     decoder_dim: int
     decoder_heads: int
     decoder_depth: int = 4
-    tubelet_size: int = 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
 
     @property
     def decoder_mlp_dim(self) -> int:

@@ -2,14 +2,17 @@
 
 Non-reentrant ``torch.utils.checkpoint`` through PyTorch's own ``checkpoint_wrapper``, whose
 state-dict hooks strip the wrapper prefix, so checkpoints load with or without it. The policy is
-every-N-th block, separately for encoder and decoder: N=1 checkpoints every block, N=2 every other
-block (blocks 0, 2, 4, ...), 0 none.
+every-N-th block per named block group of the model's spec (``encoder``, ``decoder``): N=1
+checkpoints every block, N=2 every other block (blocks 0, 2, 4, ...), 0 none.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+from mats_scale.config import ParallelConfig
+from mats_scale.models.spec import ModelSpec
 
 
 def wrap_every_nth(blocks: nn.ModuleList, every: int) -> int:
@@ -25,8 +28,20 @@ def wrap_every_nth(blocks: nn.ModuleList, every: int) -> int:
     return wrapped
 
 
-def apply_activation_checkpointing(model: nn.Module, encoder_every: int, decoder_every: int) -> nn.Module:
-    """Checkpoint every N-th block of ``model.encoder.blocks`` and ``model.decoder.blocks``."""
-    wrap_every_nth(model.encoder.blocks, encoder_every)
-    wrap_every_nth(model.decoder.blocks, decoder_every)
+def checkpoint_policy(parallel: ParallelConfig) -> dict[str, int]:
+    """Block group -> every N (``parallel.checkpoint_encoder_every`` / ``checkpoint_decoder_every``)."""
+    return {"encoder": parallel.checkpoint_encoder_every, "decoder": parallel.checkpoint_decoder_every}
+
+
+def apply_activation_checkpointing(model: nn.Module, spec: ModelSpec, policy: dict[str, int]) -> nn.Module:
+    """Checkpoint every N-th block of each of the spec's block groups that `policy` names; a group the
+    model does not have (a classifier has no decoder) is ignored."""
+    groups = spec.block_groups(model)
+    for name, every in policy.items():
+        if name in groups:
+            wrap_every_nth(groups[name], every)
     return model
+
+
+def apply_checkpoint_policy(model: nn.Module, spec: ModelSpec, parallel: ParallelConfig) -> nn.Module:
+    return apply_activation_checkpointing(model, spec, checkpoint_policy(parallel))

@@ -19,18 +19,18 @@ import glob
 import logging
 import math
 import os
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
-from mats_scale.config import Config
-from mats_scale.masking import Selection
-from mats_scale.models.pretrain import PretrainOutput, PretrainVideoMAE, build_pretrain_model
-from mats_scale.models.layers import Block
+from mats_scale.config import Config, ParallelConfig
+from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.optim import build_adamw, param_groups, peak_lr, total_batch
+from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_prefix
+from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
-from mats_scale.parallel.engine import StepResult, apply_checkpointing, clip_and_norm, strip_wrapper_prefix
+from mats_scale.parallel.ds_config import resolve_ds_config
 
 
 def _quiet_deepspeed() -> None:
@@ -40,18 +40,18 @@ def _quiet_deepspeed() -> None:
         logger.setLevel(logging.WARNING)
 
 
-def mark_zero3_leaf_modules(model: nn.Module) -> None:
+def mark_zero3_leaf_modules(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> None:
     """ZeRO-3 fetches each transformer block's parameters at once (DeepSpeed "leaf" modules) instead
     of one module at a time: 4 fetches fewer per ViT block, each a synchronisation point between the
     ranks (ZeRO-3 / ZeRO-0 step time 1.61x -> 1.46x for ViT-S on 2 CPU processes,
     profiling/bench_engines.py). The gathered window grows to one block (modelled by the profiler)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, [Block])
+    set_z3_leaf_modules(model, list(block_types))
 
 
 @torch.no_grad()
-def build_zero3_model(cfg: Config, env: DistEnv, ds_config: dict) -> PretrainVideoMAE:
+def build_zero3_model(spec: ModelSpec, env: DistEnv, ds_config: dict) -> nn.Module:
     """Partitioned build + module-by-module init on rank 0 (see the module docstring)."""
     import deepspeed
 
@@ -59,7 +59,7 @@ def build_zero3_model(cfg: Config, env: DistEnv, ds_config: dict) -> PretrainVid
     # generator; restore its state so the init below draws the same numbers as init_weights().
     rng = torch.get_rng_state()
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = PretrainVideoMAE(cfg.model)
+        model = spec.build()
     torch.set_rng_state(rng)
     for m in model.modules():  # non-persistent buffers are not partitioned: put them on the device
         for name, buf in m._buffers.items():
@@ -76,21 +76,45 @@ def build_zero3_model(cfg: Config, env: DistEnv, ds_config: dict) -> PretrainVid
     return model
 
 
+def resolved_ds_config(cfg: Config, env: DistEnv) -> dict:
+    ds, _ = resolve_ds_config(cfg, env.world_size, bf16=env.amp_dtype is not None, cuda=env.device.type == "cuda")
+    return ds
+
+
 class DeepSpeedEngine:
-    def __init__(self, cfg: Config, env: DistEnv, ds_config: dict) -> None:
+    kind = "deepspeed"
+
+    @classmethod
+    def states_label(cls, parallel: ParallelConfig) -> str:
+        return f"zero{parallel.zero_stage}" + ("-offload" if parallel.offload_optimizer else "")
+
+    @classmethod
+    def describe(cls, cfg: Config) -> str:
+        return f"deepspeed-{cls.states_label(cfg.parallel)}"
+
+    @classmethod
+    def run_files(cls, cfg: Config, env: DistEnv) -> dict[str, dict]:
+        return {"ds_config.json": resolved_ds_config(cfg, env)}
+
+    @classmethod
+    def build(cls, cfg: Config, env: DistEnv, spec: ModelSpec) -> DeepSpeedEngine:
+        return cls(cfg, env, spec)
+
+    def __init__(self, cfg: Config, env: DistEnv, spec: ModelSpec) -> None:
         import deepspeed
 
         _quiet_deepspeed()
         self.cfg, self.env = cfg, env
         self.stage = cfg.parallel.zero_stage
-        self.name = f"deepspeed-zero{self.stage}" + ("-offload" if cfg.parallel.offload_optimizer else "")
+        self.name = self.describe(cfg)
+        ds_config = resolved_ds_config(cfg, env)
         if self.stage == 3:
-            model = build_zero3_model(cfg, env, ds_config)
+            model = build_zero3_model(spec, env, ds_config)
         else:
-            model = build_pretrain_model(cfg.model, device=env.device)
-        apply_checkpointing(model, cfg)
+            model = build_model(spec, env.device)
+        apply_checkpoint_policy(model, spec, cfg.parallel)
         if self.stage == 3:
-            mark_zero3_leaf_modules(model)
+            mark_zero3_leaf_modules(model, spec.block_types)
         batch = total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)
         if cfg.parallel.offload_optimizer and env.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -121,8 +145,8 @@ class DeepSpeedEngine:
 
         return autocast_if_enabled(self.ds)
 
-    def forward(self, video: torch.Tensor, sel: Selection) -> PretrainOutput:
-        return self.ds(video, *sel)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps

@@ -1,4 +1,4 @@
-"""DeepSpeed JSON: a template from ds_configs/ whose batch, clipping, precision and ZeRO fields are
+"""DeepSpeed JSON: a template (shipped in ``mats_scale/ds_configs/``, or the user's) whose batch, clipping, precision and ZeRO fields are
 filled from the typed config (STYLE.md 8: a batch size lives in one place).
 
 A template marks derived fields ``"auto"`` or leaves them out. A template value that contradicts the
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.optim import total_batch
+from mats_scale.resources import ds_template
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 AUTO = "auto"
 
 
@@ -27,7 +26,7 @@ def template_path(cfg: Config) -> str:
     if cfg.parallel.ds_config:
         return cfg.parallel.ds_config
     name = "zero3_offload.json" if cfg.parallel.offload_optimizer else f"zero{cfg.parallel.zero_stage}.json"
-    return str(DS_CONFIG_DIR / name)
+    return ds_template(name)
 
 
 def load_template(path: str) -> dict:

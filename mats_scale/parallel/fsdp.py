@@ -1,9 +1,10 @@
 """FSDP2 engine: ``torch.distributed.fsdp.fully_shard`` applied from outside, meta-device init, DCP.
 
-Order (torchtitan ``parallelize``): activation checkpointing, then ``fully_shard`` on the patch
-embedding (its own unit, so MATS can call it for motion scores outside the root forward), on every
-encoder and decoder block, then on the root; ``to_empty`` materialises the shards and
-:func:`init_sharded` fills them. bf16 runs use FSDP2's mixed precision (no autocast): bf16 parameter
+Order (torchtitan ``parallelize``): activation checkpointing, then ``fully_shard`` on the spec's units
+(extra units such as the patch embedding, then every transformer block), then on the root, whose
+extra forward methods (``motion_scores``) are registered with ``register_fsdp_forward_method`` so they
+unshard parameters like ``forward``; ``to_empty`` materialises the shards and :func:`init_sharded`
+fills them. bf16 runs use FSDP2's mixed precision (no autocast): bf16 parameter
 all-gathers and compute, fp32 gradient reduce-scatter and fp32 master shards.
 """
 
@@ -23,17 +24,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mats_scale.config import Config
-from mats_scale.models.pretrain import PretrainVideoMAE, build_pretrain_model
+from mats_scale.config import Config, ParallelConfig
+from mats_scale.models.spec import ModelSpec, build_model
+from mats_scale.parallel.base import strip_wrapper_prefix
+from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
-from mats_scale.parallel.engine import LocalEngine, apply_checkpointing, strip_wrapper_prefix
+from mats_scale.parallel.local import LocalEngine
 
 
 @torch.no_grad()
-def init_sharded(model: PretrainVideoMAE, device: torch.device) -> None:
+def init_sharded(model: nn.Module, device: torch.device) -> None:
     """Initialise a sharded model exactly as ``model.init_weights()`` initialises an unsharded one.
 
     Random init applied to DTensor shards draws each shard from the local generator: on CPU (no
@@ -62,11 +65,15 @@ def init_sharded(model: PretrainVideoMAE, device: torch.device) -> None:
 
 
 class FSDP2Engine(LocalEngine):
-    name = "fsdp2"
+    kind = "fsdp2"
 
     @classmethod
-    def build(cls, cfg: Config, env: DistEnv) -> "FSDP2Engine":
-        model = apply_checkpointing(build_pretrain_model(cfg.model, device="meta"), cfg)
+    def states_label(cls, parallel: ParallelConfig) -> str:
+        return "fsdp2"
+
+    @classmethod
+    def build(cls, cfg: Config, env: DistEnv, spec: ModelSpec) -> FSDP2Engine:
+        model = apply_checkpoint_policy(build_model(spec, "meta"), spec, cfg.parallel)
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         root_mp = unit_mp = MixedPrecisionPolicy()
         if env.amp_dtype is not None:
@@ -75,14 +82,13 @@ class FSDP2Engine(LocalEngine):
             unit_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32)
             root_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32,
                                            cast_forward_inputs=False)
-        for unit in (model.encoder.patch_embed, *model.encoder.blocks, *model.decoder.blocks):
+        for unit in spec.shard_units(model):
             fully_shard(unit, mesh=mesh, mp_policy=unit_mp)
         fully_shard(model, mesh=mesh, mp_policy=root_mp)
+        for method in spec.forward_methods:
+            register_fsdp_forward_method(model, method)
         model.to_empty(device=env.device)
         init_sharded(model, env.device)
-        # FSDP2 picks its root in the first forward and refuses a root forward after a child's;
-        # MATS calls patch_embed before every forward, so settle the root now (no public API).
-        model._get_fsdp_state()._lazy_init()
         return cls(model, cfg, env)
 
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv) -> None:

@@ -64,9 +64,10 @@ K400_TRAIN_CLIPS = 240_000
 
 def shipped_ds_config(stage: int, offload: bool) -> dict:
     """The project's own DeepSpeed template for a ZeRO stage (what `launchers/pretrain.py` runs)."""
-    from mats_scale.parallel.ds_config import DS_CONFIG_DIR, load_template
+    from mats_scale.parallel.ds_config import load_template
+    from mats_scale.resources import ds_template
 
-    return load_template(str(DS_CONFIG_DIR / ("zero3_offload.json" if offload else f"zero{stage}.json")))
+    return load_template(ds_template("zero3_offload.json" if offload else f"zero{stage}.json"))
 
 
 def engine_states(stats, label: str, node: Node, dtype, ds_config: Optional[dict] = None) -> ModelStates:
@@ -204,12 +205,10 @@ def plan(
 
 
 def engine_of(parallel) -> str:
-    """The ENGINE_CHOICES label of a ``parallel`` config section."""
-    if parallel.backend == "fsdp2":
-        return "fsdp2"
-    if parallel.backend == "deepspeed":
-        return f"zero{parallel.zero_stage}" + ("-offload" if parallel.offload_optimizer else "")
-    return "zero0"  # single process: every state in full on the one GPU
+    """The ENGINE_CHOICES label of a ``parallel`` config section (from the engine registry)."""
+    from mats_scale.parallel.engine import states_label
+
+    return states_label(parallel)
 
 
 def check_config(

@@ -188,10 +188,8 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
 
 def score_macs(model: torch.nn.Module, video: torch.Tensor) -> int:
     """MACs of the MATS embedding score as the masking suite computes it (FlopCounterMode, 2 per MAC)."""
-    from mats_scale.masking import embed_motion_scores
-
     with FlopCounterMode(display=False) as counter:
-        embed_motion_scores(model.encoder.patch_embed, video)
+        model.motion_scores(video)
     return counter.get_total_flops() // 2
 
 

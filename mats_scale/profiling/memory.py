@@ -46,6 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from mats_scale.models.layers import Block
 from mats_scale.optim import param_groups
 from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs, state_tensors
+from mats_scale.parallel.engine import SHARDED_KINDS
 
 CUDA_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to this
 GIB = 1024**3
@@ -171,9 +172,7 @@ class ActivationMemory:
 
 def _score_forward(model: nn.Module, video: torch.Tensor) -> None:
     """MATS embedding score: the patch embedding of every token under no_grad, then dropped."""
-    from mats_scale.masking import embed_motion_scores  # the masking suite's own scoring
-
-    embed_motion_scores(model.encoder.patch_embed, video)
+    model.motion_scores(video)  # the model's own (embedding) score
 
 
 def measure_activations(
@@ -307,7 +306,7 @@ def largest_sub_group(stats: ParamStats, dp: int, sub_group_size: int) -> int:
 
 # ---- model states ---------------------------------------------------------------------------------
 
-ENGINES = ("deepspeed", "fsdp2")
+ENGINES = SHARDED_KINDS  # the engine registry's kinds that shard model states
 
 
 @dataclass

@@ -7,13 +7,8 @@ moved, as index tensors, to the device being profiled (usually ``meta``). MATS g
 only their shape matters here; the cost of computing the real embedding score is accounted for
 separately (see ``flops.py`` / ``memory.py``).
 
-Named strategy presets used by the CLIs (decoder ratio rho_d and MATS keep ratio come from the caller):
-
-    tube           VideoMAE: tube masking, decoder sees every masked token
-    tube+rc        VideoMAE V2: tube + running-cell decoder masking, reference mode
-    tube+rc-lean   tube + running cell, mask tokens only at loss positions
-    mats           MATS / EVEREST: motion-aware selection
-    mats+dual      MATS + running-cell dual masking (lean; the only mode defined for MATS)
+The CLIs name masking by the project's presets (``mats_scale.tokens.PRESETS``: tube, tube+rc,
+tube+rc-lean, mats, mats+dual); decoder ratio rho_d and MATS keep ratio come from the caller.
 """
 
 from __future__ import annotations
@@ -26,16 +21,9 @@ from torch import nn
 
 from mats_scale.config import Config, MaskingConfig, ModelConfig
 from mats_scale.masking import Selection, TokenGrid, select_tokens, selection_counts
-from mats_scale.models.pretrain import PretrainVideoMAE, build_pretrain_model
+from mats_scale.models.pretrain import PretrainVideoMAE, build_pretrain_model, pretrain_spec
 from mats_scale.parallel.checkpointing import apply_activation_checkpointing
-
-STRATEGIES: dict[str, dict] = {
-    "tube": dict(strategy="tube", decoder="none"),
-    "tube+rc": dict(strategy="tube", decoder="running_cell", decoder_mode="reference"),
-    "tube+rc-lean": dict(strategy="tube", decoder="running_cell", decoder_mode="lean"),
-    "mats": dict(strategy="mats", decoder="none"),
-    "mats+dual": dict(strategy="mats", decoder="running_cell", decoder_mode="lean"),
-}
+from mats_scale.tokens import PRESETS as STRATEGIES
 
 # Activation-checkpointing policies: name -> (encoder every N, decoder every N); 0 = off.
 CHECKPOINT_POLICIES: dict[str, tuple[int, int]] = {"none": (0, 0), "half": (2, 2), "full": (1, 1)}
@@ -50,7 +38,8 @@ def masking_config(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: allowed: {', '.join(STRATEGIES)}")
     return MaskingConfig(
-        ratio=ratio, decoder_ratio=decoder_ratio, keep_ratio=keep_ratio, score=score, **STRATEGIES[strategy]
+        preset=strategy, ratio=ratio, decoder_ratio=decoder_ratio, keep_ratio=keep_ratio, score=score,
+        **STRATEGIES[strategy],
     )
 
 
@@ -125,7 +114,9 @@ def build_model(wl: Workload, device: str | torch.device = "meta") -> PretrainVi
     model = build_pretrain_model(wl.model, device=device)
     model.to(wl.dtype)
     model.train()
-    return apply_activation_checkpointing(model, *wl.checkpoint)
+    encoder_every, decoder_every = wl.checkpoint
+    return apply_activation_checkpointing(model, pretrain_spec(wl.model),
+                                          {"encoder": encoder_every, "decoder": decoder_every})
 
 
 def make_inputs(

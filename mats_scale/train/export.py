@@ -5,8 +5,9 @@ or a single-process checkpoint), on one CPU process without a process group.
 
 RUN_DIR_OR_CHECKPOINT is a ``step_*`` checkpoint directory or a run directory (its newest
 checkpoint). DeepSpeed shards go through DeepSpeed's own ``zero_to_fp32``; FSDP2 shards through
-DCP's ``dcp_to_torch_save``. OUT.pt holds a plain state dict, checked to load (strict) into the
-model built from the run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
+DCP's ``dcp_to_torch_save`` (the engine registry picks the reader from the checkpoint's metadata).
+OUT.pt holds a plain state dict, checked to load (strict) into the model the run's task builds from the
+run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from mats_scale.config import ModelConfig
+from mats_scale.config import load_config_text
 
 
 def find_checkpoint(path: str) -> Path:
@@ -34,15 +34,15 @@ def find_checkpoint(path: str) -> Path:
 
 
 def export(path: str, out: str) -> dict[str, torch.Tensor]:
-    from mats_scale.models.pretrain import build_pretrain_model
+    from mats_scale.models.spec import build_model
     from mats_scale.parallel.engine import consolidate_checkpoint
+    from mats_scale.train.task import task_class
 
     ckpt = find_checkpoint(path)
     meta = json.loads((ckpt / "meta.json").read_text())
-    backend = meta["engine"].split("-")[0]
-    sd = consolidate_checkpoint(backend, str(ckpt / "engine"))
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
-    model = build_pretrain_model(model_cfg, device="meta")
+    sd = consolidate_checkpoint(meta["backend"], str(ckpt / "engine"))
+    task = task_class(meta["task"])(load_config_text(meta["config"]))
+    model = build_model(task.model_spec(), "meta")
     model.load_state_dict(sd, strict=True, assign=True)  # names and shapes match the run's model
     torch.save(sd, out)
     print(f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "

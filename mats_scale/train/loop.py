@@ -1,9 +1,9 @@
-"""The pre-training loop: identical for every engine (it only calls the Engine protocol).
+"""The one training loop of every task and engine (it only calls the Task and Engine protocols).
 
-One optimizer step = ``optim.grad_accum`` micro-batches per process, each: next batch -> token
-selection with this rank's mask generator -> forward -> backward; then one all-reduce of the step's
-scalars (loss, non-finite count, stop request, skipped files, tokens) so that every rank takes the
-same decision, then ``engine.step``. A non-finite loss on any rank (or a non-finite gradient norm)
+One optimizer step = ``optim.grad_accum`` micro-batches per process, each: next batch ->
+``task.step`` (forward through the engine, with this rank's mask generator) -> backward; then one
+all-reduce of the step's scalars (loss, non-finite count, stop request, skipped files, and the task's
+named metric sums) so that every rank takes the same decision, then ``engine.step``. A non-finite loss on any rank (or a non-finite gradient norm)
 drops that update everywhere (``train.nan_policy``); a SIGTERM/SIGINT on any rank makes all ranks
 save a checkpoint after the current step and exit 0. Steps are numbered from 1; step s uses the
 learning rate ``lr_at(s - 1)``.
@@ -24,8 +24,6 @@ import torch
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
-from mats_scale.data.loader import build_pretrain_loader
-from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import (
     DistEnv,
@@ -36,11 +34,12 @@ from mats_scale.parallel.distributed import (
     init_distributed,
     shutdown,
 )
-from mats_scale.parallel.engine import Engine, build_engine
+from mats_scale.parallel.engine import build_engine, engine_run_files
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
 from mats_scale.train.sources import BatchStream
+from mats_scale.train.task import Task
 
 
 class TrainingError(RuntimeError):
@@ -88,28 +87,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def make_selector(cfg: Config) -> Callable[[Engine, torch.Tensor, dict, torch.Generator], Selection]:
-    """Token selection of ``cfg.masking`` for one micro-batch on the training device.
-
-    MATS needs motion scores: the loader's pixel scores when it computed them, else the embed score
-    through the engine's (possibly sharded) patch embedding, called as a module under the engine's
-    precision context so ZeRO-3 / FSDP2 gather its parameters.
-    """
-    grid = TokenGrid.from_model(cfg.model)
-    m = cfg.masking
-
-    def select(engine: Engine, video: torch.Tensor, batch: dict, gen: torch.Generator) -> Selection:
-        scores = batch.get("scores")  # pixel scores computed by the loader, when it did
-        if scores is not None:
-            scores = scores.to(video.device, non_blocking=True)
-        else:
-            with engine.autocast():
-                scores = motion_scores(m, engine.module.encoder.patch_embed, video)  # None unless mats
-        return select_tokens(m, grid, video.shape[0], gen, scores)
-
-    return select
-
-
 def seed_rank_streams(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """After the (rank-independent) model init: per-rank streams for drop path, python, numpy and
     the mask generator (on the training device, returned)."""
@@ -119,35 +96,30 @@ def seed_rank_streams(seed: int, rank: int, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
 
 
-def _write_run_files(cfg: Config, env: DistEnv, ds_config: Optional[dict]) -> None:
+def _write_run_files(cfg: Config, env: DistEnv, engine_files: dict[str, dict]) -> None:
     if not env.is_writer:
         return
     from mats_scale.parallel.ds_config import write_json
 
     with open(os.path.join(cfg.train.out_dir, "config.yaml"), "w") as f:
         f.write(cfg.to_yaml())
-    if ds_config is not None:
-        write_json(ds_config, os.path.join(cfg.train.out_dir, "ds_config.json"))
+    for name, content in engine_files.items():
+        write_json(content, os.path.join(cfg.train.out_dir, name))
 
 
-def prepare(cfg: Config) -> tuple[DistEnv, Optional[dict]]:
-    """Everything that can fail on a bad config or launch, before any communication or model building."""
+def prepare(cfg: Config) -> tuple[DistEnv, dict[str, dict]]:
+    """Everything that can fail on a bad config or launch, before any communication or model building:
+    the process layout and the engine's resolved files (DeepSpeed's JSON)."""
     env = detect_env(cfg.train, cfg.parallel)
-    ds_config = None
-    if cfg.parallel.backend == "deepspeed":
-        from mats_scale.parallel.ds_config import resolve_ds_config
-
-        ds_config, _ = resolve_ds_config(cfg, env.world_size, bf16=env.amp_dtype is not None,
-                                         cuda=env.device.type == "cuda")
-    return env, ds_config
+    return env, engine_run_files(cfg, env)
 
 
 class Trainer:
-    """Set-up, the step loop and checkpointing of one run; :func:`train` drives it."""
+    """Set-up, the step loop and checkpointing of one run of `task`; :func:`train` drives it."""
 
-    def __init__(self, cfg: Config) -> None:
-        _, ds_config = prepare(cfg)
-        self.cfg = cfg
+    def __init__(self, cfg: Config, task: Task) -> None:
+        _, engine_files = prepare(cfg)
+        self.cfg, self.task = cfg, task
         self.env = env = init_distributed(cfg.train, cfg.parallel)
         self.faults = Faults.from_env()
         if env.is_writer:
@@ -156,16 +128,16 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env,
                                       on_save=self.faults.in_save)
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
-        _write_run_files(cfg, env, ds_config)
-        self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps)
+        _write_run_files(cfg, env, engine_files)
+        self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps, task)
 
-        self.engine = build_engine(cfg, env, ds_config)
+        self.engine = build_engine(cfg, env, task.model_spec())
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
-        self.stream = BatchStream(build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size))
-        self.select = make_selector(cfg)
+        self.stream = BatchStream(task.build_loader(env.rank, env.world_size))
         self.counters = Counters()
         # What a checkpoint must agree on to be resumed by this run.
-        self.expect = {"world_size": env.world_size, "engine": self.engine.name, "model": asdict(cfg.model)}
+        self.expect = {"world_size": env.world_size, "engine": self.engine.name, "task": task.name,
+                       **task.checkpoint_key()}
         if self.resume_path is not None:
             _, state = self.ckpt.load(self.resume_path, self.engine, self.expect)
             self.counters = Counters(**state["counters"])
@@ -176,7 +148,7 @@ class Trainer:
     def save(self) -> None:
         state = {"counters": asdict(self.counters), "data": self.stream.state_dict(),
                  "rng": capture_rng(self.mask_gen)}
-        meta = {**self.expect, "config": self.cfg.to_yaml()}
+        meta = {**self.expect, "backend": self.engine.kind, "config": self.cfg.to_yaml()}
         path = self.ckpt.save(self.counters.step, self.engine, state, meta)
         self.log.info(f"saved {path}")
 
@@ -186,28 +158,34 @@ class Trainer:
         t0 = time.perf_counter()
         data_time = 0.0
         lr = lr_at(step - 1, cfg.train.steps, cfg.optim, self.batch_total)
-        # [finite loss sum, non-finite micro-batches, stop requests, skipped files, enc tokens, dec tokens]
-        stats = torch.zeros(6, dtype=torch.float64, device=env.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=env.device)
+        skipped = 0
+        totals: dict[str, Any] = {}
         self.faults.during_step(step, env.rank)
         for _ in range(cfg.optim.grad_accum):
             t_data = time.perf_counter()
             batch = self.stream.next()
             data_time += time.perf_counter() - t_data
-            stats[3] += len(batch.get("skipped", ()))  # the loader warns once per bad file
-            video = batch["video"].to(env.device, non_blocking=True)
-            sel = self.select(engine, video, batch, self.mask_gen)
-            out = engine.forward(video, sel)
+            skipped += len(batch.get("skipped", ()))  # the loader warns once per bad file
+            out = self.task.step(engine, batch, self.mask_gen)
             loss = self.faults.loss(out.loss, step, env.rank)
             finite = torch.isfinite(loss.detach())
-            stats[0] += torch.where(finite, loss.detach().double(), 0.0)
-            stats[1] += (~finite).double()
+            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+            nonfinite += (~finite).double()
             engine.backward(loss)
-            stats[4] += sel.visible_ids.numel()
-            stats[5] += sel.visible_ids.numel() + sel.target_ids.numel()
-        stats[2] = float(stop.signum is not None)
+            for key, value in out.metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+        # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, task metrics...]
+        names = sorted(totals)
+        scalars = torch.tensor([float(stop.signum is not None), skipped], dtype=torch.float64, device=env.device)
+        stats = torch.cat([loss_sum.view(1), nonfinite.view(1), scalars,
+                           *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1)
+                             for k in names)])
         all_reduce(stats)  # every rank takes the same skip / stop decision
-        loss_sum, nonfinite, stop_votes, new_skipped, enc_tokens, dec_tokens = stats.tolist()
-        result = engine.step(lr, skip=nonfinite > 0)
+        values = stats.tolist()
+        loss_total, n_nonfinite, stop_votes, new_skipped = values[:4]
+        result = engine.step(lr, skip=n_nonfinite > 0)
         c = self.counters
         c.step = step
         c.skipped_files += int(new_skipped)
@@ -218,13 +196,13 @@ class Trainer:
             c.nan_streak += 1
         micro_total = cfg.optim.grad_accum * env.world_size
         dt = time.perf_counter() - t0
-        metrics = {"loss": loss_sum / micro_total if not nonfinite else float("nan"),  # skipped: NaN
+        metrics = {"loss": loss_total / micro_total if not n_nonfinite else float("nan"),  # skipped: NaN
                    "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                    "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
-                   "tokens_encoder": int(enc_tokens), "tokens_decoder": int(dec_tokens),
+                   **self.task.summarize(dict(zip(names, values[4:])), micro_total),
                    "peak_mem_gib": peak_memory_gib(env.device), "skipped_files": c.skipped_files,
                    "skipped_steps": c.skipped_steps}
-        return metrics, int(nonfinite), stop_votes > 0
+        return metrics, int(n_nonfinite), stop_votes > 0
 
     def run(self) -> TrainResult:
         cfg, c, log = self.cfg, self.counters, self.log
@@ -272,20 +250,25 @@ class Trainer:
         return TrainResult(c.step, c.skipped_steps, metrics["loss"], stopped, cfg.train.out_dir)
 
 
-def train(cfg: Config) -> TrainResult:
-    trainer = Trainer(cfg)
+def train(cfg: Config, task: Optional[Task] = None) -> TrainResult:
+    """Run `task` (default: pre-training) to ``train.steps``."""
+    if task is None:
+        from mats_scale.train.pretrain import PretrainTask
+
+        task = PretrainTask(cfg)
+    trainer = Trainer(cfg, task)
     try:
         return trainer.run()
     finally:
         trainer.log.close()
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, task_factory: Optional[Callable[[Config], Task]] = None) -> int:
     """train() with errors turned into one message and an exit status (2: config, 1: other)."""
     rank = os.environ.get("RANK", "0")
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        train(cfg)
+        train(cfg, task_factory(cfg) if task_factory is not None else None)
     except ConfigError as e:
         print(f"{prefix}config error: {e}", file=sys.stderr, flush=True)
         return 2

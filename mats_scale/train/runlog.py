@@ -21,11 +21,11 @@ import torch
 from mats_scale.config import LoggingConfig
 from mats_scale.parallel.distributed import DistEnv
 
-# TensorBoard tag of each per-step metric (metrics.jsonl uses the keys).
+# TensorBoard tag of each per-step metric of the Trainer (metrics.jsonl uses the keys); a task's own
+# metrics get the task's tags (``Task.tb_tags``), else ``task/<key>``.
 TB_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "clips_per_s": "perf/clips_per_s", "step_time_s": "perf/step_time_s", "data_time_s": "perf/data_time_s",
-    "tokens_encoder": "tokens/encoder_per_step", "tokens_decoder": "tokens/decoder_per_step",
     "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files",
     "skipped_steps": "train/skipped_steps",
 }
@@ -51,8 +51,10 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 class RunLogger:
-    def __init__(self, out_dir: str, env: DistEnv, cfg: LoggingConfig, total_steps: int) -> None:
+    def __init__(self, out_dir: str, env: DistEnv, cfg: LoggingConfig, total_steps: int, task=None) -> None:
         self.env, self.cfg, self.total = env, cfg, total_steps
+        self.task_format = getattr(task, "log_format", "")
+        self.tags = {**dict(getattr(task, "tb_tags", {})), **TB_TAGS}
         # Handlers sit on the package logger, so the data loader's warnings ("mats_scale.data") land
         # in the console and train.log too.
         self.log = logging.getLogger("mats_scale")
@@ -106,9 +108,9 @@ class RunLogger:
         self._event({"step": step, **m})
         self._losses.append(m["loss"])
         if self.tb is not None:
-            for key, tag in TB_TAGS.items():
-                if key in m and m[key] is not None:
-                    self.tb.add_scalar(tag, m[key], step)
+            for key, value in m.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(self.tags.get(key, f"task/{key}"), value, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
             self.bar.update(1)
@@ -117,8 +119,8 @@ class RunLogger:
             self.info(f"step {step:6d}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  "
                       f"grad_norm {grad}  "
                       f"{m['clips_per_s']:.2f} clips/s  {m['step_time_s']:.3f} s/step  "
-                      f"tokens enc/dec {m['tokens_encoder']}/{m['tokens_decoder']}  "
-                      f"peak {m['peak_mem_gib']:.2f} GiB  "
+                      + (self.task_format.format(**m) + "  " if self.task_format else "")
+                      + f"peak {m['peak_mem_gib']:.2f} GiB  "
                       f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
 
     def summary(self) -> None:

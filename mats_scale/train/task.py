@@ -1,0 +1,83 @@
+"""The Task seam: what one kind of training job adds to the generic Trainer (torchtitan ``TrainSpec``).
+
+A task owns its model spec, its data loader, one micro-batch step and the metrics that step yields;
+the :class:`~mats_scale.train.loop.Trainer` owns everything else: engines, gradient accumulation,
+the non-finite policy, signals, checkpoints, logging. Pre-training (:class:`~mats_scale.train.pretrain.
+PretrainTask`), fine-tuning, probing and evaluation are tasks on the same Trainer and engines.
+
+Protocol of a micro-batch step::
+
+    out = task.step(engine, batch, generator)   # forward through engine.forward(...)
+    trainer: engine.backward(out.loss); sums out.metrics over micro-batches and ranks
+
+``out.metrics`` values are per-micro-batch sums (numbers or 0-d tensors); the Trainer all-reduces
+their totals with its own counters in one collective per step and hands the totals to
+``task.summarize`` for the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from mats_scale.models.spec import ModelSpec
+from mats_scale.parallel.base import Engine
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor
+    """Scalar loss of the micro-batch (the Trainer back-propagates it)."""
+    metrics: Mapping[str, float | torch.Tensor]
+    """Sums over the micro-batch, e.g. tokens seen or correct predictions."""
+
+
+class Loader(Protocol):
+    """A resumable data loader: iterating yields the rest of the current epoch as batch dicts, then the
+    loader moves itself to the next epoch; ``state_dict`` is its exact position."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    """Recorded with every checkpoint; a checkpoint of another task is refused on resume."""
+    log_format: str
+    """``str.format`` template over the summarized metrics for the log line (may be empty)."""
+    tb_tags: Mapping[str, str]
+    """TensorBoard tag of each summarized metric (unlisted ones go under ``task/``)."""
+
+    def model_spec(self) -> ModelSpec: ...
+
+    def build_loader(self, rank: int, world_size: int) -> Loader: ...
+
+    def step(self, engine: Engine, batch: dict[str, Any], generator: torch.Generator) -> StepOutput: ...
+
+    def summarize(self, totals: Mapping[str, float], micro_batches: int) -> dict[str, Any]:
+        """Per-step log metrics from the metric totals over every micro-batch of every rank."""
+
+    def checkpoint_key(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed by this task (e.g. the model arguments)."""
+
+
+TASKS: dict[str, str] = {
+    "pretrain": "mats_scale.train.pretrain:PretrainTask",
+}
+"""Task name -> class, for launchers and for tools that rebuild a run's model from its checkpoint."""
+
+
+def task_class(name: str) -> type:
+    import importlib
+
+    if name not in TASKS:
+        raise ValueError(f"task {name!r}: allowed: {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

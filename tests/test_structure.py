@@ -1,0 +1,115 @@
+"""Package structure: no import cycles (module-level or lazy), no backend branches outside parallel/,
+a config layer that imports no torch, and shipped files that a wheel carries."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "mats_scale"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the mats_scale modules it imports anywhere (also inside functions), TYPE_CHECKING aside."""
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        name = _module_name(path)
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_lines(tree)
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if getattr(node, "lineno", None) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("mats_scale"))
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mats_scale"):
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    deps.add(sub if _is_module(sub) else node.module)
+        graph[name] = deps - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_in_the_package():
+    graph = import_graph()
+    assert "mats_scale.train.loop" in graph and graph["mats_scale.train.loop"]
+    assert find_cycle(graph) == []
+
+
+def test_models_and_masking_do_not_import_the_job_config_or_parallel():
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith(("mats_scale.models", "mats_scale.masking")):
+            bad = {d for d in deps if d == "mats_scale.config" or d.startswith("mats_scale.parallel")}
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_no_backend_branch_outside_parallel():
+    """Only mats_scale/parallel (and the config's own validation) may compare parallel.backend."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "parallel" or rel.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and "backend" in ast.unparse(node.left):
+                offenders.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == []
+
+
+def test_config_layer_imports_no_torch():
+    code = ("import sys, mats_scale.config, mats_scale.tokens, mats_scale.models.args; "
+            "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=PKG.parent).returncode == 0
