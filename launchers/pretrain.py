@@ -3,7 +3,8 @@
     deepspeed [--num_gpus N] launchers/pretrain.py [--config FILE] [key=value ...]
     torchrun --nproc_per_node N launchers/pretrain.py [--config FILE] [key=value ...]
     python launchers/pretrain.py [--config FILE] [key=value ...]          # one process
-    deepspeed --hostfile HOSTFILE launchers/pretrain.py ...                # several nodes
+    srun python launchers/pretrain.py ...                                  # Slurm (scripts/*.sbatch)
+    python launchers/pretrain.py --print-config [--config FILE] [key=value ...]
 
 Without --config the bundled default (configs/default.yaml) runs. The engine is chosen by
 ``parallel.backend`` (deepspeed with ``parallel.zero_stage``, fsdp2, or none); ``train.resume=auto``
@@ -14,19 +15,15 @@ after a SIGTERM/SIGINT that saved a checkpoint), 1 run error, 2 bad configuratio
 from __future__ import annotations
 
 import os
-import sys
 
-from mats_scale.config import load_config_or_exit, parse_args
+from mats_scale.cli import load_or_exit
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.yaml")
+DEFAULT_CONFIG = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.yaml"))
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path, _ = parse_args(argv)
-    if path is None:
-        argv = ["--config", os.path.normpath(DEFAULT_CONFIG), *argv]
-    cfg = load_config_or_exit(argv)
+    cfg = load_or_exit(argv, prog="launchers/pretrain.py", description=__doc__, default_config=DEFAULT_CONFIG)
 
     from mats_scale.train.loop import run  # heavy imports only after the config is known to be valid
 

@@ -211,7 +211,9 @@ class OptimConfig:
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine schedule."""
     warmup_steps: int = 10
-    """Optimizer steps of linear warm-up."""
+    """Optimizer steps of linear warm-up (replaced by optim.warmup_epochs when that is set)."""
+    warmup_epochs: Optional[float] = None
+    """Warm-up in epochs (VideoMAE's --warmup_epochs); the steps follow from the dataset size and batch."""
     weight_decay: float = 0.05
     """AdamW weight decay (not applied to norms, biases, position and mask tokens)."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -227,6 +229,8 @@ class OptimConfig:
         _check_positive("optim.base_lr", self.base_lr)
         _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
         _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_epochs is not None:
+            _check_positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("optim.grad_accum", self.grad_accum)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -238,7 +242,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 60
-    """Optimizer steps of the run (a skipped non-finite step counts as a step)."""
+    """Optimizer steps of the run (a skipped non-finite step counts as a step); replaced by train.epochs
+    when that is set. The lr schedule is a function of it, so a resume refuses a change."""
+    epochs: Optional[float] = None
+    """Run length in epochs (VideoMAE's --epochs): train.steps = epochs x optimizer steps per epoch
+    (videos // (data.batch_size / data.num_sample) // world size // optim.grad_accum)."""
     seed: int = 0
     """Seed of every random stream (model init, masking, data, drop path); each rank derives its own."""
     out_dir: str = "runs/default"
@@ -257,9 +265,14 @@ class TrainConfig:
     """On a non-finite loss or gradient norm: skip (drop the update, count it) or stop at once."""
     max_nan_steps: int = 3
     """With nan_policy=skip: consecutive skipped steps after which the run stops with an error."""
+    allow_changes: List[str] = field(default_factory=list)
+    """Keys a resume may change from the checkpoint's config, e.g. [train.steps,optim.clip_grad]
+    (a section name allows all its keys); any other difference is refused."""
 
     def __post_init__(self) -> None:
         _check_positive("train.steps", self.steps)
+        if self.epochs is not None:
+            _check_positive("train.epochs", self.epochs)
         _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
         _check_choice("train.precision", self.precision, ["auto", "fp32", "bf16"])
         _check_choice("train.nan_policy", self.nan_policy, ["skip", "stop"])
@@ -305,7 +318,7 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard scalars under out_dir/tb."""
     progress_bar: bool = True
-    """tqdm progress bar with ETA on rank 0 (stderr)."""
+    """tqdm progress bar with ETA on rank 0, only when stderr is a terminal (piped output: log lines only)."""
 
     def __post_init__(self) -> None:
         _check_positive("logging.log_every", self.log_every)
@@ -362,6 +375,8 @@ class Config:
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
+    from mats_scale.config_help import check_override_keys
+
     merged = OmegaConf.structured(Config)
     try:
         if path:
@@ -371,10 +386,13 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")
+        check_override_keys(overrides)  # names the whole key and the nearest ones
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        raise ConfigError(f"{e.full_key}: unknown key") from None
+        from mats_scale.config_help import unknown_key_message
+
+        raise ConfigError(unknown_key_message(e.full_key)) from None
     except (ValidationError, OmegaConfBaseException) as e:  # wrong type, bad YAML structure, ...
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e.msg).splitlines()[0]}") from None

@@ -27,7 +27,7 @@ def test_yaml_then_dotlist(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("model.colour=red", "model.colour: unknown key"),
-    ("foo.bar=1", "foo: unknown key"),
+    ("foo.bar=1", "foo.bar: unknown key"),
     ("data.batch_size=two", "data.batch_size"),
     ("model.img_size=1.5", "model.img_size"),
     ("masking.ratio=1.2", "masking.ratio=1.2: must be in the open interval (0, 1)"),
