@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from mats_scale.cli import load_or_exit
+from mats_scale.cli import check_data_or_exit, load_or_exit
 
 DEFAULT_CONFIG = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.yaml"))
@@ -24,6 +24,7 @@ DEFAULT_CONFIG = os.path.normpath(
 
 def main(argv=None) -> int:
     cfg = load_or_exit(argv, prog="launchers/pretrain.py", description=__doc__, default_config=DEFAULT_CONFIG)
+    check_data_or_exit(cfg)  # a bad list file fails now, not after the model is built
 
     from mats_scale.train.loop import run  # heavy imports only after the config is known to be valid
 

@@ -112,3 +112,22 @@ def load_or_exit(argv: Optional[Sequence[str]] = None, *, prog: str = "launchers
         print(cfg.to_yaml(), end="")
         raise SystemExit(0)
     return cfg
+
+
+def check_data_or_exit(cfg: Config) -> None:
+    """Read the list file (or scan the folder) of ``data.dataset=list|folder`` now, before the heavy
+    imports and the process group, so a bad list stops the run within a second: one ``error:`` line
+    naming the file and line, exit status 1 (as the run's other data errors)."""
+    from mats_scale.data.errors import DataError
+    from mats_scale.data.lists import read_list_file, scan_folder
+
+    d = cfg.data
+    try:
+        if d.dataset == "list":
+            read_list_file(d.train_list, d.root)
+        elif d.dataset == "folder":
+            scan_folder(d.root)
+    except DataError as e:
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
