@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from mats_scale.config import Config, ConfigError, load_config
 from mats_scale.config_help import VIDEOMAE_FLAGS, keys_help, suggest
@@ -21,7 +22,7 @@ USAGE = "[-h] [--config FILE] [--print-config] [key=value ...]"
 
 
 class Args(NamedTuple):
-    config: Optional[str]
+    config: str | None
     overrides: list[str]
     help: bool
     print_config: bool
@@ -67,7 +68,7 @@ def _unknown_option(arg: str) -> str:
     return f"{name}: unknown option{what}; usage: {USAGE}{hint}"
 
 
-def help_text(prog: str, description: str, default_config: Optional[str]) -> str:
+def help_text(prog: str, description: str, default_config: str | None) -> str:
     first = description.strip().split("\n\n")
     shown = default_config and os.path.relpath(default_config)
     if shown and shown.startswith(".."):
@@ -94,8 +95,8 @@ def help_text(prog: str, description: str, default_config: Optional[str]) -> str
     ])
 
 
-def load_or_exit(argv: Optional[Sequence[str]] = None, *, prog: str = "launchers/pretrain.py",
-                 description: str = "", default_config: Optional[str] = None) -> Config:
+def load_or_exit(argv: Sequence[str] | None = None, *, prog: str = "launchers/pretrain.py",
+                 description: str = "", default_config: str | None = None) -> Config:
     """The validated Config of a command line; prints help / the config and exits 0, or prints one
     ``config error:`` line and exits 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -128,6 +129,7 @@ def check_data_or_exit(cfg: Config) -> None:
         elif d.dataset == "folder":
             scan_folder(d.root)
     except DataError as e:
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if several else ""
         print(f"{prefix}error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -32,7 +32,7 @@ def _attribute_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):
@@ -93,7 +93,8 @@ VIDEOMAE_FLAGS = {
     "lr": "optim.base_lr", "min_lr": "optim.min_lr", "warmup_epochs": "optim.warmup_epochs",
     "warmup_steps": "optim.warmup_steps", "weight_decay": "optim.weight_decay", "opt_betas": "optim.betas",
     "clip_grad": "optim.clip_grad", "epochs": "train.epochs", "output_dir": "train.out_dir",
-    "log_dir": "train.out_dir", "seed": "train.seed", "resume": "train.resume", "num_workers": "data.num_workers",
+    "log_dir": "train.out_dir", "seed": "train.seed", "resume": "train.resume",
+    "num_workers": "data.num_workers",
     "drop_path": "model.drop_path", "decoder_depth": "model.decoder_depth", "model": "model.size",
     "with_checkpoint": "parallel.checkpoint_encoder_every", "tubelet_size": "model.tubelet_size",
 }

@@ -60,7 +60,10 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--sizes", type=choices_list(list(SIZES), "sizes"), default=["B", "L"], help="model sizes (default B,L)"
+        "--sizes",
+        type=choices_list(list(SIZES), "sizes"),
+        default=["B", "L"],
+        help="model sizes (default B,L)",
     )
     parser.add_argument("--batches", default="4,8,16", help="micro-batches, comma-separated")
     parser.add_argument(

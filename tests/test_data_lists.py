@@ -36,7 +36,8 @@ def _video(path, n=8):
 def _frame_folder(path, n=8, start=1):
     path.mkdir(parents=True)
     for i, frame in enumerate(_frames(n)):
-        write_jpeg(torch.from_numpy(frame).permute(2, 0, 1).contiguous(), str(path / f"img_{start + i:05d}.jpg"))
+        image = torch.from_numpy(frame).permute(2, 0, 1).contiguous()  # (3, H, W)
+        write_jpeg(image, str(path / f"img_{start + i:05d}.jpg"))
     return path
 
 
@@ -49,7 +50,8 @@ def _loader(lst, *extra):
     ("a.mp4 3\nb c.mp4 5\n", "path_label", [("a.mp4", 3, -1, -1), ("b c.mp4", 5, -1, -1)]),
     ("a.mp4 0 -1\nsub/b.mp4 0 -1\n", "path_start_total", [("a.mp4", -1, 0, -1), ("sub/b.mp4", -1, 0, -1)]),
     ("frames/1 1 47\nv.mp4 0 -1\n", "path_start_total", [("frames/1", -1, 1, 47), ("v.mp4", -1, 0, -1)]),
-    ("frames/1 47 12\nframes/2 30 0\n", "folder_total_label", [("frames/1", 12, -1, 47), ("frames/2", 0, -1, 30)]),
+    ("frames/1 47 12\nframes/2 30 0\n", "folder_total_label",
+     [("frames/1", 12, -1, 47), ("frames/2", 0, -1, 30)]),
 ])
 def test_videomae_and_videomae_v2_list_formats(tmp_path, text, fmt, parsed):
     lst = tmp_path / "list.txt"
@@ -89,7 +91,8 @@ def test_rawframe_folders_from_a_folder_scan(tmp_path):
     assert [(os.path.relpath(it.path, tmp_path / "root"), it.label) for it in items] == \
         [("classA/clip1", 0), ("classB/v.mp4", 1), ("classB/clip2", 1)]  # files, then sub-folders
     assert "1 video files, 2 rawframe folders" in items.source_format
-    cfg = load_config(None, [*BASE, "data.dataset=folder", f"data.root={tmp_path / 'root'}", "data.batch_size=3"])
+    cfg = load_config(None, [*BASE, "data.dataset=folder", f"data.root={tmp_path / 'root'}",
+                             "data.batch_size=3"])
     (batch,) = list(build_pretrain_loader(cfg, rank=0, world_size=1))
     assert batch["skipped"] == [] and batch["video"].shape[0] == 3
 

@@ -105,15 +105,17 @@ def read_list_file(list_path: str, root: str = "") -> VideoList:
     else:
         fmt = "path_label"
     # The first line of each kind, to name it when a line does not fit the file's format.
-    first = {k: n for (n, _, _), k in reversed(list(zip(lines, kinds)))}
+    first = {k: n for (n, _, _), k in reversed(list(zip(lines, kinds, strict=True)))}
     items = VideoList(source_format=FORMATS[fmt])
-    for (lineno, line, tokens), kind in zip(lines, kinds):
+    for (lineno, line, tokens), kind in zip(lines, kinds, strict=True):
         if fmt == "path_label":
             if kind == 0:
-                _fail(list_path, lineno, line, "expected 'path label' with an integer label (or just 'path'), "
+                _fail(list_path, lineno, line,
+                      "expected 'path label' with an integer label (or just 'path'), "
                       "or 'path start_index total_frames' (VideoMAE V2)")
             if kind == 3 and 2 in first:  # e.g. 'a.mp4 0 -1' among 'b.mp4 3' lines
-                _fail(list_path, lineno, line, f"three fields, but line {first[2]} has two: the file is read as "
+                _fail(list_path, lineno, line,
+                      f"three fields, but line {first[2]} has two: the file is read as "
                       f"{FORMATS[fmt]}; use one format per file")
             if kind == 1:
                 path, label = line, -1
@@ -126,7 +128,8 @@ def read_list_file(list_path: str, root: str = "") -> VideoList:
             if fmt == "path_start_total":
                 label, start, frames = -1, a, b
                 if frames == 0 or frames < -1:
-                    _fail(list_path, lineno, line, "total_frames must be > 0 (a rawframe folder) or -1 (a video)")
+                    _fail(list_path, lineno, line,
+                          "total_frames must be > 0 (a rawframe folder) or -1 (a video)")
             else:
                 label, start, frames = b, -1, a
                 if frames <= 0:

@@ -61,7 +61,8 @@ class FrameFolder:
             try:
                 img = decode_image(read_file(name), mode=ImageReadMode.RGB)  # (3, H, W) uint8
             except (RuntimeError, OSError) as e:
-                reason = "missing" if not os.path.exists(name) else f"cannot decode ({str(e).splitlines()[0][:80]})"
+                first = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+                reason = "missing" if not os.path.exists(name) else f"cannot decode ({first})"
                 raise VideoReadError(self.path, f"frame {os.path.basename(name)}: {reason}") from None
             out.append(img.permute(1, 2, 0))
         if len({tuple(x.shape) for x in out}) > 1:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional
 
 
 def extensions_root() -> str:
@@ -32,11 +31,12 @@ def ops_to_build(offload_optimizer: bool) -> list[str]:
     return names
 
 
-def first_build_notice(names: list[str], root: Optional[str] = None) -> Optional[str]:
+def first_build_notice(names: list[str], root: str | None = None) -> str | None:
     """A line announcing the compilation of the ops of `names` that are not built under `root`."""
     root = root or extensions_root()
     missing = [n for n in names if not glob.glob(os.path.join(root, "*", n, f"{n}*.so"))]
     if not missing:
         return None
-    return (f"DeepSpeed compiles its {', '.join(missing)} op{'s' if len(missing) > 1 else ''} now (first launch "
+    ops = f"{', '.join(missing)} op{'s' if len(missing) > 1 else ''}"
+    return (f"DeepSpeed compiles its {ops} now (first launch "
             f"only; a minute or more without output); the build is cached in {root}")

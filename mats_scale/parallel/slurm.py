@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 _GROUP = re.compile(r"\[([^\]]*)\]")
 

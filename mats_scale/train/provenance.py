@@ -18,14 +18,14 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 PACKAGES = ("torch", "deepspeed", "timm", "decord", "torchvision", "numpy", "omegaconf", "av")
 
 
-def git_state(path: Path) -> Optional[dict[str, Any]]:
+def git_state(path: Path) -> dict[str, Any] | None:
     """Commit and dirty flag of the git checkout holding `path`; None outside git (or without git)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=20,
@@ -39,7 +39,7 @@ def git_state(path: Path) -> Optional[dict[str, Any]]:
     return {"commit": commit, "dirty": dirty, "root": root}
 
 
-def _version(name: str) -> Optional[str]:
+def _version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

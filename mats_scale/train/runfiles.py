@@ -15,11 +15,12 @@ step on; the log and the resume record give the lr before and after.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -49,10 +50,8 @@ def config_dict(cfg: Config) -> dict[str, Any]:
 def stored_config(yaml_text: str) -> dict[str, Any]:
     """The checkpoint's config, with defaults filled in for keys it predates (not re-validated)."""
     stored = OmegaConf.create(yaml_text)
-    try:
+    with contextlib.suppress(Exception):  # a key this version does not know: compare what is there
         stored = OmegaConf.merge(OmegaConf.structured(Config), stored)
-    except Exception:  # noqa: BLE001 - a key this version does not know: compare what is there
-        pass
     return flatten(OmegaConf.to_container(stored))
 
 
@@ -87,8 +86,9 @@ def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, t
         why = ""
         if "train.steps" in refused:
             old, new = refused["train.steps"]
-            why = (f"; train.steps sets the cosine lr schedule, so the lr of step {meta['step'] + 1} would go from "
-                   f"{_lr(cfg, old, meta['step'], total_batch):.3e} to {_lr(cfg, new, meta['step'], total_batch):.3e}")
+            step = meta["step"]
+            why = (f"; train.steps sets the cosine lr schedule, so the lr of step {step + 1} would go from "
+                   f"{_lr(cfg, old, step, total_batch):.3e} to {_lr(cfg, new, step, total_batch):.3e}")
         raise ConfigError(
             f"cannot resume {checkpoint}: this run's config differs from the checkpoint's in {listed}{why}. "
             f"Resume with the run's settings, list the keys that may change in "
@@ -100,17 +100,18 @@ def _lr(cfg: Config, total_steps: Any, step: int, total_batch: int) -> float:
     return lr_at(step, int(total_steps), cfg.optim, total_batch)
 
 
-def lr_change_note(cfg: Config, changes: dict[str, tuple[Any, Any]], step: int, total_batch: int) -> Optional[str]:
+def lr_change_note(cfg: Config, changes: dict[str, tuple[Any, Any]], step: int,
+                   total_batch: int) -> str | None:
     """The warning for an allowed train.steps change: the schedule is recomputed for the new total."""
     if "train.steps" not in changes:
         return None
     old, new = changes["train.steps"]
     return (f"train.steps {old} -> {new} (allowed by train.allow_changes): the cosine lr schedule is "
-            f"recomputed for the new total, so the lr of step {step + 1} is {_lr(cfg, new, step, total_batch):.3e} "
-            f"instead of {_lr(cfg, old, step, total_batch):.3e}")
+            f"recomputed for the new total, so the lr of step {step + 1} is "
+            f"{_lr(cfg, new, step, total_batch):.3e} instead of {_lr(cfg, old, step, total_batch):.3e}")
 
 
-def write_run_record(cfg: Config, ds_config: Optional[dict], resumed_from: Optional[Path], step: int,
+def write_run_record(cfg: Config, ds_config: dict | None, resumed_from: Path | None, step: int,
                      changes: dict[str, tuple[Any, Any]], provenance: dict[str, Any]) -> None:
     """Fresh run: config.yaml, ds_config.json, provenance.json. Resume: one line in resumes.jsonl."""
     out = Path(cfg.train.out_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-from typing import IO, Optional
+from typing import IO
 
 import torch
 
@@ -24,7 +24,7 @@ class RunDirInUse(LaunchError):
     """Another job holds the run directory."""
 
 
-def _try_lock(out_dir: str) -> Optional[str]:
+def _try_lock(out_dir: str) -> str | None:
     """Lock `out_dir` for this process; returns None, or the owner's description when it is taken."""
     path = os.path.join(out_dir, LOCK_NAME)
     key = os.path.realpath(path)

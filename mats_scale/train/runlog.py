@@ -99,8 +99,8 @@ class RunLogger:
         dropped = self._drop_steps_after(start_step) if resumed_from else 0
         self._steps_per_epoch = info.get("steps_per_epoch")
         self._t_start, self._step_start = time.perf_counter(), start_step
-        self._event({"event": "start", "step": start_step, "resumed_from": resumed_from, "dropped_steps": dropped,
-                     **info})
+        self._event({"event": "start", "step": start_step, "resumed_from": resumed_from,
+                     "dropped_steps": dropped, **info})
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -128,7 +128,7 @@ class RunLogger:
             os.fsync(f.fileno())
         self.jsonl.close()
         os.replace(tmp, path)
-        self.jsonl = open(path, "a")
+        self.jsonl = open(path, "a")  # noqa: SIM115 - stays open for the run, as in __init__
         return len(lines) - len(keep)
 
     def info(self, msg: str) -> None:
@@ -165,7 +165,8 @@ class RunLogger:
         finite = [x["loss"] for x in w if math.isfinite(x["loss"])]
         loss = f"{sum(finite) / len(finite):.4f}" if finite else "nan"
         step_time = sum(x["step_time_s"] for x in w) / len(w)
-        clips = sum(x["clips_per_s"] * x["step_time_s"] for x in w) / max(sum(x["step_time_s"] for x in w), 1e-12)
+        busy = sum(x["step_time_s"] for x in w)
+        clips = sum(x["clips_per_s"] * x["step_time_s"] for x in w) / max(busy, 1e-12)  # clips / seconds
         grad = "nan" if not math.isfinite(m["grad_norm"]) else f"{m['grad_norm']:.3f}"
         epoch = f"  epoch {step / self._steps_per_epoch:.2f}" if self._steps_per_epoch else ""
         done = step - self._step_start

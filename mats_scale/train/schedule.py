@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 from mats_scale.config import Config, ConfigError
 
 
-def steps_per_epoch(num_videos: int, world_size: int, batch_size: int, num_sample: int, grad_accum: int) -> int:
+def steps_per_epoch(num_videos: int, world_size: int, batch_size: int, num_sample: int,
+                    grad_accum: int) -> int:
     batches = math.ceil(num_videos / world_size) // (batch_size // num_sample)
     return batches // grad_accum
 
@@ -27,7 +27,7 @@ def num_videos(cfg: Config) -> int:
     return SYNTHETIC_CLIPS if cfg.data.dataset == "synthetic" else len(resolve_items(cfg, "train"))
 
 
-def resolve_epochs(cfg: Config, world_size: int) -> tuple[Config, Optional[str]]:
+def resolve_epochs(cfg: Config, world_size: int) -> tuple[Config, str | None]:
     """`cfg` with train.steps / optim.warmup_steps derived from epochs (when set), and a log line."""
     t, o = cfg.train, cfg.optim
     if t.epochs is None and o.warmup_epochs is None:
@@ -35,8 +35,9 @@ def resolve_epochs(cfg: Config, world_size: int) -> tuple[Config, Optional[str]]
     videos = num_videos(cfg)
     per_epoch = steps_per_epoch(videos, world_size, cfg.data.batch_size, cfg.data.num_sample, o.grad_accum)
     if per_epoch < 1:
-        raise ConfigError(f"train.epochs: {videos} videos over {world_size} processes give no full optimizer step "
-                          f"per epoch (data.batch_size={cfg.data.batch_size}, optim.grad_accum={o.grad_accum})")
+        raise ConfigError(f"train.epochs: {videos} videos over {world_size} processes give no full optimizer "
+                          f"step per epoch (data.batch_size={cfg.data.batch_size}, "
+                          f"optim.grad_accum={o.grad_accum})")
     steps = max(1, round(t.epochs * per_epoch)) if t.epochs is not None else t.steps
     warmup = round(o.warmup_epochs * per_epoch) if o.warmup_epochs is not None else o.warmup_steps
     parts = [f"{per_epoch} optimizer steps per epoch ({videos} videos, {world_size} processes)"]
