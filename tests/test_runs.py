@@ -32,15 +32,22 @@ def _run_files(out: Path) -> dict[str, str]:
 
 
 # ---- resume with another config ------------------------------------------------------------------
-def test_resume_with_a_changed_config_is_refused_naming_the_keys_and_writes_nothing(tmp_path):
+def test_resume_with_a_changed_config_is_refused_naming_the_keys_and_writes_nothing(tmp_path, monkeypatch):
     train(_cfg(tmp_path, "train.steps=2"))
     before = _run_files(tmp_path)
+    from mats_scale.train import loop
+
+    def no_group(*args):
+        raise AssertionError("refused only after joining the process group")
+
+    monkeypatch.setattr(loop, "init_distributed", no_group)  # refused first: no group, no op build, no model
     with pytest.raises(ConfigError) as err:
         train(_cfg(tmp_path, "train.steps=2", "masking.strategy=random", "optim.base_lr=0.01"))
     msg = str(err.value)
     assert "masking.strategy='random' (the run has 'tube')" in msg and "optim.base_lr=0.01" in msg
     assert "train.allow_changes=[masking.strategy,optim.base_lr]" in msg and "\n" not in msg
     assert _run_files(tmp_path) == before and not (tmp_path / "resumes.jsonl").exists()
+    monkeypatch.undo()
     # Keys that cannot change the numbers (logging, loader workers) need no allowance.
     again = train(_cfg(tmp_path, "train.steps=2", "logging.log_every=5", "data.prefetch_factor=3"))
     assert again.step == 2 and _run_files(tmp_path) == before
@@ -202,7 +209,10 @@ def test_scripts_ship_sbatch_examples_for_one_and_two_nodes():
 def test_deepspeed_first_build_is_announced_until_the_op_is_cached(tmp_path):
     note = first_build_notice(["deepspeed_shm_comm"], str(tmp_path))
     assert note.startswith("DeepSpeed compiles its deepspeed_shm_comm op now (first launch only")
-    built = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
-    built.mkdir(parents=True)
-    (built / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert first_build_notice(["deepspeed_shm_comm"], str(tmp_path)) is None
+    # torch's default root (<root>/py311_cpu/<op>/) and TORCH_EXTENSIONS_DIR (<root>/<op>/)
+    for root, built in ((tmp_path / "a", tmp_path / "a" / "py311_cpu" / "deepspeed_shm_comm"),
+                        (tmp_path / "b", tmp_path / "b" / "deepspeed_shm_comm")):
+        built.mkdir(parents=True)
+        assert first_build_notice(["deepspeed_shm_comm"], str(root)).startswith("DeepSpeed compiles")
+        (built / "deepspeed_shm_comm.so").write_bytes(b"")
+        assert first_build_notice(["deepspeed_shm_comm"], str(root)) is None

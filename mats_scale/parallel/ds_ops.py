@@ -34,7 +34,9 @@ def ops_to_build(offload_optimizer: bool) -> list[str]:
 def first_build_notice(names: list[str], root: str | None = None) -> str | None:
     """A line announcing the compilation of the ops of `names` that are not built under `root`."""
     root = root or extensions_root()
-    missing = [n for n in names if not glob.glob(os.path.join(root, "*", n, f"{n}*.so"))]
+    # TORCH_EXTENSIONS_DIR/<name>/ when that is set, else <default root>/py311_cpu/<name>/.
+    missing = [n for n in names if not (glob.glob(os.path.join(root, n, f"{n}*.so"))
+                                        or glob.glob(os.path.join(root, "*", n, f"{n}*.so")))]
     if not missing:
         return None
     ops = f"{', '.join(missing)} op{'s' if len(missing) > 1 else ''}"

@@ -140,7 +140,11 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         # train.epochs / optim.warmup_epochs -> steps, from the dataset size (before anything is built).
         cfg, schedule_note = resolve_epochs(cfg, detect_env(cfg.train, cfg.parallel).world_size)
-        _, ds_config = prepare(cfg)
+        env0, ds_config = prepare(cfg)
+        batch_total = total_batch(cfg.data.batch_size, env0.world_size, cfg.optim.grad_accum)
+        early = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env0).resolve(cfg.train.resume)
+        if early is not None:  # a changed config is refused before any process group, op build or model
+            check_resume(cfg, early, batch_total)
         self.cfg = cfg
         self.env = env = init_distributed(cfg.train, cfg.parallel)
         self.faults = Faults.from_env()
@@ -151,7 +155,6 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env,
                                       on_save=self.faults.in_save)
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
-        batch_total = total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)
         # The whole config must match the checkpoint's, but for train.allow_changes (nothing written yet).
         self.changes = check_resume(cfg, self.resume_path, batch_total) if self.resume_path else {}
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps)
