@@ -73,12 +73,14 @@ def test_a_line_that_fits_no_format_is_named(tmp_path, text, needle):
         read_list_file(str(lst))
 
 
-def test_videomae_v2_pretraining_list_reads_videos_and_rawframe_folders(tmp_path):
+def test_videomae_v2_pretraining_list_reads_videos_and_rawframe_folders(tmp_path, caplog):
     _video(tmp_path / "v.mp4")
     _frame_folder(tmp_path / "frames" / "clip", start=1)
     lst = tmp_path / "k400_pretrain.txt"
     lst.write_text("v.mp4 0 -1\nframes/clip 1 8\n")
-    (batch,) = list(_loader(lst, f"data.root={tmp_path}"))
+    with caplog.at_level("INFO", logger="mats_scale.data"):
+        (batch,) = list(_loader(lst, f"data.root={tmp_path}"))
+    assert f"data: 2 videos from {lst}, read as VideoMAE V2 pre-training" in caplog.text
     assert batch["video"].shape == (2, 3, 4, 32, 32) and batch["skipped"] == []
     assert sorted(batch["index"].tolist()) == [0, 1]
 
