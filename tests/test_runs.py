@@ -92,11 +92,13 @@ def test_metrics_after_a_resume_have_one_record_per_step(tmp_path):
     train(_cfg(tmp_path, "train.steps=4", "train.save_every=2", "train.keep_last=2"))
     # As after a crash between saves: steps 3-4 were logged, the newest checkpoint is step 2.
     (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.9')  # and a line cut short by the crash
     train(_cfg(tmp_path, "train.steps=4", "train.save_every=2", "train.keep_last=2"))
     runs = metric_runs(tmp_path)
     assert [sorted(r["steps"]) for r in runs] == [[1, 2], [3, 4]]
     start = runs[1]["start"]
-    assert start["resumed_from"].endswith("step_00000002") and start["dropped_steps"] == 2
+    assert start["resumed_from"].endswith("step_00000002") and start["dropped_steps"] == 3
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if "event" not in json.loads(x)]
     assert steps == [1, 2, 3, 4]

@@ -8,6 +8,7 @@ with POSIX locks, which NFSv4 supports).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from typing import IO
@@ -16,6 +17,7 @@ import torch
 
 from mats_scale.parallel.distributed import DistEnv, LaunchError, all_reduce
 
+log = logging.getLogger("mats_scale.train")
 LOCK_NAME = ".lock"
 _held: dict[str, IO[str]] = {}  # realpath -> open lock file of this process
 
@@ -34,11 +36,15 @@ def _try_lock(out_dir: str) -> str | None:
     f = open(path, "a+")  # noqa: SIM115 - held open for the whole run
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held by another process
         f.seek(0)
         owner = f.read().strip() or "unknown"
         f.close()
         return owner
+    except OSError as e:  # a file system without locks (ENOLCK): run unguarded rather than not at all
+        f.close()
+        log.warning("cannot lock %s (%s): a second job could write this run directory too", path, e.strerror)
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} host {socket.gethostname()}\n")

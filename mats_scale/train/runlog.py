@@ -117,8 +117,15 @@ class RunLogger:
         self.jsonl.flush()
         with open(path) as f:
             lines = f.readlines()
-        keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step
-                or "event" in json.loads(ln)]
+
+        def kept(line: str) -> bool:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short when the interrupted session died
+                return False
+            return "event" in rec or rec.get("step", 0) <= step
+
+        keep = [ln for ln in lines if ln.strip() and kept(ln)]
         if len(keep) == len(lines):
             return 0
         tmp = path + ".tmp"
