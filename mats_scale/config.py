@@ -4,10 +4,12 @@ Loading follows OLMo's recipe: ``OmegaConf.structured(Config)`` -> merge a YAML 
 ``key=value`` dotlist overrides -> ``OmegaConf.to_object`` back into these dataclasses, whose
 ``__post_init__`` validates each section (and ``Config.__post_init__`` the cross-section rules).
 Every problem becomes one :class:`ConfigError` line naming the key, the value and what is allowed;
-:func:`load_config_or_exit` prints it and exits with status 2 before any heavy import.
+:func:`mats_scale.cli.load_or_exit` prints it and exits with status 2 before any heavy import.
 
-Builders receive only their own section (``build_pretrain_model(cfg.model)``, ...). Derived
-quantities (patch size of a model size, token grid, total batch) are properties, never restated.
+Builders receive only their own section (``build_pretrain_model(cfg.model)``, ...). The model section
+is the model's own torch-free ``ModelArgs`` (``mats_scale/models/args.py``); token counts and masking
+presets come from ``mats_scale/tokens.py``. Derived quantities (patch size of a model size, token grid,
+total batch) are properties, never restated.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
 from mats_scale.resources import config_path, shipped_configs
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Config", "ConfigError", "ModelConfig", "load_config",
-           "load_config_or_exit", "load_config_text", "parse_args"]
+           "load_config_text"]
 
 
 # The model section is the model's own argument dataclass (torch-free, next to the size registry).
@@ -146,7 +148,9 @@ class OptimConfig:
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine schedule."""
     warmup_steps: int = 10
-    """Optimizer steps of linear warm-up."""
+    """Optimizer steps of linear warm-up (replaced by optim.warmup_epochs when that is set)."""
+    warmup_epochs: Optional[float] = None
+    """Warm-up in epochs (VideoMAE's --warmup_epochs); the steps follow from the dataset size and batch."""
     weight_decay: float = 0.05
     """AdamW weight decay (not applied to norms, biases, position and mask tokens)."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -162,6 +166,8 @@ class OptimConfig:
         check_positive("optim.base_lr", self.base_lr)
         check_positive("optim.min_lr", self.min_lr, allow_zero=True)
         check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_epochs is not None:
+            check_positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
         check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         check_positive("optim.grad_accum", self.grad_accum)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -173,7 +179,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 60
-    """Optimizer steps of the run (a skipped non-finite step counts as a step)."""
+    """Optimizer steps of the run (a skipped non-finite step counts as a step); replaced by train.epochs
+    when that is set. The lr schedule is a function of it, so a resume refuses a change."""
+    epochs: Optional[float] = None
+    """Run length in epochs (VideoMAE's --epochs): train.steps = epochs x optimizer steps per epoch
+    (videos // (data.batch_size / data.num_sample) // world size // optim.grad_accum)."""
     seed: int = 0
     """Seed of every random stream (model init, masking, data, drop path); each rank derives its own."""
     out_dir: str = "runs/default"
@@ -192,9 +202,14 @@ class TrainConfig:
     """On a non-finite loss or gradient norm: skip (drop the update, count it) or stop at once."""
     max_nan_steps: int = 3
     """With nan_policy=skip: consecutive skipped steps after which the run stops with an error."""
+    allow_changes: List[str] = field(default_factory=list)
+    """Keys a resume may change from the checkpoint's config, e.g. [train.steps,optim.clip_grad]
+    (a section name allows all its keys); any other difference is refused."""
 
     def __post_init__(self) -> None:
         check_positive("train.steps", self.steps)
+        if self.epochs is not None:
+            check_positive("train.epochs", self.epochs)
         check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
         check_choice("train.precision", self.precision, ["auto", "fp32", "bf16"])
         check_choice("train.nan_policy", self.nan_policy, ["skip", "stop"])
@@ -241,7 +256,7 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard scalars under out_dir/tb."""
     progress_bar: bool = True
-    """tqdm progress bar with ETA on rank 0 (stderr)."""
+    """tqdm progress bar with ETA on rank 0, only when stderr is a terminal (piped output: log lines only)."""
 
     def __post_init__(self) -> None:
         check_positive("logging.log_every", self.log_every)
@@ -290,6 +305,8 @@ class Config:
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
+    from mats_scale.config_help import check_override_keys
+
     merged = OmegaConf.structured(Config)
     try:
         layers = []
@@ -302,6 +319,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")
+        check_override_keys(overrides, Config)  # names the whole key and the nearest ones
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         # A masking preset is a layer under the file and the overrides: keys set explicitly win
         # (and MaskingConfig refuses one that contradicts the preset).
@@ -311,7 +329,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         merged = OmegaConf.merge(merged, *layers)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        raise ConfigError(f"{e.full_key}: unknown key") from None
+        from mats_scale.config_help import unknown_key_message
+
+        raise ConfigError(unknown_key_message(e.full_key, Config)) from None
     except (ValidationError, OmegaConfBaseException) as e:  # wrong type, bad YAML structure, ...
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e.msg).splitlines()[0]}") from None
@@ -320,37 +340,3 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 def load_config_text(text: str) -> Config:
     """A Config from the YAML a run recorded (``config.yaml``, a checkpoint's ``meta.json``)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Optional[str], list[str]]:
-    """``[--config FILE] [key=value ...]``; DeepSpeed's ``--local_rank=N`` is accepted and ignored."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path, overrides = None, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config: expects a YAML file path")
-            path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
-            if "=" not in arg:
-                i += 1  # the value follows as its own argument
-        elif arg.startswith("-"):
-            raise ConfigError(f"{arg}: unknown option; usage: [--config FILE] [key=value ...]")
-        else:
-            overrides.append(arg)
-        i += 1
-    return path, overrides
-
-
-def load_config_or_exit(argv: Optional[Sequence[str]] = None) -> Config:
-    """Parse the command line into a validated Config, or print one error line and exit(2)."""
-    try:
-        return load_config(*parse_args(argv))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

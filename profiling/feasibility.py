@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from mats_scale.profiling.cli import choices_list, dtype_arg, policy_list, positive, run
+from mats_scale.profiling.cli import UsageError, choices_list, dtype_arg, policy_list, positive, run
 
 
 def _node(args):
@@ -30,7 +30,7 @@ def _node(args):
 
     if args.node == "custom":
         if args.gpu_mem_gib is None or args.peak_tflops is None:
-            raise ValueError("--node custom needs --gpu-mem-gib and --peak-tflops")
+            raise UsageError("--node custom needs --gpu-mem-gib and --peak-tflops")
         return Node(args.gpus or 8, args.gpu_mem_gib, args.peak_tflops)
     base = NODES[args.node]
     return Node(
@@ -45,12 +45,12 @@ def _ds_config(path):
     if not path:
         return None
     if not os.path.isfile(path):
-        raise ValueError(f"--ds-config={path!r}: no such file")
+        raise UsageError(f"--ds-config={path!r}: no such file")
     try:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--ds-config={path!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UsageError(f"--ds-config={path!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def main(argv=None) -> int:
@@ -74,9 +74,13 @@ def main(argv=None) -> int:
         "--strategies",
         type=choices_list(list(STRATEGIES), "strategies"),
         default=["tube+rc", "mats", "mats+dual"],
+        help=f"masking presets, comma-separated: {', '.join(STRATEGIES)} (default tube+rc,mats,mats+dual)",
     )
     parser.add_argument(
-        "--engines", type=choices_list(list(ENGINE_CHOICES), "engines"), default=list(ENGINE_CHOICES)
+        "--engines",
+        type=choices_list(list(ENGINE_CHOICES), "engines"),
+        default=list(ENGINE_CHOICES),
+        help=f"engines, comma-separated: {', '.join(ENGINE_CHOICES)} (default all)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -84,7 +88,9 @@ def main(argv=None) -> int:
         default=policy_list("none,half,full"),
         help="checkpointing policies: none, half (every 2nd block), full; or 'E,D' pairs split by ';'",
     )
-    parser.add_argument("--dtype", type=dtype_arg, default="bf16")
+    parser.add_argument(
+        "--dtype", type=dtype_arg, default="bf16", help="compute dtype: fp32, bf16, fp16 (default bf16)"
+    )
     parser.add_argument(
         "--mfu", type=positive(float), default=0.35, help="assumed model FLOP utilisation (0.35)"
     )
@@ -105,13 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fragmentation", type=float, default=0.10, help="allocator fragmentation share (0.10)"
     )
-    parser.add_argument("--out", default="profiling/out")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default="profiling/out", help="output folder (default profiling/out)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
-        raise ValueError(f"--mfu={args.mfu}: must be in (0, 1]")
+        raise UsageError(f"--mfu={args.mfu}: must be in (0, 1]")
     if args.context_gib < 0 or not 0 <= args.fragmentation < 1:
-        raise ValueError("--context-gib must be >= 0 and --fragmentation in [0, 1)")
+        raise UsageError("--context-gib must be >= 0 and --fragmentation in [0, 1)")
 
     from tqdm import tqdm
 

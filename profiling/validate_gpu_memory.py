@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from mats_scale.profiling.cli import choices_list, policy_list, run
+from mats_scale.profiling.cli import UsageError, choices_list, policy_list, run
 
 
 def measure_on_gpu(wl) -> int:
@@ -58,25 +58,38 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=choices_list(list(SIZES), "sizes"), default=["B", "L"])
+    parser.add_argument(
+        "--sizes",
+        type=choices_list(list(SIZES), "sizes"),
+        default=["B", "L"],
+        help="model sizes (default B,L)",
+    )
     parser.add_argument("--batches", default="4,8,16", help="micro-batches, comma-separated")
     parser.add_argument(
-        "--strategies", type=choices_list(list(STRATEGIES), "strategies"), default=["tube+rc", "mats+dual"]
+        "--strategies",
+        type=choices_list(list(STRATEGIES), "strategies"),
+        default=["tube+rc", "mats+dual"],
+        help=f"masking presets: {', '.join(STRATEGIES)} (default tube+rc,mats+dual)",
     )
-    parser.add_argument("--checkpoint", type=policy_list, default=policy_list("none,full"))
-    parser.add_argument("--out", default="profiling/out")
+    parser.add_argument(
+        "--checkpoint",
+        type=policy_list,
+        default=policy_list("none,full"),
+        help="checkpointing policies: none, half, full or 'E,D' pairs split by ';' (default none,full)",
+    )
+    parser.add_argument("--out", default="profiling/out", help="output folder (default profiling/out)")
     args = parser.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         batches = []
     if not batches or min(batches) < 1:
-        raise ValueError(f"--batches={args.batches!r}: comma-separated integers >= 1")
+        raise UsageError(f"--batches={args.batches!r}: comma-separated integers >= 1")
 
     import torch
 
     if not torch.cuda.is_available():
-        raise ValueError("no CUDA device: this validation needs a GPU (the CPU checks are in the tests)")
+        raise UsageError("no CUDA device: this validation needs a GPU (the CPU checks are in the tests)")
 
     from mats_scale.config import ModelConfig
     from mats_scale.profiling.memory import measure_activations

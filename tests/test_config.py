@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mats_scale.config import Config, ConfigError, load_config, parse_args
+from mats_scale.cli import parse
+from mats_scale.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def test_yaml_then_dotlist(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("model.colour=red", "model.colour: unknown key"),
-    ("foo.bar=1", "foo: unknown key"),
+    ("foo.bar=1", "foo.bar: unknown key"),
     ("data.batch_size=two", "data.batch_size"),
     ("model.img_size=1.5", "model.img_size"),
     ("masking.ratio=1.2", "masking.ratio=1.2: must be in the open interval (0, 1)"),
@@ -62,9 +63,10 @@ def test_running_cell_refuses_odd_grid():
 
 
 def test_cli_args():
-    assert parse_args(["--config", "a.yaml", "x.y=1", "--local_rank=0"]) == ("a.yaml", ["x.y=1"])
+    args = parse(["--config", "a.yaml", "x.y=1", "--local_rank=0"])
+    assert (args.config, args.overrides) == ("a.yaml", ["x.y=1"])
     with pytest.raises(ConfigError, match="unknown option"):
-        parse_args(["--bogus"])
+        parse(["--bogus"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["model.size"])
     with pytest.raises(ConfigError, match="no such file"):

@@ -141,9 +141,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(resumed):
     assert runs["D"].returncode == 0, tail(runs["D"])
     ref = metric_runs(resumed["a"])[0]["steps"]
     b_run, c_run, d_run = metric_runs(resumed["b"])
-    assert max(b_run["steps"]) == 5  # killed after step 5, whose checkpoint was never written
-    assert c_run["start"]["resumed_from"].endswith("step_00000004")
-    assert d_run["start"]["resumed_from"].endswith("step_00000004")  # C crashed while saving step 6
+    # B was killed after step 5, whose checkpoint was never written; C crashed while saving step 6.
+    # Each resume (from step 4) dropped the records of the steps it runs again: one record per step.
+    assert c_run["start"]["resumed_from"].endswith("step_00000004") and c_run["start"]["dropped_steps"] == 1
+    assert d_run["start"]["resumed_from"].endswith("step_00000004") and d_run["start"]["dropped_steps"] == 2
+    assert [sorted(r["steps"]) for r in (b_run, c_run, d_run)] == [[1, 2, 3, 4], [], [5, 6, 7, 8]]
     for run in (b_run, c_run, d_run):
         for step, rec in run["steps"].items():
             for key in ("loss", "grad_norm", "lr", "tokens_encoder", "tokens_decoder"):

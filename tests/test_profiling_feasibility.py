@@ -122,3 +122,37 @@ def test_cli_bad_input(tmp_path, capsys):
         run(feasibility_cli.main, ["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_only_argument_errors_become_exit_2():
+    from mats_scale.profiling.cli import UsageError
+
+    def bad_argument(argv):
+        raise UsageError("--x=1: must be 2")
+
+    def bug(argv):
+        raise ValueError("a programming error deep inside")
+
+    assert run(bad_argument, []) == 2
+    with pytest.raises(ValueError, match="a programming error"):  # keeps its traceback
+        run(bug, [])
+
+
+@pytest.mark.parametrize("script", ["feasibility", "flops_per_mask_ratio", "memory_per_mask_ratio",
+                                    "validate_gpu_memory"])
+def test_every_profiler_option_has_help_text(script, monkeypatch):
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"profiling.{script}")
+    seen = {}
+
+    def capture(self, argv=None, namespace=None):
+        seen["parser"] = self
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        module.main([])
+    missing = [a.option_strings or a.dest for a in seen["parser"]._actions if not a.help]
+    assert not missing, missing

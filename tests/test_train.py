@@ -88,9 +88,10 @@ def test_nan_policy_skip_stops_after_k_in_a_row(tmp_path, monkeypatch):
 
 
 # ---- logging -------------------------------------------------------------------------------------
-def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys):
+def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal only
     train(_cfg(tmp_path, "train.steps=3", "logging.tensorboard=true", "logging.progress_bar=true",
                "logging.log_every=2"))
     tb = EventAccumulator(str(tmp_path / "tb"))
@@ -109,6 +110,20 @@ def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys):
     assert f"loss: mean of the first 1 steps {losses[0]:.4f} -> mean of the last 1 steps {losses[-1]:.4f}" in log
     err = capsys.readouterr().err
     assert "3/3" in err and "step/s" in err  # tqdm bar with rate / ETA on stderr
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal_and_log_lines_average_the_window(tmp_path, capsys):
+    train(_cfg(tmp_path, "train.steps=6", "logging.progress_bar=true", "logging.log_every=3"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "step/s" not in err  # stderr is captured here: no bar redraws
+    losses = {s: r["loss"] for s, r in metric_runs(tmp_path)[0]["steps"].items()}
+    lines = [ln for ln in (tmp_path / "train.log").read_text().splitlines() if " step " in ln]
+    assert len(lines) == 3  # steps 1, 3, 6
+    # Step 6: the mean over steps 4-6 (the window since the line of step 3), the epoch (1024 synthetic
+    # clips / 2 per step = 512 steps per epoch) and the ETA.
+    mean = sum(losses[s] for s in (4, 5, 6)) / 3
+    assert f"step      6/6  epoch 0.01  loss {mean:.4f} (mean of 3)" in lines[2]
+    assert f"loss {(losses[2] + losses[3]) / 2:.4f} (mean of 2)" in lines[1] and "ETA 0m00s" in lines[2]
 
 
 # ---- checkpoint bookkeeping ----------------------------------------------------------------------

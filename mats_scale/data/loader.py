@@ -132,9 +132,13 @@ def resolve_items(cfg: Config, split: str = "train") -> list[VideoItem]:
         path = d.train_list if split == "train" else d.val_list
         if not path:
             raise DataError(f"data.{split}_list is empty: data.dataset=list needs a list file")
-        return read_list_file(path, d.root)
+        items = read_list_file(path, d.root)
+        log.info("data: %d videos from %s, read as %s", len(items), path, items.source_format)
+        return items
     if d.dataset == "folder":
-        return scan_folder(d.root)
+        items = scan_folder(d.root)
+        log.info("data: %d videos from %s, %s", len(items), d.root, items.source_format)
+        return items
     raise DataError(f"data.dataset={d.dataset!r} has no file list")
 
 
@@ -229,7 +233,7 @@ class PretrainClips(Dataset):
             frames = (video[0] * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
             return frames, list(range(self.decode_frames)), label
         item = self.items[index]
-        vr = open_video(item.path, min_frames=self.min_frames)
+        vr = open_video(item.path, min_frames=self.min_frames, start=item.start, frames=item.frames)
         ids = self._frame_indices(len(vr), gen)
         return read_frames(vr, ids, item.path), ids, item.label
 

@@ -56,11 +56,15 @@ def segment_indices(num_frames: int, length: int, generator: torch.Generator | N
     return [min(int(p), num_frames - 1) for p in pos]
 
 
-def open_video(path: str, *, min_frames: int = 1, width: int = -1, height: int = -1):
+def open_video(path: str, *, min_frames: int = 1, width: int = -1, height: int = -1, start: int = -1,
+               frames: int = -1):
     """A decord ``VideoReader`` for `path`, or :class:`VideoReadError` naming the reason.
 
     Checks in order: missing, not a regular file, zero length, unreadable container, too few frames.
     `width`/`height` > 0 make decord resize while decoding (cheaper than decoding full size).
+    A directory is a rawframe folder (:class:`mats_scale.data.rawframes.FrameFolder`, same interface;
+    `start`/`frames` from the list, -1 to find them on disk). A path that is not valid UTF-8 (kept
+    with surrogate escapes) is opened as a file object, as decord only takes UTF-8 names.
     """
     import decord
 
@@ -68,15 +72,30 @@ def open_video(path: str, *, min_frames: int = 1, width: int = -1, height: int =
     decord.logging.set_level(decord.logging.QUIET)
     if not os.path.exists(path):
         raise VideoReadError(path, "missing file")
+    if os.path.isdir(path):
+        from mats_scale.data.rawframes import FrameFolder
+
+        vr = FrameFolder(path, start=start, frames=frames)
+        if len(vr) < max(min_frames, 1):
+            raise VideoReadError(path, f"too short: {len(vr)} frames, data.min_frames={min_frames}")
+        return vr
     if not os.path.isfile(path):
         raise VideoReadError(path, "not a regular file")
     if os.path.getsize(path) == 0:
         raise VideoReadError(path, "empty file (0 bytes)")
     try:
+        path.encode("utf-8")
+        source = path
+    except UnicodeEncodeError:
+        source = open(path, "rb")  # noqa: SIM115 - decord reads it whole, then it is closed below
+    try:
         # One decoding thread: parallelism comes from DataLoader workers, not threads inside each.
-        vr = decord.VideoReader(path, num_threads=1, width=width, height=height)
+        vr = decord.VideoReader(source, num_threads=1, width=width, height=height)
     except Exception as e:  # decord raises DECORDError (a RuntimeError) with a long C++ trace
         raise VideoReadError(path, f"cannot open as video ({_first_line(e)})") from None
+    finally:
+        if source is not path:
+            source.close()
     n = len(vr)
     if n < max(min_frames, 1):
         raise VideoReadError(path, f"too short: {n} frames, data.min_frames={min_frames}")

@@ -6,22 +6,21 @@ mats_scale.launch.pretrain``, plain ``python -m``; ``launchers/*.py`` in a check
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Optional
 
-from mats_scale.config import load_config_or_exit, parse_args
-from mats_scale.resources import DEFAULT_CONFIG
+from mats_scale.cli import check_data_or_exit, load_or_exit
+from mats_scale.resources import DEFAULT_CONFIG, config_path
 
 
-def run_job(task: str, argv: Optional[list[str]] = None, default_config: Optional[str] = DEFAULT_CONFIG) -> int:
-    """Parse ``[--config FILE|NAME] [key=value ...]`` (the shipped `default_config` when no --config),
-    then run `task` on the generic Trainer. Exit status: 0 done, 1 run error, 2 bad configuration."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path, _ = parse_args(argv)
-    if path is None and default_config is not None:
-        argv = ["--config", default_config, *argv]
-    cfg = load_config_or_exit(argv)
+def run_job(task: str, argv: Optional[list[str]] = None, *, prog: str, description: str,
+            default_config: Optional[str] = DEFAULT_CONFIG) -> int:
+    """Parse ``[-h] [--config FILE|NAME] [--print-config] [key=value ...]`` (the shipped
+    `default_config` when no --config), check the data lists, then run `task` on the generic Trainer.
+    Exit status: 0 done, 1 run error, 2 bad command line or configuration."""
+    default = config_path(default_config) if default_config else None
+    cfg = load_or_exit(argv, prog=prog, description=description, default_config=default)
+    check_data_or_exit(cfg)  # a bad list file fails now, not after the model is built
 
     # Heavy imports only after the config is known to be valid.
     from mats_scale.train.loop import run

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node N launchers/pretrain.py [--config FILE|NAME] [key=value ...]
     python launchers/pretrain.py [--config FILE|NAME] [key=value ...]          # one process
     deepspeed --hostfile HOSTFILE launchers/pretrain.py ...                     # several nodes
+    srun python launchers/pretrain.py ...                                       # Slurm (scripts/*.sbatch)
+    python launchers/pretrain.py --print-config [--config FILE] [key=value ...]  # resolved config
 
 Installed (no checkout): ``mats-pretrain ...``, ``deepspeed --module mats_scale.launch.pretrain ...``,
 ``torchrun -m mats_scale.launch.pretrain ...``. Without --config the shipped default job
@@ -22,7 +24,7 @@ from mats_scale.launch import run_job
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_job("pretrain", argv)
+    return run_job("pretrain", argv, prog="launchers/pretrain.py", description=__doc__)
 
 
 if __name__ == "__main__":

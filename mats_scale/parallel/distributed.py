@@ -1,7 +1,8 @@
 """Process-group set-up shared by every engine: one place decides device, backend, rank and precision.
 
 Launchers (``deepspeed``, ``torchrun``, or plain ``python`` for one process) export RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain ``python`` run gets a one-process group on a free
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under ``srun`` without them they come from Slurm's variables
+(:mod:`mats_scale.parallel.slurm`); a plain ``python`` run gets a one-process group on a free
 local port. CUDA runs use NCCL, CPU runs gloo.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -58,6 +60,9 @@ def _free_port() -> int:
 
 def detect_env(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     """Rank, world size, device and precision from the launcher's environment (no communication)."""
+    from mats_scale.parallel.slurm import apply_slurm_env
+
+    apply_slurm_env()  # srun without a torch launcher: Slurm's variables give rank and world
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -93,6 +98,11 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     if parallel.backend == "deepspeed":
         import deepspeed
 
+        from mats_scale.parallel.ds_ops import first_build_notice, ops_to_build
+
+        notice = first_build_notice(ops_to_build(parallel.offload_optimizer)) if env.local_rank == 0 else None
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     else:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,

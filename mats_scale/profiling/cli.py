@@ -1,4 +1,9 @@
-"""Shared argument parsing of the profiling CLIs (profiling/*.py): lists, validation, one-line errors."""
+"""Shared argument parsing of the profiling CLIs (profiling/*.py): lists, validation, one-line errors.
+
+Only user errors become one ``error:`` line and exit status 2: argparse's own (exit 2 with usage), a
+:class:`UsageError` raised by a CLI's checks of its arguments, and a :class:`ConfigError` of the project
+config. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from mats_scale.profiling.workload import CHECKPOINT_POLICIES, DTYPES, STRATEGIE
 DEFAULT_SIZES = "S,B,L,H,g"
 DEFAULT_RATIOS = "0.75,0.8,0.85,0.9,0.95"
 DEFAULT_STRATEGIES = "tube+rc,mats,mats+dual"
+
+
+class UsageError(ValueError):
+    """A bad command-line argument of a profiling CLI (one line naming the option and what is allowed)."""
 
 
 def _items(text: str) -> list[str]:
@@ -106,9 +115,10 @@ def dtype_arg(text: str):
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI main; a bad value anywhere becomes one ``error:`` line and exit status 2."""
+    """Run a CLI main; a bad argument or config value becomes one ``error:`` line and exit status 2
+    (other exceptions propagate with their traceback)."""
     try:
         return main(argv)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

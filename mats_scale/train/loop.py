@@ -35,9 +35,12 @@ from mats_scale.parallel.distributed import (
     shutdown,
 )
 from mats_scale.parallel.engine import build_engine, engine_run_files
+from mats_scale.train import provenance, runlock
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
+from mats_scale.train.runfiles import check_resume, lr_change_note, write_run_record
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
+from mats_scale.train.schedule import resolve_epochs
 from mats_scale.train.sources import BatchStream
 from mats_scale.train.task import Task
 
@@ -96,17 +99,6 @@ def seed_rank_streams(seed: int, rank: int, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
 
 
-def _write_run_files(cfg: Config, env: DistEnv, engine_files: dict[str, dict]) -> None:
-    if not env.is_writer:
-        return
-    from mats_scale.parallel.ds_config import write_json
-
-    with open(os.path.join(cfg.train.out_dir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
-    for name, content in engine_files.items():
-        write_json(content, os.path.join(cfg.train.out_dir, name))
-
-
 def prepare(cfg: Config) -> tuple[DistEnv, dict[str, dict]]:
     """Everything that can fail on a bad config or launch, before any communication or model building:
     the process layout and the engine's resolved files (DeepSpeed's JSON)."""
@@ -118,18 +110,28 @@ class Trainer:
     """Set-up, the step loop and checkpointing of one run of `task`; :func:`train` drives it."""
 
     def __init__(self, cfg: Config, task: Task) -> None:
-        _, engine_files = prepare(cfg)
+        # train.epochs / optim.warmup_epochs -> steps, from the dataset size (before anything is built).
+        cfg, schedule_note = resolve_epochs(cfg, detect_env(cfg.train, cfg.parallel).world_size)
+        env0, engine_files = prepare(cfg)
+        batch_total = total_batch(cfg.data.batch_size, env0.world_size, cfg.optim.grad_accum)
+        early = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env0).resolve(cfg.train.resume)
+        if early is not None:  # a changed config is refused before any process group, op build or model
+            check_resume(cfg, early, batch_total)
         self.cfg, self.task = cfg, task
         self.env = env = init_distributed(cfg.train, cfg.parallel)
         self.faults = Faults.from_env()
         if env.is_writer:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
         barrier()
+        runlock.acquire(cfg.train.out_dir, env)  # one job per run directory
         self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env,
                                       on_save=self.faults.in_save)
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
-        _write_run_files(cfg, env, engine_files)
+        # The whole config must match the checkpoint's, but for train.allow_changes (nothing written yet).
+        self.changes = check_resume(cfg, self.resume_path, batch_total) if self.resume_path else {}
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps, task)
+        if schedule_note:
+            self.log.info(schedule_note)
 
         self.engine = build_engine(cfg, env, task.model_spec())
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
@@ -143,7 +145,13 @@ class Trainer:
             self.counters = Counters(**state["counters"])
             self.stream.load_state_dict(state["data"])
             restore_rng(state["rng"], self.mask_gen)
-        self.batch_total = total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)
+        self.batch_total = batch_total
+        if env.is_writer:  # only now that the checkpoint was accepted: config.yaml or a resume record
+            write_run_record(cfg, engine_files, self.resume_path, self.counters.step, self.changes,
+                             provenance.collect(env.device, env.world_size))
+        note = lr_change_note(cfg, self.changes, self.counters.step, batch_total)
+        if note:
+            self.log.warning(note)
 
     def save(self) -> None:
         state = {"counters": asdict(self.counters), "data": self.stream.state_dict(),
@@ -209,7 +217,8 @@ class Trainer:
         log.start(c.step, str(self.resume_path) if self.resume_path else None,
                   {"engine": self.engine.name, "world_size": self.env.world_size,
                    "device": str(self.env.device), "precision": self.env.precision,
-                   "total_batch": self.batch_total})
+                   "total_batch": self.batch_total,
+                   "steps_per_epoch": len(self.stream.loader) / cfg.optim.grad_accum})
         log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} "
                  f"({self.env.precision}), total batch {self.batch_total} = {cfg.data.batch_size} x "
                  f"{self.env.world_size} x {cfg.optim.grad_accum}, "
@@ -261,6 +270,7 @@ def train(cfg: Config, task: Optional[Task] = None) -> TrainResult:
         return trainer.run()
     finally:
         trainer.log.close()
+        runlock.release(trainer.cfg.train.out_dir)
 
 
 def run(cfg: Config, task_factory: Optional[Callable[[Config], Task]] = None) -> int:

@@ -2,8 +2,12 @@
 
 Rank 0 writes ``train.log`` (what it prints, appended across resumes), ``metrics.jsonl`` (one JSON
 object per step, plus ``{"event": "start", ...}`` when a run starts or resumes) and TensorBoard
-scalars under ``tb/`` (events past a resume point are purged); it shows a tqdm bar with ETA on
-stderr. Other ranks print warnings and errors only, prefixed with their rank.
+scalars under ``tb/``. A resume from step s drops what the interrupted session logged after s (its
+steps are run again): the step records of ``metrics.jsonl`` (the start event says how many, under
+``dropped_steps``) and the TensorBoard events (purged), so every step has one record. A tqdm bar with
+ETA goes to stderr only when stderr is a terminal (in a file or pipe its redraws would be one line per
+update); the log line every ``logging.log_every`` steps carries the mean loss over those steps, the
+epoch, throughput and ETA. Other ranks print warnings and errors only, prefixed with their rank.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import os
 import resource
 import sys
+import time
 from typing import Any, Optional
 
 import torch
@@ -36,6 +41,15 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s"
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -77,20 +91,54 @@ class RunLogger:
             self.log.addHandler(err)
         self._out_dir = out_dir
         self._losses: list[float] = []  # this session's step losses, for the closing summary
+        self._window: list[dict[str, Any]] = []  # the steps since the last log line
+        self._steps_per_epoch: Optional[float] = None
+        self._t_start, self._step_start = time.perf_counter(), 0
 
     def start(self, start_step: int, resumed_from: Optional[str], info: dict[str, Any]) -> None:
         if not self.env.is_writer:
             return
-        self._event({"event": "start", "step": start_step, "resumed_from": resumed_from, **info})
+        dropped = self._drop_steps_after(start_step) if resumed_from else 0
+        self._steps_per_epoch = info.get("steps_per_epoch")
+        self._t_start, self._step_start = time.perf_counter(), start_step
+        self._event({"event": "start", "step": start_step, "resumed_from": resumed_from,
+                     "dropped_steps": dropped, **info})
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(self._out_dir, "tb"), purge_step=start_step + 1)
-        if self.cfg.progress_bar:
+        if self.cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, smoothing=0.1)
+
+    def _drop_steps_after(self, step: int) -> int:
+        """Rewrite metrics.jsonl without the step records past `step` (atomically); returns how many."""
+        path = os.path.join(self._out_dir, "metrics.jsonl")
+        self.jsonl.flush()
+        with open(path) as f:
+            lines = f.readlines()
+
+        def kept(line: str) -> bool:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short when the interrupted session died
+                return False
+            return "event" in rec or rec.get("step", 0) <= step
+
+        keep = [ln for ln in lines if ln.strip() and kept(ln)]
+        if len(keep) == len(lines):
+            return 0
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        self.jsonl.close()
+        os.replace(tmp, path)
+        self.jsonl = open(path, "a")  # noqa: SIM115 - stays open for the run, as in __init__
+        return len(lines) - len(keep)
 
     def info(self, msg: str) -> None:
         self.log.info(msg)
@@ -107,6 +155,7 @@ class RunLogger:
             return
         self._event({"step": step, **m})
         self._losses.append(m["loss"])
+        self._window.append(m)
         if self.tb is not None:
             for key, value in m.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -115,13 +164,27 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
             self.bar.update(1)
         if step % self.cfg.log_every == 0 or step == 1 or step == self.total:
-            grad = "nan" if not math.isfinite(m["grad_norm"]) else f"{m['grad_norm']:.3f}"
-            self.info(f"step {step:6d}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  "
-                      f"grad_norm {grad}  "
-                      f"{m['clips_per_s']:.2f} clips/s  {m['step_time_s']:.3f} s/step  "
-                      + (self.task_format.format(**m) + "  " if self.task_format else "")
-                      + f"peak {m['peak_mem_gib']:.2f} GiB  "
-                      f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
+            self.info(self.line(step, m))
+            self._window = []
+
+    def line(self, step: int, m: dict[str, Any]) -> str:
+        """The log line: loss averaged over the steps since the last line (finite ones), their
+        throughput, the epoch and the ETA of the rest at this session's pace."""
+        w = self._window or [m]
+        finite = [x["loss"] for x in w if math.isfinite(x["loss"])]
+        loss = f"{sum(finite) / len(finite):.4f}" if finite else "nan"
+        step_time = sum(x["step_time_s"] for x in w) / len(w)
+        busy = sum(x["step_time_s"] for x in w)
+        clips = sum(x["clips_per_s"] * x["step_time_s"] for x in w) / max(busy, 1e-12)  # clips / seconds
+        grad = "nan" if not math.isfinite(m["grad_norm"]) else f"{m['grad_norm']:.3f}"
+        epoch = f"  epoch {step / self._steps_per_epoch:.2f}" if self._steps_per_epoch else ""
+        done = step - self._step_start
+        eta = (time.perf_counter() - self._t_start) / done * (self.total - step) if done else 0.0
+        return (f"step {step:6d}/{self.total}{epoch}  loss {loss} (mean of {len(w)})  lr {m['lr']:.3e}  "
+                f"grad_norm {grad}  {clips:.2f} clips/s  {step_time:.3f} s/step  ETA {_duration(eta)}  "
+                + (self.task_format.format(**m) + "  " if self.task_format else "")
+                + f"peak {m['peak_mem_gib']:.2f} GiB  "
+                f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
 
     def summary(self) -> None:
         """One line that shows whether the loss fell: mean of the session's first vs last steps."""

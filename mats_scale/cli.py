@@ -1,0 +1,135 @@
+"""The launchers' command line: ``[-h] [--config FILE] [--print-config] [key=value ...]``.
+
+``--help`` lists every config key with its default and docstring, grouped by section (generated from
+:mod:`mats_scale.config`); ``--print-config`` prints the resolved config (defaults <- FILE <-
+overrides) as YAML and exits. Every mistake (an unknown option, ``--config`` without a value, an
+unknown key, a bad value) is one ``config error:`` line on stderr and exit status 2, with the nearest
+keys when a name is close to one; no traceback. DeepSpeed's ``--local_rank=N`` is accepted and
+ignored. Torch-free: nothing heavy is imported before the config is known to be valid.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from mats_scale.config import Config, ConfigError, load_config
+from mats_scale.config_help import VIDEOMAE_FLAGS, keys_help, suggest
+
+USAGE = "[-h] [--config FILE] [--print-config] [key=value ...]"
+
+
+class Args(NamedTuple):
+    config: str | None
+    overrides: list[str]
+    help: bool
+    print_config: bool
+
+
+def parse(argv: Sequence[str]) -> Args:
+    """Split the command line; raises :class:`ConfigError` (one line) on anything else."""
+    path, overrides, want_help, want_print = None, [], False, False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg == "--print-config":
+            want_print = True
+        elif arg == "--config":
+            if i + 1 >= len(args) or args[i + 1].startswith("-") or "=" in args[i + 1]:
+                raise ConfigError("--config: expects a YAML file path or a shipped config name, e.g. --config my.yaml or --config default")
+            path = args[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+            if not path:
+                raise ConfigError("--config: expects a YAML file path or a shipped config name, e.g. --config my.yaml or --config default")
+        elif arg.startswith(("--local_rank", "--local-rank")):
+            if "=" not in arg:
+                i += 1  # the value follows as its own argument
+        elif arg.startswith("-"):
+            raise ConfigError(_unknown_option(arg))
+        else:
+            overrides.append(arg)
+        i += 1
+    return Args(path, overrides, want_help, want_print)
+
+
+def _unknown_option(arg: str) -> str:
+    name = arg.split("=", 1)[0]
+    near = suggest(name.lstrip("-"), Config)
+    hint = (f"; settings are key=value overrides: did you mean {near[0]}=...?" if near
+            else "; settings are key=value overrides (see --help for every key)")
+    what = " (a VideoMAE flag)" if name.lstrip("-").replace("-", "_") in VIDEOMAE_FLAGS else ""
+    return f"{name}: unknown option{what}; usage: {USAGE}{hint}"
+
+
+def help_text(prog: str, description: str, default_config: str | None) -> str:
+    first = description.strip().split("\n\n")
+    shown = default_config and os.path.relpath(default_config)
+    if shown and shown.startswith(".."):
+        shown = default_config
+    default = f" (default: {shown})" if shown else ""
+    return "\n".join([
+        f"usage: {prog} {USAGE}",
+        "",
+        "\n\n".join(first[:2]),
+        "",
+        "options:",
+        "  -h, --help        show this help (every config key) and exit",
+        f"  --config FILE     YAML file merged over the defaults below{default}",
+        "  --print-config    print the resolved config (defaults <- FILE <- key=value) as YAML and exit",
+        "  key=value         override one key, e.g. optim.base_lr=1e-4 masking.strategy=tube",
+        "",
+        "Exit status: 0 done, 1 run error, 2 bad command line or config.",
+        "",
+        "config keys, with the defaults of mats_scale/config.py (the --config file, or the default one,",
+        "replaces some of them: --print-config shows what a run would use):",
+        "",
+        keys_help(Config),
+        "",
+    ])
+
+
+def load_or_exit(argv: Sequence[str] | None = None, *, prog: str = "launchers/pretrain.py",
+                 description: str = "", default_config: str | None = None) -> Config:
+    """The validated Config of a command line; prints help / the config and exits 0, or prints one
+    ``config error:`` line and exits 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse(argv)
+        if args.help:
+            print(help_text(prog, description, default_config))
+            raise SystemExit(0)
+        cfg = load_config(args.config or default_config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def check_data_or_exit(cfg: Config) -> None:
+    """Read the list file (or scan the folder) of ``data.dataset=list|folder`` now, before the heavy
+    imports and the process group, so a bad list stops the run within a second: one ``error:`` line
+    naming the file and line, exit status 1 (as the run's other data errors)."""
+    from mats_scale.data.errors import DataError
+    from mats_scale.data.lists import read_list_file, scan_folder
+
+    d = cfg.data
+    try:
+        if d.dataset == "list":
+            read_list_file(d.train_list, d.root)
+        elif d.dataset == "folder":
+            scan_folder(d.root)
+    except DataError as e:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if several else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

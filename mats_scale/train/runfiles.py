@@ -1,0 +1,133 @@
+"""The run directory's record of what ran, and the check that a resume runs the same thing.
+
+A fresh run writes ``config.yaml`` (the resolved config), ``ds_config.json`` (DeepSpeed runs) and
+``provenance.json`` (:mod:`mats_scale.train.provenance`). They are never rewritten: a resume appends
+one line to ``resumes.jsonl`` instead (step, checkpoint, the keys it was allowed to change with both
+values, its own provenance), and only after the checkpoint was accepted.
+
+A resume compares the whole resolved config with the one stored in the checkpoint (``meta.json``).
+Keys that cannot change what is computed (:data:`FREE_KEYS`: where files go, how often to log or save,
+data-loader workers) may differ; any other difference is refused with every differing key named,
+unless the key (or its section) is listed in ``train.allow_changes``. ``train.steps`` is special: the
+cosine schedule is a function of the total, so allowing it changes the learning rate from the resumed
+step on; the log and the resume record give the lr before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mats_scale.config import Config, ConfigError
+from mats_scale.optim import lr_at
+
+FREE_KEYS = ("train.resume", "train.out_dir", "train.allow_changes", "train.save_every", "train.keep_last",
+             "logging", "data.num_workers", "data.prefetch_factor")
+"""Keys (or sections) a resume may always change: they do not change the numbers a run computes."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def stored_config(yaml_text: str) -> dict[str, Any]:
+    """The checkpoint's config, with defaults filled in for keys it predates (not re-validated)."""
+    stored = OmegaConf.create(yaml_text)
+    with contextlib.suppress(Exception):  # a key this version does not know: compare what is there
+        stored = OmegaConf.merge(OmegaConf.structured(Config), stored)
+    return flatten(OmegaConf.to_container(stored))
+
+
+def _covered(key: str, names) -> bool:
+    return any(key == n or key.startswith(n.rstrip("*").rstrip(".") + ".") for n in names)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (checkpoint value, this run's value)} of every key that differs, free keys left out."""
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys
+            if old.get(k) != new.get(k) and not _covered(k, FREE_KEYS)}
+
+
+def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, tuple[Any, Any]]:
+    """Refuse (:class:`ConfigError`) a resume whose config differs from the checkpoint's in a key not
+    allowed by ``train.allow_changes``; return the allowed changes. No file is written."""
+    from mats_scale.config_help import config_keys, unknown_key_message
+
+    known = {k.key for k in config_keys(Config)} | {k.section for k in config_keys(Config)}
+    for name in cfg.train.allow_changes:
+        if name.rstrip("*").rstrip(".") not in known:
+            raise ConfigError(f"train.allow_changes: {unknown_key_message(name, Config)}")
+    meta_path = checkpoint / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if "config" not in meta:
+        return {}  # written before checkpoints carried their config: nothing to compare with
+    changes = config_changes(stored_config(meta["config"]), config_dict(cfg))
+    refused = {k: v for k, v in changes.items() if not _covered(k, cfg.train.allow_changes)}
+    if refused:
+        listed = ", ".join(f"{k}={new!r} (the run has {old!r})" for k, (old, new) in refused.items())
+        why = ""
+        if "train.steps" in refused:
+            old, new = refused["train.steps"]
+            step = meta["step"]
+            why = (f"; train.steps sets the cosine lr schedule, so the lr of step {step + 1} would go from "
+                   f"{_lr(cfg, old, step, total_batch):.3e} to {_lr(cfg, new, step, total_batch):.3e}")
+        raise ConfigError(
+            f"cannot resume {checkpoint}: this run's config differs from the checkpoint's in {listed}{why}. "
+            f"Resume with the run's settings, list the keys that may change in "
+            f"train.allow_changes=[{','.join(refused)}], or choose another train.out_dir")
+    return changes
+
+
+def _lr(cfg: Config, total_steps: Any, step: int, total_batch: int) -> float:
+    return lr_at(step, int(total_steps), cfg.optim, total_batch)
+
+
+def lr_change_note(cfg: Config, changes: dict[str, tuple[Any, Any]], step: int,
+                   total_batch: int) -> str | None:
+    """The warning for an allowed train.steps change: the schedule is recomputed for the new total."""
+    if "train.steps" not in changes:
+        return None
+    old, new = changes["train.steps"]
+    return (f"train.steps {old} -> {new} (allowed by train.allow_changes): the cosine lr schedule is "
+            f"recomputed for the new total, so the lr of step {step + 1} is "
+            f"{_lr(cfg, new, step, total_batch):.3e} instead of {_lr(cfg, old, step, total_batch):.3e}")
+
+
+def write_run_record(cfg: Config, engine_files: dict[str, dict], resumed_from: Path | None, step: int,
+                     changes: dict[str, tuple[Any, Any]], provenance: dict[str, Any]) -> None:
+    """Fresh run: config.yaml, the engine's resolved files (ds_config.json), provenance.json.
+    Resume: one line in resumes.jsonl."""
+    out = Path(cfg.train.out_dir)
+    if resumed_from is None:
+        from mats_scale.parallel.ds_config import write_json
+
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        for name, content in engine_files.items():
+            write_json(content, str(out / name))
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        return
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(resumed_from),
+              "changes": {k: {"checkpoint": old, "now": new} for k, (old, new) in changes.items()},
+              "provenance": provenance}
+    with open(out / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
