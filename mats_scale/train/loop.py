@@ -24,7 +24,7 @@ import torch
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
-from mats_scale.data.loader import build_pretrain_loader
+from mats_scale.data.loader import build_pretrain_loader, explain_worker_failure
 from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import (
@@ -33,12 +33,14 @@ from mats_scale.parallel.distributed import (
     all_reduce,
     barrier,
     detect_env,
+    explain_collective_failure,
     init_distributed,
     shutdown,
 )
 from mats_scale.parallel.engine import Engine, build_engine
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
+from mats_scale.train.rundir import DataStop, check_out_dir, stop_on_bad_data
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
 from mats_scale.train.sources import BatchStream
 
@@ -133,12 +135,14 @@ def _write_run_files(cfg: Config, env: DistEnv, ds_config: Optional[dict]) -> No
 def prepare(cfg: Config) -> tuple[DistEnv, Optional[dict]]:
     """Everything that can fail on a bad config or launch, before any communication or model building."""
     env = detect_env(cfg.train, cfg.parallel)
+    Faults.from_env()  # a malformed MATS_FAULT_* variable is a config error, now
     ds_config = None
     if cfg.parallel.backend == "deepspeed":
         from mats_scale.parallel.ds_config import resolve_ds_config
 
         ds_config, _ = resolve_ds_config(cfg, env.world_size, bf16=env.amp_dtype is not None,
                                          cuda=env.device.type == "cuda")
+    check_out_dir(cfg.train.out_dir)  # read-only or impossible train.out_dir: one line, before any model
     return env, ds_config
 
 
@@ -158,10 +162,14 @@ class Trainer:
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
         _write_run_files(cfg, env, ds_config)
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps)
+        for note in self.ckpt.notes:  # damaged checkpoints skipped, a missing pointer, a restart
+            self.log.warning(note)
 
         self.engine = build_engine(cfg, env, ds_config)
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
         self.stream = BatchStream(build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size))
+        self.stream.loader.defer_stop = True  # bad-data stops are agreed across ranks (slot 6 below)
+        self.data_stopped = False
         self.select = make_selector(cfg)
         self.counters = Counters()
         # What a checkpoint must agree on to be resumed by this run.
@@ -186,8 +194,9 @@ class Trainer:
         t0 = time.perf_counter()
         data_time = 0.0
         lr = lr_at(step - 1, cfg.train.steps, cfg.optim, self.batch_total)
-        # [finite loss sum, non-finite micro-batches, stop requests, skipped files, enc tokens, dec tokens]
-        stats = torch.zeros(6, dtype=torch.float64, device=env.device)
+        # [finite loss sum, non-finite micro-batches, stop requests, skipped files, enc tokens, dec tokens,
+        #  bad-data stops]
+        stats = torch.zeros(7, dtype=torch.float64, device=env.device)
         self.faults.during_step(step, env.rank)
         for _ in range(cfg.optim.grad_accum):
             t_data = time.perf_counter()
@@ -205,9 +214,11 @@ class Trainer:
             stats[4] += sel.visible_ids.numel()
             stats[5] += sel.visible_ids.numel() + sel.target_ids.numel()
         stats[2] = float(stop.signum is not None)
+        stats[6] = float(self.stream.stop_error is not None)
         all_reduce(stats)  # every rank takes the same skip / stop decision
-        loss_sum, nonfinite, stop_votes, new_skipped, enc_tokens, dec_tokens = stats.tolist()
-        result = engine.step(lr, skip=nonfinite > 0)
+        loss_sum, nonfinite, stop_votes, new_skipped, enc_tokens, dec_tokens, data_stops = stats.tolist()
+        self.data_stopped = data_stops > 0
+        result = engine.step(lr, skip=nonfinite > 0 or self.data_stopped)
         c = self.counters
         c.step = step
         c.skipped_files += int(new_skipped)
@@ -246,6 +257,9 @@ class Trainer:
             while c.step < cfg.train.steps:
                 step = c.step + 1
                 metrics, nonfinite, stopped = self.step(step, stop)
+                if self.data_stopped:  # too many bad files on some rank: all save, then stop
+                    log.step(step, metrics)
+                    stop_on_bad_data(self, step)
                 why = None
                 if not metrics["applied"]:
                     micro = cfg.optim.grad_accum * self.env.world_size
@@ -276,6 +290,9 @@ def train(cfg: Config) -> TrainResult:
     trainer = Trainer(cfg)
     try:
         return trainer.run()
+    except BaseException:
+        trainer.stream.close()  # whatever the error: the data workers go now, or the exit waits for them
+        raise
     finally:
         trainer.log.close()
 
@@ -287,10 +304,25 @@ def run(cfg: Config) -> int:
     try:
         train(cfg)
     except ConfigError as e:
-        print(f"{prefix}config error: {e}", file=sys.stderr, flush=True)
+        if rank == "0":  # the same on every rank: said once
+            print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DataStop as e:
+        if rank == "0":  # rank 0 prints every rank's list once
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except (LaunchError, CheckpointError, TrainingError, DataError) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (workers are already shut down)
+        print(f"{prefix}interrupted: stopped at once without saving (the last checkpoint is kept); "
+              "resume with train.resume=auto", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        why = explain_collective_failure(e) or explain_worker_failure(e, int(rank))
+        if why is None:
+            raise  # a bug: keep the traceback
+        print(f"{prefix}error: {why}", file=sys.stderr, flush=True)
         return 1
     shutdown()
     return 0
