@@ -14,6 +14,7 @@ their launcher (:func:`watch_launcher`) and stop as on SIGTERM when it is gone.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -200,9 +201,12 @@ def explain_collective_failure(e: BaseException) -> Optional[str]:
         return None
     time.sleep(0.5)  # the launcher reaps a dead rank at once; give /proc a moment to show it
     dead = dead_ranks()
+    # "[.../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:25803: Connection reset by peer. This is
+    # typically ..." -> "Read error [127.0.0.1]:25803: Connection reset by peer"
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first).split(". This is typically")[0]
     if dead:
-        return f"{'; '.join(dead)}; stopping this rank too (communication failed: {first[:160]})"
+        return f"{'; '.join(dead)}; stopping this rank too (communication failed: {first[:120]})"
     return (f"another rank stopped answering (no rank on this host has exited; a rank on another node, "
             f"or parallel.timeout_s passed): {first[:200]}")
 

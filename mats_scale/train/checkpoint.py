@@ -207,7 +207,7 @@ def _save_failure(e: BaseException, path: Path) -> str:
         free = None
     full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
     if full or (free is not None and free < 1 << 20):
-        return f"no space left on the device of {path.parent} ({free or 0} bytes free)"
+        return f"no space left on the device of {path.parent}"
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text[:200]}"
 
@@ -394,6 +394,7 @@ class CheckpointManager:
         if final.exists():  # another run's, a damaged one, or one never pointed at: keep it, renamed
             aside = self._aside(final)
             os.rename(final, aside)
+            self.damaged.discard(final.name)  # the name now holds this run's good checkpoint
             log.warning(f"{final} existed (not written by this run): moved to {aside.name}, not deleted")
         os.rename(tmp, final)
         _fsync_dir(self.root)

@@ -307,9 +307,7 @@ def run(cfg: Config) -> int:
         if rank == "0":  # the same on every rank: said once
             print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
-    except DataStop as e:
-        if rank == "0":  # rank 0 prints every rank's list once
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except DataStop:  # rank 0 has printed every rank's list, once
         return 1
     except (LaunchError, CheckpointError, TrainingError, DataError) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)

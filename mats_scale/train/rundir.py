@@ -4,12 +4,13 @@ built, and a bad-data stop agreed by all ranks ends with a checkpoint and one re
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import TYPE_CHECKING
 
 from mats_scale.config import ConfigError
 from mats_scale.data.errors import DataError
-from mats_scale.parallel.distributed import all_gather_object
+from mats_scale.parallel.distributed import all_gather_object, barrier
 
 if TYPE_CHECKING:
     from mats_scale.train.loop import Trainer
@@ -30,7 +31,8 @@ def check_out_dir(path: str) -> None:
 
 
 class DataStop(DataError):
-    """Too many bad videos on some rank; every rank raises it after the shared checkpoint, rank 0 reports."""
+    """Too many bad videos on some rank; every rank raises it after the shared checkpoint and rank 0's
+    report (already printed: the launcher must not see a rank exit before rank 0 has said why)."""
 
 
 def stop_on_bad_data(trainer: "Trainer", step: int) -> None:
@@ -41,6 +43,10 @@ def stop_on_bad_data(trainer: "Trainer", step: int) -> None:
     reports = all_gather_object(str(mine) if mine is not None else None)
     listed = "\n".join(f"[rank {r}] {text}" if len(reports) > 1 else text
                        for r, text in enumerate(reports) if text)
-    raise DataStop(f"step {step}: stopping on bad training data (update of this step skipped); saved "
-                   f"{trainer.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, "
-                   f"then resume with train.resume=auto\n{listed}")
+    message = (f"step {step}: stopping on bad training data (update of this step skipped); saved "
+               f"{trainer.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, then resume "
+               f"with train.resume=auto\n{listed}")
+    if trainer.env.is_writer:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    barrier()  # no rank exits (and makes the launcher kill the others) before the report is out
+    raise DataStop(message)
