@@ -379,7 +379,8 @@ def _check_all_finite(node: Any, prefix: str = "") -> None:
             _check_all_finite(value, key + ".")
         elif isinstance(value, float) and not math.isfinite(value):
             _fail(key, value, "must be a finite number")
-        elif isinstance(value, (list, tuple)) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+        elif isinstance(value, (list, tuple)) and not all(math.isfinite(v) for v in value
+                                                          if isinstance(v, float)):
             _fail(key, list(value), "every element must be a finite number")
 
 

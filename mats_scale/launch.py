@@ -14,6 +14,7 @@ forwarded to the runner. Exit status: the runner's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv], start_new_session=True)
+    runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv],
+                              start_new_session=True)
     stops = 0
 
     def on_signal(signum, frame) -> None:
@@ -73,10 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.kill(runner.pid, signum)
             return
         for pid in ranks:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if stops == 1 else signal.SIGINT)
-            except ProcessLookupError:
-                pass
         print("stopping: the ranks save a checkpoint after the current step (Ctrl-C again: stop at once, "
               "no save)" if stops == 1 else "stopping at once (no save)", file=sys.stderr, flush=True)
 

@@ -16,7 +16,18 @@ import sys
 import pytest
 import torch
 from dist_parity_worker import BF16_CASES, CASES, SAVE
-from launch_util import PRETRAIN, ROOT, TINY, env, free_port, metric_runs, pretrain, same_float, tail, torchrun
+from launch_util import (
+    PRETRAIN,
+    ROOT,
+    TINY,
+    env,
+    free_port,
+    metric_runs,
+    pretrain,
+    same_float,
+    tail,
+    torchrun,
+)
 
 from mats_scale.parallel.engine import consolidate_checkpoint
 from mats_scale.train.export import export
@@ -180,7 +191,8 @@ def test_zero3_resume_falls_back_from_a_damaged_checkpoint_and_keeps_it(resumed)
             f"{resumed['damaged_size']} were written; skipped (kept on disk)") in proc.stdout
     assert "resuming from step_00000006, the newest checkpoint that verifies" in proc.stdout
     e_run = metric_runs(resumed["b"])[-1]
-    assert e_run["start"]["resumed_from"].endswith("step_00000006") and sorted(e_run["steps"]) == [7, 8, 9, 10]
+    assert e_run["start"]["resumed_from"].endswith("step_00000006")
+    assert sorted(e_run["steps"]) == [7, 8, 9, 10]
     ref = metric_runs(resumed["a"])[0]["steps"]
     for step in (7, 8):  # exactly the uninterrupted run's steps
         assert same_float(e_run["steps"][step]["loss"], ref[step]["loss"]), step
@@ -211,7 +223,8 @@ def _launch_by_hand(nproc: int, overrides: list[str], timeout: int, **extra_env:
     finally:
         for p in procs:
             p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(procs, outs, strict=True)]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, veri
 from mats_scale.train.export import main as export_main
 from mats_scale.train.faults import Faults
 from mats_scale.train.loop import train
-from mats_scale.train.rundir import check_out_dir
 
 LOCAL = TINY + ["parallel.backend=none", "data.batch_size=2", "logging.log_every=1"]
 ONE = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), amp_dtype=None)
@@ -53,7 +52,8 @@ def _manager(root: Path, **kw) -> CheckpointManager:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())).hexdigest()
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 
 # ---- damaged checkpoints -------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_no_checkpoint_verifies_is_one_error_and_keeps_them(tmp_path):
     mgr = _manager(tmp_path)
     mgr.save(2, _FileEngine(2), {}, {})
     DAMAGE["truncated engine file"](tmp_path / "checkpoints" / "step_00000002")
-    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies \(1 damaged.*train.resume=restart"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies \(1 damaged.*resume=restart"):
         CheckpointManager(str(tmp_path), keep_last=3, env=ONE).resolve("auto")
     assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
 
@@ -160,7 +160,8 @@ def test_pruning_and_saving_never_touch_another_runs_checkpoints(tmp_path):
         mine.save(step, _FileEngine(step), {}, {})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     # keep_last=1 pruned this run's own 4 and 8; the other run's 2, 4 (renamed) and 6 stay as they were.
-    assert names == ["latest", "step_00000002", "step_00000004.superseded-1", "step_00000006", "step_00000010"]
+    assert names == ["latest", "step_00000002", "step_00000004.superseded-1", "step_00000006",
+                     "step_00000010"]
     assert _digest(tmp_path / "checkpoints" / "step_00000004.superseded-1") == foreign["step_00000004"]
     for name in ("step_00000002", "step_00000006"):
         assert _digest(tmp_path / "checkpoints" / name) == foreign[name]
@@ -168,7 +169,8 @@ def test_pruning_and_saving_never_touch_another_runs_checkpoints(tmp_path):
 
 # ---- config errors: one line ---------------------------------------------------------------------
 @pytest.mark.parametrize("override", ["optim.base_lr=nan", "optim.base_lr=inf", "optim.min_lr=nan",
-                                      "optim.weight_decay=nan", "optim.clip_grad=nan", "optim.betas=[0.9,nan]",
+                                      "optim.weight_decay=nan", "optim.clip_grad=nan",
+                                      "optim.betas=[0.9,nan]",
                                       "model.drop_path=nan", "masking.frame_alpha=inf"])
 def test_non_finite_numbers_are_refused_for_every_float_key(override):
     key = override.split("=")[0]
@@ -179,7 +181,8 @@ def test_non_finite_numbers_are_refused_for_every_float_key(override):
 def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
     tab = tmp_path / "tab.yaml"
     tab.write_text("model:\n  size: debug\n\tnum_frames: 4\n")
-    with pytest.raises(ConfigError, match=rf"^--config='{tab}': YAML syntax error at line 3, column 1: .*a tab"):
+    with pytest.raises(ConfigError, match=rf"^--config='{tab}': YAML syntax error at line 3, column 1: "
+                                          ".*a tab"):
         load_config(str(tab))
     unclosed = tmp_path / "unclosed.yaml"
     unclosed.write_text("optim:\n  betas: [0.9, 0.95\ntrain:\n  steps: 3\n")
@@ -209,8 +212,8 @@ def _template(tmp_path: Path, edit) -> str:
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d.update(zero_optimizaton={"stage": 3}), "zero_optimizaton: not a DeepSpeed key; did you mean "
                                                         "'zero_optimization'?"),
-    (lambda d: d["zero_optimization"].update(overlap_com=True), "zero_optimization.overlap_com: not a DeepSpeed "
-                                                                "key; did you mean 'overlap_comm'?"),
+    (lambda d: d["zero_optimization"].update(overlap_com=True),
+     "zero_optimization.overlap_com: not a DeepSpeed key; did you mean 'overlap_comm'?"),
     (lambda d: d["zero_optimization"].update(offload_param={"device": "cpu", "pin_memroy": True}),
      "zero_optimization.offload_param.pin_memroy: not a DeepSpeed key; did you mean 'pin_memory'?"),
     (lambda d: d["zero_optimization"].update(reduce_bucket_size="big"),
@@ -260,7 +263,8 @@ def test_unwritable_out_dir_is_one_line_before_any_model(tmp_path):
     cases = [(blocker / "run", "Not a directory")] + ([(ro / "run", "Read-only file system")] if ro else [])
     try:
         for target, why in cases:
-            with pytest.raises(ConfigError, match=rf"^train.out_dir='{target}': cannot create or write it: {why}"):
+            with pytest.raises(ConfigError, match=rf"^train.out_dir='{target}': cannot create or write it: "
+                                                  rf"{why}"):
                 prepare(load_config(None, LOCAL + [f"train.out_dir={target}"]))  # runs before any model
     finally:
         if ro is not None:
@@ -338,7 +342,8 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
 
 
 def test_a_killed_data_worker_is_an_error_naming_it_not_a_hang(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50", f"train.out_dir={tmp_path}"],
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50",
+                             f"train.out_dir={tmp_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"))
     try:
@@ -353,13 +358,14 @@ def test_a_killed_data_worker_is_an_error_naming_it_not_a_hang(tmp_path):
         proc.kill()
     assert proc.returncode == 1, err[-2000:]
     (line,) = _lines(err)
-    assert line == f"error: a data loader worker of rank 0 died: DataLoader worker (pid {workers[0]}) is killed " \
-                   "by signal: Killed; stopping"
+    assert line == (f"error: a data loader worker of rank 0 died: DataLoader worker (pid {workers[0]}) is "
+                    "killed by signal: Killed; stopping")
     assert not any(_alive(w) for w in workers)
 
 
 def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50", f"train.out_dir={tmp_path}"],
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50",
+                             f"train.out_dir={tmp_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=env(MATS_FAULT_SLEEP_IN_STEP="1"))
     try:
@@ -374,6 +380,6 @@ def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert _lines(err) == ["interrupted: stopped at once without saving (the last checkpoint is kept); resume "
-                           "with train.resume=auto"]
+    assert _lines(err) == ["interrupted: stopped at once without saving (the last checkpoint is kept); "
+                           "resume with train.resume=auto"]
     assert not any(_alive(w) for w in workers)

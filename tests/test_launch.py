@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,10 +44,8 @@ def test_default_main_job_under_the_deepspeed_launcher(tmp_path):
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # already gone, as it should be
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:  # already gone, as it should be
-        pass
 
 
 @pytest.mark.dist

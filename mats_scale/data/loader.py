@@ -37,6 +37,7 @@ dataset does not stop a run).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import fcntl
 import logging
@@ -339,10 +340,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    try:
+    # Not Linux (no prctl): torch's watchdog still ends an orphaned worker within seconds.
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: torch's watchdog still ends an orphaned worker
-        pass
 
 
 def explain_worker_failure(e: BaseException, rank: int = 0) -> Optional[str]:
@@ -449,10 +449,9 @@ class PretrainLoader:
         it = getattr(self.loader, "_iterator", None)
         workers = self._workers()
         if it is not None and hasattr(it, "_shutdown_workers"):
-            try:
-                it._shutdown_workers()  # torch's own clean shutdown of persistent workers
-            except Exception:  # noqa: BLE001 - a worker that already died; kill the rest below
-                pass
+            # torch's own clean shutdown of persistent workers; one may already be dead: killed below
+            with contextlib.suppress(Exception):
+                it._shutdown_workers()
         self.loader._iterator = None
         self._kill(workers)
 

@@ -166,7 +166,8 @@ def _model_keys(model: type, loc: tuple) -> set:
         if field is None:
             return set()
         candidates = [field.annotation, *typing.get_args(field.annotation)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        model = next((c for c in candidates
+                      if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
         if model is None:
             return set()
     return {*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)}
@@ -217,8 +218,8 @@ def check_with_deepspeed(ds: dict, path: str) -> None:
             raise ConfigError(f"{path}: {where}: not a DeepSpeed key{_nearest(loc[-1], known)}") from None
         raise ConfigError(f"{path}: {where}={err.get('input')!r}: {err['msg']}") from None
     except (AssertionError, ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"{path}: DeepSpeed refuses the config: {str(e).splitlines()[0] if str(e) else e!r}") \
-            from None
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ConfigError(f"{path}: DeepSpeed refuses the config: {first}") from None
     unknown = sorted(set(ds) - probe.read)
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: not a DeepSpeed key{_nearest(unknown[0], probe.read)}")

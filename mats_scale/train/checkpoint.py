@@ -108,7 +108,7 @@ def _sha256(path: Path) -> str:
 
 
 def digest_files(ckpt: Path, rels: list[str]) -> dict[str, dict[str, Any]]:
-    """{rel: {"size", "sha256"}} of `rels` under `ckpt`, hashed on a few threads (hashlib releases the GIL)."""
+    """{rel: {"size", "sha256"}} of `rels` under `ckpt`, hashed on a few threads (hashlib frees the GIL)."""
     def one(rel: str) -> tuple[str, dict[str, Any]]:
         path = ckpt / rel
         return rel, {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -276,7 +276,8 @@ class CheckpointManager:
         pointer = self.root / POINTER
         if resume == "none":
             if existing or pointer.is_file():
-                what = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "") or f"{pointer.name} only"
+                what = (", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+                        or f"{pointer.name} only")
                 raise CheckpointError(f"train.out_dir={str(self.root.parent)!r} already holds checkpoints "
                                       f"({what}); continue with train.resume=auto, start over with "
                                       "train.resume=restart (they are moved aside, not deleted), or choose "

@@ -4,8 +4,9 @@ or a single-process checkpoint), on one CPU process without a process group.
     python -m mats_scale.train.export RUN_DIR_OR_CHECKPOINT OUT.pt
 
 RUN_DIR_OR_CHECKPOINT is a ``step_*`` checkpoint directory or a run directory (its newest
-checkpoint, found as ``train.resume=auto`` finds it). The checkpoint is verified against its manifest
-first; a damaged one is refused in one line (exit 1), naming the newest one that verifies. DeepSpeed shards go through DeepSpeed's own ``zero_to_fp32``; FSDP2 shards through
+checkpoint). The checkpoint is verified against its manifest first; a damaged one is refused in one
+line (exit 1), naming the newest one that verifies. DeepSpeed shards go through DeepSpeed's own
+``zero_to_fp32``; FSDP2 shards through
 DCP's ``dcp_to_torch_save``. OUT.pt holds a plain state dict, checked to load (strict) into the
 model built from the run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
 """
@@ -20,7 +21,13 @@ import torch
 from omegaconf import OmegaConf
 
 from mats_scale.config import ModelConfig
-from mats_scale.train.checkpoint import CheckpointError, newest_verified, read_meta, step_dirs, verify_checkpoint
+from mats_scale.train.checkpoint import (
+    CheckpointError,
+    newest_verified,
+    read_meta,
+    step_dirs,
+    verify_checkpoint,
+)
 
 
 def find_checkpoint(path: str) -> Path:

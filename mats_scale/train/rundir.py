@@ -25,7 +25,8 @@ def check_out_dir(path: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:
-        where = f" ({e.filename})" if e.filename and os.path.abspath(e.filename) != os.path.abspath(path) else ""
+        other = e.filename and os.path.abspath(e.filename) != os.path.abspath(path)
+        where = f" ({e.filename})" if other else ""
         raise ConfigError(f"train.out_dir={path!r}: cannot create or write it: {e.strerror}{where}; "
                           "choose a writable directory") from None
 
@@ -44,8 +45,8 @@ def stop_on_bad_data(trainer: "Trainer", step: int) -> None:
     listed = "\n".join(f"[rank {r}] {text}" if len(reports) > 1 else text
                        for r, text in enumerate(reports) if text)
     message = (f"step {step}: stopping on bad training data (update of this step skipped); saved "
-               f"{trainer.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, then resume "
-               f"with train.resume=auto\n{listed}")
+               f"{trainer.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, then "
+               f"resume with train.resume=auto\n{listed}")
     if trainer.env.is_writer:
         print(f"error: {message}", file=sys.stderr, flush=True)
     barrier()  # no rank exits (and makes the launcher kill the others) before the report is out
