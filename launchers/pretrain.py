@@ -28,6 +28,9 @@ def main(argv=None) -> int:
         argv = ["--config", os.path.normpath(DEFAULT_CONFIG), *argv]
     cfg = load_config_or_exit(argv)
 
+    from mats_scale.train.preflight import preflight_or_exit
+
+    preflight_or_exit(cfg)  # DeepSpeed config, run directory, launch layout: before the heavy imports
     from mats_scale.train.loop import run  # heavy imports only after the config is known to be valid
 
     return run(cfg)

@@ -32,7 +32,6 @@ from mats_scale.parallel.distributed import (
     LaunchError,
     all_reduce,
     barrier,
-    detect_env,
     explain_collective_failure,
     init_distributed,
     shutdown,
@@ -40,7 +39,8 @@ from mats_scale.parallel.distributed import (
 from mats_scale.parallel.engine import Engine, build_engine
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
-from mats_scale.train.rundir import DataStop, check_out_dir, stop_on_bad_data
+from mats_scale.train.preflight import preflight
+from mats_scale.train.rundir import DataStop, stop_on_bad_data
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
 from mats_scale.train.sources import BatchStream
 
@@ -134,16 +134,7 @@ def _write_run_files(cfg: Config, env: DistEnv, ds_config: Optional[dict]) -> No
 
 def prepare(cfg: Config) -> tuple[DistEnv, Optional[dict]]:
     """Everything that can fail on a bad config or launch, before any communication or model building."""
-    env = detect_env(cfg.train, cfg.parallel)
-    Faults.from_env()  # a malformed MATS_FAULT_* variable is a config error, now
-    ds_config = None
-    if cfg.parallel.backend == "deepspeed":
-        from mats_scale.parallel.ds_config import resolve_ds_config
-
-        ds_config, _ = resolve_ds_config(cfg, env.world_size, bf16=env.amp_dtype is not None,
-                                         cuda=env.device.type == "cuda")
-    check_out_dir(cfg.train.out_dir)  # read-only or impossible train.out_dir: one line, before any model
-    return env, ds_config
+    return preflight(cfg)  # also run by the launcher before the heavy imports
 
 
 class Trainer:
