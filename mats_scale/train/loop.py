@@ -308,7 +308,7 @@ def run(cfg: Config) -> int:
               "resume with train.resume=auto", file=sys.stderr, flush=True)
         return 130
     except Exception as e:
-        why = explain_collective_failure(e) or explain_worker_failure(e, int(rank))
+        why = explain_worker_failure(e, int(rank)) or explain_collective_failure(e)
         if why is None:
             raise  # a bug: keep the traceback
         print(f"{prefix}error: {why}", file=sys.stderr, flush=True)
