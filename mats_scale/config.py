@@ -14,11 +14,14 @@ total batch) are properties, never restated.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -197,7 +200,9 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     resume: str = "auto"
-    """auto (newest checkpoint in out_dir/checkpoints, else start fresh), none, or a checkpoint directory."""
+    """auto (newest checkpoint in out_dir/checkpoints that verifies, else start fresh), none (start fresh;
+    refused over existing checkpoints), restart (start fresh and move the existing checkpoints to
+    checkpoints.before-restart-<time>/, never deleted), or a checkpoint directory."""
     nan_policy: str = "skip"
     """On a non-finite loss or gradient norm: skip (drop the update, count it) or stop at once."""
     max_nan_steps: int = 3
@@ -219,7 +224,7 @@ class TrainConfig:
         if not self.out_dir:
             fail("train.out_dir", self.out_dir, "must be a directory path")
         if not self.resume:
-            fail("train.resume", self.resume, "allowed: auto, none, or a checkpoint directory")
+            fail("train.resume", self.resume, "allowed: auto, none, restart, or a checkpoint directory")
 
 
 @dataclass
@@ -237,11 +242,14 @@ class ParallelConfig:
     """Activation checkpointing of every N-th encoder block (0: off, 1: all)."""
     checkpoint_decoder_every: int = 0
     """Activation checkpointing of every N-th decoder block (0: off, 1: all)."""
+    timeout_s: int = 0
+    """Collective timeout in seconds: a rank that does not answer for this long is reported and the run
+    stops (0: 300 on CPU/gloo, 1800 on CUDA/NCCL). It also bounds a checkpoint save's wait."""
 
     def __post_init__(self) -> None:
         check_choice("parallel.backend", self.backend, ["none", "deepspeed", "fsdp2"])
         check_choice("parallel.zero_stage", self.zero_stage, [0, 1, 2, 3])
-        for key in ("checkpoint_encoder_every", "checkpoint_decoder_every"):
+        for key in ("checkpoint_encoder_every", "checkpoint_decoder_every", "timeout_s"):
             check_positive(f"parallel.{key}", getattr(self, key), allow_zero=True)
         if self.offload_optimizer and self.zero_stage != 3:
             fail("parallel.offload_optimizer", True, "needs parallel.zero_stage=3")
@@ -273,6 +281,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        _check_all_finite(self)  # nan / inf for any float key (the section checks compare, nan passes)
         # ---- cross-section checks of the distributed run (issue 5) ----
         if self.parallel.backend != "deepspeed":
             if self.parallel.offload_optimizer:
@@ -303,6 +312,44 @@ class Config:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
 
 
+def _check_all_finite(node: Any, prefix: str = "") -> None:
+    """Refuse nan and inf in every float field (also inside lists such as optim.betas) of a config tree."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_all_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            fail(key, value, "must be a finite number")
+        elif isinstance(value, (list, tuple)) and not all(math.isfinite(v) for v in value
+                                                          if isinstance(v, float)):
+            fail(key, list(value), "every element must be a finite number")
+
+
+def _char_at(path: str, index: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(index + 1)[index:]
+    except OSError:
+        return ""
+
+
+def _load_yaml(path: str) -> Any:
+    """OmegaConf.load with a YAML syntax error as one line: file, line, column (1-based), what is wrong."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        what = e.problem or e.context or "invalid YAML"
+        if mark is not None and _char_at(path, mark.index) == "\t":
+            what += " (a tab: YAML indents with spaces)"
+        raise ConfigError(f"--config={path!r}: YAML syntax error at {where}: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config={path!r}: not a text file ({e.reason} at byte {e.start})") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
     from mats_scale.config_help import check_override_keys
@@ -315,7 +362,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             if found is None:
                 raise ConfigError(f"--config={path!r}: no such file, nor a shipped config "
                                   f"(shipped: {', '.join(shipped_configs())})")
-            layers.append(OmegaConf.load(found))
+            layers.append(_load_yaml(found))
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")

@@ -6,6 +6,7 @@ config (the model never imports ``mats_scale.config``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,5 +30,7 @@ def check_open_unit(key: str, value: float) -> None:
 
 
 def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(key, value, "must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         fail(key, value, "must be >= 0" if allow_zero else "must be > 0")

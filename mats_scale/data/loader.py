@@ -36,12 +36,16 @@ dataset does not stop a run).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import fcntl
 import logging
 import math
 import os
 import random
 import signal
+import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, Optional, Sequence
 
@@ -323,12 +327,46 @@ def init_worker(worker_id: int) -> None:
     workers (they also exit when their parent dies). Global RNGs of each worker get their own stream
     (our sampling never uses them, but user code or libraries might): derived from the DataLoader's
     per-worker torch seed, itself from (seed, rank).
+
+    Since the workers ignore SIGTERM, their owner must end them some other way: :meth:`PretrainLoader.close`
+    (on any error of the trainer) and an exit hook SIGKILL what torch's own shutdown leaves running, and
+    PR_SET_PDEATHSIG kills a worker the moment its rank dies (SIGKILL of the rank, a crash).
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     s = torch.initial_seed() % (1 << 32)
     random.seed(s)
     np.random.seed(s)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Not Linux (no prctl): torch's watchdog still ends an orphaned worker within seconds.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def explain_worker_failure(e: BaseException, rank: int = 0) -> Optional[str]:
+    """One line for torch's "DataLoader worker (pid N) is killed by signal ..." errors (raised by its SIGCHLD
+    handler anywhere in the main process), else None."""
+    text = str(e).strip()
+    if not (isinstance(e, RuntimeError) and text.startswith("DataLoader worker")):
+        return None
+    return f"a data loader worker of rank {rank} died: {text.splitlines()[0].rstrip('. ')}; stopping"
+
+
+_LOADERS: "weakref.WeakSet[PretrainLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    # Runs before multiprocessing's own exit hook (registered earlier, so called later), which would
+    # SIGTERM the daemonic workers (ignored, see init_worker) and then join them forever.
+    for loader in list(_LOADERS):
+        loader.kill_workers()
 
 
 # ---- the loader ---------------------------------------------------------------------------------
@@ -364,6 +402,11 @@ class PretrainLoader:
             generator=make_generator(_WORKER, cfg.train.seed, rank))
         self.skip_stats = SkipStats()
         self.epoch, self.batch = 0, 0
+        self.defer_stop = False
+        """True: a bad-data stop does not raise; it is kept in :attr:`stop_error` and the batch is still
+        returned, so the trainer can agree on the stop with the other ranks at the end of the step."""
+        self.stop_error: Optional[DataError] = None
+        _LOADERS.add(self)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -377,22 +420,63 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The remaining batches of the current epoch; at its end the loader moves to the next epoch."""
         self.sampler.epoch, self.sampler.start = self.epoch, self.batch
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as e:
+                why = explain_worker_failure(e, self.rank)
+                if why is None:
+                    raise
+                self.close()
+                raise DataError(why) from None
             try:
                 self._account(batch)
-            except DataError:
-                self.close()  # the run ends here: stop the workers now, not at garbage collection
-                raise
+            except DataError as e:
+                if not self.defer_stop:
+                    self.close()  # the run ends here: stop the workers now, not at garbage collection
+                    raise
+                self.stop_error = self.stop_error or e
             self.batch += 1
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
 
-    def close(self) -> None:
-        """Shut the worker processes down now (they restart on the next iteration)."""
+    def _workers(self) -> list:
         it = getattr(self.loader, "_iterator", None)
+        return list(getattr(it, "_workers", None) or [])
+
+    def close(self) -> None:
+        """Shut the worker processes down now (they restart on the next iteration); a worker that does
+        not stop within torch's grace period (it ignores SIGTERM) is killed."""
+        it = getattr(self.loader, "_iterator", None)
+        workers = self._workers()
         if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()  # torch's own clean shutdown of persistent workers
+            # torch's own clean shutdown of persistent workers; one may already be dead: killed below
+            with contextlib.suppress(Exception):
+                it._shutdown_workers()
         self.loader._iterator = None
+        self._kill(workers)
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker at once (exit paths: no grace period, nothing left to read)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and getattr(it, "_worker_pids_set", False):
+            # torch's SIGCHLD handler would report the killed workers as an error
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        self._kill(self._workers())
+
+    @staticmethod
+    def _kill(workers: list) -> None:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+        for w in workers:
+            w.join(timeout=5)
 
     def _account(self, batch: dict[str, Any]) -> None:
         for path, reason in self.skip_stats.update(batch["skipped"], batch["reads"]):
@@ -437,4 +521,5 @@ def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
 
 
 __all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader", "init_worker",
+           "explain_worker_failure",
            "bundled_root", "ensure_bundled", "resolve_items", "wants_pinned_memory"]

@@ -7,12 +7,20 @@ typed config is a :class:`ConfigError` naming both, never a silent override; ``o
 Precision: bf16 runs use DeepSpeed's ``torch_autocast`` (fp32 master parameters, bf16 compute and
 bf16 parameter all-gathers), so pixel targets are computed from the fp32 clip; DeepSpeed's own
 ``bf16`` mode (which casts the module and its inputs) must stay disabled.
+
+The resolved JSON is then read by DeepSpeed's own ``DeepSpeedConfig`` (:func:`check_with_deepspeed`),
+before any process group or model exists: an unknown key, at the top level or inside a section, is
+one :class:`ConfigError` naming it and the nearest key DeepSpeed knows there.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import copy
+import difflib
 import json
 import os
+import typing
 from typing import Any
 
 from mats_scale.config import Config, ConfigError
@@ -114,7 +122,106 @@ def resolve_ds_config(cfg: Config, world_size: int, *, bf16: bool, cuda: bool) -
     if leftover:
         raise ConfigError(f"{path}: {', '.join(leftover)}=\"auto\" is not a field mats-scale derives; "
                           "set a value")
+    check_with_deepspeed(ds, path)
     return ds, path
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys are looked up: the top-level keys DeepSpeedConfig knows are the
+    ones it reads (it ignores the others silently)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):  # `KEY in d.keys()` is DeepSpeed's other way of asking
+        return collections.abc.KeysView(self)
+
+
+def _nearest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_keys(model: type, loc: tuple) -> set:
+    """Field names and aliases of the pydantic model reached from `model` along `loc` (section path)."""
+    import pydantic
+
+    for part in loc:
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return set()
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((c for c in candidates
+                      if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        if model is None:
+            return set()
+    return {*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)}
+
+
+def _pydantic_model(name: str):
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo = [DeepSpeedConfigModel]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo += cls.__subclasses__()
+    return None
+
+
+def _section_of(ds: dict, loc: tuple) -> str:
+    """The top-level section whose dict holds the path `loc` (pydantic reports paths within a section)."""
+    for key, value in ds.items():
+        node = value
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and loc[-1] in node:
+            return key + "."
+    return ""
+
+
+def check_with_deepspeed(ds: dict, path: str) -> None:
+    """Let DeepSpeed's own config classes read the resolved config; unknown keys and values DeepSpeed
+    refuses become one ConfigError line (the key, and the nearest valid key)."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # DeepSpeedConfig checks the batch fields against the process group, which does not exist yet:
+    # check one process's view (the batch fields are derived from the typed config, already checked).
+    probe = _ReadKeys(copy.deepcopy(ds))
+    probe["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(probe)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        where = _section_of(ds, loc) + ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            model = _pydantic_model(e.title)
+            known = _model_keys(model, loc[:-1]) if model is not None else set()
+            raise ConfigError(f"{path}: {where}: not a DeepSpeed key{_nearest(loc[-1], known)}") from None
+        raise ConfigError(f"{path}: {where}={err.get('input')!r}: {err['msg']}") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ConfigError(f"{path}: DeepSpeed refuses the config: {first}") from None
+    unknown = sorted(set(ds) - probe.read)
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: not a DeepSpeed key{_nearest(unknown[0], probe.read)}")
 
 
 def _auto_keys(d: dict, prefix: str = "") -> list[str]:

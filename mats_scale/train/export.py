@@ -4,33 +4,48 @@ or a single-process checkpoint), on one CPU process without a process group.
     python -m mats_scale.train.export RUN_DIR_OR_CHECKPOINT OUT.pt
 
 RUN_DIR_OR_CHECKPOINT is a ``step_*`` checkpoint directory or a run directory (its newest
-checkpoint). DeepSpeed shards go through DeepSpeed's own ``zero_to_fp32``; FSDP2 shards through
-DCP's ``dcp_to_torch_save`` (the engine registry picks the reader from the checkpoint's metadata).
-OUT.pt holds a plain state dict, checked to load (strict) into the model the run's task builds from the
-run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
+checkpoint). The checkpoint is verified against its manifest first; a damaged one is refused in one
+line (exit 1), naming the newest one that verifies. DeepSpeed shards go through DeepSpeed's own
+``zero_to_fp32``; FSDP2 shards through DCP's ``dcp_to_torch_save`` (the engine registry picks the
+reader from the checkpoint's metadata). OUT.pt holds a plain state dict, checked to load (strict) into
+the model the run's task builds from the run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from mats_scale.config import load_config_text
+from mats_scale.train.checkpoint import (
+    CheckpointError,
+    newest_verified,
+    read_meta,
+    step_dirs,
+    verify_checkpoint,
+)
 
 
 def find_checkpoint(path: str) -> Path:
+    """The verified checkpoint `path` names (a step_* directory, or a run directory's newest); raises
+    :class:`CheckpointError` with one line when there is none or it is damaged."""
     p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    pointer = p / "checkpoints" / "latest"
-    if pointer.is_file():
-        return p / "checkpoints" / pointer.read_text().strip()
-    raise FileNotFoundError(f"{path}: neither a checkpoint (step_* with meta.json) nor a run directory "
-                            "with checkpoints/latest")
+    is_ckpt = (p / "manifest.json").is_file() or (p / "meta.json").is_file()
+    if not is_ckpt:
+        dirs = step_dirs(p / "checkpoints")
+        if not dirs:
+            raise CheckpointError(f"{path}: neither a checkpoint (step_* with manifest.json) nor a run "
+                                  "directory with checkpoints/step_*")
+        p = dirs[0]
+    problem = verify_checkpoint(p)
+    if problem is not None:
+        good, _ = newest_verified(p.parent)
+        hint = f"; the newest one that verifies is {good}" if good is not None else ""
+        raise CheckpointError(f"{p}: checkpoint is damaged: {problem}{hint}")
+    return p
 
 
 def export(path: str, out: str) -> dict[str, torch.Tensor]:
@@ -39,7 +54,7 @@ def export(path: str, out: str) -> dict[str, torch.Tensor]:
     from mats_scale.train.task import task_class
 
     ckpt = find_checkpoint(path)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_meta(ckpt)
     sd = consolidate_checkpoint(meta["backend"], str(ckpt / "engine"))
     task = task_class(meta["task"])(load_config_text(meta["config"]))
     model = build_model(task.model_spec(), "meta")
@@ -57,8 +72,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         export(args.checkpoint, args.out)
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, KeyError, RuntimeError, ValueError) as e:  # CheckpointError is a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first}", file=sys.stderr)
         return 1
     return 0
 

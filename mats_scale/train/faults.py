@@ -5,25 +5,59 @@ step numbers are 1-based optimizer steps as logged:
 
     MATS_FAULT_NAN_STEPS=3,4        rank 0 multiplies its loss by NaN in these steps
     MATS_FAULT_KILL_AFTER_STEP=5    every rank SIGKILLs itself after step 5 (after a save due then)
+    MATS_FAULT_KILL_RANK=1          ... only this rank does (with MATS_FAULT_KILL_AFTER_STEP)
     MATS_FAULT_CRASH_IN_SAVE=6      every rank SIGKILLs itself in the middle of saving step 6
+    MATS_FAULT_DISK_FULL_IN_SAVE=6  rank 0 fails the save of step 6 with ENOSPC ("No space left on device")
     MATS_FAULT_SIGTERM_AT_STEP=3    at the start of step 3, rank 0 sends SIGTERM to its child processes
                                     (data workers), then to itself, as DeepSpeed's launcher does
+    MATS_FAULT_SLEEP_IN_STEP=0.5    every step sleeps this many seconds first (slow steps for signal tests)
+
+A malformed value is a :class:`ConfigError` naming the variable (one line, exit status 2).
 """
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from mats_scale.config import ConfigError
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected a whole number (a test-only fault-injection "
+                          "variable; unset it for a normal run)") from None
+    if n < 0:
+        raise ConfigError(f"{name}={value!r}: must be >= 0")
+    return n
+
 
 def _step(name: str) -> Optional[int]:
-    value = os.environ.get(name, "")
-    return int(value) if value else None
+    value = os.environ.get(name, "").strip()
+    return _int(name, value) if value else None
+
+
+def _seconds(name: str) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return 0.0
+    try:
+        s = float(value)
+    except ValueError:
+        s = float("nan")
+    if not 0.0 <= s < float("inf"):
+        raise ConfigError(f"{name}={value!r}: expected a number of seconds >= 0 (a test-only "
+                          "fault-injection variable)")
+    return s
 
 
 @dataclass(frozen=True)
@@ -32,28 +66,39 @@ class Faults:
     kill_after_step: Optional[int] = None
     crash_in_save: Optional[int] = None
     sigterm_at_step: Optional[int] = None
+    disk_full_in_save: Optional[int] = None
+    kill_rank: Optional[int] = None
+    sleep_in_step: float = 0.0
+    rank: int = 0
 
     @classmethod
     def from_env(cls) -> "Faults":
-        nan = os.environ.get("MATS_FAULT_NAN_STEPS", "")
-        return cls(frozenset(int(s) for s in nan.split(",") if s.strip()),
+        name = "MATS_FAULT_NAN_STEPS"
+        nan = os.environ.get(name, "")
+        return cls(frozenset(_int(name, s.strip()) for s in nan.split(",") if s.strip()),
                    _step("MATS_FAULT_KILL_AFTER_STEP"), _step("MATS_FAULT_CRASH_IN_SAVE"),
-                   _step("MATS_FAULT_SIGTERM_AT_STEP"))
+                   _step("MATS_FAULT_SIGTERM_AT_STEP"), _step("MATS_FAULT_DISK_FULL_IN_SAVE"),
+                   _step("MATS_FAULT_KILL_RANK"), _seconds("MATS_FAULT_SLEEP_IN_STEP"),
+                   int(os.environ.get("RANK", "0") or 0))
 
     def loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
         # Multiplied (not added) so the gradients are non-finite too, as with a real overflow.
         return loss * float("nan") if step in self.nan_steps and rank == 0 else loss
 
     def during_step(self, step: int, rank: int) -> None:
+        if self.sleep_in_step:
+            time.sleep(self.sleep_in_step)
         if step == self.sigterm_at_step and rank == 0:
             for child in multiprocessing.active_children():
                 os.kill(child.pid, signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
     def after_step(self, step: int) -> None:
-        if step == self.kill_after_step:
+        if step == self.kill_after_step and self.kill_rank in (None, self.rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def in_save(self, step: int) -> None:
         if step == self.crash_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.disk_full_in_save and self.rank == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

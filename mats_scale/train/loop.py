@@ -24,20 +24,23 @@ import torch
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
+from mats_scale.data.loader import explain_worker_failure
 from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import (
     DistEnv,
     LaunchError,
     all_reduce,
     barrier,
-    detect_env,
+    explain_collective_failure,
     init_distributed,
     shutdown,
 )
-from mats_scale.parallel.engine import build_engine, engine_run_files
+from mats_scale.parallel.engine import build_engine
 from mats_scale.train import provenance, runlock
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
+from mats_scale.train.preflight import preflight
+from mats_scale.train.rundir import DataStop, stop_on_bad_data
 from mats_scale.train.runfiles import check_resume, lr_change_note, write_run_record
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
 from mats_scale.train.schedule import resolve_epochs
@@ -101,9 +104,9 @@ def seed_rank_streams(seed: int, rank: int, device: torch.device) -> torch.Gener
 
 def prepare(cfg: Config) -> tuple[DistEnv, dict[str, dict]]:
     """Everything that can fail on a bad config or launch, before any communication or model building:
-    the process layout and the engine's resolved files (DeepSpeed's JSON)."""
-    env = detect_env(cfg.train, cfg.parallel)
-    return env, engine_run_files(cfg, env)
+    the process layout, the engine's resolved files (DeepSpeed's JSON, checked by DeepSpeed's own
+    classes) and a writable run directory."""
+    return preflight(cfg)  # also run by the launcher before the heavy imports
 
 
 class Trainer:
@@ -132,10 +135,14 @@ class Trainer:
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps, task)
         if schedule_note:
             self.log.info(schedule_note)
+        for note in self.ckpt.notes:  # damaged checkpoints skipped, a missing pointer, a restart
+            self.log.warning(note)
 
         self.engine = build_engine(cfg, env, task.model_spec())
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
         self.stream = BatchStream(task.build_loader(env.rank, env.world_size))
+        self.stream.loader.defer_stop = True  # bad-data stops are agreed across ranks (in the step's all-reduce)
+        self.data_stopped = False
         self.counters = Counters()
         # What a checkpoint must agree on to be resumed by this run.
         self.expect = {"world_size": env.world_size, "engine": self.engine.name, "task": task.name,
@@ -184,16 +191,19 @@ class Trainer:
             engine.backward(loss)
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
-        # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, task metrics...]
+        # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, bad-data stops,
+        #  task metrics...]
         names = sorted(totals)
-        scalars = torch.tensor([float(stop.signum is not None), skipped], dtype=torch.float64, device=env.device)
+        scalars = torch.tensor([float(stop.signum is not None), skipped, float(self.stream.stop_error is not None)],
+                               dtype=torch.float64, device=env.device)
         stats = torch.cat([loss_sum.view(1), nonfinite.view(1), scalars,
                            *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1)
                              for k in names)])
         all_reduce(stats)  # every rank takes the same skip / stop decision
         values = stats.tolist()
-        loss_total, n_nonfinite, stop_votes, new_skipped = values[:4]
-        result = engine.step(lr, skip=n_nonfinite > 0)
+        loss_total, n_nonfinite, stop_votes, new_skipped, data_stops = values[:5]
+        self.data_stopped = data_stops > 0
+        result = engine.step(lr, skip=n_nonfinite > 0 or self.data_stopped)
         c = self.counters
         c.step = step
         c.skipped_files += int(new_skipped)
@@ -207,7 +217,7 @@ class Trainer:
         metrics = {"loss": loss_total / micro_total if not n_nonfinite else float("nan"),  # skipped: NaN
                    "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                    "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
-                   **self.task.summarize(dict(zip(names, values[4:])), micro_total),
+                   **self.task.summarize(dict(zip(names, values[5:])), micro_total),
                    "peak_mem_gib": peak_memory_gib(env.device), "skipped_files": c.skipped_files,
                    "skipped_steps": c.skipped_steps}
         return metrics, int(n_nonfinite), stop_votes > 0
@@ -233,6 +243,9 @@ class Trainer:
             while c.step < cfg.train.steps:
                 step = c.step + 1
                 metrics, nonfinite, stopped = self.step(step, stop)
+                if self.data_stopped:  # too many bad files on some rank: all save, then stop
+                    log.step(step, metrics)
+                    stop_on_bad_data(self, step)
                 why = None
                 if not metrics["applied"]:
                     micro = cfg.optim.grad_accum * self.env.world_size
@@ -268,6 +281,9 @@ def train(cfg: Config, task: Optional[Task] = None) -> TrainResult:
     trainer = Trainer(cfg, task)
     try:
         return trainer.run()
+    except BaseException:
+        trainer.stream.close()  # whatever the error: the data workers go now, or the exit waits for them
+        raise
     finally:
         trainer.log.close()
         runlock.release(trainer.cfg.train.out_dir)
@@ -280,10 +296,23 @@ def run(cfg: Config, task_factory: Optional[Callable[[Config], Task]] = None) ->
     try:
         train(cfg, task_factory(cfg) if task_factory is not None else None)
     except ConfigError as e:
-        print(f"{prefix}config error: {e}", file=sys.stderr, flush=True)
+        if rank == "0":  # the same on every rank: said once
+            print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DataStop:  # rank 0 has printed every rank's list, once
+        return 1
     except (LaunchError, CheckpointError, TrainingError, DataError) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (workers are already shut down)
+        print(f"{prefix}interrupted: stopped at once without saving (the last checkpoint is kept); "
+              "resume with train.resume=auto", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        why = explain_worker_failure(e, int(rank)) or explain_collective_failure(e)
+        if why is None:
+            raise  # a bug: keep the traceback
+        print(f"{prefix}error: {why}", file=sys.stderr, flush=True)
         return 1
     shutdown()
     return 0

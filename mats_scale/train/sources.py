@@ -32,6 +32,17 @@ class BatchStream:
         raise DataError(f"the data loader yields no batch in a whole epoch "
                         f"({len(self.loader)} batches per epoch)")
 
+    @property
+    def stop_error(self):
+        """The loader's deferred bad-data stop (a DataError), once it happened; None before."""
+        return getattr(self.loader, "stop_error", None)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (on any error of the trainer)."""
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
+
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
