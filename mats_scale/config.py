@@ -122,7 +122,8 @@ class MaskingConfig:
     keep_ratio: float = 0.3
     """MATS rho_pre: fraction of tokens (highest motion) that are encoded or reconstructed."""
     score: str = "embed"
-    """MATS motion score: embed (patch-embedding L2, the paper) or pixel (cheap, in the loader)."""
+    """MATS motion score: embed (patch-embedding L2, the paper), pixel (cheap, in the loader) or
+    compensated (pixel residual after the camera's global translation, in the loader)."""
     finetune_keep_ratio: float = 0.6
     """MATS rho_post for fine-tuning: deterministic top tokens by motion."""
     finetune_eval_keep_all: bool = False
@@ -138,7 +139,7 @@ class MaskingConfig:
         _check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
         _check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
         _check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
-        _check_choice("masking.score", self.score, ["embed", "pixel"])
+        _check_choice("masking.score", self.score, ["embed", "pixel", "compensated"])
         for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio", "frame_keep_ratio"):
             _check_open_unit(f"masking.{key}", getattr(self, key))
         if self.strategy == "mats" and self.decoder == "running_cell" and self.decoder_mode != "lean":
@@ -172,6 +173,8 @@ class DataConfig:
     """Random horizontal flip in training augmentation (never with segment_sampling)."""
     min_frames: int = 4
     """Videos with fewer frames are skipped as bad; longer ones too short for the clip are looped."""
+    shot_cuts: str = "limit"
+    """Hard shot cuts in a clip window: limit (re-draw the window inside one shot) or off."""
     num_sample: int = 1
     """Repeated sampling: clips drawn per decoded video (VideoMAE V2); divides batch_size."""
     batch_size: int = 2
@@ -193,6 +196,7 @@ class DataConfig:
             _check_positive(f"data.{key}", getattr(self, key))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
         _check_choice("data.eval_crops", self.eval_crops, [1, 3])
+        _check_choice("data.shot_cuts", self.shot_cuts, ["limit", "off"])
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             _fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:

@@ -18,6 +18,7 @@ import torch
 
 from mats_scale.config import MaskingConfig
 from mats_scale.masking.common import Selection, TokenGrid
+from mats_scale.masking.compensated import compensated_motion_scores
 from mats_scale.masking.mats import mats_counts, mats_dual_selection, mats_dual_target_count, mats_selection
 from mats_scale.masking.motion import embed_motion_scores, pixel_motion_scores
 from mats_scale.masking.random_mask import random_masking
@@ -89,12 +90,28 @@ def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generato
     return out._replace(target_weights=None) if low == high else out
 
 
+LOADER_SCORES = ("pixel", "compensated")
+"""``masking.score`` values the data loader computes (no model needed)."""
+
+
+def loader_motion_scores(score: str, video: torch.Tensor, tubelet: int, patch: int,
+                         cuts: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``masking.score`` computed without the model, (B, N): ``pixel_motion_scores`` (pixel) or
+    ``compensated_motion_scores`` (compensated) of `video` (B, C, T, H, W), not counting differences
+    across the shot cuts (B, T-1) if given; None for a score that needs the model (embed)."""
+    if score == "pixel":
+        return pixel_motion_scores(video, tubelet, patch, cuts)
+    if score == "compensated":
+        return compensated_motion_scores(video, tubelet, patch, cuts)
+    return None
+
+
 def motion_scores(cfg: MaskingConfig, patch_embed: torch.nn.Module, video: torch.Tensor) -> Optional[torch.Tensor]:
     """The scores :func:`select_tokens` needs for `cfg`: None unless ``strategy=mats``; then
-    ``embed_motion_scores`` (``score=embed``) or ``pixel_motion_scores`` (``score=pixel``, normally
-    computed in the data loader on the raw clip instead) on `video` (B, C, T, H, W)."""
+    ``embed_motion_scores`` (``score=embed``), or the loader's scores (``score=pixel`` or
+    ``compensated``, normally computed in the data loader on the clip instead) on `video` (B, C, T, H, W)."""
     if cfg.strategy != "mats":
         return None
     if cfg.score == "embed":
         return embed_motion_scores(patch_embed, video)
-    return pixel_motion_scores(video, patch_embed.tubelet_size, patch_embed.patch_size)
+    return loader_motion_scores(cfg.score, video, patch_embed.tubelet_size, patch_embed.patch_size)
