@@ -174,7 +174,7 @@ class DataConfig:
     min_frames: int = 4
     """Videos with fewer frames are skipped as bad; longer ones too short for the clip are looped."""
     shot_cuts: str = "limit"
-    """Hard shot cuts in a clip window: limit (re-draw the window inside one shot) or off."""
+    """Hard shot cuts in a clip window: limit (re-draw the window inside one shot) or ignore."""
     num_sample: int = 1
     """Repeated sampling: clips drawn per decoded video (VideoMAE V2); divides batch_size."""
     batch_size: int = 2
@@ -196,7 +196,7 @@ class DataConfig:
             _check_positive(f"data.{key}", getattr(self, key))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
         _check_choice("data.eval_crops", self.eval_crops, [1, 3])
-        _check_choice("data.shot_cuts", self.shot_cuts, ["limit", "off"])
+        _check_choice("data.shot_cuts", self.shot_cuts, ["limit", "ignore"])
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             _fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:

@@ -25,7 +25,7 @@ CUT_SIDE = 32
 """Short side (px) the frames are pooled to before their histograms are taken."""
 CUT_LEVELS = 4
 """Histogram bins per colour channel (4^3 = 64 joint bins)."""
-CUT_MIN_CHANGE = 0.25
+CUT_MIN_CHANGE = 0.15
 """A cut moves at least this fraction of the histogram mass."""
 CUT_RATIO = 3.0
 """... and at least this many times the clip's median step."""
@@ -64,7 +64,8 @@ def frame_changes(frames: torch.Tensor) -> torch.Tensor:
     return 0.5 * (h[1:] - h[:-1]).abs().sum(dim=1)
 
 
-def detect_cuts(frames: torch.Tensor, *, min_change: float = CUT_MIN_CHANGE, ratio: float = CUT_RATIO) -> torch.Tensor:
+def detect_cuts(frames: torch.Tensor, *, min_change: float = CUT_MIN_CHANGE,
+                ratio: float = CUT_RATIO) -> torch.Tensor:
     """(F, H, W, 3) uint8 decoded frames -> (F-1,) bool: True where frame j+1 starts a new shot."""
     d = frame_changes(frames)
     if d.numel() == 0:
@@ -89,7 +90,8 @@ def cuts_between(cuts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def limit_to_shot(frames: torch.Tensor, ids: list[int], pick: Callable[[int], list[int]],
-                  read: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, list[int], int, torch.Tensor]:
+                  read: Callable[[list[int]], torch.Tensor]
+                  ) -> tuple[torch.Tensor, list[int], int, torch.Tensor]:
     """Keep a clip window inside one shot.
 
     frames: (F, H, W, 3) uint8 decoded at video frame numbers `ids`. Without a cut among them they

@@ -241,7 +241,8 @@ class PretrainClips(Dataset):
             v = pos[0, -1] - pos[0, 0]
             label = int(v[1] < 0) + 2 * int(v[0] < 0)  # quadrant of the square's direction
             frames = (video[0] * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
-            return frames, list(range(self.decode_frames)), label, torch.zeros(len(frames) - 1, dtype=torch.bool), None
+            no_cuts = torch.zeros(len(frames) - 1, dtype=torch.bool)
+            return frames, list(range(self.decode_frames)), label, no_cuts, None
         item = self.items[index]
         vr = open_video(item.path, min_frames=self.min_frames)
         ids = self._frame_indices(len(vr), gen)
@@ -260,8 +261,8 @@ class PretrainClips(Dataset):
                 gen = make_generator(_REDRAW, self.seed, epoch, pos, attempt)
                 index = int(torch.randint(len(self), (1,), generator=gen))
             try:
-                frames, ids, label, cuts, cut = self._decode(index, make_generator(_TEMPORAL, self.seed, epoch, pos,
-                                                                                  attempt))
+                temporal = make_generator(_TEMPORAL, self.seed, epoch, pos, attempt)
+                frames, ids, label, cuts, cut = self._decode(index, temporal)
             except VideoReadError as e:
                 skipped.append((e.path, e.reason))
                 continue
@@ -283,7 +284,8 @@ class PretrainClips(Dataset):
         video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size)
         return self._sample(video, -1, index, [0] * self.num_frames, skipped, MAX_ATTEMPTS, failed=True)
 
-    def _sample(self, video, label, index, frame_ids, skipped, reads, failed, cuts=None, cut=None) -> dict[str, Any]:
+    def _sample(self, video, label, index, frame_ids, skipped, reads, failed, cuts=None,
+                cut=None) -> dict[str, Any]:
         S = video.shape[0]
         out = {"video": video, "label": torch.full((S,), label, dtype=torch.int64),
                "index": torch.full((S,), index, dtype=torch.int64),

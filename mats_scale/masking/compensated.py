@@ -63,7 +63,8 @@ def _correlation_peaks(g: torch.Tensor, k: int) -> torch.Tensor:
 
     def vertex(lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         den = lo - 2 * mid + hi
-        return torch.where(den < 0, 0.5 * (lo - hi) / den.clamp(max=-1e-12), torch.zeros_like(mid)).clamp(-0.5, 0.5)
+        step = torch.where(den < 0, 0.5 * (lo - hi) / den.clamp(max=-1e-12), torch.zeros_like(mid))
+        return step.clamp(-0.5, 0.5)
 
     mid = c[n, iy, ix]
     fy = vertex(c[n, (iy - 1) % h, ix], mid, c[n, (iy + 1) % h, ix]).view_as(py)
@@ -73,7 +74,8 @@ def _correlation_peaks(g: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([sy, sx], dim=-1)
 
 
-def _median_token_residual(prev: torch.Tensor, nxt: torch.Tensor, shift: torch.Tensor, block: int) -> torch.Tensor:
+def _median_token_residual(prev: torch.Tensor, nxt: torch.Tensor, shift: torch.Tensor,
+                           block: int) -> torch.Tensor:
     """Median over blocks (tokens) of the mean absolute residual after the symmetric warp by `shift`.
 
     prev, nxt: (P, 1, H, W); shift: (P, 2) -> (P,). Blocks less than half inside both warps are left out.
@@ -106,8 +108,9 @@ def _refine(prev: torch.Tensor, nxt: torch.Tensor, shift: torch.Tensor, steps: i
         by, bx = -(wgt * gy * r).sum((1, 2)), -(wgt * gx * r).sum((1, 2))
         det = jyy * jxx - jxy * jxy
         ok = det > 1e-6 * (jyy + jxx).square().clamp_min(1e-12)
-        dy = torch.where(ok, (jxx * by - jxy * bx) / det.where(ok, torch.ones_like(det)), torch.zeros_like(det))
-        dx = torch.where(ok, (jyy * bx - jxy * by) / det.where(ok, torch.ones_like(det)), torch.zeros_like(det))
+        safe = det.where(ok, torch.ones_like(det))
+        dy = torch.where(ok, (jxx * by - jxy * bx) / safe, torch.zeros_like(det))
+        dx = torch.where(ok, (jyy * bx - jxy * by) / safe, torch.zeros_like(det))
         shift = shift + torch.stack([dy, dx], dim=1).clamp(-1.0, 1.0)
     return shift
 
@@ -133,7 +136,7 @@ def global_shifts(video: torch.Tensor, tubelet: int, patch: int = 16, *, side: i
         peaks = _correlation_peaks(small, candidates) * k  # (B, T'-1, K, 2), full-resolution px
         P = B * (nt - 1)
         prev, nxt = g[:, :-1].reshape(P, 1, H, W), g[:, 1:].reshape(P, 1, H, W)
-        sprev, snxt = small[:, :-1].reshape(P, 1, *small.shape[-2:]), small[:, 1:].reshape(P, 1, *small.shape[-2:])
+        sprev, snxt = small[:, :-1].flatten(0, 1)[:, None], small[:, 1:].flatten(0, 1)[:, None]  # (P,1,h,w)
         block = max(1, patch // k)
         zero = torch.zeros(P, 2)
         best, best_res = zero, _median_token_residual(sprev, snxt, zero, block) * min_gain
@@ -174,7 +177,8 @@ def _translate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def compensated_motion_scores(video: torch.Tensor, tubelet: int, patch: int, cuts: torch.Tensor | None = None,
+def compensated_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
+                              cuts: torch.Tensor | None = None,
                               shifts: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token residual after compensating the global translation: (B, N) float32, in the input's
     units like :func:`~mats_scale.masking.pixel_motion_scores` (equal to it where the shift is 0).

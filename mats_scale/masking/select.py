@@ -95,7 +95,7 @@ LOADER_SCORES = ("pixel", "compensated")
 
 
 def loader_motion_scores(score: str, video: torch.Tensor, tubelet: int, patch: int,
-                         cuts: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                         cuts: torch.Tensor | None = None) -> torch.Tensor | None:
     """``masking.score`` computed without the model, (B, N): ``pixel_motion_scores`` (pixel) or
     ``compensated_motion_scores`` (compensated) of `video` (B, C, T, H, W), not counting differences
     across the shot cuts (B, T-1) if given; None for a score that needs the model (embed)."""
