@@ -6,18 +6,18 @@ budget goes to static scenery. This score estimates the global (dominant) transl
 consecutive tubelets and scores each token by its residual after compensating it:
 
 1. per tubelet, the green channel (a stand-in for luma that needs no arithmetic) of its first frame,
-   average-pooled to about :data:`REFINE_SIDE` px (short side) and, for the search, further to about
-   :data:`SEARCH_SIDE` px;
+   average-pooled by an integer factor to about :data:`REFINE_SIDE` px on the short side, and that
+   further to about :data:`SEARCH_SIDE` px for steps 2-3;
 2. candidates: the :data:`CANDIDATES` highest peaks of the phase correlation of consecutive tubelets
-   on the search images (``torch.fft``: Hann window, normalised cross-power spectrum, inverse FFT),
-   each refined below a pixel by a parabola through the peak and its neighbours;
+   (``torch.fft``: Hann window, normalised cross-power spectrum, inverse FFT), each refined below a
+   pixel by a parabola through the peak and its neighbours;
 3. choice: the candidate with the lowest *median* token residual wins, and "no shift" unless a
    candidate brings it below :data:`MIN_GAIN` of the unshifted median. The shift that explains most
    tokens is the camera's; a moving object covers few tokens, so it never moves the camera (on a
    still camera the score is exactly the pixel score), whatever its share of the picture's edges;
-4. refinement: a few robust Lucas-Kanade steps on the refine images (pixels with a residual above
+4. refinement: a few robust Lucas-Kanade steps on the larger images (pixels with a residual above
    3x the median absolute residual are left out: the moving object does not pull), then the same
-   median test once more;
+   median test once more (on the small ones);
 5. score: with s rounded to whole pixels, tubelet t is moved by floor(s/2) and t+1 back by the rest
    (slices, no interpolation: no blur, and as cheap as the pixel score), and the token score is the
    L2 norm of their difference over the pixels both cover (the strip the camera reveals or hides
@@ -36,10 +36,11 @@ import torch.nn.functional as F
 
 from mats_scale.masking.motion import fill_from_transitions, valid_transitions
 
-SEARCH_SIDE = 64
-"""Short side (px) of the pooled tubelets the phase correlation searches."""
+SEARCH_SIDE = 56
+"""Short side (px) of the pooled tubelets the candidates are found and tested on."""
 REFINE_SIDE = 112
-"""Short side (px) of the pooled tubelets the shift is refined and tested on."""
+"""Short side (px) of the pooled tubelets the chosen shift is refined on (0.1 px matters when the
+score rounds it to whole pixels; the search images alone gave errors of 0.4 px)."""
 CANDIDATES = 3
 """Correlation peaks tried as the camera's shift, besides no shift."""
 MIN_GAIN = 0.8
@@ -84,10 +85,10 @@ def _correlation_peaks(g: torch.Tensor, k: int) -> torch.Tensor:
     spec = torch.fft.rfft2(g)  # (B, T', h, w//2+1)
     cross = spec[:, 1:] * spec[:, :-1].conj()
     corr = torch.fft.irfft2(cross / cross.abs().clamp_min(1e-12), s=(h, w))  # (B, T'-1, h, w)
-    # Local maxima (circular 3x3 neighbourhood), then the k highest.
-    padded = torch.cat([corr[..., -1:, :], corr, corr[..., :1, :]], dim=-2)
-    padded = torch.cat([padded[..., -1:], padded, padded[..., :1]], dim=-1)
-    local = F.max_pool2d(padded.reshape(-1, 1, h + 2, w + 2), 3, stride=1).view_as(corr)
+    # Local maxima (circular 3x3 neighbourhood: separable maxima of rolled copies; max_pool2d on
+    # one-channel maps is several times slower on CPU), then the k highest.
+    rows = torch.maximum(torch.maximum(corr.roll(1, -2), corr), corr.roll(-1, -2))
+    local = torch.maximum(torch.maximum(rows.roll(1, -1), rows), rows.roll(-1, -1))
     flat = torch.where(corr >= local, corr, torch.full_like(corr, -torch.inf)).flatten(2)
     peak = flat.topk(min(k, h * w), dim=-1).indices  # (B, T'-1, k)
     py, px = peak // w, peak % w
@@ -166,29 +167,27 @@ def global_shifts(video: torch.Tensor, tubelet: int, patch: int = 16, *, candida
     with torch.no_grad():
         g = video[:, min(1, C - 1), ::tubelet].float()  # (B, T', H, W): green, first frame of each tubelet
         fine, r = _pool_to(g, REFINE_SIDE)  # (B, T', h, w)
-        coarse, k = _pool_to(fine, SEARCH_SIDE)  # (B, T', h', w')
+        small, k = _pool_to(fine, SEARCH_SIDE)  # (B, T', h', w')
         P = B * (nt - 1)
-        prev, nxt = fine[:, :-1].flatten(0, 1)[:, None], fine[:, 1:].flatten(0, 1)[:, None]  # (P, 1, h, w)
-        cprev, cnxt = coarse[:, :-1].flatten(0, 1)[:, None], coarse[:, 1:].flatten(0, 1)[:, None]
-        peaks = _correlation_peaks(coarse, candidates).flatten(0, 1)  # (P, K, 2) in coarse px
-        block = max(1, patch // (r * k))
-        best = torch.zeros(P, 2)  # coarse px
-        best_res = _median_token_residual(cprev, cnxt, best, block) * min_gain
+        prev, nxt = small[:, :-1].flatten(0, 1)[:, None], small[:, 1:].flatten(0, 1)[:, None]  # (P,1,h',w')
+        peaks = _correlation_peaks(small, candidates).flatten(0, 1)  # (P, K, 2) in search px
+        block = max(1, patch // (r * k))  # a token, in search px
+        best = torch.zeros(P, 2)
+        unshifted = _median_token_residual(prev, nxt, best, block)
+        best_res = unshifted * min_gain
         for j in range(peaks.shape[1]):
-            res = _median_token_residual(cprev, cnxt, peaks[:, j], block)
+            res = _median_token_residual(prev, nxt, peaks[:, j], block)
             better = res < best_res
             best = torch.where(better[:, None], peaks[:, j], best)
             best_res = torch.where(better, res, best_res)
-        best = best * k  # refine px
         moving = best.abs().sum(dim=1) > 0
         if moving.any():
             m = moving.nonzero()[:, 0]
-            refined = _refine(prev[m], nxt[m], best[m], refine_steps)
-            block = max(1, patch // r)
-            keep = (_median_token_residual(prev[m], nxt[m], refined, block)
-                    < min_gain * _median_token_residual(prev[m], nxt[m], torch.zeros(len(m), 2), block))
+            fprev, fnxt = fine[:, :-1].flatten(0, 1)[m, None], fine[:, 1:].flatten(0, 1)[m, None]
+            refined = _refine(fprev, fnxt, best[m] * k, refine_steps) / k
+            keep = _median_token_residual(prev[m], nxt[m], refined, block) < min_gain * unshifted[m]
             best[m] = torch.where(keep[:, None], refined, torch.zeros_like(refined))
-        best = best * r  # full-resolution px
+        best = best * (k * r)  # full-resolution px
         best = torch.where(best.abs() < MIN_SHIFT, torch.zeros_like(best), best)
         return best.view(B, nt - 1, 2)
 
