@@ -56,7 +56,8 @@ class MaskingConfig:
     keep_ratio: float = 0.3
     """MATS rho_pre: fraction of tokens (highest motion) that are encoded or reconstructed."""
     score: str = "embed"
-    """MATS motion score: embed (patch-embedding L2, the paper) or pixel (cheap, in the loader)."""
+    """MATS motion score: embed (patch-embedding L2, the paper), pixel (cheap, in the loader) or
+    compensated (pixel residual after the camera's global translation, in the loader)."""
     finetune_keep_ratio: float = 0.6
     """MATS rho_post for fine-tuning: deterministic top tokens by motion."""
     finetune_eval_keep_all: bool = False
@@ -78,7 +79,7 @@ class MaskingConfig:
         check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
         check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
         check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
-        check_choice("masking.score", self.score, ["embed", "pixel"])
+        check_choice("masking.score", self.score, ["embed", "pixel", "compensated"])
         for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio", "frame_keep_ratio"):
             check_open_unit(f"masking.{key}", getattr(self, key))
         if self.strategy == "mats" and self.decoder == "running_cell" and self.decoder_mode != "lean":
@@ -112,6 +113,8 @@ class DataConfig:
     """Random horizontal flip in training augmentation (never with segment_sampling)."""
     min_frames: int = 4
     """Videos with fewer frames are skipped as bad; longer ones too short for the clip are looped."""
+    shot_cuts: str = "limit"
+    """Hard shot cuts in a clip window: limit (re-draw the window inside one shot) or ignore."""
     num_sample: int = 1
     """Repeated sampling: clips drawn per decoded video (VideoMAE V2); divides batch_size."""
     batch_size: int = 2
@@ -133,6 +136,7 @@ class DataConfig:
             check_positive(f"data.{key}", getattr(self, key))
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
         check_choice("data.eval_crops", self.eval_crops, [1, 3])
+        check_choice("data.shot_cuts", self.shot_cuts, ["limit", "ignore"])
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:

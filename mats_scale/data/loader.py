@@ -8,8 +8,9 @@ bad files (the fine-tuning training loader, :mod:`mats_scale.data.finetune`, is 
         batch["index"]              # (B,) int64 dataset index of the video each clip came from
         batch["frame_index"]        # (B, T) int64 frame numbers in that video
         batch["skipped"]            # [(path, reason), ...] read failures behind this batch
-        batch["scores"]             # (B, N) float32 pixel motion scores (masking.strategy=mats and
-                                    # masking.score=pixel only), for select_tokens
+        batch["shot_cuts"]          # [(path, cuts), ...] windows that crossed a shot cut (limited)
+        batch["scores"]             # (B, N) float32 motion scores (masking.strategy=mats and
+                                    # masking.score=pixel or compensated only), for select_tokens
     state = loader.state_dict()     # epoch + batches consumed in it (+ skip counters)
 
 Determinism: the epoch order is a permutation seeded by (seed, epoch), padded to a multiple of the
@@ -32,6 +33,13 @@ aggregates the events of every batch (:class:`SkipStats`), logs one warning per 
 :class:`DataError` listing the first bad files once more than ``data.max_bad_fraction`` of the reads
 so far failed (checked after ``min(MIN_READS, dataset size)`` reads, so one early bad file in a large
 dataset does not stop a run).
+
+Shot cuts (``data.shot_cuts=limit``, the default; :mod:`mats_scale.data.cuts`): the decoded frames
+are checked for hard cuts; a window that crosses one is re-drawn inside its longest cut-free stretch
+(one more decode), so clips stay within one shot and no motion score or frame selection counts an
+edit as motion (cuts still found after that are masked out of the loader's scores and the frame
+selection). Workers report ``(path, cuts)``; the main process counts them (``loader.cut_stats``)
+and logs the first videos and then every power of two of limited windows.
 """
 
 from __future__ import annotations
@@ -55,12 +63,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mats_scale.config import Config
 from mats_scale.data import synth
+from mats_scale.data.cuts import CutStats, cuts_between, limit_to_shot
 from mats_scale.data.errors import DataError, ListFileError, VideoReadError
 from mats_scale.data.inmemory import moving_square_clips
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
 from mats_scale.data.transforms import finetune_augment, pretrain_augment
 from mats_scale.data.video import clip_indices, open_video, read_frames, segment_indices
-from mats_scale.masking import candidate_frame_count, pixel_motion_scores, select_frames
+from mats_scale.masking import candidate_frame_count, loader_motion_scores, select_frames
 
 log = logging.getLogger("mats_scale.data")
 
@@ -210,7 +219,9 @@ class PretrainClips(Dataset):
         self.num_sample = d.num_sample
         self.min_frames = d.min_frames
         self.tubelet, self.patch = m.tubelet_size, m.patch
-        self.pixel_scores = cfg.masking.strategy == "mats" and cfg.masking.score == "pixel"
+        # Scores computed here (on the augmented clips) rather than in the training step.
+        self.loader_score = cfg.masking.score if cfg.masking.strategy == "mats" else None
+        self.shot_cuts = d.shot_cuts == "limit"
         # Adaptive frame selection: decode 2 * ceil(alpha * tau) candidates, keep tau pairs.
         self.frame_selection = cfg.masking.frame_selection
         self.frame_keep_ratio = cfg.masking.frame_keep_ratio
@@ -226,20 +237,29 @@ class PretrainClips(Dataset):
             return segment_indices(n, self.decode_frames, gen)
         return clip_indices(n, self.decode_frames, self.rate, gen)
 
-    def _decode(self, index: int, gen: torch.Generator) -> tuple[torch.Tensor, list[int], int]:
+    def _decode(self, index: int, gen: torch.Generator) -> tuple[torch.Tensor, list[int], int, torch.Tensor,
+                                                                    Optional[tuple[str, int]]]:
         """(F, H, W, 3) uint8 frames of video `index` (F = T, or the frame-selection candidates), their
-        frame numbers in the video, and its label; VideoReadError if the video is unusable."""
+        frame numbers in the video, its label, the shot cuts (F-1,) bool left among the frames and the
+        (path, cuts) event of a window limited to one shot (or None); VideoReadError if the video is
+        unusable."""
         if self.items is None:
             # In-memory clip rendered a bit larger than the input so the multi-scale crop has room.
             video, pos = moving_square_clips(1, self.decode_frames, self.size * 8 // 7, gen)
             v = pos[0, -1] - pos[0, 0]
             label = int(v[1] < 0) + 2 * int(v[0] < 0)  # quadrant of the square's direction
             frames = (video[0] * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
-            return frames, list(range(self.decode_frames)), label
+            no_cuts = torch.zeros(len(frames) - 1, dtype=torch.bool)
+            return frames, list(range(self.decode_frames)), label, no_cuts, None
         item = self.items[index]
         vr = open_video(item.path, min_frames=self.min_frames, start=item.start, frames=item.frames)
         ids = self._frame_indices(len(vr), gen)
-        return read_frames(vr, ids, item.path), ids, item.label
+        frames = read_frames(vr, ids, item.path)
+        if not self.shot_cuts:
+            return frames, ids, item.label, torch.zeros(len(ids) - 1, dtype=torch.bool), None
+        frames, ids, met, cuts = limit_to_shot(frames, ids, lambda n: self._frame_indices(n, gen),
+                                               lambda new: read_frames(vr, new, item.path))
+        return frames, ids, item.label, cuts, (item.path, met) if met else None
 
     def __getitem__(self, work: tuple[int, int, int]) -> dict[str, Any]:
         epoch, pos, index = work
@@ -249,7 +269,8 @@ class PretrainClips(Dataset):
                 gen = make_generator(_REDRAW, self.seed, epoch, pos, attempt)
                 index = int(torch.randint(len(self), (1,), generator=gen))
             try:
-                frames, ids, label = self._decode(index, make_generator(_TEMPORAL, self.seed, epoch, pos, attempt))
+                temporal = make_generator(_TEMPORAL, self.seed, epoch, pos, attempt)
+                frames, ids, label, cuts, cut = self._decode(index, temporal)
             except VideoReadError as e:
                 skipped.append((e.path, e.reason))
                 continue
@@ -258,25 +279,31 @@ class PretrainClips(Dataset):
                 # of a video share their frames as in VideoMAE V2's repeated sampling.
                 keep = select_frames(frames.permute(3, 0, 1, 2), self.num_frames // 2,
                                      make_generator(_SELECT, self.seed, epoch, pos, attempt),
-                                     patch=self.patch, keep_ratio=self.frame_keep_ratio)
+                                     patch=self.patch, keep_ratio=self.frame_keep_ratio, cuts=cuts)
                 frames, ids = frames[keep], [ids[k] for k in keep.tolist()]  # (T, H, W, 3), T numbers
+                cuts = cuts_between(cuts, keep)
             clips = [self.augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
                                       flip=self.flip)
                      for r in range(self.num_sample)]
             video = torch.stack(clips)  # (S, 3, T, H, W)
-            return self._sample(video, label, index, ids, skipped, attempt + 1, failed=False)
+            return self._sample(video, label, index, ids, skipped, attempt + 1, failed=False, cuts=cuts,
+                                cut=cut)
         # Every attempt failed: the main process raises DataError on this flag (with the file list).
         video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size)
         return self._sample(video, -1, index, [0] * self.num_frames, skipped, MAX_ATTEMPTS, failed=True)
 
-    def _sample(self, video, label, index, frame_ids, skipped, reads, failed) -> dict[str, Any]:
+    def _sample(self, video, label, index, frame_ids, skipped, reads, failed, cuts=None,
+                cut=None) -> dict[str, Any]:
         S = video.shape[0]
         out = {"video": video, "label": torch.full((S,), label, dtype=torch.int64),
                "index": torch.full((S,), index, dtype=torch.int64),
                "frame_index": torch.tensor(frame_ids, dtype=torch.int64).expand(S, -1),
-               "skipped": skipped, "reads": reads, "failed": int(failed)}
-        if self.pixel_scores:
-            out["scores"] = pixel_motion_scores(video, self.tubelet, self.patch)
+               "skipped": skipped, "reads": reads, "failed": int(failed), "shot_cuts": [cut] if cut else []}
+        if self.loader_score is not None:
+            scores = loader_motion_scores(self.loader_score, video, self.tubelet, self.patch,
+                                          None if cuts is None else cuts.expand(S, -1))
+            if scores is not None:
+                out["scores"] = scores
         return out
 
 
@@ -287,6 +314,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "scores" in samples[0]:
         out["scores"] = torch.cat([s["scores"] for s in samples])
     out["skipped"] = [e for s in samples for e in s["skipped"]]
+    out["shot_cuts"] = [e for s in samples for e in s["shot_cuts"]]
     out["reads"] = sum(s["reads"] for s in samples)
     out["failed"] = sum(s["failed"] for s in samples)
     return out
@@ -401,6 +429,7 @@ class PretrainLoader:
             # run's RNG stream matches an uninterrupted one.
             generator=make_generator(_WORKER, cfg.train.seed, rank))
         self.skip_stats = SkipStats()
+        self.cut_stats = CutStats()
         self.epoch, self.batch = 0, 0
         self.defer_stop = False
         """True: a bad-data stop does not raise; it is kept in :attr:`stop_error` and the batch is still
@@ -479,6 +508,7 @@ class PretrainLoader:
             w.join(timeout=5)
 
     def _account(self, batch: dict[str, Any]) -> None:
+        self._account_cuts(batch.get("shot_cuts", ()))
         for path, reason in self.skip_stats.update(batch["skipped"], batch["reads"]):
             log.warning("skipped video %s: %s (%d skipped so far)", path, reason, self.skip_stats.skipped)
         st = self.skip_stats
@@ -490,10 +520,21 @@ class PretrainLoader:
             raise DataError(f"too many bad videos: {st.skipped} of {st.reads} reads failed "
                             f"({len(st.bad_files)} distinct files); {why}. First bad files:\n{listed}")
 
+    def _account_cuts(self, events: Sequence[tuple[str, int]]) -> None:
+        """Count the windows that met a shot cut; log the first videos by name, then a count each time
+        the number of limited windows passes a power of two (cuts are common in edited footage)."""
+        cs, before = self.cut_stats, self.cut_stats.windows
+        for path, n in cs.update(events):
+            if len(cs.videos) <= MAX_LISTED_BAD:
+                log.info("shot cut in %s: %d cut(s) in the clip window, limited to one shot", path, n)
+        if cs.windows.bit_length() > before.bit_length():
+            log.info("shot cuts: %d clip windows limited to one shot so far (%d cuts, %d videos)",
+                     cs.windows, cs.cuts, len(cs.videos))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "num_items": self.num_items,
                 "world_size": self.world_size, "batch_size": self.cfg.data.batch_size,
-                "skip_stats": self.skip_stats.state_dict()}
+                "skip_stats": self.skip_stats.state_dict(), "cut_stats": self.cut_stats.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue at batch `sd['batch']` of epoch `sd['epoch']`; refuses a different data layout."""
@@ -503,6 +544,8 @@ class PretrainLoader:
             raise DataError(f"cannot resume the data position: saved with {theirs}, this run has {mine}")
         self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])
         self.skip_stats.load_state_dict(sd["skip_stats"])
+        if "cut_stats" in sd:  # absent in checkpoints from before shot-cut handling
+            self.cut_stats.load_state_dict(sd["cut_stats"])
 
 
 def wants_pinned_memory(cfg: Config) -> bool:

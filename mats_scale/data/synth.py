@@ -2,6 +2,7 @@
 
     python -m mats_scale.data.synth OUT_DIR [--num-train 400] [--num-val 80] [--seed 0] [--frames 32]
                                             [--height 128] [--width 176] [--codec libx264] [--workers 2]
+                                            [--pan 0] [--zoom 0] [--texture 0] [--cut]
 
 Writes ``OUT_DIR/{train,val}/NNNNNN.mp4`` (real H.264 through PyAV/libx264, or MPEG-4 part 2), the
 list files ``train.txt`` / ``val.txt`` in the VideoMAE ``path label`` format (paths relative to
@@ -24,6 +25,18 @@ Design, so that a tiny model learns something in a few minutes and labels need m
   persist through the whole clip.
 Everything is drawn from ``numpy.random.default_rng([seed, split, index])``: the same seed gives the
 same clips; the encoder runs single-threaded so the files are byte-identical too.
+
+Camera and editing options (off by default; the default dataset is unchanged by them, file for file),
+for studying motion scores on footage that is not a still camera (README "Which motion score"):
+- ``pan`` px/frame: the camera pans over the scene in a direction drawn per clip;
+- ``zoom``: the camera zooms in or out (drawn per clip) by this relative scale change per frame;
+- ``texture``: a fine high-contrast luminance texture (value noise, 4 px cells) of this amplitude
+  on the scene, which a moving camera turns into frame differences everywhere;
+- ``cut``: one hard cut per clip, at a frame drawn in the middle half; from it on the clip shows
+  another scene with another object (:attr:`ClipSpec.cut`).
+The object's path stays defined on the screen (labels keep their meaning; it stays fully in view);
+the camera moves the scene only. These draws come from separate streams
+(``[seed, split, index, 1]`` and ``[..., 2]`` for the second shot), after the default ones.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from typing import Optional, Sequence
 
@@ -55,6 +68,10 @@ LIGHT_JITTER = math.radians(35)  # light direction: from the top edge +- this
 LIGHT_STRENGTH = (0.6, 0.85)  # fraction of light lost across the frame
 SPLITS = {"train": 0, "val": 1}
 META_VERSION = 1
+MAX_PAN = 8.0  # px per frame
+MAX_ZOOM = 0.05  # relative scale change per frame
+MAX_TEXTURE = 0.5
+TEXTURE_CELL = 4.0  # px between the lattice points of the fine texture
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,19 @@ class SynthParams:
     codec: str = "libx264"
     crf: int = 18
     version: int = META_VERSION
+    pan: float = 0.0
+    """Camera pan speed in px per frame (direction drawn per clip); 0: still camera."""
+    zoom: float = 0.0
+    """Camera zoom: relative scale change per frame (in or out, drawn per clip); 0: none."""
+    texture: float = 0.0
+    """Amplitude of a fine high-contrast texture added to the scene's albedo (0 to 0.5)."""
+    cut: bool = False
+    """One hard cut per clip (frame drawn in the middle half) to another scene and object."""
+
+    @property
+    def effects(self) -> bool:
+        """True when any camera / editing option is on (the default dataset has none)."""
+        return bool(self.pan or self.zoom or self.texture or self.cut)
 
     def check(self) -> None:
         """Raise ValueError naming the (CLI) option for values the motion classes do not fit in."""
@@ -86,6 +116,22 @@ class SynthParams:
         if min(self.height, self.width) < need:
             raise ValueError(f"--height={self.height} --width={self.width}: an object at the fast speed "
                              f"over --frames={self.frames} needs both >= {math.ceil(need)} px")
+        if not 0.0 <= self.pan <= MAX_PAN:
+            raise ValueError(f"--pan={self.pan}: must be in [0, {MAX_PAN}] px per frame")
+        if not 0.0 <= self.zoom <= MAX_ZOOM:
+            raise ValueError(f"--zoom={self.zoom}: must be in [0, {MAX_ZOOM}] (scale change per frame)")
+        if not 0.0 <= self.texture <= MAX_TEXTURE:
+            raise ValueError(f"--texture={self.texture}: must be in [0, {MAX_TEXTURE}]")
+
+
+# Fields added after version 1 are written to meta.json only when set, so a default dataset's
+# meta.json is what it always was.
+_OPTIONAL_FIELDS = {"pan": 0.0, "zoom": 0.0, "texture": 0.0, "cut": False}
+
+
+def params_dict(params: SynthParams) -> dict:
+    """The parameters as stored in meta.json (camera / editing options only when set)."""
+    return {k: v for k, v in asdict(params).items() if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]}
 
 
 @dataclass(frozen=True)
@@ -96,11 +142,20 @@ class ClipSpec:
     shape: str
     radius: float  # half the object's side / radius, px
     centers: np.ndarray  # (frames, 2) as (y, x)
+    cut: int = 0  # first frame of the second shot (SynthParams.cut); 0: one shot. The fields above
+    # describe the first shot; the second has its own scene and object.
 
 
 def clip_spec(params: SynthParams, split: str, index: int) -> tuple[ClipSpec, np.random.Generator]:
     """The deterministic recipe of clip `index` of `split`; returns the rng for the scene too."""
-    rng = np.random.default_rng([params.seed, SPLITS[split], index])
+    spec, rng = _draw_spec(params, np.random.default_rng([params.seed, SPLITS[split], index]))
+    if params.cut:  # own stream, so the draws above (and the scene's, from rng) are the default ones
+        L = params.frames
+        spec = replace(spec, cut=int(_effects_rng(params, split, index).integers(L // 4, 3 * L // 4 + 1)))
+    return spec, rng
+
+
+def _draw_spec(params: SynthParams, rng: np.random.Generator) -> tuple[ClipSpec, np.random.Generator]:
     label = int(rng.integers(len(CLASSES)))
     name = CLASSES[label]
     radius = float(rng.uniform(*RADIUS))
@@ -132,31 +187,70 @@ def clip_spec(params: SynthParams, split: str, index: int) -> tuple[ClipSpec, np
     return ClipSpec(label, shape, radius, centers.astype(np.float32)), rng
 
 
+def _effects_rng(params: SynthParams, split: str, index: int, stream: int = 1) -> np.random.Generator:
+    return np.random.default_rng([params.seed, SPLITS[split], index, stream])
+
+
 def _soft_box(ys: np.ndarray, xs: np.ndarray, y0: float, x0: float, h: float, w: float) -> np.ndarray:
     """(H, W) coverage of an axis-aligned box with 2 px linear edges (coarse, not aliased)."""
     return (np.clip((ys - y0) / 2, 0, 1) * np.clip((y0 + h - ys) / 2, 0, 1)
             * np.clip((xs - x0) / 2, 0, 1) * np.clip((x0 + w - xs) / 2, 0, 1))
 
 
-def scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The static scene: albedo (H, W, 3) and light (H, W, 1), float32 in [0, 1], and the base colour (3,)."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+@dataclass(frozen=True)
+class SceneRecipe:
+    """The random draws of one static scene, so that it can be evaluated at any coordinates."""
+
+    height: int
+    width: int
+    base: np.ndarray  # (3,) base colour
+    gratings: tuple  # per channel (angle, period, phase)
+    boxes: tuple  # two (h, w, y0, x0, colour (3,)) soft rectangles
+    light_angle: float
+    light_range: tuple  # (min, max) of the light coordinate over the H x W frame
+    light_strength: float
+
+
+def draw_scene(height: int, width: int, rng: np.random.Generator) -> SceneRecipe:
+    """Draw a scene's parameters (in the order the bundled dataset always drew them)."""
     base = rng.uniform(0.3, 1.0, 3).astype(np.float32)
-    albedo = np.empty((height, width, 3), np.float32)
-    for c in range(3):  # one low-frequency grating per channel
-        a, period, phase = rng.uniform(0, 2 * math.pi), rng.uniform(64, 128), rng.uniform(0, 2 * math.pi)
-        albedo[..., c] = base[c] + 0.08 * np.sin((xs * math.cos(a) + ys * math.sin(a)) * (2 * math.pi / period) + phase)
+    gratings = tuple((rng.uniform(0, 2 * math.pi), rng.uniform(64, 128), rng.uniform(0, 2 * math.pi))
+                     for _ in range(3))  # one low-frequency grating per channel
+    boxes = []
     for _ in range(2):
         h, w = rng.uniform(24, 64, 2)
         y0, x0 = rng.uniform(-h / 2, height - h / 2), rng.uniform(-w / 2, width - w / 2)
-        inside = 0.5 * _soft_box(ys, xs, y0, x0, h, w)[..., None]
-        albedo = albedo * (1 - inside) + inside * rng.uniform(0.3, 1.0, 3).astype(np.float32)
-    # Light falls off away from the top edge: 1 at the lit edge, 1 - strength at the far one.
+        boxes.append((h, w, y0, x0, rng.uniform(0.3, 1.0, 3).astype(np.float32)))
     a = math.pi / 2 + rng.uniform(-LIGHT_JITTER, LIGHT_JITTER)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     d = xs * math.cos(a) + ys * math.sin(a)
-    d = (d - d.min()) / (d.max() - d.min())
-    light = (1.0 - rng.uniform(*LIGHT_STRENGTH) * d)[..., None]
-    return np.clip(albedo, 0, 1), light.astype(np.float32), base
+    return SceneRecipe(height, width, base, gratings, tuple(boxes), a, (d.min(), d.max()),
+                       rng.uniform(*LIGHT_STRENGTH))
+
+
+def scene_at(recipe: SceneRecipe, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Albedo (H, W, 3) in [0, 1] and light (H, W, 1) of the scene at float32 coordinates (H, W) each
+    (the static scene at integer pixel coordinates; a moving camera samples it elsewhere)."""
+    albedo = np.empty((*ys.shape, 3), np.float32)
+    for c, (a, period, phase) in enumerate(recipe.gratings):
+        wave = np.sin((xs * math.cos(a) + ys * math.sin(a)) * (2 * math.pi / period) + phase)
+        albedo[..., c] = recipe.base[c] + 0.08 * wave
+    for h, w, y0, x0, colour in recipe.boxes:
+        inside = 0.5 * _soft_box(ys, xs, y0, x0, h, w)[..., None]
+        albedo = albedo * (1 - inside) + inside * colour
+    # Light falls off away from the top edge: 1 at the lit edge, 1 - strength at the far one.
+    a, (lo, hi) = recipe.light_angle, recipe.light_range
+    d = xs * math.cos(a) + ys * math.sin(a)
+    d = (d - lo) / (hi - lo)
+    light = (1.0 - recipe.light_strength * d)[..., None]
+    return np.clip(albedo, 0, 1), light.astype(np.float32)
+
+
+def scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The static scene: albedo (H, W, 3) and light (H, W, 1), float32 in [0, 1], and the base colour (3,)."""
+    recipe = draw_scene(height, width, rng)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return (*scene_at(recipe, ys, xs), recipe.base)
 
 
 def object_color(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -186,24 +280,92 @@ def render(spec: ClipSpec, albedo: np.ndarray, light: np.ndarray, color: np.ndar
     out = np.empty((len(spec.centers), H, W, 3), np.uint8)
     lit = albedo * light * 255.0
     color = color.astype(np.float32) * 255.0
-    box = int(math.ceil(spec.radius * math.sqrt(2))) + 2
     for i, (cy, cx) in enumerate(spec.centers):
-        frame = lit.copy()
-        y0, y1 = max(int(cy) - box, 0), min(int(cy) + box + 1, H)
-        x0, x1 = max(int(cx) - box, 0), min(int(cx) + box + 1, W)
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        # Pixel (y, x) covers [y, y+1): its centre is y + 0.5.
-        alpha = _coverage(spec.shape, ys + 0.5 - cy, xs + 0.5 - cx, spec.radius)[..., None]
-        frame[y0:y1, x0:x1] = frame[y0:y1, x0:x1] * (1 - alpha) + color * light[y0:y1, x0:x1] * alpha
-        out[i] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
+        out[i] = _composite(lit.copy(), light, spec, cy, cx, color)
+    return out
+
+
+def _composite(frame: np.ndarray, light: np.ndarray, spec: ClipSpec, cy: float, cx: float,
+               color: np.ndarray) -> np.ndarray:
+    """The object (albedo `color` x 255, lit by `light`) over a lit frame (H, W, 3) float32 -> uint8."""
+    H, W, _ = frame.shape
+    box = int(math.ceil(spec.radius * math.sqrt(2))) + 2
+    y0, y1 = max(int(cy) - box, 0), min(int(cy) + box + 1, H)
+    x0, x1 = max(int(cx) - box, 0), min(int(cx) + box + 1, W)
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    # Pixel (y, x) covers [y, y+1): its centre is y + 0.5.
+    alpha = _coverage(spec.shape, ys + 0.5 - cy, xs + 0.5 - cx, spec.radius)[..., None]
+    frame[y0:y1, x0:x1] = frame[y0:y1, x0:x1] * (1 - alpha) + color * light[y0:y1, x0:x1] * alpha
+    return np.clip(frame + 0.5, 0, 255).astype(np.uint8)
+
+
+def camera_path(params: SynthParams, fx: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame the camera's scale (L,) (> 1: zoomed in) and offset (L, 2) (y, x) in scene pixels."""
+    t = np.arange(params.frames, dtype=np.float64)
+    angle = fx.uniform(0, 2 * math.pi)
+    sign = 1.0 if fx.uniform() < 0.5 else -1.0
+    offset = t[:, None] * params.pan * np.array([math.sin(angle), math.cos(angle)])[None, :]
+    return (1.0 + sign * params.zoom) ** t, offset
+
+
+def value_noise(fx: np.random.Generator, lo: np.ndarray, hi: np.ndarray):
+    """A texture in [-1, 1] over the scene box [lo, hi] (y, x): random values on a lattice of
+    :data:`TEXTURE_CELL` px, interpolated with smoothstep weights (continuous, so sub-pixel camera
+    moves give sub-pixel texture moves). Returns f(ys, xs) -> (H, W) float32."""
+    origin = np.floor(lo) - 2 * TEXTURE_CELL
+    n = (np.ceil((hi - origin) / TEXTURE_CELL) + 3).astype(int)
+    lattice = fx.uniform(-1.0, 1.0, (n[0], n[1])).astype(np.float32)
+
+    def f(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        gy, gx = (ys - origin[0]) / TEXTURE_CELL, (xs - origin[1]) / TEXTURE_CELL
+        iy, ix = np.floor(gy).astype(int), np.floor(gx).astype(int)
+        fy, fx_ = gy - iy, gx - ix
+        wy, wx = fy * fy * (3 - 2 * fy), fx_ * fx_ * (3 - 2 * fx_)
+        top = lattice[iy, ix] * (1 - wx) + lattice[iy, ix + 1] * wx
+        bottom = lattice[iy + 1, ix] * (1 - wx) + lattice[iy + 1, ix + 1] * wx
+        return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+    return f
+
+
+def render_shot(params: SynthParams, spec: ClipSpec, rng: np.random.Generator,
+                fx: np.random.Generator) -> np.ndarray:
+    """(frames, H, W, 3) uint8 of one shot with the camera / texture options: the scene (drawn from
+    `rng`, then the object colour) seen through the camera of `fx` (then the texture); the object
+    follows ``spec.centers`` on the screen."""
+    H, W, L = params.height, params.width, params.frames
+    recipe = draw_scene(H, W, rng)
+    color = object_color(recipe.base, rng).astype(np.float32) * 255.0
+    scale, offset = camera_path(params, fx)
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    cy, cx = (H - 1) / 2, (W - 1) / 2
+    # Screen pixel (y, x) of frame i sees scene point c + (y - c) / scale_i + offset_i.
+    corners = [(cy + (y - cy) / z + o[0], cx + (x - cx) / z + o[1])
+               for z, o in zip(scale, offset, strict=True) for y in (0, H - 1) for x in (0, W - 1)]
+    texture = value_noise(fx, np.min(corners, axis=0), np.max(corners, axis=0)) if params.texture else None
+    out = np.empty((L, H, W, 3), np.uint8)
+    for i in range(L):
+        wy = (cy + (ys - cy) / scale[i] + offset[i, 0]).astype(np.float32)
+        wx = (cx + (xs - cx) / scale[i] + offset[i, 1]).astype(np.float32)
+        albedo, light = scene_at(recipe, wy, wx)
+        if texture is not None:
+            albedo = np.clip(albedo + params.texture * texture(wy, wx)[..., None], 0, 1)
+        light = np.maximum(light, 0.05)  # zooming out sees past the lit range of the frame
+        out[i] = _composite(albedo * light * 255.0, light, spec, *spec.centers[i], color)
     return out
 
 
 def render_clip(params: SynthParams, split: str, index: int) -> tuple[np.ndarray, ClipSpec]:
     """(frames, H, W, 3) uint8 RGB of clip `index` of `split`, and its recipe."""
     spec, rng = clip_spec(params, split, index)
-    albedo, light, base = scene(params.height, params.width, rng)
-    return render(spec, albedo, light, object_color(base, rng)), spec
+    if not params.effects:
+        albedo, light, base = scene(params.height, params.width, rng)
+        return render(spec, albedo, light, object_color(base, rng)), spec
+    frames = render_shot(params, spec, rng, _effects_rng(params, split, index, 3))
+    if spec.cut:  # the second shot: its own object, scene and camera
+        other, rng2 = _draw_spec(params, _effects_rng(params, split, index, 2))
+        frames[spec.cut:] = render_shot(params, other, rng2, _effects_rng(params, split, index, 4))[spec.cut:]
+    return frames, spec
 
 
 def render_background(params: SynthParams, split: str, index: int) -> np.ndarray:
@@ -266,7 +428,7 @@ def is_complete(out_dir: str, params: Optional[SynthParams] = None) -> bool:
         return True
     try:
         with open(meta) as f:
-            return json.load(f).get("params") == asdict(params)
+            return json.load(f).get("params") == params_dict(params)
     except (OSError, ValueError):
         return False
 
@@ -292,7 +454,8 @@ def generate(out_dir: str, params: SynthParams = SynthParams(), workers: int = 2
             f.writelines(lines)
     with open(os.path.join(out_dir, "classes.txt"), "w") as f:
         f.writelines(f"{i} {name}\n" for i, name in enumerate(CLASSES))
-    meta = {"params": asdict(params), "classes": list(CLASSES), "seconds": round(time.perf_counter() - t0, 2)}
+    seconds = round(time.perf_counter() - t0, 2)
+    meta = {"params": params_dict(params), "classes": list(CLASSES), "seconds": seconds}
     tmp = os.path.join(out_dir, "meta.json.part")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -317,11 +480,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--codec", choices=["libx264", "mpeg4"], default=d.codec)
     ap.add_argument("--crf", type=int, default=d.crf, help="libx264 constant rate factor")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes")
+    ap.add_argument("--pan", type=float, default=d.pan, help="camera pan, px per frame (direction per clip)")
+    ap.add_argument("--zoom", type=float, default=d.zoom, help="camera zoom, relative scale change per frame")
+    ap.add_argument("--texture", type=float, default=d.texture, help="fine high-contrast texture amplitude")
+    ap.add_argument("--cut", action="store_true", help="one hard cut per clip, to another scene and object")
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error(f"--workers={a.workers}: must be >= 1")
     params = SynthParams(num_train=a.num_train, num_val=a.num_val, seed=a.seed, frames=a.frames,
-                         height=a.height, width=a.width, fps=a.fps, codec=a.codec, crf=a.crf)
+                         height=a.height, width=a.width, fps=a.fps, codec=a.codec, crf=a.crf,
+                         pan=a.pan, zoom=a.zoom, texture=a.texture, cut=a.cut)
     try:
         params.check()
     except ValueError as e:

@@ -44,12 +44,15 @@ def weighted_sample_without_replacement(weights: torch.Tensor, k: int, generator
     return perm[order[:k]]
 
 
-def pair_motion_counts(candidates: torch.Tensor, patch: int, keep_ratio: float) -> torch.Tensor:
+def pair_motion_counts(candidates: torch.Tensor, patch: int, keep_ratio: float,
+                       cuts: torch.Tensor | None = None) -> torch.Tensor:
     """c_i: high-motion tokens per candidate pair, (P,) int64.
 
     candidates: (C, F, H, W), F even; the frame is cropped to whole patches (top-left). A token is
     high-motion when its pixel score is among the top keep_ratio of all P * H'W' candidate tokens
     (score >= the k-th largest) and > 0: an unchanged patch never counts, whatever the ties.
+    cuts: optional (F-1,) bool shot cuts between the candidates; no difference across one counts (a
+    pair after a cut takes its successor's count, a pair holding a cut counts 0).
     """
     C, F, H, W = candidates.shape
     if F % PAIR:
@@ -57,19 +60,21 @@ def pair_motion_counts(candidates: torch.Tensor, patch: int, keep_ratio: float) 
     if H < patch or W < patch:
         raise ValueError(f"candidate frames of {H}x{W} are smaller than one {patch}x{patch} patch")
     video = candidates[None, :, :, : H - H % patch, : W - W % patch]  # (1, C, F, H', W') whole patches
-    scores = pixel_motion_scores(video, PAIR, patch).view(F // PAIR, -1)  # (P, H'W')
+    scores = pixel_motion_scores(video, PAIR, patch, None if cuts is None else cuts[None])
+    scores = scores.view(F // PAIR, -1)  # (P, H'W')
     k = max(1, int(keep_ratio * scores.numel()))
     threshold = scores.flatten().topk(k).values[-1]
     return ((scores >= threshold) & (scores > 0)).sum(dim=1)
 
 
 def select_frames(candidates: torch.Tensor, num_pairs: int, generator: torch.Generator, *, patch: int,
-                  keep_ratio: float) -> torch.Tensor:
+                  keep_ratio: float, cuts: torch.Tensor | None = None) -> torch.Tensor:
     """Adaptive frame selection for ONE video.
 
     candidates: (C, 2 * alpha * tau, H, W) decoded candidate frames, uint8 or float; tau = num_pairs.
     Returns the selected frame indices into the candidates, (2 * num_pairs,) int64, ascending: the two
-    frames of each drawn pair, pairs in temporal order.
+    frames of each drawn pair, pairs in temporal order. cuts: optional (F-1,) bool shot cuts between
+    the candidates (:func:`pair_motion_counts`).
     """
     if candidates.dim() != 4:
         raise ValueError(f"select_frames expects one video (C, F, H, W), got shape {tuple(candidates.shape)}")
@@ -79,6 +84,6 @@ def select_frames(candidates: torch.Tensor, num_pairs: int, generator: torch.Gen
     if num_pairs < 1 or num_pairs > num_candidates:
         raise ValueError(f"select_frames: num_pairs={num_pairs} must be in 1..{num_candidates} "
                          f"(the {candidates.shape[1]} candidate frames hold {num_candidates} pairs)")
-    counts = pair_motion_counts(candidates, patch, keep_ratio)
+    counts = pair_motion_counts(candidates, patch, keep_ratio, cuts)
     pairs = weighted_sample_without_replacement(counts, num_pairs, generator).sort().values  # (tau,)
     return (pairs[:, None] * PAIR + torch.arange(PAIR, device=pairs.device)).flatten()

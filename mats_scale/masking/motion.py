@@ -3,6 +3,11 @@
 Both scores are (B, N) in the flat token order (t * H' + h) * W' + w. Tubelet 0 has no predecessor and
 copies tubelet 1's score (the reference's rule). A clip of a single tubelet has no temporal change to
 measure: every score is 0, so MATS then picks uniformly at random (its ties are broken at random).
+
+Shot cuts (``cuts``, from the data loader's :mod:`mats_scale.data.cuts`): a difference across a cut
+measures the edit, not motion, so it is never counted. A tubelet whose predecessor lies in another
+shot (or that itself holds a cut) has no predecessor, as tubelet 0: it takes the score of the next
+tubelet's difference when that one is within one shot (the reference's rule), else 0.
 """
 
 from __future__ import annotations
@@ -20,11 +25,45 @@ def _consecutive_l2(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([d[:, :1], d], dim=1).flatten(1).float()
 
 
-def pixel_motion_scores(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+def valid_transitions(cuts: torch.Tensor, tubelet: int) -> torch.Tensor:
+    """(B, T-1) bool frame-step cuts (True: frame j+1 starts a new shot) -> (B, T') bool: tubelet t
+    has a predecessor in its own shot (t >= 1, and no cut from the first frame of tubelet t-1 to the
+    last frame of tubelet t)."""
+    B, steps = cuts.shape
+    if (steps + 1) % tubelet:
+        raise ValueError(f"cuts of {steps} frame steps do not fit tubelets of {tubelet} frames")
+    shot = torch.cat([cuts.new_zeros(B, 1, dtype=torch.long), cuts.long().cumsum(1)], dim=1)  # (B, T)
+    shot = shot.view(B, -1, tubelet)  # (B, T', t): shot id of every frame
+    same = shot[:, 1:, -1] == shot[:, :-1, 0]  # (B, T'-1): tubelets t-1 and t lie in one shot
+    return torch.cat([same.new_zeros(B, 1), same], dim=1)
+
+
+def fill_from_transitions(d: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Per-tubelet scores from the differences of consecutive tubelets.
+
+    d: (B, T'-1, S) difference of tubelet t+1 to tubelet t; valid: (B, T') from
+    :func:`valid_transitions`, or None (one shot: tubelet 0 copies tubelet 1). -> (B, T' * S):
+    tubelet t takes d[t-1] when valid[t], else d[t] when valid[t+1] (its successor's difference),
+    else 0.
+    """
+    B, _, S = d.shape
+    if valid is None:
+        return torch.cat([d[:, :1], d], dim=1).flatten(1)
+    zero = d.new_zeros(B, 1, S)
+    own = torch.cat([zero, d], dim=1)  # (B, T', S): difference to the predecessor
+    succ = torch.cat([d, zero], dim=1)  # (B, T', S): the successor's difference
+    valid_next = torch.cat([valid[:, 1:], valid.new_zeros(B, 1)], dim=1)
+    out = torch.where(valid[..., None], own, torch.where(valid_next[..., None], succ, zero))
+    return out.flatten(1)
+
+
+def pixel_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
+                        cuts: torch.Tensor | None = None) -> torch.Tensor:
     """L2 distance between the raw pixels of the same patch in consecutive tubelets: (B, N) float32.
 
     video: (B, C, T, H, W), float or uint8 (scores then in the input's units; only their order
-    matters). No model, no gradient: cheap enough for a data-loader worker.
+    matters). No model, no gradient: cheap enough for a data-loader worker. cuts: optional (B, T-1)
+    bool shot cuts between frames (module doc); no difference across one is counted.
     """
     if video.dim() != 5:
         raise ValueError(f"pixel_motion_scores expects (B, C, T, H, W), got shape {tuple(video.shape)}")
@@ -39,7 +78,7 @@ def pixel_motion_scores(video: torch.Tensor, tubelet: int, patch: int) -> torch.
             return v.new_zeros(B, nh * nw)
         d2 = (v[:, :, 1:] - v[:, :, :-1]).square().sum(dim=(1, 3, 5, 7))  # (B, T'-1, H', W')
         d = d2.sqrt().flatten(2)  # (B, T'-1, H'W')
-        return torch.cat([d[:, :1], d], dim=1).flatten(1)
+        return fill_from_transitions(d, None if cuts is None else valid_transitions(cuts, tubelet))
 
 
 def embed_motion_scores(patch_embed: nn.Module, video: torch.Tensor, *, affine: bool = True) -> torch.Tensor:

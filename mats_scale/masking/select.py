@@ -18,7 +18,9 @@ import torch
 
 from mats_scale import tokens
 from mats_scale.masking.common import Selection, TokenGrid
+from mats_scale.masking.compensated import compensated_motion_scores
 from mats_scale.masking.mats import mats_dual_selection, mats_selection
+from mats_scale.masking.motion import pixel_motion_scores
 from mats_scale.masking.random_mask import random_masking
 from mats_scale.masking.running_cell import draw_phases, dual_masking, lean_target_range
 from mats_scale.masking.tube import tube_masking
@@ -66,3 +68,19 @@ def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generato
     out = dual_masking(grid, sel.visible_ids, cfg.decoder_ratio, "lean", phases, num_targets=high)
     # Fixed loss count (tube with T' % 4 == 0): every weight is 1 by construction.
     return out._replace(target_weights=None) if low == high else out
+
+
+LOADER_SCORES = ("pixel", "compensated")
+"""``masking.score`` values the data loader computes (no model needed)."""
+
+
+def loader_motion_scores(score: str, video: torch.Tensor, tubelet: int, patch: int,
+                         cuts: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``masking.score`` computed without the model, (B, N): ``pixel_motion_scores`` (pixel) or
+    ``compensated_motion_scores`` (compensated) of `video` (B, C, T, H, W), not counting differences
+    across the shot cuts (B, T-1) if given; None for a score that needs the model (embed)."""
+    if score == "pixel":
+        return pixel_motion_scores(video, tubelet, patch, cuts)
+    if score == "compensated":
+        return compensated_motion_scores(video, tubelet, patch, cuts)
+    return None

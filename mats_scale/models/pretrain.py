@@ -31,7 +31,8 @@ from mats_scale.models.layers import (
     init_vit_module,
     sincos_table,
 )
-from mats_scale.masking.motion import embed_motion_scores, pixel_motion_scores
+from mats_scale.masking.motion import embed_motion_scores
+from mats_scale.masking.select import loader_motion_scores
 from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
 from mats_scale.models.spec import InitMixin, ModelSpec, build_model
 
@@ -145,13 +146,14 @@ class PretrainVideoMAE(InitMixin, nn.Module):
         """MATS motion scores (B, N) of `video` (B, C, T, H, W), no gradient.
 
         ``embed``: L2 between the patch embeddings of consecutive tubelets (the paper), run through
-        this model's own patch embedding; ``pixel``: the same on raw pixels. A method of the root
+        this model's own patch embedding; ``pixel`` / ``compensated``: the scores the data loader
+        normally computes (raw pixel differences, without / with camera-motion compensation). A method of the root
         module, so sharded engines gather the patch embedding as in any forward (FSDP2 registers it
         as a forward method, ZeRO-3 fetches through the module hooks).
         """
         if score == "embed":
             return embed_motion_scores(self.encoder.patch_embed, video)
-        return pixel_motion_scores(video, self.tubelet_size, self.patch_size)
+        return loader_motion_scores(score, video, self.tubelet_size, self.patch_size)
 
     def forward(self, video: torch.Tensor, visible_ids: torch.Tensor, target_ids: torch.Tensor,
                 target_weights: Optional[torch.Tensor] = None) -> PretrainOutput:

@@ -1,0 +1,143 @@
+"""Shot cuts: detection on decoded frames, windows limited to one shot in the loader, generator options."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mats_scale.config import ConfigError, load_config
+from mats_scale.data import synth
+from mats_scale.data.cuts import cuts_between, detect_cuts, limit_to_shot, longest_shot
+from mats_scale.data.loader import build_pretrain_loader
+
+CUT = synth.SynthParams(num_train=6, num_val=0, seed=7, frames=32, height=120, width=128, cut=True)
+BASE = ["model.size=debug", "model.num_frames=8", "model.img_size=32", "data.sampling_rate=2",
+        "data.batch_size=2", "data.num_workers=0", "data.flip=false"]
+
+
+@pytest.fixture(scope="module")
+def cut_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuts")
+    synth.generate(str(root), CUT, workers=1, verbose=False)
+    return root
+
+
+def cfg_for(root, *overrides):
+    return load_config(None, [*BASE, "data.dataset=bundled", f"data.root={root}", *overrides])
+
+
+# ---- detection ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("camera", [{}, {"pan": 2.0, "texture": 0.3}, {"zoom": 0.02, "texture": 0.3}])
+def test_detect_cuts_finds_the_cut_and_nothing_else(camera):
+    for i in range(4):
+        with_cut, spec = synth.render_clip(synth.SynthParams(cut=True, **camera), "train", i)
+        one_shot, _ = synth.render_clip(synth.SynthParams(**camera), "train", i)
+        for stride in (1, 4):  # consecutive frames, and a sampling rate of 4
+            ids = list(range(0, 32, stride))
+            found = detect_cuts(torch.from_numpy(with_cut[ids])).nonzero()[:, 0].tolist()
+            assert found == [j for j in range(len(ids) - 1) if ids[j] < spec.cut <= ids[j + 1]], (stride, i)
+            assert not detect_cuts(torch.from_numpy(one_shot[ids])).any()
+
+
+def test_longest_shot_and_cuts_between_kept_frames():
+    cuts = torch.tensor([False, True, False, False, True, False])  # 7 frames: shots 0-1, 2-4, 5-6
+    assert longest_shot(cuts) == (2, 4)
+    assert longest_shot(torch.zeros(3, dtype=torch.bool)) == (0, 3)
+    assert longest_shot(torch.tensor([True, False, True])) == (1, 2)  # the earliest of equal runs
+    assert cuts_between(cuts, torch.tensor([0, 1, 3, 4, 6])).tolist() == [False, True, False, True]
+
+
+def test_limit_to_shot_redraws_inside_the_longest_shot():
+    frames, spec = synth.render_clip(synth.SynthParams(cut=True), "train", 0)
+    video = torch.from_numpy(frames)
+    ids = list(range(0, 32, 4))  # crosses the cut
+    reads = []
+
+    def read(new):
+        reads.append(new)
+        return video[new]
+
+    out, new_ids, met, left = limit_to_shot(video[ids], ids, lambda n: list(range(min(n, 8))), read)
+    assert met == 1 and len(reads) == 1 and len(new_ids) == 8 and not left.any()
+    assert all(i < spec.cut for i in new_ids) or all(i >= spec.cut for i in new_ids)
+    assert torch.equal(out, video[new_ids])
+    head = list(range(8))  # inside the first shot (the cut comes at frame 8 or later)
+    same, same_ids, met, left = limit_to_shot(video[head], head, None, None)  # nothing to pick or read
+    assert met == 0 and same_ids == head and torch.equal(same, video[head]) and not left.any()
+
+
+# ---- the loader -----------------------------------------------------------------------------------
+def _windows(ld, epochs=3):
+    out = []
+    for _ in range(epochs):
+        for b in ld:
+            out += list(zip(b["index"].tolist(), b["frame_index"].tolist(), strict=True))
+    return out
+
+
+def test_no_window_crosses_a_cut(cut_dataset, caplog):
+    cut_at = [synth.clip_spec(CUT, "train", i)[0].cut for i in range(CUT.num_train)]
+
+    def crosses(index, ids):
+        return min(ids) < cut_at[index] <= max(ids)
+
+    # Without cut handling many windows (8 frames 2 apart of 32) cross the cut: the test can fail.
+    off = _windows(build_pretrain_loader(cfg_for(cut_dataset, "data.shot_cuts=ignore"), rank=0, world_size=1))
+    assert sum(crosses(i, ids) for i, ids in off) >= len(off) // 3
+    with caplog.at_level(logging.INFO, logger="mats_scale.data"):
+        ld = build_pretrain_loader(cfg_for(cut_dataset), rank=0, world_size=1)
+        limited = _windows(ld)
+    assert not any(crosses(i, ids) for i, ids in limited)
+    crossing = sum(crosses(i, ids) for i, ids in off)  # same draws: the same windows met the cut
+    assert ld.cut_stats.windows == crossing and ld.cut_stats.cuts == crossing
+    assert "windows limited to one shot so far" in caplog.text and "shot cut in" in caplog.text
+    sd = ld.state_dict()
+    assert sd["cut_stats"]["windows"] == crossing
+    again = build_pretrain_loader(cfg_for(cut_dataset), rank=0, world_size=1)
+    again.load_state_dict(sd)
+    assert again.cut_stats.windows == crossing
+    del sd["cut_stats"]  # a checkpoint from before shot-cut handling still loads
+    build_pretrain_loader(cfg_for(cut_dataset), rank=0, world_size=1).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("score", ["pixel", "compensated"])
+def test_loader_scores_and_frame_selection_on_cut_clips(cut_dataset, score):
+    from mats_scale.masking import TokenGrid, loader_motion_scores
+
+    cfg = cfg_for(cut_dataset, "masking.strategy=mats", f"masking.score={score}",
+                  "masking.frame_selection=true", "data.num_sample=2")
+    grid = TokenGrid.from_model(cfg.model)
+    cut_at = [synth.clip_spec(CUT, "train", i)[0].cut for i in range(CUT.num_train)]
+    for b in build_pretrain_loader(cfg, rank=0, world_size=1):
+        assert b["scores"].shape == (2, grid.num_tokens) and torch.isfinite(b["scores"]).all()
+        torch.testing.assert_close(b["scores"], loader_motion_scores(score, b["video"], 2, 16))
+        for i, ids in zip(b["index"].tolist(), b["frame_index"].tolist(), strict=True):
+            assert not min(ids) < cut_at[i] <= max(ids)
+
+
+def test_shot_cuts_config_is_checked():
+    with pytest.raises(ConfigError, match=r"data.shot_cuts='sometimes': allowed: limit, ignore"):
+        load_config(None, ["data.shot_cuts=sometimes"])
+    assert load_config(None, ["masking.score=compensated"]).masking.score == "compensated"
+    with pytest.raises(ConfigError, match=r"masking.score='flow'"):
+        load_config(None, ["masking.score=flow"])
+
+
+# ---- generator options ------------------------------------------------------------------------------
+def test_generator_options_leave_the_default_alone():
+    default = synth.SynthParams()
+    assert not default.effects and set(synth.params_dict(default)) == {
+        "num_train", "num_val", "seed", "frames", "height", "width", "fps", "codec", "crf", "version"}
+    plain, spec = synth.render_clip(default, "train", 3)
+    cut, cut_spec = synth.render_clip(synth.SynthParams(cut=True), "train", 3)
+    assert np.array_equal(spec.centers, cut_spec.centers) and spec.cut == 0 and 8 <= cut_spec.cut <= 24
+    assert np.array_equal(cut[:cut_spec.cut], plain[:cut_spec.cut])  # the first shot is the default clip
+    assert np.abs(cut[cut_spec.cut:].astype(int) - plain[cut_spec.cut:]).mean() > 10
+    panned, pan_spec = synth.render_clip(synth.SynthParams(pan=1.0), "train", 3)
+    assert np.array_equal(panned[0], plain[0]) and not np.array_equal(panned[-1], plain[-1])
+    assert np.array_equal(pan_spec.centers, spec.centers)  # the object's path is on the screen
+    for bad, flag in ((dict(pan=-1.0), "--pan"), (dict(zoom=0.5), "--zoom"),
+                      (dict(texture=2.0), "--texture")):
+        with pytest.raises(ValueError, match=flag):
+            synth.SynthParams(**bad).check()
