@@ -201,10 +201,17 @@ def check_with_deepspeed(ds: dict, path: str) -> None:
     import pydantic
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    # DeepSpeedConfig checks the batch fields against the process group, which does not exist yet:
-    # check one process's view (the batch fields are derived from the typed config, already checked).
+    from deepspeed import comm as ds_comm
+
+    # DeepSpeedConfig checks the batch fields against the world size it sees: 1 before the process group
+    # exists (the launcher's preflight), the group's size inside a running job. Check that view (the batch
+    # fields are derived from the typed config, already checked against the launch's world size).
+    try:
+        world = ds_comm.get_world_size()
+    except (RuntimeError, AssertionError, AttributeError):
+        world = 1
     probe = _ReadKeys(copy.deepcopy(ds))
-    probe["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    probe["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     try:
         DeepSpeedConfig(probe)
     except pydantic.ValidationError as e:
