@@ -3,7 +3,9 @@ bad files (the fine-tuning training loader, :mod:`mats_scale.data.finetune`, is 
 
     loader = build_pretrain_loader(cfg, rank=rank, world_size=world_size)
     for batch in loader:            # the rest of the current epoch; then the loader moves to the next
-        batch["video"]              # (B, 3, T, S, S) float32, ImageNet-normalised; B = data.batch_size
+        batch["video"]              # (B, 3, T, S, S) uint8 (data.normalize_on_device, the default) or
+                                    # float32 ImageNet-normalised; B = data.batch_size
+        to_model_input(batch, dev)  # mats_scale.data.device: float32 normalised on the training device
         batch["label"]              # (B,) int64 (-1 where the source has no labels)
         batch["index"]              # (B,) int64 dataset index of the video each clip came from
         batch["frame_index"]        # (B, T) int64 frame numbers in that video
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mats_scale.config import Config
+from mats_scale.config import IMAGENET_STD, Config
 from mats_scale.data import synth
 from mats_scale.data.errors import DataError, ListFileError, VideoReadError
 from mats_scale.data.inmemory import moving_square_clips
@@ -201,6 +203,9 @@ class PretrainClips(Dataset):
         self.flip = d.flip and not d.segment_sampling  # SSv2-style data: flipping changes the label
         self.num_sample = d.num_sample
         self.min_frames = d.min_frames
+        self.decoder = d.decoder
+        # Workers send uint8 clips unless the config asks them to normalise (float32, 4x the bytes).
+        self.normalize = not d.normalize_on_device
         self.tubelet, self.patch = m.tubelet_size, m.patch
         self.pixel_scores = cfg.masking.strategy == "mats" and cfg.masking.score == "pixel"
         # Adaptive frame selection: decode 2 * ceil(alpha * tau) candidates, keep tau pairs.
@@ -229,7 +234,7 @@ class PretrainClips(Dataset):
             frames = (video[0] * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
             return frames, list(range(self.decode_frames)), label
         item = self.items[index]
-        vr = open_video(item.path, min_frames=self.min_frames)
+        vr = open_video(item.path, min_frames=self.min_frames, decoder=self.decoder)
         ids = self._frame_indices(len(vr), gen)
         return read_frames(vr, ids, item.path), ids, item.label
 
@@ -252,13 +257,15 @@ class PretrainClips(Dataset):
                                      make_generator(_SELECT, self.seed, epoch, pos, attempt),
                                      patch=self.patch, keep_ratio=self.frame_keep_ratio)
                 frames, ids = frames[keep], [ids[k] for k in keep.tolist()]  # (T, H, W, 3), T numbers
-            clips = [self.augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
-                                      flip=self.flip)
+            clips = [self.augment(frames, self.size,
+                                  make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
+                                  flip=self.flip, normalize=self.normalize)
                      for r in range(self.num_sample)]
-            video = torch.stack(clips)  # (S, 3, T, H, W)
+            video = torch.stack(clips)  # (S, 3, T, H, W) uint8, or float32 normalised
             return self._sample(video, label, index, ids, skipped, attempt + 1, failed=False)
         # Every attempt failed: the main process raises DataError on this flag (with the file list).
-        video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size)
+        video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size,
+                            dtype=torch.float32 if self.normalize else torch.uint8)
         return self._sample(video, -1, index, [0] * self.num_frames, skipped, MAX_ATTEMPTS, failed=True)
 
     def _sample(self, video, label, index, frame_ids, skipped, reads, failed) -> dict[str, Any]:
@@ -268,8 +275,17 @@ class PretrainClips(Dataset):
                "frame_index": torch.tensor(frame_ids, dtype=torch.int64).expand(S, -1),
                "skipped": skipped, "reads": reads, "failed": int(failed)}
         if self.pixel_scores:
-            out["scores"] = pixel_motion_scores(video, self.tubelet, self.patch)
+            out["scores"] = pixel_motion_scores(_score_units(video), self.tubelet, self.patch)
         return out
+
+
+def _score_units(video: torch.Tensor) -> torch.Tensor:
+    """A uint8 clip in the units of the normalised one for the pixel score: x / (255 std) per channel.
+    The mean cancels in the tubelet differences, so the scores equal the float path's (up to float
+    rounding) and the top-k choice does not depend on data.normalize_on_device."""
+    if video.dtype != torch.uint8:
+        return video
+    return video.float() / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255.0)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.errors import DataError
+from mats_scale.data.device import to_model_input
 from mats_scale.data.loader import build_pretrain_loader
 from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
@@ -194,7 +195,7 @@ class Trainer:
             batch = self.stream.next()
             data_time += time.perf_counter() - t_data
             stats[3] += len(batch.get("skipped", ()))  # the loader warns once per bad file
-            video = batch["video"].to(env.device, non_blocking=True)
+            video = to_model_input(batch, env.device)  # uint8 -> normalised float32 on the device
             sel = self.select(engine, video, batch, self.mask_gen)
             out = engine.forward(video, sel)
             loss = self.faults.loss(out.loss, step, env.rank)
