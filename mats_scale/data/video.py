@@ -91,7 +91,7 @@ class DecordVideo:
         if error is not None:
             # The exception says only "Error reading PATH..."; the cause is in the C++ log line.
             raise RuntimeError(" ".join([error, *logged]))
-        self.kw = dict(threads=threads, width=width, height=height)  # for a PyAV retry
+        self.path, self.kw = path, dict(threads=threads, width=width, height=height)  # for a PyAV retry
 
     def __len__(self) -> int:
         return len(self.vr)
@@ -216,7 +216,7 @@ def read_frames(vr, indices: list[int], path: str = "") -> torch.Tensor:
             raise VideoReadError(path, reason) from None
         if "size must exactly match" in str(e):  # decord's row-padding bug: 2-72 px wide frames
             reason = "too small for decord (frames this narrow fail its row copy)"
-        return read_frames(_pyav_fallback(path, reason, vr.kw), indices, path)
+        return read_frames(_pyav_fallback(vr.path, reason, vr.kw), indices, path)
     if frames.shape[0] != len(unique) or frames.ndim != 4:
         raise VideoReadError(path, f"decoding failed (got {frames.shape[0]} of {len(unique)} frames)")
     pos = {f: i for i, f in enumerate(unique)}
