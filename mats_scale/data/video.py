@@ -135,19 +135,27 @@ class PyAVVideo:
     def decode(self, frames: list[int]) -> np.ndarray:
         """Ascending unique frame numbers -> (U, H, W, 3) uint8."""
         want = {self.pts[f]: k for k, f in enumerate(frames)}
-        last = self.pts[frames[-1]]
         out: list = [None] * len(frames)
-        self.container.seek(self.pts[frames[0]], stream=self.stream, backward=True, any_frame=False)
-        for frame in self.container.decode(self.stream):
-            k = want.get(frame.pts)
-            if k is not None:
-                out[k] = self.reformatter.reformat(frame, format="rgb24", **self.size).to_ndarray()
-            if frame.pts is not None and frame.pts >= last:
-                break
+        self._decode_into(out, want, self.pts[frames[0]])
+        if any(o is None for o in out):  # a container whose seek landed after a wanted frame
+            self._decode_into(out, want, None)
         missing = sum(o is None for o in out)
         if missing:
             raise ValueError(f"{missing} of {len(frames)} frames not decoded")
         return np.stack(out)
+
+    def _decode_into(self, out: list, want: dict, seek_pts) -> None:
+        """Decode from the keyframe at or before `seek_pts` (None: the start) up to the last wanted
+        frame, converting the wanted ones into `out`."""
+        last = max(want)
+        self.container.seek(seek_pts if seek_pts is not None else self.pts[0], stream=self.stream,
+                            backward=True, any_frame=False)
+        for frame in self.container.decode(self.stream):
+            k = want.get(frame.pts)
+            if k is not None and out[k] is None:
+                out[k] = self.reformatter.reformat(frame, format="rgb24", **self.size).to_ndarray()
+            if frame.pts is not None and frame.pts >= last:
+                break
 
     def close(self) -> None:
         self.container.close()
