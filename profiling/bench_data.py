@@ -4,6 +4,7 @@
     PYTHONPATH=. python profiling/bench_data.py --dataset k400 --dataset k400-prepared
     PYTHONPATH=. python profiling/bench_data.py --step              # plus the ViT-B MATS step, same run
     PYTHONPATH=. python profiling/bench_data.py --quick             # 1 round of 2 batches, a smoke run
+    PYTHONPATH=. python profiling/bench_data.py --prepare-sweep     # decode cost of prepare's options
     PYTHONPATH=. python profiling/bench_data.py --list train.txt --root /data/k400 \\
         --config configs/k400_vit_b_mats_dual.yaml --out rate.json  # your files: clips/s per core
 
@@ -22,9 +23,16 @@ Pipelines, all with one worker process feeding the caller:
   uint8+pyav     the same with data.decoder=pyav
 For each dataset, num_sample 1 and 2. The configurations take turns within a round (so machine load
 hits them alike); each turn builds the loader, consumes --warmup batches (worker start-up), then
-times --batches batches. Medians over --rounds; ratios are taken within a round, then the median.
+times --batches batches: wall clips/s, and clips per CPU second of the worker process (its utime +
+stime from /proc: what one core delivers when the worker has it to itself, robust to machine load),
+and the main process's CPU ms per clip (receiving the batches). Medians over --rounds; ratios are
+taken within a round, then the median.
 Also per dataset: decoding alone (open + one clip per video, in this process, wall and CPU time per
 decoder), the bytes per clip that cross the worker boundary, and where a worker's time goes.
+
+``--prepare-sweep`` prepares the k400 set with other options (keyframe interval 8 / 32, no tune,
+preset medium, and the source's own 250) and times decoding alone (both decoders, CPU clips/s, rounds
+taking turns), with the file sizes: how prepare's defaults were chosen.
 
 ``--list FILE`` measures your own files with your config instead (``data.dataset=list``): clips/s of
 one worker = one CPU core, written with --out as JSON for ``profiling/feasibility.py --data-rate``.
@@ -150,8 +158,18 @@ def dataset_cfg(name: str, root: str, lst: str, extra: list[str]):
 
 
 # ---- timing -------------------------------------------------------------------------------------
-def timed_turn(cfg, warmup: int, batches: int) -> tuple[float, dict]:
-    """Seconds for `batches` batches after `warmup` (worker start-up included there); the last batch."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # from field 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_turn(cfg, warmup: int, batches: int) -> tuple[float, float, float, dict]:
+    """(wall seconds, worker CPU seconds, main-process CPU seconds) for `batches` batches after
+    `warmup` (worker start-up included there), and the last batch. The worker's CPU seconds measure
+    its work whatever share of a core the loaded machine gives it: clips per worker CPU second is what
+    one core delivers when the worker has it to itself."""
     loader = build_pretrain_loader(cfg, rank=0, world_size=1)
 
     def forever():
@@ -162,22 +180,25 @@ def timed_turn(cfg, warmup: int, batches: int) -> tuple[float, dict]:
     try:
         for _ in range(warmup):
             next(it)
-        t = time.perf_counter()
+        workers = [w.pid for w in loader.loader._iterator._workers]  # torch's worker processes
+        w0, c0, t = sum(map(_cpu_seconds, workers)), time.process_time(), time.perf_counter()
         for _ in range(batches):
             batch = next(it)
-        return time.perf_counter() - t, batch
+        wall, main = time.perf_counter() - t, time.process_time() - c0
+        return wall, sum(map(_cpu_seconds, workers)) - w0, main, batch
     finally:
         loader.close()
 
 
 def decode_only(root: str, lst: str, frames: int, rate: int, decoder: str,
-                videos: int) -> tuple[float, float]:
-    """(wall, CPU) clips/s of opening each video and reading one clip, in this process."""
+                videos: int, threads: int = 1) -> tuple[float, float]:
+    """(wall, CPU) clips/s of opening each video and reading one clip, in this process; the CPU time
+    counts every thread of the process (decoder threads included)."""
     items = read_list_file(lst, root)[:videos]
     g = torch.Generator().manual_seed(0)
     t, c = time.perf_counter(), time.process_time()
     for item in items:
-        vr = open_video(item.path, decoder=decoder)
+        vr = open_video(item.path, decoder=decoder, threads=threads)
         read_frames(vr, clip_indices(len(vr), frames, rate, g), item.path)
     return len(items) / (time.perf_counter() - t), len(items) / (time.process_time() - c)
 
@@ -230,19 +251,22 @@ def run_datasets(args) -> dict:
     configs = {(n, ns, p): dataset_cfg(n, *roots[n], [f"data.batch_size={args.batch_size}",
                                                       f"data.num_sample={ns}", "data.num_workers=1", *extra])
                for n in names for ns in (1, 2) for p, extra in PIPELINES.items()}
-    times: dict = {k: [] for k in configs}
+    times: dict = {k: [] for k in configs}  # per round: (wall clips/s, clips per worker CPU s, main ms/clip)
     bytes_: dict = {}
     clips = args.batches * args.batch_size
     for rnd in range(args.rounds):
         for key, cfg in configs.items():
-            seconds, batch = timed_turn(cfg, args.warmup, args.batches)
-            times[key].append(clips / seconds)
+            wall, worker_cpu, main_cpu, batch = timed_turn(cfg, args.warmup, args.batches)
+            times[key].append((clips / wall, clips / worker_cpu, 1000 * main_cpu / clips))
             bytes_.setdefault(key[2], {})[key[0]] = bytes_per_clip(batch)
         print(f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr,
               flush=True)
 
-    def ratio(a, b):  # per round, then the median
-        return round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 2)
+    def med(key, i):
+        return round(statistics.median(x[i] for x in times[key]), 2)
+
+    def ratio(a, b, i=1):  # per round, then the median; default: per worker CPU second
+        return round(statistics.median(x[i] / y[i] for x, y in zip(times[a], times[b], strict=True)), 2)
 
     out = {}
     for n in names:
@@ -250,9 +274,13 @@ def run_datasets(args) -> dict:
         rows = {}
         for ns in (1, 2):
             for p in PIPELINES:
-                rows[f"num_sample={ns},{p}"] = {"clips_per_s": round(statistics.median(times[(n, ns, p)]), 2),
-                                               "rounds": [round(x, 2) for x in times[(n, ns, p)]],
-                                               "vs_before": ratio((n, ns, p), (n, ns, "before"))}
+                key = (n, ns, p)
+                rows[f"num_sample={ns},{p}"] = {
+                    "clips_per_worker_cpu_s": med(key, 1), "wall_clips_per_s": med(key, 0),
+                    "main_process_cpu_ms_per_clip": med(key, 2),
+                    "rounds_clips_per_worker_cpu_s": [round(x[1], 2) for x in times[key]],
+                    "vs_before": ratio(key, (n, ns, "before")),
+                    "vs_before_wall": ratio(key, (n, ns, "before"), 0)}
         dec = {}
         for d in ("decord", "pyav"):
             runs = [decode_only(*roots[n], cfg.model.num_frames, cfg.data.sampling_rate, d, 16)
@@ -265,10 +293,55 @@ def run_datasets(args) -> dict:
                   "worker_ms_per_clip": worker_profile(*roots[n], cfg, 8)}
     result = {"datasets": out}
     if "k400" in names and "k400-prepared" in names:
-        result["prepared_after_vs_raw_before"] = {
-            f"num_sample={ns},{p}": ratio(("k400-prepared", ns, p), ("k400", ns, "before"))
+        result["prepared_vs_raw_before"] = {
+            f"num_sample={ns},{p}": {
+                "per_worker_cpu_s": ratio(("k400-prepared", ns, p), ("k400", ns, "before")),
+                "wall": ratio(("k400-prepared", ns, p), ("k400", ns, "before"), 0)}
             for ns in (1, 2) for p in PIPELINES}
     return result
+
+
+SWEEP = {
+    "default (gop 16, fastdecode, veryfast)": PrepareOptions(),
+    "gop 8": PrepareOptions(gop=8),
+    "gop 32": PrepareOptions(gop=32),
+    "no tune": PrepareOptions(tune=""),
+    "preset medium": PrepareOptions(preset="medium"),
+    "gop 250, no tune, medium (the source's encoding)": PrepareOptions(gop=250, tune="", preset="medium"),
+}
+
+
+def run_sweep(args) -> dict:
+    """Decode-only CPU clips/s of the k400 set prepared with each of SWEEP's options."""
+    src, src_list = ensure(args.cache, "k400")
+    sets = {"source (k400)": (src, src_list)}
+    for i, (name, opts) in enumerate(SWEEP.items()):
+        root = os.path.join(args.cache, f"k400-sweep-{i}")
+        prepare(src, root, opts, list_files=[src_list], workers=min(2, os.cpu_count() or 1), progress=False)
+        sets[name] = (root, os.path.join(root, "train.txt"))
+    cfg = dataset_cfg("k400", src, src_list, [])
+    cpu: dict = {(n, d): [] for n in sets for d in ("decord", "pyav")}
+    default = next(iter(SWEEP))
+    threaded: dict = {d: [] for d in ("decord", "pyav")}  # 2 decoder threads (frame threads) per reader
+    for _ in range(args.rounds):
+        for (n, d), runs in cpu.items():
+            runs.append(decode_only(*sets[n], cfg.model.num_frames, cfg.data.sampling_rate, d, 16))
+        for d, runs in threaded.items():
+            runs.append(decode_only(*sets[default], cfg.model.num_frames, cfg.data.sampling_rate, d, 16, 2))
+    out = {}
+    for n, (root, lst) in sets.items():
+        files = [it.path for it in read_list_file(lst, root)]
+        out[n] = {"kbytes_per_video": round(sum(os.path.getsize(f) for f in files) / len(files) / 1000),
+                  **{f"{d}_{k}": round(statistics.median(r[i] for r in cpu[(n, d)]), 1)
+                     for d in ("decord", "pyav")
+                     for i, k in ((0, "wall_clips_per_s"), (1, "cpu_clips_per_s"))},
+                  **{f"{d}_cpu_vs_source": round(statistics.median(
+                      x[1] / y[1] for x, y in zip(cpu[(n, d)], cpu[("source (k400)", d)], strict=True)), 2)
+                     for d in ("decord", "pyav")}}
+    out[f"{default}, 2 decoder threads"] = {
+        f"{d}_{k}": round(statistics.median(r[i] for r in runs), 1)
+        for d, runs in threaded.items() for i, k in ((0, "wall_clips_per_s"), (1, "cpu_clips_per_s"))}
+    return {"prepare_sweep": out, "clip": "16 frames at rate 4, one per video, 16 videos"}
 
 
 def run_list(args) -> dict:
@@ -284,18 +357,21 @@ def run_list(args) -> dict:
     if args.batch_size % cfg.data.num_sample:
         raise ValueError(f"--batch-size={args.batch_size}: must be divisible by data.num_sample="
                          f"{cfg.data.num_sample}")
-    rates = []
+    rates, walls = [], []
     for rnd in range(args.rounds):
-        seconds, batch = timed_turn(cfg, args.warmup, args.batches)
-        rates.append(args.batches * args.batch_size / seconds)
-        print(f"round {rnd + 1}/{args.rounds}: {rates[-1]:.2f} clips/s", file=sys.stderr, flush=True)
+        wall, worker_cpu, _, batch = timed_turn(cfg, args.warmup, args.batches)
+        rates.append(args.batches * args.batch_size / worker_cpu)
+        walls.append(args.batches * args.batch_size / wall)
+        print(f"round {rnd + 1}/{args.rounds}: {rates[-1]:.2f} clips per worker CPU second, "
+              f"{walls[-1]:.2f} clips/s wall", file=sys.stderr, flush=True)
     d = cfg.data
     return {"list": args.list, "clip": f"{cfg.model.num_frames}x{cfg.model.img_size}",
             "sampling_rate": d.sampling_rate, "num_sample": d.num_sample, "decoder": d.decoder,
             "normalize_on_device": d.normalize_on_device, "bytes_per_clip": bytes_per_clip(batch),
             "clips_per_s_per_core": round(statistics.median(rates), 2),
-            "rounds": [round(r, 2) for r in rates],
-            "note": "one loader worker process = one core; on a loaded machine this is a lower bound"}
+            "rounds": [round(r, 2) for r in rates], "wall_clips_per_s": round(statistics.median(walls), 2),
+            "note": "clips per CPU second of one loader worker process (one core when it has the core "
+                    "to itself); wall_clips_per_s is what it got on this machine"}
 
 
 def main(argv=None) -> int:
@@ -314,6 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="clips per batch (divisible by 2)")
     ap.add_argument("--step", action="store_true", help="also time the ViT-B MATS step (bench_step.py)")
     ap.add_argument("--quick", action="store_true", help="1 round of 2 batches, for a smoke test")
+    ap.add_argument("--prepare-sweep", action="store_true", help="decode cost of prepare's options instead")
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.rounds, args.warmup = 2, 1, 1
@@ -325,7 +402,8 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "batch_size": args.batch_size, "batches": args.batches,
               "rounds": args.rounds}
     try:
-        result.update(run_list(args) if args.list else run_datasets(args))
+        result.update(run_list(args) if args.list else run_sweep(args) if args.prepare_sweep
+                      else run_datasets(args))
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -336,7 +414,7 @@ def main(argv=None) -> int:
         for name in ("k400-prepared", "large"):
             rows = result.get("datasets", {}).get(name, {}).get("loader_one_worker")
             if rows and "clips_per_s" in raw:
-                have = rows["num_sample=2,uint8"]["clips_per_s"]
+                have = rows["num_sample=2,uint8"]["wall_clips_per_s"]
                 result["one_worker_vs_step"] = {"dataset": name, "loader_clips_per_s": have,
                                                 "step_clips_per_s": raw["clips_per_s"],
                                                 "ratio": round(have / raw["clips_per_s"], 2)}
