@@ -166,3 +166,18 @@ def test_num_sample_clips_share_one_decode(dataset, monkeypatch):
     assert clips == 8 and len(calls) == 4  # 4 videos, 2 clips each
     for b in batches:
         assert torch.equal(b["frame_index"][0::2], b["frame_index"][1::2])
+
+
+def test_uint8_augment_is_the_crop_resized_and_normalises_to_the_float_view():
+    """pretrain_augment(normalize=False) = the multi-scale crop resized as a channels-first copy would
+    be (the channels-last crop is only faster), and normalising it gives the float view."""
+    from mats_scale.data.transforms import multiscale_crop_box, pretrain_augment, resize_clip
+
+    frames = torch.randint(0, 256, (4, 70, 90, 3), dtype=torch.uint8)
+    for seed in range(6):
+        u8 = pretrain_augment(frames, 48, torch.Generator().manual_seed(seed), flip=False, normalize=False)
+        top, left, ch, cw = multiscale_crop_box(70, 90, 48, torch.Generator().manual_seed(seed))
+        crop = frames[:, top:top + ch, left:left + cw].permute(0, 3, 1, 2).contiguous()  # (T, 3, ch, cw)
+        assert u8.dtype == torch.uint8 and torch.equal(u8, resize_clip(crop, (48, 48)).permute(1, 0, 2, 3))
+        f32 = pretrain_augment(frames, 48, torch.Generator().manual_seed(seed), flip=False)
+        assert torch.equal(normalize_video(u8[None])[0], f32)
