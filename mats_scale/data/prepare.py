@@ -8,7 +8,7 @@ Every video (SRC scanned recursively, labelled by top-level sub-folder; or the v
 path>.mp4``: H.264 (libx264, yuv420p, no audio), the short side scaled down to ``--short-side``
 (never up; even sides), the frame rate kept (or resampled to ``--fps``), a keyframe at least every
 ``--gop`` frames. Why: a strided clip (16 frames at rate 4 spans 61) is decoded from the keyframe
-before its first frame; with x264's default interval of 250 frames that is ~190 frames decoded per
+before its first frame; with x264's default interval of 250 frames that is ~180 frames decoded per
 clip on a 300-frame video, with ``--gop 16`` ~70 (README "Data loader" has the measured speed-up).
 
 Robust and resumable: each output is written to ``NAME.part`` and renamed when complete, so an

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from mats_scale.config import Config, ConfigError
-from mats_scale.data.errors import DataError
 from mats_scale.data.device import to_model_input
+from mats_scale.data.errors import DataError
 from mats_scale.data.loader import build_pretrain_loader
 from mats_scale.masking import Selection, TokenGrid, motion_scores, select_tokens
 from mats_scale.optim import lr_at, total_batch
