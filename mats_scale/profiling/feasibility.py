@@ -242,8 +242,9 @@ class DataVerdict:
             return (f"decode-bound: needs {self.cores_needed} cores / workers ({self.workers_per_gpu} per "
                     f"GPU) for {need}; {self.cores_for_workers} are free for workers, so the GPUs run at "
                     f"most {self.gpu_busy_fraction:.0%} busy")
+        plural = "s" if self.workers_per_gpu != 1 else ""
         return (f"compute-bound: {self.cores_needed} of {self.cores_for_workers} free cores "
-                f"({self.workers_per_gpu} workers per GPU) deliver {need}")
+                f"({self.workers_per_gpu} worker{plural} per GPU) deliver {need}")
 
 
 def data_verdict(train_flops_per_clip: float, node: Node, mfu: float, core_clips_per_s: float,
