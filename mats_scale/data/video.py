@@ -84,7 +84,7 @@ class DecordVideo:
         with _quiet_decord_stderr() as logged:  # filled when the block ends
             try:
                 # One decoding thread: parallelism comes from DataLoader workers (frame threads
-                # measured no faster per core, README "Data loader").
+                # measured no faster per core, README "Data loader at GPU rates").
                 self.vr = decord.VideoReader(path, num_threads=threads, width=width, height=height)
             except Exception as e:
                 error = str(e).strip()
