@@ -129,6 +129,12 @@ class DataConfig:
     """Evaluation: temporal views per video, spread evenly over it (VideoMAE's test_num_segment)."""
     eval_crops: int = 1
     """Evaluation: spatial views per clip, 1 (centre) or 3 (along the long side; test_num_crop)."""
+    decoder: str = "decord"
+    """Video decoder: decord (default) or pyav (the same frames; decord falls back to PyAV per file
+    for videos it cannot read)."""
+    normalize_on_device: bool = True
+    """Workers send uint8 clips (4x fewer bytes than float32) and the training device converts and
+    normalises them (mats_scale.data.device.to_model_input); false: workers send normalised float32."""
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
@@ -137,6 +143,7 @@ class DataConfig:
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
         check_choice("data.eval_crops", self.eval_crops, [1, 3])
         check_choice("data.shot_cuts", self.shot_cuts, ["limit", "ignore"])
+        check_choice("data.decoder", self.decoder, ["decord", "pyav"])
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:

@@ -6,11 +6,17 @@ and the step time and days for a number of epochs, per strategy x engine x check
         [--strategies tube+rc,mats,mats+dual] [--engines zero0,zero1,zero2,zero3,zero3-offload,fsdp2]
         [--checkpoint none,half,full] [--dtype bf16] [--mfu 0.35] [--epochs 800] [--train-clips 240000]
         [--ds-config ds.json] [--context-gib 1.0] [--fragmentation 0.1] [--out DIR]
+        [--data-rate CLIPS_PER_S_OR_JSON] [--host-cores 64]
 
 Model shape and ratios come from the project config (defaults, --config FILE, key=value overrides);
 without --config and without a model.size override the model is ViT-g. With --config the configured job
 itself (its strategy, parallel.* engine and checkpointing, data.batch_size) is checked too. Writes
 DIR/feasibility.csv, feasibility.md and feasibility.png; prints the headline.
+
+Data side: each GPU consumes peak x MFU / training FLOPs per clip clips per second; with --data-rate
+(clips/s one CPU core delivers on your files: a number, or the JSON of
+``profiling/bench_data.py --list FILE --out rate.json``) and --host-cores, the verdict says whether the
+job is decode-bound (and how many cores / loader workers it needs) or compute-bound.
 """
 
 from __future__ import annotations
@@ -51,6 +57,26 @@ def _ds_config(path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UsageError(f"--ds-config={path!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _data_rate(text):
+    """--data-rate: clips/s per core, as a number or the JSON of profiling/bench_data.py --list."""
+    if text is None:
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        if not os.path.isfile(text):
+            raise UsageError(f"--data-rate={text!r}: neither a number nor a file") from None
+        try:
+            with open(text) as f:
+                rate = float(json.load(f)["clips_per_s_per_core"])
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"--data-rate={text!r}: not the JSON of profiling/bench_data.py --list "
+                             "(no clips_per_s_per_core)") from None
+    if not rate > 0:
+        raise UsageError(f"--data-rate={text!r}: must be > 0 clips/s")
+    return rate
 
 
 def main(argv=None) -> int:
@@ -111,6 +137,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fragmentation", type=float, default=0.10, help="allocator fragmentation share (0.10)"
     )
+    parser.add_argument(
+        "--data-rate",
+        help="clips/s one CPU core (loader worker) delivers on your files, or the JSON written by "
+        "profiling/bench_data.py --list FILE --out FILE.json; gives the decode-bound verdict",
+    )
+    parser.add_argument("--host-cores", type=positive(int), default=64, help="CPU cores of the node (64)")
     parser.add_argument("--out", default="profiling/out", help="output folder (default profiling/out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -118,11 +150,19 @@ def main(argv=None) -> int:
         raise UsageError(f"--mfu={args.mfu}: must be in (0, 1]")
     if args.context_gib < 0 or not 0 <= args.fragmentation < 1:
         raise UsageError("--context-gib must be >= 0 and --fragmentation in [0, 1)")
+    data_rate = _data_rate(args.data_rate)
 
     from tqdm import tqdm
 
     from mats_scale.config import load_config
-    from mats_scale.profiling.feasibility import K400_TRAIN_CLIPS, check_config, engine_of, plan
+    from mats_scale.profiling.feasibility import (
+        K400_TRAIN_CLIPS,
+        check_config,
+        data_verdict,
+        engine_of,
+        gpu_clips_per_s,
+        plan,
+    )
     from mats_scale.profiling.memory import Allowance
     from mats_scale.profiling.report import markdown_table, plain, plot_bars, write_csv, write_markdown
     from mats_scale.profiling.workload import Workload, masking_config
@@ -209,6 +249,20 @@ def main(argv=None) -> int:
                     f"- {st}, checkpointing {pname}: max micro-batch {p.max_batch} per GPU "
                     f"({p.max_batch * node.gpus} clips per step), {f2(p.step_s)} s/step, {f1(p.days)} days"
                 )
+    lines += ["", f"## Data side: {node.gpus} GPUs at MFU {args.mfu}, {args.host_cores}-core host", ""]
+    for st in ("mats+dual", "tube+rc"):
+        for pname in args.checkpoint:
+            hit = [p for p in plans if p.strategy == st and p.checkpoint == pname]
+            if not hit:
+                continue
+            tf = hit[0].train_flops_per_clip
+            if data_rate:
+                v = data_verdict(tf, node, args.mfu, data_rate, args.host_cores)
+                lines.append(f"- {st}, checkpointing {pname}: {v.text()}")
+            else:
+                lines.append(f"- {st}, checkpointing {pname}: each GPU consumes "
+                             f"{gpu_clips_per_s(tf, node, args.mfu):.0f} clips/s "
+                             "(pass --data-rate for the verdict)")
     if args.config:
         wl = Workload(
             cfg.model,
@@ -228,6 +282,12 @@ def main(argv=None) -> int:
             f"activations {r['activations_gib']:.2f}); "
             f"largest micro-batch that fits: {r['max_batch']}",
         ]
+        if data_rate:
+            from mats_scale.profiling.flops import count_flops, train_flops
+
+            one = Workload(wl.model, wl.masking, 1, wl.dtype, wl.checkpoint)
+            tf = train_flops(one) + 2 * count_flops(one, with_train=False, with_elementwise=False).score_macs
+            lines.append(f"- data: {data_verdict(tf, node, args.mfu, data_rate, args.host_cores).text()}")
     text += "\n".join(lines) + "\n"
     write_markdown(text, os.path.join(out, "feasibility.md"))
 

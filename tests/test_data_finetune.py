@@ -5,6 +5,7 @@ import torch
 
 from mats_scale.config import load_config
 from mats_scale.data import synth
+from mats_scale.data.device import to_model_input as device_input
 from mats_scale.data.errors import DataError
 from mats_scale.data.finetune import build_eval_loader, build_finetune_loader
 from mats_scale.data.transforms import short_side_resize, to_model_input
@@ -49,9 +50,10 @@ def test_finetune_clips_are_random_crops_of_the_short_side_resize(dataset):
     assert len(batches) == 2
     flips = set()
     for b in batches:
-        assert b["video"].shape == (4, 3, 4, 32, 32) and b["video"].dtype == torch.float32
+        assert b["video"].shape == (4, 3, 4, 32, 32) and b["video"].dtype == torch.uint8
         assert b["label"].tolist() == [spec_label("train", i) for i in b["index"].tolist()]
-        for clip, index, frame_ids in zip(b["video"], b["index"].tolist(), b["frame_index"].tolist()):
+        video = device_input(b, "cpu")  # normalised as the training loop does
+        for clip, index, frame_ids in zip(video, b["index"].tolist(), b["frame_index"].tolist()):
             path = str(dataset / synth.relpath("train", index))
             frames = read_frames(open_video(path), frame_ids, path)  # (T, 96, 128, 3)
             resized = to_model_input(short_side_resize(frames, round(32 * 256 / 224)))  # (3, T, 37, 49)

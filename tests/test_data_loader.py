@@ -12,6 +12,7 @@ import torch
 from mats_scale.config import ConfigError, load_config
 from mats_scale.data import loader as loader_mod
 from mats_scale.data import synth
+from mats_scale.data.device import to_model_input
 from mats_scale.data.errors import DataError, ListFileError
 from mats_scale.data.loader import build_pretrain_loader
 
@@ -58,7 +59,8 @@ def test_bundled_batches_shapes_labels_and_epochs(dataset):
     batches = epoch_batches(ld)
     assert len(batches) == 2
     for b in batches:
-        assert b["video"].shape == (4, 3, 4, 32, 32) and b["video"].dtype == torch.float32
+        assert b["video"].shape == (4, 3, 4, 32, 32) and b["video"].dtype == torch.uint8
+        assert to_model_input(b, "cpu").dtype == torch.float32
         assert b["label"].dtype == torch.int64 and b["label"].tolist() == [labels[i] for i in b["index"]]
         assert b["skipped"] == [] and "scores" not in b
     assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(8))  # each once
@@ -209,7 +211,7 @@ def test_malformed_list_line_reported_with_line_number(tmp_path):
 
 # ---- determinism and resume -------------------------------------------------------------------
 def _videos(batches):
-    return torch.cat([b["video"] for b in batches])
+    return torch.cat([to_model_input(b, "cpu") for b in batches])
 
 
 def test_same_seed_same_clips_workers_do_not_matter(dataset):
@@ -311,7 +313,8 @@ def test_pixel_scores_in_the_batch_feed_mats(dataset):
     b = next(iter(build_pretrain_loader(cfg, rank=0, world_size=1)))
     grid = TokenGrid.from_model(cfg.model)
     assert b["scores"].shape == (4, grid.num_tokens) and b["scores"].dtype == torch.float32
-    torch.testing.assert_close(b["scores"], pixel_motion_scores(b["video"], 2, 16))
+    # In the units of the normalised clip, although the worker sent uint8 (float rounding aside).
+    torch.testing.assert_close(b["scores"], pixel_motion_scores(to_model_input(b, "cpu"), 2, 16))
     assert (b["scores"] > 0).any()  # the objects move
     sel = select_tokens(cfg.masking, grid, 4, torch.Generator().manual_seed(0), b["scores"])
     assert sel.visible_ids.shape[0] == 4

@@ -6,7 +6,15 @@ import torch
 
 from mats_scale.config import ModelConfig
 from mats_scale.profiling.cli import run
-from mats_scale.profiling.feasibility import NODES, Node, max_micro_batch, plan, training_days
+from mats_scale.profiling.feasibility import (
+    NODES,
+    Node,
+    data_verdict,
+    gpu_clips_per_s,
+    max_micro_batch,
+    plan,
+    training_days,
+)
 from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, ModelStates, peak_allocated
 from mats_scale.profiling.workload import CHECKPOINT_POLICIES, Workload, masking_config
 from profiling import feasibility as feasibility_cli
@@ -82,6 +90,8 @@ def test_plan_orders_strategies_engines_and_checkpointing():
 
 
 def test_cli_sweep_and_config_check(tmp_path, capsys):
+    rate = tmp_path / "rate.json"
+    rate.write_text('{"clips_per_s_per_core": 12.5}')  # what profiling/bench_data.py --list writes
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         "model:\n  size: S\n  num_frames: 8\n  img_size: 128\nmasking:\n  strategy: mats\n"
@@ -102,10 +112,17 @@ def test_cli_sweep_and_config_check(tmp_path, capsys):
         "--out",
         str(tmp_path),
         "--no-progress",
+        "--data-rate",
+        str(rate),
+        "--host-cores",
+        "32",
     ]
     assert run(feasibility_cli.main, argv) == 0
     out = capsys.readouterr().out
     assert "Headline: ViT-S on 8 x 40 GiB, ZeRO-3" in out and "Your config" in out and "FITS" in out
+    assert "## Data side: 8 GPUs at MFU 0.35, 32-core host" in out
+    assert out.count("-bound: ") == 2 * 2 + 1  # 2 strategies x 2 policies, and the configured job
+    assert "- data: decode-bound: needs" in out  # ViT-S at 8x128 consumes thousands of clips/s per GPU
     with open(tmp_path / "feasibility.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2
@@ -122,6 +139,31 @@ def test_cli_bad_input(tmp_path, capsys):
         run(feasibility_cli.main, ["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
     )
     assert "no such file" in capsys.readouterr().err
+    assert run(feasibility_cli.main, ["--data-rate", "fast", "--out", str(tmp_path)]) == 2
+    assert "--data-rate='fast': neither a number nor a file" in capsys.readouterr().err
+    assert run(feasibility_cli.main, ["--data-rate", "0", "--out", str(tmp_path)]) == 2
+    assert "must be > 0" in capsys.readouterr().err
+
+
+def test_data_verdict_arithmetic_by_hand():
+    """0.3 TFLOP per training clip on 8 GPUs of 300 TFLOPS at MFU 0.4: 300e12 x 0.4 / 3e11 = 400 clips/s
+    per GPU, 3200 for the node. At 25 clips/s per core: ceil(3200 / 25) = 128 cores (16 per GPU); a
+    64-core host keeps 8 for the training processes, 56 for workers < 128: decode-bound, the GPUs at
+    most 56 x 25 / 3200 = 43.75 % busy. At 100 clips/s per core: 32 cores (4 per GPU) <= 56: compute-bound."""
+    node = Node(gpus=8, mem_gib=80.0, peak_tflops=300.0)
+    assert gpu_clips_per_s(3e11, node, 0.4) == pytest.approx(400.0)
+    v = data_verdict(3e11, node, 0.4, core_clips_per_s=25.0, host_cores=64)
+    assert v.node_clips_per_s == pytest.approx(3200.0)
+    assert (v.cores_needed, v.cores_for_workers, v.workers_per_gpu, v.decode_bound) == (128, 56, 16, True)
+    assert v.gpu_busy_fraction == pytest.approx(0.4375)
+    assert v.text().startswith("decode-bound: needs 128 cores / workers (16 per GPU)")
+    assert "at most 44% busy" in v.text()
+    v = data_verdict(3e11, node, 0.4, core_clips_per_s=100.0, host_cores=64)
+    assert (v.cores_needed, v.workers_per_gpu, v.decode_bound, v.gpu_busy_fraction) == (32, 4, False, 1.0)
+    assert v.text().startswith("compute-bound: 32 of 56 free cores (4 workers per GPU)")
+    # Exactly enough cores (72 - 8 = 64 free, 3200 / 50 = 64 needed) is compute-bound; a bit slower is not.
+    assert not data_verdict(3e11, node, 0.4, 50.0, 72).decode_bound
+    assert data_verdict(3e11, node, 0.4, 49.9, 72).decode_bound
 
 
 def test_cli_only_argument_errors_become_exit_2():

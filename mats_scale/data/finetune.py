@@ -2,8 +2,9 @@
 
     train = build_finetune_loader(cfg, rank=rank, world_size=world_size)
     for batch in train:             # as the pre-training loader (same order, resume, bad-file skips)
-        batch["video"]              # (B, 3, T, S, S): short-side resize to S * 256/224, random S x S
-        batch["label"]              # crop, flip unless segment sampling; (B,) int64 labels >= 0
+        batch["video"]              # (B, 3, T, S, S) uint8 (data.device.to_model_input normalises it):
+                                    # short-side resize to S * 256/224, random S x S crop, flip unless
+        batch["label"]              # segment sampling; (B,) int64 labels >= 0
 
     val = build_eval_loader(cfg, rank=rank, world_size=world_size)
     for batch in val:
@@ -59,7 +60,8 @@ class EvalVideos(Dataset):
         d, m = cfg.data, cfg.model
         self.items = items
         self.kw = dict(length=m.num_frames, rate=d.sampling_rate, size=m.img_size, num_clips=d.eval_clips,
-                       num_crops=d.eval_crops, segments=d.segment_sampling, min_frames=d.min_frames)
+                       num_crops=d.eval_crops, segments=d.segment_sampling, min_frames=d.min_frames,
+                       decoder=d.decoder)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -3,7 +3,9 @@ bad files (the fine-tuning training loader, :mod:`mats_scale.data.finetune`, is 
 
     loader = build_pretrain_loader(cfg, rank=rank, world_size=world_size)
     for batch in loader:            # the rest of the current epoch; then the loader moves to the next
-        batch["video"]              # (B, 3, T, S, S) float32, ImageNet-normalised; B = data.batch_size
+        batch["video"]              # (B, 3, T, S, S) uint8 (data.normalize_on_device, the default) or
+                                    # float32 ImageNet-normalised; B = data.batch_size
+        to_model_input(batch, dev)  # mats_scale.data.device: float32 normalised on the training device
         batch["label"]              # (B,) int64 (-1 where the source has no labels)
         batch["index"]              # (B,) int64 dataset index of the video each clip came from
         batch["frame_index"]        # (B, T) int64 frame numbers in that video
@@ -61,7 +63,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mats_scale.config import Config
+from mats_scale.config import IMAGENET_STD, Config
 from mats_scale.data import synth
 from mats_scale.data.cuts import CutStats, cuts_between, limit_to_shot
 from mats_scale.data.errors import DataError, ListFileError, VideoReadError
@@ -218,6 +220,9 @@ class PretrainClips(Dataset):
         self.flip = d.flip and not d.segment_sampling  # SSv2-style data: flipping changes the label
         self.num_sample = d.num_sample
         self.min_frames = d.min_frames
+        self.decoder = d.decoder
+        # Workers send uint8 clips unless the config asks them to normalise (float32, 4x the bytes).
+        self.normalize = not d.normalize_on_device
         self.tubelet, self.patch = m.tubelet_size, m.patch
         # Scores computed here (on the augmented clips) rather than in the training step.
         self.loader_score = cfg.masking.score if cfg.masking.strategy == "mats" else None
@@ -252,7 +257,8 @@ class PretrainClips(Dataset):
             no_cuts = torch.zeros(len(frames) - 1, dtype=torch.bool)
             return frames, list(range(self.decode_frames)), label, no_cuts, None
         item = self.items[index]
-        vr = open_video(item.path, min_frames=self.min_frames, start=item.start, frames=item.frames)
+        vr = open_video(item.path, min_frames=self.min_frames, start=item.start, frames=item.frames,
+                        decoder=self.decoder)
         ids = self._frame_indices(len(vr), gen)
         frames = read_frames(vr, ids, item.path)
         if not self.shot_cuts:
@@ -283,13 +289,14 @@ class PretrainClips(Dataset):
                 frames, ids = frames[keep], [ids[k] for k in keep.tolist()]  # (T, H, W, 3), T numbers
                 cuts = cuts_between(cuts, keep)
             clips = [self.augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
-                                      flip=self.flip)
+                                  flip=self.flip, normalize=self.normalize)
                      for r in range(self.num_sample)]
-            video = torch.stack(clips)  # (S, 3, T, H, W)
+            video = torch.stack(clips)  # (S, 3, T, H, W) uint8, or float32 normalised
             return self._sample(video, label, index, ids, skipped, attempt + 1, failed=False, cuts=cuts,
                                 cut=cut)
         # Every attempt failed: the main process raises DataError on this flag (with the file list).
-        video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size)
+        video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size,
+                            dtype=torch.float32 if self.normalize else torch.uint8)
         return self._sample(video, -1, index, [0] * self.num_frames, skipped, MAX_ATTEMPTS, failed=True)
 
     def _sample(self, video, label, index, frame_ids, skipped, reads, failed, cuts=None,
@@ -300,11 +307,20 @@ class PretrainClips(Dataset):
                "frame_index": torch.tensor(frame_ids, dtype=torch.int64).expand(S, -1),
                "skipped": skipped, "reads": reads, "failed": int(failed), "shot_cuts": [cut] if cut else []}
         if self.loader_score is not None:
-            scores = loader_motion_scores(self.loader_score, video, self.tubelet, self.patch,
+            scores = loader_motion_scores(self.loader_score, _score_units(video), self.tubelet, self.patch,
                                           None if cuts is None else cuts.expand(S, -1))
             if scores is not None:
                 out["scores"] = scores
         return out
+
+
+def _score_units(video: torch.Tensor) -> torch.Tensor:
+    """A uint8 clip in the units of the normalised one for the pixel score: x / (255 std) per channel.
+    The mean cancels in the tubelet differences, so the scores equal the float path's (up to float
+    rounding) and the top-k choice does not depend on data.normalize_on_device."""
+    if video.dtype != torch.uint8:
+        return video
+    return video.float() / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255.0)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

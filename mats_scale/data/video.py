@@ -1,4 +1,4 @@
-"""Reading videos with decord and choosing which frames to read.
+"""Reading videos (decord or PyAV, ``data.decoder``) and choosing which frames to read.
 
 Frame indices are chosen VideoMAE-style from the video's frame count ``n``:
 
@@ -16,8 +16,11 @@ frames are not looped but rejected as bad input (:class:`VideoReadError`, reason
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import tempfile
 
 import numpy as np
 import torch
@@ -56,20 +59,143 @@ def segment_indices(num_frames: int, length: int, generator: torch.Generator | N
     return [min(int(p), num_frames - 1) for p in pos]
 
 
+DECODERS = ("decord", "pyav")
+"""``data.decoder`` choices. Both return the same frames (same indexing, same YUV -> RGB conversion of
+FFmpeg; pixel-equal on the H.264 files of the tests): decord (the default) or PyAV."""
+
+log = logging.getLogger("mats_scale.data")
+
+# Paths whose decord read failed in this process: they go straight to PyAV afterwards (one decord
+# attempt and one log line per file and process, not one per read).
+_DECORD_FAILED: set[str] = set()
+
+
+class DecordVideo:
+    """A decord ``VideoReader`` behind the reader interface: ``len()`` and :meth:`decode`."""
+
+    backend = "decord"
+
+    def __init__(self, path: str, *, threads: int = 1, width: int = -1, height: int = -1) -> None:
+        import decord
+
+        # ffmpeg's own log lines would duplicate (and interleave with) our one-line warning per file.
+        decord.logging.set_level(decord.logging.QUIET)
+        error = None
+        source = _source(path)
+        with _quiet_decord_stderr() as logged:  # filled when the block ends
+            try:
+                # One decoding thread: parallelism comes from DataLoader workers (frame threads
+                # measured no faster per core, README "Data loader at GPU rates").
+                self.vr = decord.VideoReader(source, num_threads=threads, width=width, height=height)
+            except Exception as e:
+                error = str(e).strip()
+            finally:
+                if source is not path:  # decord has read the file object whole
+                    source.close()
+        if error is not None:
+            # The exception says only "Error reading PATH..."; the cause is in the C++ log line.
+            raise RuntimeError(" ".join([error, *logged]))
+        self.path, self.kw = path, dict(threads=threads, width=width, height=height)  # for a PyAV retry
+
+    def __len__(self) -> int:
+        return len(self.vr)
+
+    def decode(self, frames: list[int]) -> np.ndarray:
+        """Ascending unique frame numbers -> (U, H, W, 3) uint8."""
+        with _quiet_decord_stderr():
+            return self.vr.get_batch(frames).asnumpy()
+
+
+class PyAVVideo:
+    """The same frames as decord, decoded with PyAV (FFmpeg): frame i is the i-th smallest
+    presentation timestamp among the video stream's packets, as in decord's index. :meth:`decode`
+    seeks to the keyframe before the first wanted frame, decodes forward in decode order, converts
+    only the wanted frames to RGB and stops after the last one."""
+
+    backend = "pyav"
+
+    def __init__(self, path: str, *, threads: int = 1, width: int = -1, height: int = -1) -> None:
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        self._file = None if (source := _source(path)) is path else source
+        self.container = av.open(source)
+        try:
+            self.stream = self.container.streams.video[0]
+        except IndexError:
+            self.container.close()
+            raise ValueError("no video stream") from None
+        self.stream.thread_type = "FRAME" if threads > 1 else "SLICE"
+        self.stream.thread_count = threads
+        # Demuxing (no decoding) reads the timestamps: a few ms for a 10 s clip.
+        self.pts = sorted(p.pts for p in self.container.demux(self.stream) if p.pts is not None)
+        self.size = {k: v for k, v in (("width", width), ("height", height)) if v > 0}
+        # One reformatter per video: its cached SwsContext makes the RGB conversion ~10x cheaper than
+        # ``frame.to_ndarray(format="rgb24")``'s fresh context per frame.
+        self.reformatter = VideoReformatter()
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def decode(self, frames: list[int]) -> np.ndarray:
+        """Ascending unique frame numbers -> (U, H, W, 3) uint8."""
+        want = {self.pts[f]: k for k, f in enumerate(frames)}
+        out: list = [None] * len(frames)
+        self._decode_into(out, want, self.pts[frames[0]])
+        if any(o is None for o in out):  # a container whose seek landed after a wanted frame
+            self._decode_into(out, want, None)
+        missing = sum(o is None for o in out)
+        if missing:
+            raise ValueError(f"{missing} of {len(frames)} frames not decoded")
+        return np.stack(out)
+
+    def _decode_into(self, out: list, want: dict, seek_pts) -> None:
+        """Decode from the keyframe at or before `seek_pts` (None: the start) up to the last wanted
+        frame, converting the wanted ones into `out`."""
+        last = max(want)
+        self.container.seek(seek_pts if seek_pts is not None else self.pts[0], stream=self.stream,
+                            backward=True, any_frame=False)
+        for frame in self.container.decode(self.stream):
+            k = want.get(frame.pts)
+            if k is not None and out[k] is None:
+                out[k] = self.reformatter.reformat(frame, format="rgb24", **self.size).to_ndarray()
+            if frame.pts is not None and frame.pts >= last:
+                break
+
+    def close(self) -> None:
+        self.container.close()
+        if self._file is not None:
+            self._file.close()
+
+
+_READERS = {"decord": DecordVideo, "pyav": PyAVVideo}
+
+
+def _source(path: str):
+    """What a decoder opens: the name, or for a name that is not valid UTF-8 (kept with surrogate
+    escapes; decord and PyAV take UTF-8 names only) a binary file object."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return open(path, "rb")  # noqa: SIM115 - closed by the reader
+
+
 def open_video(path: str, *, min_frames: int = 1, width: int = -1, height: int = -1, start: int = -1,
-               frames: int = -1):
-    """A decord ``VideoReader`` for `path`, or :class:`VideoReadError` naming the reason.
+               frames: int = -1, decoder: str = "decord", threads: int = 1):
+    """A reader for `path` (``len()`` frames, :func:`read_frames`), or :class:`VideoReadError`
+    naming the reason.
 
     Checks in order: missing, not a regular file, zero length, unreadable container, too few frames.
-    `width`/`height` > 0 make decord resize while decoding (cheaper than decoding full size).
+    `width`/`height` > 0 make the decoder resize while decoding (cheaper than decoding full size).
+    `decoder` is one of :data:`DECODERS`; a file decord cannot open (or, in :func:`read_frames`,
+    decode: decord rejects some valid narrow videos, e.g. 16, 24 or 48 px wide) is read with PyAV.
     A directory is a rawframe folder (:class:`mats_scale.data.rawframes.FrameFolder`, same interface;
     `start`/`frames` from the list, -1 to find them on disk). A path that is not valid UTF-8 (kept
-    with surrogate escapes) is opened as a file object, as decord only takes UTF-8 names.
+    with surrogate escapes) is opened as a file object, as the decoders only take UTF-8 names.
     """
-    import decord
-
-    # ffmpeg's own log lines would duplicate (and interleave with) our one-line warning per file.
-    decord.logging.set_level(decord.logging.QUIET)
+    if decoder not in _READERS:
+        raise ValueError(f"decoder={decoder!r}: allowed {', '.join(DECODERS)}")
     if not os.path.exists(path):
         raise VideoReadError(path, "missing file")
     if os.path.isdir(path):
@@ -83,45 +209,102 @@ def open_video(path: str, *, min_frames: int = 1, width: int = -1, height: int =
         raise VideoReadError(path, "not a regular file")
     if os.path.getsize(path) == 0:
         raise VideoReadError(path, "empty file (0 bytes)")
+    kw = dict(threads=threads, width=width, height=height)
+    if decoder == "decord" and path in _DECORD_FAILED:
+        decoder = "pyav"
     try:
-        path.encode("utf-8")
-        source = path
-    except UnicodeEncodeError:
-        source = open(path, "rb")  # noqa: SIM115 - decord reads it whole, then it is closed below
-    try:
-        # One decoding thread: parallelism comes from DataLoader workers, not threads inside each.
-        vr = decord.VideoReader(source, num_threads=1, width=width, height=height)
+        vr = _READERS[decoder](path, **kw)
     except Exception as e:  # decord raises DECORDError (a RuntimeError) with a long C++ trace
-        raise VideoReadError(path, f"cannot open as video ({_first_line(e)})") from None
-    finally:
-        if source is not path:
-            source.close()
+        reason = f"cannot open as video ({_first_line(e)})"
+        if decoder != "decord":
+            raise VideoReadError(path, reason) from None
+        vr = _pyav_fallback(path, reason, kw)
     n = len(vr)
     if n < max(min_frames, 1):
         raise VideoReadError(path, f"too short: {n} frames, data.min_frames={min_frames}")
     return vr
 
 
+def _pyav_fallback(path: str, decord_reason: str, kw: dict):
+    """A PyAV reader for a file decord failed on, or VideoReadError with decord's reason."""
+    _DECORD_FAILED.add(path)
+    try:
+        vr = PyAVVideo(path, **kw)
+    except Exception:
+        raise VideoReadError(path, decord_reason) from None
+    log.info("decord cannot read %s (%s); reading it with PyAV", path, decord_reason)
+    return vr
+
+
 def read_frames(vr, indices: list[int], path: str = "") -> torch.Tensor:
     """Decode `indices` (any order, repeats allowed) -> (T, H, W, 3) uint8 tensor.
 
-    A truncated or corrupt stream usually opens fine and fails here; that becomes a VideoReadError.
+    Each frame is decoded once, in ascending order. A truncated or corrupt stream usually opens fine
+    and fails here; that becomes a VideoReadError (after a PyAV retry when decord failed).
     """
     unique = sorted(set(indices))
     try:
-        frames = vr.get_batch(unique).asnumpy()  # (U, H, W, 3) uint8, decoded in ascending order
+        frames = vr.decode(unique)  # (U, H, W, 3) uint8
     except Exception as e:
-        raise VideoReadError(path, f"decoding failed ({_first_line(e)})") from None
+        reason = f"decoding failed ({_first_line(e)})"
+        if vr.backend != "decord":
+            raise VideoReadError(path, reason) from None
+        if "size must exactly match" in str(e):  # decord's row-padding bug: 2-72 px wide frames
+            reason = "too small for decord (frames this narrow fail its row copy)"
+        return read_frames(_pyav_fallback(vr.path, reason, vr.kw), indices, path)
     if frames.shape[0] != len(unique) or frames.ndim != 4:
         raise VideoReadError(path, f"decoding failed (got {frames.shape[0]} of {len(unique)} frames)")
     pos = {f: i for i, f in enumerate(unique)}
     return torch.from_numpy(frames)[[pos[i] for i in indices]]
 
 
+@contextlib.contextmanager
+def _quiet_decord_stderr():
+    """Keep decord's C++ log lines (``[hh:mm:ss] /.../video_reader.cc:83: ERROR opening: PATH, CAUSE``,
+    written straight to file descriptor 2 on every failed read) off stderr; yields a list that receives
+    them, so the cause reaches the user once per file, as the reason of the loader's warning. Other
+    output written meanwhile is passed on."""
+    logged: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor (embedded interpreters): nothing to hide
+        yield logged
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield logged
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            rest = []
+            for line in tmp.read().splitlines(keepends=True):
+                if _DECORD_LOG.match(line):
+                    logged.append(line.decode(errors="replace").strip())
+                else:
+                    rest.append(line)
+            if rest:
+                os.write(2, b"".join(rest))
+
+
+_DECORD_LOG = re.compile(rb"^\[[\d:]+\] \S+\.(cc|h):\d+: ")
+
+
 def _first_line(e: BaseException) -> str:
-    """The first line of a decord error without its ``[hh:mm:ss] /src/file.cc:NN:`` prefix."""
+    """The cause in a decoder error, without decord's ``[hh:mm:ss] /src/file.cc:NN:`` prefix or
+    ``ERROR opening: PATH,`` and PyAV's ``[Errno N]`` / ``: 'PATH'``, so both decoders give the same
+    reason for the same file (e.g. "Invalid data found when processing input")."""
     text = str(e).strip().splitlines()
-    line = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text[0]) if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0]
+    opening = re.search(r"ERROR opening: .*?, (.*)$", line)
+    if opening:
+        line = opening.group(1)
+    line = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", line)
+    line = re.sub(r"^\[Errno -?\d+\]\s*", "", line)
+    line = re.sub(r": '[^']*'$", "", line)
     return line[:160]
 
 
@@ -147,13 +330,13 @@ def multi_clip_indices(num_frames: int, length: int, rate: int, num_clips: int,
 
 
 def read_eval_views(path: str, *, length: int, rate: int, size: int, num_clips: int = 1, num_crops: int = 1,
-                    segments: bool = False, min_frames: int = 1) -> torch.Tensor:
+                    segments: bool = False, min_frames: int = 1, decoder: str = "decord") -> torch.Tensor:
     """All test-time views of one video: (num_clips * num_crops, 3, T, size, size) float32,
     ImageNet-normalised (short-side resize, centre or three crops; clips outer, crops inner).
     Raises :class:`VideoReadError` for an unusable file (evaluation must not silently swap videos)."""
     from mats_scale.data.transforms import eval_views
 
-    vr = open_video(path, min_frames=min_frames)
+    vr = open_video(path, min_frames=min_frames, decoder=decoder)
     views = [eval_views(read_frames(vr, ids, path), size, num_crops)
              for ids in multi_clip_indices(len(vr), length, rate, num_clips, segments)]
     return torch.cat(views)

@@ -204,6 +204,61 @@ def plan(
     return plans
 
 
+def gpu_clips_per_s(train_flops_per_clip: float, node: Node, mfu: float) -> float:
+    """Clips per second one GPU consumes: its dense peak x MFU / training FLOPs per clip."""
+    return node.peak_tflops * 1e12 * mfu / train_flops_per_clip
+
+
+@dataclass(frozen=True)
+class DataVerdict:
+    """Can the host's CPU cores decode and augment as many clips as the GPUs consume?
+
+    One loader worker is one core; every GPU's training process keeps one core for itself
+    (``reserved_per_gpu``), the rest can run workers."""
+
+    gpu_clips_per_s: float  # consumed by one GPU
+    node_clips_per_s: float  # consumed by all GPUs of the node
+    core_clips_per_s: float  # delivered by one core (profiling/bench_data.py --list FILE)
+    cores_needed: int  # ceil(node_clips_per_s / core_clips_per_s)
+    cores_for_workers: int  # host cores minus the training processes'
+    gpus: int
+
+    @property
+    def decode_bound(self) -> bool:
+        return self.cores_needed > self.cores_for_workers
+
+    @property
+    def workers_per_gpu(self) -> int:
+        return math.ceil(self.cores_needed / self.gpus)
+
+    @property
+    def gpu_busy_fraction(self) -> float:
+        """Share of the compute-bound speed the GPUs reach (1 unless decode-bound)."""
+        return min(1.0, self.cores_for_workers * self.core_clips_per_s / self.node_clips_per_s)
+
+    def text(self) -> str:
+        need = (f"{self.gpus} GPUs x {self.gpu_clips_per_s:.0f} clips/s = {self.node_clips_per_s:.0f} "
+                f"clips/s at {self.core_clips_per_s:.1f} clips/s per core")
+        if self.decode_bound:
+            return (f"decode-bound: needs {self.cores_needed} cores / workers ({self.workers_per_gpu} per "
+                    f"GPU) for {need}; {self.cores_for_workers} are free for workers, so the GPUs run at "
+                    f"most {self.gpu_busy_fraction:.0%} busy")
+        plural = "s" if self.workers_per_gpu != 1 else ""
+        return (f"compute-bound: {self.cores_needed} of {self.cores_for_workers} free cores "
+                f"({self.workers_per_gpu} worker{plural} per GPU) deliver {need}")
+
+
+def data_verdict(train_flops_per_clip: float, node: Node, mfu: float, core_clips_per_s: float,
+                 host_cores: int, reserved_per_gpu: int = 1) -> DataVerdict:
+    """The data side of a plan: GPU consumption against what the host's cores deliver."""
+    if core_clips_per_s <= 0 or host_cores < 1:
+        raise ValueError("core_clips_per_s must be > 0 and host_cores >= 1")
+    per_gpu = gpu_clips_per_s(train_flops_per_clip, node, mfu)
+    total = per_gpu * node.gpus
+    return DataVerdict(per_gpu, total, core_clips_per_s, math.ceil(total / core_clips_per_s),
+                       max(0, host_cores - reserved_per_gpu * node.gpus), node.gpus)
+
+
 def engine_of(parallel) -> str:
     """The ENGINE_CHOICES label of a ``parallel`` config section (from the engine registry)."""
     from mats_scale.parallel.engine import states_label

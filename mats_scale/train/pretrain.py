@@ -1,6 +1,6 @@
 """Video MAE pre-training as a task of the generic Trainer: token selection, then the model's loss.
 
-Per micro-batch: clip to the device -> motion scores (MATS only: the loader's pixel scores when it
+Per micro-batch: clip to the device (uint8 from the workers, normalised there) -> motion scores (MATS only: the loader's pixel scores when it
 computed them, else the embedding score through the engine's model) -> ``select_tokens`` with this
 rank's mask generator -> forward through the engine. The selection decides how many tokens the
 encoder and the decoder process; those counts are the task's metrics.
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mats_scale.config import Config
+from mats_scale.data.device import to_model_input
 from mats_scale.masking import TokenGrid, select_tokens
 from mats_scale.models.pretrain import pretrain_spec
 from mats_scale.models.spec import ModelSpec
@@ -50,7 +51,7 @@ class PretrainTask:
             return engine.module.motion_scores(video, m.score)
 
     def step(self, engine: Engine, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
-        video = batch["video"].to(engine.env.device, non_blocking=True)
+        video = to_model_input(batch, engine.env.device)  # uint8 from the workers -> normalised float32
         scores = self.motion_scores(engine, video, batch)
         sel = select_tokens(self.cfg.masking, self.grid, video.shape[0], generator, scores)
         out = engine.forward(video, *sel)

@@ -1,7 +1,7 @@
 """The endless, resumable stream of batches the training loop reads.
 
 The loader is ``mats_scale.data.build_pretrain_loader``: iterating yields the rest of the current epoch
-as batch dicts ``{"video": (B, 3, T, H, W) float32 normalised, "label", "skipped": [(path, reason)],
+as batch dicts ``{"video": (B, 3, T, H, W) uint8 (or float32), "label", "skipped": [(path, reason)],
 optional "scores"}`` and then moves itself to the next epoch; ``state_dict``/``load_state_dict`` give
 the exact position (epoch, batches consumed), so a resumed run reads the batches an uninterrupted one
 would.

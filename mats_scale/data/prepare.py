@@ -1,0 +1,303 @@
+"""Re-encode a video dataset for fast training reads (what VideoMAE users do by hand before Kinetics).
+
+    python -m mats_scale.data.prepare SRC DST [--list train.txt --list val.txt] [--short-side 256]
+        [--fps 0] [--gop 16] [--crf 23] [--preset veryfast] [--tune fastdecode] [--workers N]
+
+Every video (SRC scanned recursively, labelled by top-level sub-folder; or the videos of each
+``--list`` file, ``path label`` lines with paths relative to SRC) becomes ``DST/<same relative
+path>.mp4``: H.264 (libx264, yuv420p, no audio), the short side scaled down to ``--short-side``
+(never up; even sides), the frame rate kept (or resampled to ``--fps``), a keyframe at least every
+``--gop`` frames. Why: a strided clip (16 frames at rate 4 spans 61) is decoded from the keyframe
+before its first frame; with x264's default interval of 250 frames that is ~180 frames decoded per
+clip on a 300-frame video, with ``--gop 16`` ~70 (README "Data loader" has the measured speed-up).
+
+Robust and resumable: each output is written to ``NAME.part`` and renamed when complete, so an
+interrupted run leaves no half file; a rerun skips finished outputs. A source that cannot be read is
+listed in ``DST/prepare_failed.txt`` (``path<TAB>reason``) and left out of the list files, never
+fatal. ``DST/prepare.json`` records the options; a rerun with other options is refused. The list
+files are written last: ``DST/list.txt`` (+ ``classes.txt``) for a scanned SRC, or one file per
+``--list`` with the same name, paths relative to DST: train with ``data.dataset=list
+data.root=DST data.train_list=DST/train.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from multiprocessing import get_context
+
+from mats_scale.data.errors import ListFileError
+from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """The encoding of every output (saved in DST/prepare.json)."""
+
+    short_side: int = 256
+    fps: float = 0.0  # 0: keep the source's frame rate
+    gop: int = 16
+    crf: int = 23
+    preset: str = "veryfast"
+    tune: str = "fastdecode"  # "" for none
+
+    def check(self) -> None:
+        """Raise ValueError naming the CLI option and what is allowed."""
+        if self.short_side < 16 or self.short_side % 2:
+            raise ValueError(f"--short-side={self.short_side}: must be an even number >= 16")
+        if self.fps < 0:
+            raise ValueError(f"--fps={self.fps}: must be > 0, or 0 to keep the source's rate")
+        if self.gop < 1:
+            raise ValueError(f"--gop={self.gop}: must be >= 1")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"--crf={self.crf}: must be in [0, 51]")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset={self.preset!r}: allowed {', '.join(PRESETS)}")
+        if self.tune not in TUNES:
+            raise ValueError(f"--tune={self.tune!r}: allowed {', '.join(t or repr(t) for t in TUNES)}")
+
+
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+TUNES = ("", "fastdecode", "film", "animation", "grain", "stillimage", "zerolatency")
+REPORT = "prepare_failed.txt"
+META = "prepare.json"
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled down to `short_side` (never up), both even."""
+    short = min(width, height)
+    scale = min(1.0, short_side / short)
+    w, h = max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+    return w, h
+
+
+def encode_one(src: str, dst: str, opts: PrepareOptions) -> int:
+    """Re-encode `src` into `dst` (atomically, via ``dst.part``); returns the frames written.
+    Raises on any read or write failure (the caller reports it)."""
+    import av
+    from av.video.reformatter import Interpolation, VideoReformatter
+
+    tmp = dst + ".part"
+    with av.open(src) as inp:
+        if not inp.streams.video:
+            raise ValueError("no video stream")
+        ins = inp.streams.video[0]
+        ins.thread_type, ins.thread_count = "SLICE", 1  # parallelism comes from the worker processes
+        src_rate = ins.average_rate or ins.guessed_rate
+        rate = Fraction(opts.fps).limit_denominator(1001) if opts.fps else src_rate
+        if not rate or rate <= 0 or (opts.fps and not src_rate):
+            raise ValueError("unknown frame rate" + ("" if opts.fps else " (pass --fps)"))
+        reformatter = VideoReformatter()
+        with av.open(tmp, mode="w", format="mp4") as out:
+            enc = _Encoder(out, rate, opts, reformatter, Interpolation.BICUBIC)
+            held, held_time = None, 0.0  # with --fps: the last frame, shown until the next one's time
+            for frame in inp.decode(ins):
+                if not opts.fps:
+                    enc.write(frame, 1)
+                    continue
+                # Resample like ffmpeg's fps filter: output slot k (time k / fps) shows the last
+                # source frame at or before that time, so frames are dropped or repeated.
+                t = float(frame.time) if frame.time is not None else held_time + 1 / float(src_rate)
+                if held is not None:
+                    enc.write(held, _slots_before(t, rate) - enc.written)
+                held, held_time = frame, t
+            if held is not None:  # the last frame lasts one source frame; a video keeps >= 1 frame
+                end = _slots_before(held_time + 1 / float(src_rate), rate)
+                enc.write(held, max(end - enc.written, 0 if enc.written else 1))
+            enc.close()
+    os.replace(tmp, dst)
+    return enc.written
+
+
+def _slots_before(t: float, rate: Fraction) -> int:
+    """Output slots k with k / rate < t (a tiny tolerance for float timestamps)."""
+    return max(0, math.ceil(t * float(rate) - 1e-6))
+
+
+class _Encoder:
+    """libx264 output stream of one file, created on the first frame (its size is known then)."""
+
+    def __init__(self, out, rate: Fraction, opts: PrepareOptions, reformatter, interpolation) -> None:
+        self.out, self.rate, self.opts = out, rate, opts
+        self.reformatter, self.interpolation = reformatter, interpolation
+        self.stream = None
+        self.written = 0
+
+    def write(self, frame, count: int) -> None:
+        if count <= 0:
+            return
+        if self.stream is None:
+            self.size = output_size(frame.width, frame.height, self.opts.short_side)
+            s = self.out.add_stream("libx264", rate=self.rate)
+            s.width, s.height = self.size
+            s.pix_fmt, s.thread_count = "yuv420p", 1
+            options = {"crf": str(self.opts.crf), "preset": self.opts.preset, "g": str(self.opts.gop),
+                       "threads": "1"}
+            if self.opts.tune:
+                options["tune"] = self.opts.tune
+            s.options = options
+            self.stream = s
+        img = self.reformatter.reformat(frame, width=self.size[0], height=self.size[1], format="yuv420p",
+                                        interpolation=self.interpolation)
+        for _ in range(count):
+            img.pts, img.time_base = self.written, 1 / self.rate  # frame numbers on the output grid
+            for packet in self.stream.encode(img):
+                self.out.mux(packet)
+            self.written += 1
+
+    def close(self) -> None:
+        if self.stream is None:
+            raise ValueError("no decodable frames")
+        for packet in self.stream.encode():
+            self.out.mux(packet)
+
+
+def _job(job: tuple[str, str, PrepareOptions]) -> tuple[str, str | None]:
+    """Worker: (src, None) when done, (src, reason) when the source could not be re-encoded."""
+    src, dst, opts = job
+    try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        encode_one(src, dst, opts)
+        return src, None
+    except Exception as e:  # any unreadable source is reported, never fatal
+        with contextlib.suppress(OSError):
+            os.remove(dst + ".part")
+        text = str(e).strip().splitlines()
+        return src, f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def output_path(src: str, src_root: str, dst_root: str) -> str:
+    """DST/<path of src relative to SRC, extension .mp4>; ValueError for a path outside SRC."""
+    rel = os.path.relpath(os.path.abspath(src), os.path.abspath(src_root))
+    if rel.startswith(os.pardir + os.sep) or rel == os.pardir:
+        raise ValueError(f"{src!r} is not under SRC={src_root!r}")
+    return os.path.join(dst_root, os.path.splitext(rel)[0] + ".mp4")
+
+
+def _lists(src_root: str, list_files: Sequence[str]) -> dict[str, list[VideoItem]]:
+    """{output list name: items (paths resolved under SRC)}."""
+    if not list_files:
+        return {"list.txt": scan_folder(src_root)}
+    out = {}
+    for lf in list_files:
+        name = os.path.basename(lf)
+        if name in out or name in (REPORT, META):
+            raise ValueError(f"--list {lf!r}: two list files named {name!r} (or a reserved name)")
+        out[name] = [VideoItem(p if os.path.isabs(p) else os.path.join(src_root, p), label)
+                     for p, label in read_list_file(lf)]
+    return out
+
+
+def _check_meta(dst_root: str, opts: PrepareOptions) -> None:
+    path = os.path.join(dst_root, META)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f).get("options")
+        if saved != asdict(opts):
+            diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+                             for k, v in asdict(opts).items() if saved and saved.get(k) != v)
+            raise ValueError(f"{dst_root} was prepared with other options: {diff or saved}; "
+                             "rerun with the same options to resume, or use a new DST")
+    with open(path + ".part", "w") as f:
+        json.dump({"options": asdict(opts)}, f, indent=1)
+    os.replace(path + ".part", path)
+
+
+def _write_atomic(path: str, lines: list[str]) -> None:
+    with open(path + ".part", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".part", path)
+
+
+def prepare(src_root: str, dst_root: str, opts: PrepareOptions = PrepareOptions(), *,
+            list_files: Sequence[str] = (), workers: int = 0, progress: bool = True) -> dict:
+    """Re-encode SRC into DST (see the module doc); returns counts and the failures."""
+    opts.check()
+    if not os.path.isdir(src_root):
+        raise ValueError(f"SRC={src_root!r}: no such directory")
+    if os.path.abspath(src_root) == os.path.abspath(dst_root):
+        raise ValueError("DST must differ from SRC")
+    lists = _lists(src_root, list_files)
+    os.makedirs(dst_root, exist_ok=True)
+    _check_meta(dst_root, opts)
+    jobs: dict[str, str] = {}  # src -> dst, each source once even when several lists name it
+    for items in lists.values():
+        for item in items:
+            jobs.setdefault(item.path, output_path(item.path, src_root, dst_root))
+    todo = [(s, d, opts) for s, d in jobs.items() if not os.path.isfile(d)]
+    done_before = len(jobs) - len(todo)
+    failed: dict[str, str] = {}
+    workers = workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(total=len(jobs), initial=done_before, desc="prepare", unit="video", disable=not progress,
+              file=sys.stderr) as bar:
+        if workers > 1 and len(todo) > 1:
+            with get_context("fork").Pool(min(workers, len(todo))) as pool:
+                for src, reason in pool.imap_unordered(_job, todo):
+                    if reason:
+                        failed[src] = reason
+                    bar.update(1)
+        else:
+            for job in todo:
+                src, reason = _job(job)
+                if reason:
+                    failed[src] = reason
+                bar.update(1)
+    # The report lists this run's failures (a rerun retries them); the lists name what exists.
+    _write_atomic(os.path.join(dst_root, REPORT), [f"{s}\t{r}\n" for s, r in sorted(failed.items())])
+    for name, items in lists.items():
+        lines = [f"{os.path.relpath(jobs[it.path], dst_root)} {it.label}\n" for it in items
+                 if os.path.isfile(jobs[it.path])]
+        _write_atomic(os.path.join(dst_root, name), lines)
+    if not list_files:
+        classes = sorted(d for d in os.listdir(src_root) if os.path.isdir(os.path.join(src_root, d)))
+        _write_atomic(os.path.join(dst_root, "classes.txt"), [f"{i} {c}\n" for i, c in enumerate(classes)])
+    return {"videos": len(jobs), "encoded": len(todo) - len(failed), "already_done": done_before,
+            "failed": failed, "seconds": round(time.perf_counter() - t0, 2), "lists": sorted(lists)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    d = PrepareOptions()
+    ap = argparse.ArgumentParser(prog="python -m mats_scale.data.prepare", description=__doc__.split("\n")[0])
+    ap.add_argument("src", help="source directory (scanned, or the root of the --list paths)")
+    ap.add_argument("dst", help="output directory (created; rerun to resume)")
+    ap.add_argument("--list", action="append", default=[], dest="lists",
+                    help="VideoMAE list file of videos under SRC (repeatable); default: scan SRC")
+    ap.add_argument("--short-side", type=int, default=d.short_side, help="scale the short side down to this")
+    ap.add_argument("--fps", type=float, default=d.fps, help="output frame rate; 0 keeps the source's")
+    ap.add_argument("--gop", type=int, default=d.gop, help="keyframe at least every N frames")
+    ap.add_argument("--crf", type=int, default=d.crf, help="libx264 constant rate factor (quality)")
+    ap.add_argument("--preset", default=d.preset, help="libx264 preset")
+    ap.add_argument("--tune", default=d.tune, help="libx264 tune ('' for none)")
+    ap.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.workers < 0:
+        ap.error(f"--workers={a.workers}: must be >= 0 (0: all cores)")
+    opts = PrepareOptions(a.short_side, a.fps, a.gop, a.crf, a.preset, a.tune)
+    try:
+        r = prepare(a.src, a.dst, opts, list_files=a.lists, workers=a.workers, progress=not a.no_progress)
+    except (ValueError, ListFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['videos']} videos: {r['encoded']} encoded, {r['already_done']} already done, "
+          f"{len(r['failed'])} failed, in {r['seconds']} s -> {a.dst} ({', '.join(r['lists'])})")
+    for src, reason in sorted(r["failed"].items())[:10]:
+        print(f"  failed: {src}: {reason}")
+    if r["failed"]:
+        print(f"  all failures: {os.path.join(a.dst, REPORT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
