@@ -104,7 +104,7 @@ def test_no_backend_branch_outside_parallel():
         if rel.parts[0] == "parallel" or rel.name == "config.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and "backend" in ast.unparse(node.left):
+            if isinstance(node, ast.Compare) and "parallel.backend" in ast.unparse(node):
                 offenders.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
 

@@ -191,8 +191,8 @@ def _lists(src_root: str, list_files: Sequence[str]) -> dict[str, list[VideoItem
         name = os.path.basename(lf)
         if name in out or name in (REPORT, META):
             raise ValueError(f"--list {lf!r}: two list files named {name!r} (or a reserved name)")
-        out[name] = [VideoItem(p if os.path.isabs(p) else os.path.join(src_root, p), label)
-                     for p, label in read_list_file(lf)]
+        out[name] = [VideoItem(it.path if os.path.isabs(it.path) else os.path.join(src_root, it.path), it.label)
+                     for it in read_list_file(lf)]
     return out
 
 

@@ -52,6 +52,12 @@ class FrameFolder:
     def __len__(self) -> int:
         return self.frames
 
+    backend = "rawframes"
+
+    def decode(self, frames: list[int]) -> np.ndarray:
+        """The reader interface of ``mats_scale.data.video``: ascending frame numbers -> (U, H, W, 3) uint8."""
+        return self.get_batch(frames).asnumpy()
+
     def get_batch(self, indices: list[int]) -> _Batch:
         from torchvision.io import ImageReadMode, decode_image, read_file
 
