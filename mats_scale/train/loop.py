@@ -37,6 +37,7 @@ from mats_scale.parallel.distributed import (
 from mats_scale.parallel.engine import build_engine, engine_run_files
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
+from mats_scale.train.mfu import MfuMeter
 from mats_scale.train.runlog import RunLogger, peak_memory_gib
 from mats_scale.train.sources import BatchStream
 from mats_scale.train.task import Task
@@ -132,6 +133,9 @@ class Trainer:
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps, task)
 
         self.engine = build_engine(cfg, env, task.model_spec())
+        # Rank 0 logs MFU: FLOPs per clip counted on meta, the device peak (table, GEMM sample or config).
+        self.mfu = (MfuMeter.for_run(cfg, task.name, env.device, env.precision, env.world_size)
+                    if env.is_writer else None)
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
         self.stream = BatchStream(task.build_loader(env.rank, env.world_size))
         self.counters = Counters()
@@ -176,15 +180,18 @@ class Trainer:
             engine.backward(loss)
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
-        # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, task metrics...]
+        # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, peak memory
+        # (summed over ranks: the process tree's peak RSS on CPU), task metrics...]
         names = sorted(totals)
-        scalars = torch.tensor([float(stop.signum is not None), skipped], dtype=torch.float64, device=env.device)
+        peak_mem = peak_memory_gib(env.device)
+        scalars = torch.tensor([float(stop.signum is not None), skipped, peak_mem], dtype=torch.float64,
+                               device=env.device)
         stats = torch.cat([loss_sum.view(1), nonfinite.view(1), scalars,
                            *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1)
                              for k in names)])
         all_reduce(stats)  # every rank takes the same skip / stop decision
         values = stats.tolist()
-        loss_total, n_nonfinite, stop_votes, new_skipped = values[:4]
+        loss_total, n_nonfinite, stop_votes, new_skipped, peak_mem_sum = values[:5]
         result = engine.step(lr, skip=n_nonfinite > 0)
         c = self.counters
         c.step = step
@@ -199,9 +206,12 @@ class Trainer:
         metrics = {"loss": loss_total / micro_total if not n_nonfinite else float("nan"),  # skipped: NaN
                    "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                    "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
-                   **self.task.summarize(dict(zip(names, values[4:])), micro_total),
-                   "peak_mem_gib": peak_memory_gib(env.device), "skipped_files": c.skipped_files,
+                   **self.task.summarize(dict(zip(names, values[5:])), micro_total),
+                   "peak_mem_gib": peak_mem, "peak_mem_sum_gib": peak_mem_sum,
+                   "skipped_files": c.skipped_files,
                    "skipped_steps": c.skipped_steps}
+        if self.mfu is not None:
+            metrics["mfu"] = self.mfu(metrics["clips_per_s"])
         return metrics, int(n_nonfinite), stop_votes > 0
 
     def run(self) -> TrainResult:
@@ -209,7 +219,10 @@ class Trainer:
         log.start(c.step, str(self.resume_path) if self.resume_path else None,
                   {"engine": self.engine.name, "world_size": self.env.world_size,
                    "device": str(self.env.device), "precision": self.env.precision,
-                   "total_batch": self.batch_total})
+                   "total_batch": self.batch_total,
+                   **({"mfu_flops_per_clip": self.mfu.flops_per_clip,
+                       "mfu_peak_tflops": self.mfu.peak_flops / 1e12,
+                       "mfu_peak_source": self.mfu.peak_source} if self.mfu is not None else {})})
         log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} "
                  f"({self.env.precision}), total batch {self.batch_total} = {cfg.data.batch_size} x "
                  f"{self.env.world_size} x {cfg.optim.grad_accum}, "

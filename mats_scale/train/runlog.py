@@ -27,7 +27,8 @@ TB_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "clips_per_s": "perf/clips_per_s", "step_time_s": "perf/step_time_s", "data_time_s": "perf/data_time_s",
     "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files",
-    "skipped_steps": "train/skipped_steps",
+    "skipped_steps": "train/skipped_steps", "mfu": "perf/mfu",
+    "peak_mem_sum_gib": "memory/peak_sum_over_ranks_gib",
 }
 
 
@@ -119,6 +120,7 @@ class RunLogger:
             self.info(f"step {step:6d}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  "
                       f"grad_norm {grad}  "
                       f"{m['clips_per_s']:.2f} clips/s  {m['step_time_s']:.3f} s/step  "
+                      + (f"mfu {m['mfu']:.1%}  " if "mfu" in m else "")
                       + (self.task_format.format(**m) + "  " if self.task_format else "")
                       + f"peak {m['peak_mem_gib']:.2f} GiB  "
                       f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
