@@ -34,3 +34,13 @@ def test_meter_uses_the_config_peak_and_the_profiler_flops():
     # clips/s such that the run reaches a quarter of the 2 x 0.5 TFLOP/s peak.
     assert meter(0.25e12 / meter.flops_per_clip) == pytest.approx(0.25)
     assert MfuMeter.for_run(cfg, "finetune", torch.device("cpu"), "fp32", 1) is None
+
+
+def test_model_flops_match_the_profiler():
+    from mats_scale.profiling.flops import count_flops
+    from mats_scale.profiling.workload import Workload
+    from mats_scale.train.mfu import model_flops_per_clip
+
+    cfg = load_config(None, ["model.size=debug", "model.num_frames=4", "model.img_size=64",
+                             "masking.preset=mats+dual", "masking.ratio=0.75"])
+    assert model_flops_per_clip(cfg) == count_flops(Workload(cfg.model, cfg.masking)).train_flops

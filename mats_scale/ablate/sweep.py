@@ -292,6 +292,9 @@ def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None,
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)
+        except BaseException:  # the sweep itself is interrupted: take the run's processes with it
+            _kill_group(proc)
+            raise
         wall = time.perf_counter() - t0
         log.seek(0)
         output = log.read()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from importlib.resources import files
 
@@ -83,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mats_scale.ablate.sweep import sweep
 
-    results = sweep(grid, out, retry_failed=args.retry_failed, echo=lambda s: print(s, flush=True))
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # unwinds through the running point, which kills its process group
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        results = sweep(grid, out, retry_failed=args.retry_failed, echo=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print(f"interrupted; finished points are in {out}/results.jsonl (re-run to go on)", file=sys.stderr)
+        return 130
     print(f"results: {results}\nreport:  python launchers/ablate.py report {results}")
     return 0
 

@@ -67,14 +67,20 @@ def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: 
 
 def model_flops_per_clip(cfg: Any) -> int:
     """Training FLOPs of one clip of the pre-training model of `cfg` (no recomputation), on meta."""
-    from mats_scale.profiling.flops import score_macs, train_flops
-    from mats_scale.profiling.workload import Workload, build_model, make_inputs
+    # What profiling.flops.train_flops counts, without importing fvcore there (seconds at start-up).
+    from torch.utils.flop_counter import FlopCounterMode
 
-    wl = Workload(cfg.model, cfg.masking)
-    flops = train_flops(wl)
-    if wl.uses_embed_score:
-        flops += 2 * score_macs(build_model(wl, "meta"), make_inputs(wl, "meta")[0])
-    return flops
+    from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs
+
+    wl = Workload(cfg.model, cfg.masking)  # batch 1, no checkpointing: model FLOPs, not hardware FLOPs
+    model = build_model(wl, "meta")
+    video, sel = make_inputs(wl, "meta")
+    with FlopCounterMode(display=False) as counter:
+        model(*model_inputs(video, sel)).loss.backward()
+        if wl.uses_embed_score:
+            with torch.no_grad():
+                model.motion_scores(video)
+    return counter.get_total_flops()
 
 
 @dataclass(frozen=True)
