@@ -349,11 +349,11 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
         # Real runs are predicted for the device they run on; profiler-only points for a GPU.
         target = "cuda" if not real or (cuda and cfg.train.device != "cpu") else "cpu"
         try:
-            if "flops" in point.measure or real:
+            if "flops" in point.measure:
                 fkey = json.dumps([cdict["model"], cdict["masking"]], sort_keys=True)
                 flops_cache.setdefault(fkey, profile_flops(cfg))
                 record["flops"] = flops_cache[fkey]
-            if "memory" in point.measure or real:
+            if "memory" in point.measure:
                 record["predicted"] = profile_memory(cfg, int(point.run["nproc"]), target)
             if "feasibility" in point.measure:
                 record["feasibility"] = profile_feasibility(cfg, str(grid.feasibility.get("node", "a100-80")))
