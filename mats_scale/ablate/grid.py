@@ -20,7 +20,7 @@
     rules:                           # per-point changes, first match wins
       - when: {model.size: [H, g]}
         measure: [flops, memory, feasibility]
-    feasibility: {node: a100-80}     # the node the profiler-only points are planned for
+    feasibility: {node: a100-80, engine: zero3}  # the planner's node (and engine; default: the point's)
 
 A point's overrides are the base, then its axis values; ``run.*`` values and ``measure`` may come from
 an axis or a rule. A ``masking.preset`` value also sets the preset's strategy / decoder / decoder_mode

@@ -94,11 +94,15 @@ def config_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def point_key(cfg_dict: dict[str, Any], point: Point) -> str:
-    """Identity of a point: resolved config (without its run directory), run settings, measures."""
+def point_key(cfg_dict: dict[str, Any], point: Point, feasibility: dict[str, Any] | None = None) -> str:
+    """Identity of a point: resolved config (without its run directory), run settings, measures (and
+    the planner's node when it is planned)."""
     conf = json.loads(json.dumps(cfg_dict))
     conf["train"].pop("out_dir", None)
-    blob = json.dumps({"config": conf, "run": point.run, "measure": sorted(point.measure)}, sort_keys=True)
+    ident = {"config": conf, "run": point.run, "measure": sorted(point.measure)}
+    if "feasibility" in point.measure:
+        ident["feasibility"] = feasibility or {}
+    blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -140,10 +144,10 @@ def profile_flops(cfg: Config) -> dict[str, Any]:
             "tokens_encoder": rep.n_visible, "tokens_decoder": rep.decoder_tokens}
 
 
-def _engine_label(cfg: Config, nproc: int) -> str:
+def _engine_label(cfg: Config) -> str:
     from mats_scale.parallel.engine import states_label
 
-    return "zero0" if nproc == 1 and cfg.parallel.backend == "none" else states_label(cfg.parallel)
+    return states_label(cfg.parallel)  # one process (backend none) counts as zero0
 
 
 def profile_memory(cfg: Config, nproc: int, target: str) -> dict[str, Any]:
@@ -155,7 +159,7 @@ def profile_memory(cfg: Config, nproc: int, target: str) -> dict[str, Any]:
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and target == "cuda")
     wl = _workload(cfg, "bf16" if bf16 else "fp32")
-    label = _engine_label(cfg, nproc)
+    label = _engine_label(cfg)
     states = engine_states(param_stats(build_model(wl, "meta")), label, Node(nproc, 1e9, 1.0), wl.dtype)
     act = activation_model(wl, target=target)
     per_rank = peak_allocated(states, act, wl.batch)
@@ -165,8 +169,9 @@ def profile_memory(cfg: Config, nproc: int, target: str) -> dict[str, Any]:
             "total_gib": nproc * (per_rank + states.cpu_bytes) / GIB}
 
 
-def profile_feasibility(cfg: Config, node_name: str) -> dict[str, Any]:
-    """The planner's row (feasibility.check_config) for the point's configuration on a GPU node."""
+def profile_feasibility(cfg: Config, node_name: str, engine: str | None = None) -> dict[str, Any]:
+    """The planner's row (feasibility.check_config) for the point's configuration on a GPU node, with
+    the point's engine or `engine` (a feasibility ENGINE_CHOICES label such as zero3)."""
     from mats_scale.profiling.feasibility import NODES, check_config
 
     if node_name not in NODES:
@@ -174,7 +179,7 @@ def profile_feasibility(cfg: Config, node_name: str) -> dict[str, Any]:
     node = NODES[node_name]
     bf16 = cfg.train.precision != "fp32"
     wl = _workload(cfg, "bf16" if bf16 else "fp32")
-    row = check_config(wl, _engine_label(cfg, node.gpus), node)
+    row = check_config(wl, engine or _engine_label(cfg), node)
     return {"node": node.name, **row, "fits": bool(row["fits"])}
 
 
@@ -340,7 +345,7 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
             echo(f"{head}: config error: {e}")
             continue
         cdict = config_dict(cfg)
-        key = point_key(cdict, point)
+        key = point_key(cdict, point, grid.feasibility)
         if key in done and not (retry_failed and done[key] not in OK_STATUS):
             echo(f"{head}: done before ({done[key]}), skipped")
             continue
@@ -356,7 +361,9 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
             if "memory" in point.measure:
                 record["predicted"] = profile_memory(cfg, int(point.run["nproc"]), target)
             if "feasibility" in point.measure:
-                record["feasibility"] = profile_feasibility(cfg, str(grid.feasibility.get("node", "a100-80")))
+                feas = grid.feasibility
+                record["feasibility"] = profile_feasibility(cfg, str(feas.get("node", "a100-80")),
+                                                            feas.get("engine"))
         except (ConfigError, ValueError, RuntimeError) as e:
             record.update(status="error", error=f"profiler: {e}")
             _append(results, {**record, **provenance, "finished_at": _now()})
