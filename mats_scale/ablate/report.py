@@ -269,6 +269,7 @@ def table_rows(rows: Sequence[Row], var: Sequence[str]) -> list[dict[str, str]]:
             "clips/s": _fmt(m.get("clips_per_s")),
             "step (s)": _fmt(m.get("step_time_s"), 3),
             "MFU (%)": _fmt(100 * m["mfu"] if "mfu" in m else None, 1),
+            "peak TFLOP/s": _fmt(m.get("mfu_peak_tflops"), 3),  # per device, MFU's denominator
             "peak (GiB)": _fmt(m.get("peak_mem_gib")),
             "predicted (GiB)": _fmt(r.feas.get("total_gib") if r.feas else p.get("total_gib")),
             "train GFLOPs/clip": f"{f['train_gflops']:.4g}" if f else "-",
@@ -312,7 +313,9 @@ def render(results: str, out_dir: str | None = None) -> list[str]:
             "clips/s, step time and MFU are medians over the steps after warm-up; peak memory is the "
             "process tree's peak RSS on CPU (summed over ranks) or the CUDA allocator's peak on GPU; "
             "predicted is the memory profiler for the same configuration (x processes); FLOPs per clip are "
-            "the profiler's (forward + backward, recomputation included).", "",
+            "the profiler's (forward + backward, recomputation included); MFU = model FLOPs per clip x "
+            "clips/s / (peak TFLOP/s per device x devices), the peak from the GPU table, a CPU GEMM sample "
+            "taken at the run's start, or logging.peak_tflops.", "",
             f"Configuration: {caption(rows, var)}", "", markdown_table(table, columns)]
     for fig in figures:
         text += [f"![{fig}]({fig})", ""]
