@@ -196,15 +196,17 @@ def plot_model_size(rows: list[Row], var: list[str], path: str) -> str | None:
     for ax, (groups, ylabel, title) in zip(axes, panels, strict=True):
         _lines(ax, groups, "model size", ylabel, title)
         ax.set_xticks(range(len(sizes)), sizes)
-    node = next((r.feas.get("node") for r in rows if r.feas), None)
-    text = caption(rows, ["model.size", *series]) + (f" Memory per GPU planned for {node}." if node else "")
+    feas = next((r.feas for r in rows if r.feas), None)
+    text = caption(rows, ["model.size", *series]) + (
+        f" Memory per GPU planned for {feas['node']} under {feas['engine']} at micro-batch {feas['batch']}"
+        " (bf16)." if feas else "")
     return _finish(fig, "Cost vs model size", text, path)
 
 
 def plot_engines(rows: list[Row], var: list[str], path: str) -> str | None:
     """Bars per engine (ZeRO stage / FSDP2): measured clips/s, measured and predicted peak memory."""
     ran = [r for r in rows if r.ran]
-    engines = sorted({r.engine for r in ran})
+    engines = sorted({r.engine for r in ran}, key=lambda e: (not e.startswith("zero"), e))  # zero0..3, fsdp2
     if len(engines) < 2:
         return None
     fig, (a, b) = _figure(2)
@@ -271,16 +273,17 @@ def table_rows(rows: Sequence[Row], var: Sequence[str]) -> list[dict[str, str]]:
             "MFU (%)": _fmt(100 * m["mfu"] if "mfu" in m else None, 1),
             "peak TFLOP/s": _fmt(m.get("mfu_peak_tflops"), 3),  # per device, MFU's denominator
             "peak (GiB)": _fmt(m.get("peak_mem_gib")),
-            "predicted (GiB)": _fmt(r.feas.get("total_gib") if r.feas else p.get("total_gib")),
+            "predicted (GiB)": _fmt(p.get("total_gib")),  # this point's processes on its own device
             "train GFLOPs/clip": f"{f['train_gflops']:.4g}" if f else "-",
             "final loss": _fmt(m.get("final_loss"), 4),
             "tokens enc/dec": (f"{m['tokens_encoder_per_clip']:.0f}/{m['tokens_decoder_per_clip']:.0f}" if m
                                else (f"{f['tokens_encoder']}/{f['tokens_decoder']}" if f else "-")),
-            "note": (r.rec.get("error") or "").replace("|", "/")[:160],
         })
-        if r.feas:
-            fits = f" max micro-batch {r.feas['max_batch']} on {r.feas['node']}"
-            row["note"] = (row["note"] + fits).strip()
+        if any(x.feas for x in rows):
+            row["planned GiB/GPU"] = _fmt(r.feas.get("total_gib"))
+            row["max micro-batch"] = (f"{r.feas['max_batch']} ({r.feas['engine']}, {r.feas['node']})"
+                                      if r.feas else "-")
+        row["note"] = (r.rec.get("error") or "").replace("|", "/")[:160]
         out.append(row)
     return out
 
