@@ -237,6 +237,38 @@ def plot_engines(rows: list[Row], var: list[str], path: str) -> str | None:
                    caption(rows, ["parallel.backend", "parallel.zero_stage"]), path)
 
 
+def plot_categories(rows: list[Row], var: list[str], path: str) -> str | None:
+    """Grouped bars over the first varied key (e.g. the masking preset), a bar per combination of the
+    other varied keys: measured clips/s and training FLOPs per clip (recomputation included)."""
+    ran = [r for r in rows if r.ran]
+    keys = [k for k in var if not k.startswith("run.")]
+    if not ran or not keys:
+        return None
+    first, rest = keys[0], keys[1:]
+    cats = list(dict.fromkeys(str(r.get(first)) for r in ran))
+    series = list(dict.fromkeys(_series_label(r, rest) for r in ran))
+    fig, (a, b) = _figure(2)
+    w = 0.8 / len(series)
+    thr_label = "throughput (clips/s, median after warm-up)"
+    for ax, value, ylabel in ((a, lambda r: r.measured["clips_per_s"], thr_label),
+                              (b, lambda r: r.flops.get("train_gflops", float("nan")),
+                               "training GFLOPs per clip (incl. recomputation)")):
+        for i, label in enumerate(series):
+            got = {str(r.get(first)): value(r) for r in ran if _series_label(r, rest) == label}
+            xs = [j + (i - (len(series) - 1) / 2) * w for j in range(len(cats))]
+            bars = ax.bar(xs, [got.get(c, float("nan")) for c in cats], w, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
+        ax.set_xticks(range(len(cats)), cats, fontsize=8)
+        ax.set_xlabel(first)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    a.set_title("Throughput", fontsize=10)
+    b.set_title("FLOPs per clip", fontsize=10)
+    return _finish(fig, f"Throughput and FLOPs per {first}", caption(rows, keys), path)
+
+
 def plot_memory_check(rows: list[Row], path: str) -> str | None:
     """Measured against predicted peak memory of every real run (the y = x line is a perfect model)."""
     ran = [r for r in rows if r.ran and r.pred]
@@ -301,12 +333,20 @@ def render(results: str, out_dir: str | None = None) -> list[str]:
     name = rows[0].rec.get("grid", "sweep")
     written, figures = [], []
     for fn, stem in ((plot_mask_ratio, "mask_ratio"), (plot_model_size, "model_size"),
-                     (plot_engines, "engines"), (plot_memory_check, "memory_check")):
-        path = os.path.join(out_dir, f"{name}_{stem}.png")
-        got = fn(rows, var_shown, path) if fn is not plot_memory_check else fn(rows, path)
+                     (plot_engines, "engines")):
+        got = fn(rows, var_shown, os.path.join(out_dir, f"{name}_{stem}.png"))
         if got:
             figures.append(os.path.basename(got))
             written.append(got)
+    if not figures:  # none of the standard axes varies: bars over the grid's own keys
+        got = plot_categories(rows, var_shown, os.path.join(out_dir, f"{name}_bars.png"))
+        if got:
+            figures.append(os.path.basename(got))
+            written.append(got)
+    got = plot_memory_check(rows, os.path.join(out_dir, f"{name}_memory_check.png"))
+    if got:
+        figures.append(os.path.basename(got))
+        written.append(got)
     table = table_rows(rows, var_shown)
     columns = [(k, k, str) for k in table[0]]
     n_ok = sum(r.status in OK_STATUS for r in rows)

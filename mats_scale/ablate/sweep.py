@@ -355,7 +355,8 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
         target = "cuda" if not real or (cuda and cfg.train.device != "cpu") else "cpu"
         try:
             if "flops" in point.measure:
-                fkey = json.dumps([cdict["model"], cdict["masking"]], sort_keys=True)
+                ckpt = [cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every]
+                fkey = json.dumps([cdict["model"], cdict["masking"], ckpt], sort_keys=True)  # recompute
                 flops_cache.setdefault(fkey, profile_flops(cfg))
                 record["flops"] = flops_cache[fkey]
             if "memory" in point.measure:
