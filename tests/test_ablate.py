@@ -160,6 +160,7 @@ def test_vitg_real_step_against_the_planner(tmp_path):
     (rec,) = load_results(str(out / "results.jsonl"))
     assert rec["status"] == "ok", rec.get("error")
     measured, predicted = rec["measured"]["peak_mem_gib"], rec["predicted"]["total_gib"]
-    print(f"ViT-g step on 2 CPU processes (FSDP2): peak RSS {measured:.2f} GiB, predicted {predicted:.2f} GiB")
+    print(f"ViT-g step on 2 CPU processes (FSDP2): peak RSS {measured:.2f} GiB, "
+          f"predicted {predicted:.2f} GiB")
     # The profiler counts tensors only; the processes also hold the interpreter and libraries.
     assert predicted <= measured <= predicted + 4.0
