@@ -276,9 +276,12 @@ class LoggingConfig:
     """Write TensorBoard scalars under out_dir/tb."""
     progress_bar: bool = True
     """tqdm progress bar with ETA on rank 0, only when stderr is a terminal (piped output: log lines only)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device for the logged MFU; 0: the known-GPU table on CUDA, a GEMM sample on CPU."""
 
     def __post_init__(self) -> None:
         check_positive("logging.log_every", self.log_every)
+        check_positive("logging.peak_tflops", self.peak_tflops, allow_zero=True)
 
 
 @dataclass

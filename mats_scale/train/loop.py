@@ -39,6 +39,7 @@ from mats_scale.parallel.engine import build_engine
 from mats_scale.train import provenance, runlock
 from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mats_scale.train.faults import Faults
+from mats_scale.train.mfu import MfuMeter
 from mats_scale.train.preflight import preflight
 from mats_scale.train.rundir import DataStop, stop_on_bad_data
 from mats_scale.train.runfiles import check_resume, lr_change_note, write_run_record
@@ -139,6 +140,9 @@ class Trainer:
             self.log.warning(note)
 
         self.engine = build_engine(cfg, env, task.model_spec())
+        # Rank 0 logs MFU: FLOPs per clip counted on meta, the device peak (table, GEMM sample or config).
+        self.mfu = (MfuMeter.for_run(cfg, task.name, env.device, env.precision, env.world_size)
+                    if env.is_writer else None)
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
         self.stream = BatchStream(task.build_loader(env.rank, env.world_size))
         self.stream.loader.defer_stop = True  # bad-data stops are agreed across ranks (in the step's all-reduce)
@@ -192,16 +196,17 @@ class Trainer:
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
         # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, bad-data stops,
-        #  task metrics...]
+        # peak memory (summed over ranks: the process tree's peak RSS on CPU), task metrics...]
         names = sorted(totals)
-        scalars = torch.tensor([float(stop.signum is not None), skipped, float(self.stream.stop_error is not None)],
-                               dtype=torch.float64, device=env.device)
+        peak_mem = peak_memory_gib(env.device)
+        scalars = torch.tensor([float(stop.signum is not None), skipped, float(self.stream.stop_error is not None),
+                                peak_mem], dtype=torch.float64, device=env.device)
         stats = torch.cat([loss_sum.view(1), nonfinite.view(1), scalars,
                            *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1)
                              for k in names)])
         all_reduce(stats)  # every rank takes the same skip / stop decision
         values = stats.tolist()
-        loss_total, n_nonfinite, stop_votes, new_skipped, data_stops = values[:5]
+        loss_total, n_nonfinite, stop_votes, new_skipped, data_stops, peak_mem_sum = values[:6]
         self.data_stopped = data_stops > 0
         result = engine.step(lr, skip=n_nonfinite > 0 or self.data_stopped)
         c = self.counters
@@ -217,9 +222,12 @@ class Trainer:
         metrics = {"loss": loss_total / micro_total if not n_nonfinite else float("nan"),  # skipped: NaN
                    "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                    "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
-                   **self.task.summarize(dict(zip(names, values[5:])), micro_total),
-                   "peak_mem_gib": peak_memory_gib(env.device), "skipped_files": c.skipped_files,
+                   **self.task.summarize(dict(zip(names, values[6:])), micro_total),
+                   "peak_mem_gib": peak_mem, "peak_mem_sum_gib": peak_mem_sum,
+                   "skipped_files": c.skipped_files,
                    "skipped_steps": c.skipped_steps}
+        if self.mfu is not None:
+            metrics["mfu"] = self.mfu(metrics["clips_per_s"])
         return metrics, int(n_nonfinite), stop_votes > 0
 
     def run(self) -> TrainResult:
@@ -228,7 +236,10 @@ class Trainer:
                   {"engine": self.engine.name, "world_size": self.env.world_size,
                    "device": str(self.env.device), "precision": self.env.precision,
                    "total_batch": self.batch_total,
-                   "steps_per_epoch": len(self.stream.loader) / cfg.optim.grad_accum})
+                   "steps_per_epoch": len(self.stream.loader) / cfg.optim.grad_accum,
+                   **({"mfu_flops_per_clip": self.mfu.flops_per_clip,
+                       "mfu_peak_tflops": self.mfu.peak_flops / 1e12,
+                       "mfu_peak_source": self.mfu.peak_source} if self.mfu is not None else {})})
         log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} "
                  f"({self.env.precision}), total batch {self.batch_total} = {cfg.data.batch_size} x "
                  f"{self.env.world_size} x {cfg.optim.grad_accum}, "

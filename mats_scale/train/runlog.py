@@ -32,7 +32,8 @@ TB_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "clips_per_s": "perf/clips_per_s", "step_time_s": "perf/step_time_s", "data_time_s": "perf/data_time_s",
     "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files",
-    "skipped_steps": "train/skipped_steps",
+    "skipped_steps": "train/skipped_steps", "mfu": "perf/mfu",
+    "peak_mem_sum_gib": "memory/peak_sum_over_ranks_gib",
 }
 
 
@@ -182,6 +183,7 @@ class RunLogger:
         eta = (time.perf_counter() - self._t_start) / done * (self.total - step) if done else 0.0
         return (f"step {step:6d}/{self.total}{epoch}  loss {loss} (mean of {len(w)})  lr {m['lr']:.3e}  "
                 f"grad_norm {grad}  {clips:.2f} clips/s  {step_time:.3f} s/step  ETA {_duration(eta)}  "
+                + (f"mfu {m['mfu']:.1%}  " if "mfu" in m else "")
                 + (self.task_format.format(**m) + "  " if self.task_format else "")
                 + f"peak {m['peak_mem_gib']:.2f} GiB  "
                 f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")

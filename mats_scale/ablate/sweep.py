@@ -1,0 +1,395 @@
+"""Run a grid point by point, append one JSON record per point to the sweep's results file.
+
+A real point ("train" in its measures) is a short pre-training run in a subprocess under its launcher
+(torchrun / deepspeed / python, ``run.nproc`` processes, killed as a process group after
+``run.time_limit_s``); its ``metrics.jsonl`` gives
+
+* clips/s, step time and MFU: medians over the steps after ``run.warmup_steps``;
+* peak memory: on CPU the process tree's peak RSS (the Trainer's ``peak_mem_sum_gib``: ru_maxrss
+  summed over the ranks), on CUDA rank 0's ``torch.cuda.max_memory_allocated`` (``peak_mem_gib``);
+* final loss: mean of the last ``run.loss_window`` finite step losses; tokens per clip.
+
+Every point (real or profiler-only) also gets the profilers' numbers for the same configuration: FLOPs
+per clip (fvcore forward MACs, FlopCounterMode training FLOPs), the memory profiler's prediction
+(per rank, on the device the run uses) and, for profiler-only points, the feasibility planner's row for
+a GPU node. A failure (config error, non-zero exit, timeout, OOM) is recorded with its message and
+the sweep goes on. Records are keyed by a hash of the resolved config, run settings and measures: a
+key already in the results file is skipped (``retry_failed`` re-runs the failed ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mats_scale.ablate.grid import Grid, Point
+from mats_scale.config import Config, ConfigError, load_config
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Settings every real point gets: its own run directory, a fresh start, no bar, no TensorBoard.
+FORCED = ["logging.progress_bar=false", "logging.tensorboard=false", "train.save_every=0"]
+OK_STATUS = ("ok", "profiled")
+LIBRARIES = ("torch", "deepspeed", "numpy", "fvcore", "omegaconf", "mats_scale")
+GIB = 1024 ** 3
+
+
+# ---- provenance -----------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    """HEAD of the checkout the package runs from (``+dirty`` with uncommitted changes), or unknown."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PACKAGE_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def host() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    return info
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+def resolve(point: Point) -> Config:
+    """The point's validated Config (raises ConfigError)."""
+    return load_config(point.config, point.overrides)
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def point_key(cfg_dict: dict[str, Any], point: Point, feasibility: dict[str, Any] | None = None) -> str:
+    """Identity of a point: resolved config (without its run directory), run settings, measures (and
+    the planner's node when it is planned)."""
+    conf = json.loads(json.dumps(cfg_dict))
+    conf["train"].pop("out_dir", None)
+    ident = {"config": conf, "run": point.run, "measure": sorted(point.measure)}
+    if "feasibility" in point.measure:
+        ident["feasibility"] = feasibility or {}
+    blob = json.dumps(ident, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_results(path: str) -> list[dict[str, Any]]:
+    """Records of a results file (a torn last line from a killed sweep is ignored)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+# ---- profilers ------------------------------------------------------------------------------------
+
+def _workload(cfg: Config, dtype_name: str):
+    from mats_scale.profiling.workload import DTYPES, Workload
+
+    ckpt = (cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every)
+    return Workload(cfg.model, cfg.masking, cfg.data.batch_size, DTYPES[dtype_name], ckpt)
+
+
+def profile_flops(cfg: Config) -> dict[str, Any]:
+    """FLOPs per clip: fvcore forward MACs (+ the papers' convention), FlopCounterMode step FLOPs."""
+    from mats_scale.profiling.flops import count_flops
+    from mats_scale.train.mfu import model_flops_per_clip
+
+    rep = count_flops(_workload(cfg, "fp32"), with_elementwise=False)
+    return {"fwd_gmacs": rep.fwd_macs / 1e9, "ref_gmacs": rep.ref_macs / 1e9,
+            "score_gmacs": rep.score_macs / 1e9,
+            "train_gflops": rep.train_flops / 1e9, "model_gflops": model_flops_per_clip(cfg) / 1e9,
+            "tokens_encoder": rep.n_visible, "tokens_decoder": rep.decoder_tokens}
+
+
+def _engine_label(cfg: Config) -> str:
+    from mats_scale.parallel.engine import states_label
+
+    return states_label(cfg.parallel)  # one process (backend none) counts as zero0
+
+
+def profile_memory(cfg: Config, nproc: int, target: str) -> dict[str, Any]:
+    """The memory profiler's peak per rank for the run's micro-batch on `target` (cpu: fp32 unless
+    train.precision=bf16; cuda: bf16 unless fp32), and that times the processes."""
+    from mats_scale.profiling.feasibility import Node, engine_states
+    from mats_scale.profiling.memory import activation_model, param_stats, peak_allocated
+    from mats_scale.profiling.workload import build_model
+
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and target == "cuda")
+    wl = _workload(cfg, "bf16" if bf16 else "fp32")
+    label = _engine_label(cfg)
+    states = engine_states(param_stats(build_model(wl, "meta")), label, Node(nproc, 1e9, 1.0), wl.dtype)
+    act = activation_model(wl, target=target)
+    per_rank = peak_allocated(states, act, wl.batch)
+    return {"target": target, "engine": label, "dtype": "bf16" if bf16 else "fp32",
+            "states_gib": states.total / GIB, "activations_gib": act.peak(wl.batch) / GIB,
+            "per_rank_gib": per_rank / GIB, "host_offload_gib": states.cpu_bytes / GIB,
+            "total_gib": nproc * (per_rank + states.cpu_bytes) / GIB}
+
+
+def profile_feasibility(cfg: Config, node_name: str, engine: str | None = None) -> dict[str, Any]:
+    """The planner's row (feasibility.check_config) for the point's configuration on a GPU node, with
+    the point's engine or `engine` (a feasibility ENGINE_CHOICES label such as zero3)."""
+    from mats_scale.profiling.feasibility import NODES, check_config
+
+    if node_name not in NODES:
+        raise ConfigError(f"feasibility.node={node_name!r}: allowed: {', '.join(NODES)}")
+    node = NODES[node_name]
+    bf16 = cfg.train.precision != "fp32"
+    wl = _workload(cfg, "bf16" if bf16 else "fp32")
+    row = check_config(wl, engine or _engine_label(cfg), node)
+    return {"node": node.name, **row, "fits": bool(row["fits"])}
+
+
+# ---- real runs ------------------------------------------------------------------------------------
+
+def launch_command(run: dict[str, Any], args: list[str]) -> list[str]:
+    """The launcher command line of ``python -m mats_scale.launch.pretrain ARGS`` on run.nproc processes."""
+    n, py = int(run["nproc"]), sys.executable
+    if run["launcher"] == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                "-m", "mats_scale.launch.pretrain", *args]
+    if run["launcher"] == "deepspeed":
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
+                "--master_port", str(free_port()),
+                "--module", "mats_scale.launch.pretrain", *args]
+    return [py, "-m", "mats_scale.launch.pretrain", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the run's process group (the trainer stops after its step), SIGKILL after 20 s."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def error_message(text: str) -> str:
+    """The most telling line of a failed run's output: the last error line, else the last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        low = ln.lower()
+        if "error" in low or "out of memory" in low or "killed" in low:
+            return ln[:500]
+    return lines[-1][:500] if lines else "no output"
+
+
+def summarize_metrics(path: str, warmup: int, window: int) -> dict[str, Any]:
+    """Medians after warm-up, peak memory and the final loss from a run's metrics.jsonl."""
+    import math
+
+    start, steps = {}, []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("event") == "start":
+                    start, steps = rec, []
+                elif "step" in rec:
+                    steps.append(rec)
+    if not steps:
+        return {"steps": 0}
+    timed = steps[warmup:] or steps  # too few steps: no warm-up left out (flagged by "timed_steps")
+    cuda = str(start.get("device", "cpu")).startswith("cuda")
+    batch = start.get("total_batch") or 1
+    losses = [s["loss"] for s in steps if math.isfinite(s["loss"])]
+    out = {
+        "steps": len(steps), "timed_steps": len(timed) if len(timed) < len(steps) else 0,
+        "total_batch": batch, "world_size": start.get("world_size"), "device": start.get("device"),
+        "engine": start.get("engine"), "precision": start.get("precision"),
+        "clips_per_s": statistics.median(s["clips_per_s"] for s in timed),
+        "step_time_s": statistics.median(s["step_time_s"] for s in timed),
+        # peak_mem_sum_gib: older logs (before the Trainer summed over ranks) only have rank 0's
+        "peak_mem_gib": max(s.get("peak_mem_gib" if cuda else "peak_mem_sum_gib", s["peak_mem_gib"])
+                            for s in steps),
+        "peak_mem_kind": "cuda max_memory_allocated, rank 0" if cuda else "peak RSS summed over ranks",
+        "final_loss": sum(losses[-window:]) / len(losses[-window:]) if losses else float("nan"),
+        "tokens_encoder_per_clip": statistics.median(s["tokens_encoder"] for s in timed) / batch,
+        "tokens_decoder_per_clip": statistics.median(s["tokens_decoder"] for s in timed) / batch,
+    }
+    if all("mfu" in s for s in timed):
+        out["mfu"] = statistics.median(s["mfu"] for s in timed)
+        out["mfu_peak_tflops"] = start.get("mfu_peak_tflops")
+        out["mfu_peak_source"] = start.get("mfu_peak_source")
+    return out
+
+
+def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None, dict[str, Any], float]:
+    """One real run: (status, error message, measured metrics, wall seconds)."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start: never resume a half-run point
+    os.makedirs(run_dir)
+    args = [f"--config={point.config}"] + point.overrides + FORCED + [
+        f"train.out_dir={run_dir}"]
+    cmd = launch_command(point.run, args)
+    t0 = time.perf_counter()
+    with open(os.path.join(run_dir, "launcher.log"), "w+") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(int(point.run["nproc"])),
+                                start_new_session=True)  # own process group: a timeout kills every rank
+        timed_out = False
+        try:
+            proc.wait(timeout=point.run["time_limit_s"])
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        except BaseException:  # the sweep itself is interrupted: take the run's processes with it
+            _kill_group(proc)
+            raise
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        output = log.read()
+    measured = summarize_metrics(os.path.join(run_dir, "metrics.jsonl"), int(point.run["warmup_steps"]),
+                                 int(point.run["loss_window"]))
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # weights are not results
+    if timed_out:
+        return "timeout", f"killed after run.time_limit_s={point.run['time_limit_s']} s", measured, wall
+    rc = proc.returncode
+    if rc == 0:
+        return "ok", None, measured, wall
+    low = output.lower()
+    oom = rc in (-9, 137) or "out of memory" in low or "outofmemoryerror" in low
+    return ("oom" if oom else "error"), f"exit {rc}: {error_message(output)}", measured, wall
+
+
+# ---- the sweep ------------------------------------------------------------------------------------
+
+def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
+          echo: Callable[[str], None] = print) -> str:
+    """Run every point of `grid` not yet in ``out_dir/results.jsonl``; returns that path."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = os.path.join(out_dir, "results.jsonl")
+    done = {r["key"]: r["status"] for r in load_results(results)}
+    provenance = {"git_commit": git_commit(), "versions": versions(), "host": host()}
+    flops_cache: dict[str, dict[str, Any]] = {}
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for i, point in enumerate(grid.points, 1):
+        head = f"[{i}/{len(grid.points)}] {point.label}"
+        record: dict[str, Any] = {"grid": grid.name, "point": point.axes, "overrides": point.overrides,
+                                  "run": point.run, "measure": point.measure, "base_config": point.config}
+        try:
+            cfg = resolve(point)
+        except ConfigError as e:
+            key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+            if key in done and not (retry_failed and done[key] not in OK_STATUS):
+                echo(f"{head}: done before ({done[key]}), skipped")
+                continue
+            record.update(key=key, status="config", error=str(e))
+            _append(results, {**record, **provenance, "finished_at": _now()})
+            echo(f"{head}: config error: {e}")
+            continue
+        cdict = config_dict(cfg)
+        key = point_key(cdict, point, grid.feasibility)
+        if key in done and not (retry_failed and done[key] not in OK_STATUS):
+            echo(f"{head}: done before ({done[key]}), skipped")
+            continue
+        record.update(key=key, config=cdict)
+        real = "train" in point.measure
+        # Real runs are predicted for the device they run on; profiler-only points for a GPU.
+        target = "cuda" if not real or (cuda and cfg.train.device != "cpu") else "cpu"
+        try:
+            if "flops" in point.measure:
+                ckpt = [cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every]
+                fkey = json.dumps([cdict["model"], cdict["masking"], ckpt], sort_keys=True)  # recompute
+                flops_cache.setdefault(fkey, profile_flops(cfg))
+                record["flops"] = flops_cache[fkey]
+            if "memory" in point.measure:
+                record["predicted"] = profile_memory(cfg, int(point.run["nproc"]), target)
+            if "feasibility" in point.measure:
+                feas = grid.feasibility
+                record["feasibility"] = profile_feasibility(cfg, str(feas.get("node", "a100-80")),
+                                                            feas.get("engine"))
+        except (ConfigError, ValueError, RuntimeError) as e:
+            record.update(status="error", error=f"profiler: {e}")
+            _append(results, {**record, **provenance, "finished_at": _now()})
+            echo(f"{head}: profiler error: {e}")
+            continue
+        if real:
+            echo(f"{head}: running {point.run['launcher']} x {point.run['nproc']} ...")
+            status, error, measured, wall = run_point(cfg, point, os.path.join(out_dir, "runs", key))
+            record.update(status=status, error=error, measured=measured, wall_s=wall)
+            summary = (f"{measured['clips_per_s']:.2f} clips/s, peak {measured['peak_mem_gib']:.2f} GiB"
+                       if measured.get("steps") else "no step finished")
+            echo(f"{head}: {status} in {wall:.0f} s ({summary})" + (f": {error}" if error else ""))
+        else:
+            record.update(status="profiled", error=None)
+            echo(f"{head}: profiled")
+        _append(results, {**record, **provenance, "finished_at": _now()})
+    return results
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _append(path: str, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

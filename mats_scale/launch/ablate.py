@@ -1,0 +1,101 @@
+"""Scaling ablations in one command: run a grid of short training runs and profiler-only points.
+
+    python launchers/ablate.py --grid FILE|NAME [--out DIR] [--retry-failed] [--dry-run]
+    python launchers/ablate.py report RESULTS.jsonl [--out DIR]
+
+``--grid mask_ratio`` names a shipped grid (``mats_scale/configs/ablations/``); see
+:mod:`mats_scale.ablate.grid` for the file format. Results go to ``DIR/results.jsonl`` (default
+``runs/ablate/<grid name>``), one JSON record per point; re-running skips finished points. ``report``
+writes ``<name>_report.md`` and PNG plots next to the results. Installed: ``mats-ablate ...``.
+Exit status: 0 done (failed points are recorded, not fatal), 2 bad grid or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from importlib.resources import files
+
+from mats_scale.errors import ConfigError
+
+GRID_DIR = "configs/ablations"
+
+
+def shipped_grids() -> list[str]:
+    return sorted(p.name[:-5] for p in (files("mats_scale") / GRID_DIR).iterdir() if p.name.endswith(".yaml"))
+
+
+def grid_path(value: str) -> str:
+    """A grid file as given, else a shipped grid of that name."""
+    if os.path.isfile(value):
+        return value
+    name = value.removesuffix(".yaml")
+    if os.sep not in name and name in shipped_grids():
+        return str(files("mats_scale") / GRID_DIR / f"{name}.yaml")
+    raise ConfigError(f"--grid={value!r}: no such file, nor a shipped grid "
+                      f"(shipped: {', '.join(shipped_grids())})")
+
+
+def _report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ablate.py report",
+                                description="Markdown tables and PNG plots of a sweep.")
+    p.add_argument("results", help="a sweep's results.jsonl")
+    p.add_argument("--out", default=None, help="output folder (default: next to the results)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.results):
+        print(f"error: {args.results}: no such results file", file=sys.stderr)
+        return 2
+    from mats_scale.ablate.report import render
+
+    try:
+        for path in render(args.results, args.out):
+            print(path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        return _report(argv[1:])
+    p = argparse.ArgumentParser(prog="ablate.py", description=__doc__.splitlines()[0],
+                                epilog="'ablate.py report RESULTS.jsonl' renders a finished sweep.")
+    p.add_argument("--grid", required=True, help="grid YAML file or a shipped grid name")
+    p.add_argument("--out", default=None, help="results folder (default runs/ablate/<grid name>)")
+    p.add_argument("--retry-failed", action="store_true", help="re-run points recorded as failed")
+    p.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    args = p.parse_args(argv)
+    from mats_scale.ablate.grid import load_grid
+
+    try:
+        grid = load_grid(grid_path(args.grid))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", "ablate", grid.name)
+    if args.dry_run:
+        for i, pt in enumerate(grid.points, 1):
+            print(f"[{i}/{len(grid.points)}] {pt.label}: measure {','.join(pt.measure)}; "
+                  f"{pt.run['launcher']} x {pt.run['nproc']}; {' '.join(pt.overrides)}")
+        return 0
+    from mats_scale.ablate.sweep import sweep
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # unwinds through the running point, which kills its process group
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        results = sweep(grid, out, retry_failed=args.retry_failed, echo=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print(f"interrupted; finished points are in {out}/results.jsonl (re-run to go on)", file=sys.stderr)
+        return 130
+    print(f"results: {results}\nreport:  python launchers/ablate.py report {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
