@@ -1,4 +1,5 @@
-"""Video MAE pre-training from a checkout: ``deepspeed launchers/pretrain.py [--config FILE] [key=value ...]``.
+"""Video MAE pre-training from a checkout:
+``deepspeed launchers/pretrain.py [--config FILE] [key=value ...]``.
 
 A thin wrapper of :mod:`mats_scale.launch.pretrain` (its docstring lists every way to launch).
 """

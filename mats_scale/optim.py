@@ -23,8 +23,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def total_batch(micro_batch: int, world_size: int, grad_accum: int) -> int:
@@ -49,6 +48,11 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig, total_batch: int) -> fl
 def build_adamw(model: nn.Module, cfg: OptimConfig, total_batch: int) -> torch.optim.AdamW:
     # lr is set before every step from lr_at(); the initial value only matters for inspection.
     # fused=True: one kernel over all tensors (CPU and CUDA); on CPU torch's default per-parameter
-    # loop costs ~3x as much (0.16 s vs 0.05 s per ViT-B step: profiling/bench_step.py with and without --unfused-adamw).
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr(cfg, total_batch),
-                             betas=tuple(cfg.betas), fused=cfg.fused)
+    # loop costs ~3x as much (0.16 s vs 0.05 s per ViT-B step: profiling/bench_step.py with and
+    # without --unfused-adamw).
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=peak_lr(cfg, total_batch),
+        betas=tuple(cfg.betas),
+        fused=cfg.fused,
+    )

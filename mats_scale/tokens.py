@@ -51,7 +51,8 @@ class TokenGrid:
 
     @classmethod
     def from_model(cls, model_args) -> TokenGrid:
-        """From anything with a ``grid`` (T', H', W') property (:class:`~mats_scale.models.args.ModelArgs`)."""
+        """From anything with a ``grid`` (T', H', W') property
+        (:class:`~mats_scale.models.args.ModelArgs`)."""
         return cls(*model_args.grid)
 
 
@@ -196,9 +197,7 @@ def selection_counts(m: MaskingSpec, grid: TokenGrid) -> tuple[int, int]:
         return n_vis, n_tgt
     n_mask = encoder_mask_count(m, grid)
     if not 1 <= n_mask < n:
-        raise ValueError(
-            f"masks {n_mask} of N={n} tokens; needs at least 1 masked and 1 visible"
-        )
+        raise ValueError(f"masks {n_mask} of N={n} tokens; needs at least 1 masked and 1 visible")
     if m.decoder == "none":
         return n - n_mask, n_mask
     if m.decoder_mode == "reference":

@@ -35,8 +35,9 @@ class FrameFolder:
         if start < 0:
             found = [i for i in (0, 1) if os.path.isfile(self._file_at(i))]
             if not found:
-                raise VideoReadError(path, f"rawframe folder without {FRAME_TEMPLATE.format(0)} or "
-                                           f"{FRAME_TEMPLATE.format(1)}")
+                raise VideoReadError(
+                    path, f"rawframe folder without {FRAME_TEMPLATE.format(0)} or {FRAME_TEMPLATE.format(1)}"
+                )
             start = found[0]
         self.start = start
         if frames < 0:
@@ -55,7 +56,8 @@ class FrameFolder:
     backend = "rawframes"
 
     def decode(self, frames: list[int]) -> np.ndarray:
-        """The reader interface of ``mats_scale.data.video``: ascending frame numbers -> (U, H, W, 3) uint8."""
+        """The reader interface of ``mats_scale.data.video``: ascending frame numbers ->
+        (U, H, W, 3) uint8."""
         return self.get_batch(frames).asnumpy()
 
     def get_batch(self, indices: list[int]) -> _Batch:

@@ -12,7 +12,8 @@ state stay as they were and ``StepResult.applied`` is False.
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, NamedTuple, Protocol, runtime_checkable
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ class Engine(Protocol):
     name: str
     """Backend description for logs and checkpoint metadata, e.g. ``deepspeed-zero3``."""
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         """The mixed-precision context forward runs under; use it to call root methods outside forward."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -80,8 +80,9 @@ class FSDP2Engine(LocalEngine):
             # bf16 all-gathers and compute, fp32 gradient reduction and master shards. Each unit casts
             # its own inputs; the root does not, so pixel targets come from the fp32 clip.
             unit_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32)
-            root_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32,
-                                           cast_forward_inputs=False)
+            root_mp = MixedPrecisionPolicy(
+                param_dtype=env.amp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         for unit in spec.shard_units(model):
             fully_shard(unit, mesh=mesh, mp_policy=unit_mp)
         fully_shard(model, mesh=mesh, mp_policy=root_mp)
@@ -95,7 +96,7 @@ class FSDP2Engine(LocalEngine):
         super().__init__(model, cfg, env)
         self._micro = 0
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         return contextlib.nullcontext()  # the mixed-precision policy casts, see build()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -124,8 +125,9 @@ class FSDP2Engine(LocalEngine):
         dcp.load(state, checkpoint_id=os.path.join(path, "model"))
         ostate = {"optimizer": optim_sd}
         dcp.load(ostate, checkpoint_id=os.path.join(path, "optimizer"))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=ostate["optimizer"])
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=ostate["optimizer"]
+        )
 
     @staticmethod
     def consolidate(path: str) -> dict[str, torch.Tensor]:

@@ -37,8 +37,10 @@ def find_checkpoint(path: str) -> Path:
     if not is_ckpt:
         dirs = step_dirs(p / "checkpoints")
         if not dirs:
-            raise CheckpointError(f"{path}: neither a checkpoint (step_* with manifest.json) nor a run "
-                                  "directory with checkpoints/step_*")
+            raise CheckpointError(
+                f"{path}: neither a checkpoint (step_* with manifest.json) nor a run "
+                "directory with checkpoints/step_*"
+            )
         p = dirs[0]
     problem = verify_checkpoint(p)
     if problem is not None:
@@ -60,8 +62,10 @@ def export(path: str, out: str) -> dict[str, torch.Tensor]:
     model = build_model(task.model_spec(), "meta")
     model.load_state_dict(sd, strict=True, assign=True)  # names and shapes match the run's model
     torch.save(sd, out)
-    print(f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
-          f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}")
+    print(
+        f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
+        f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}"
+    )
     return sd
 
 

@@ -1,9 +1,9 @@
 """Video MAE pre-training as a task of the generic Trainer: token selection, then the model's loss.
 
-Per micro-batch: clip to the device (uint8 from the workers, normalised there) -> motion scores (MATS only: the loader's pixel scores when it
-computed them, else the embedding score through the engine's model) -> ``select_tokens`` with this
-rank's mask generator -> forward through the engine. The selection decides how many tokens the
-encoder and the decoder process; those counts are the task's metrics.
+Per micro-batch: clip to the device (uint8 from the workers, normalised there) -> motion scores (MATS only:
+the loader's pixel scores when it computed them, else the embedding score through the engine's model) ->
+``select_tokens`` with this rank's mask generator -> forward through the engine. The selection decides how
+many tokens the encoder and the decoder process; those counts are the task's metrics.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class PretrainTask:
 
         return build_pretrain_loader(self.cfg, rank=rank, world_size=world_size)
 
-    def motion_scores(self, engine: Engine, video: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
+    def motion_scores(
+        self, engine: Engine, video: torch.Tensor, batch: dict[str, Any]
+    ) -> torch.Tensor | None:
         m = self.cfg.masking
         if m.strategy != "mats":
             return None
@@ -59,7 +61,10 @@ class PretrainTask:
         return StepOutput(out.loss, {"tokens_encoder": n_vis, "tokens_decoder": n_vis + n_tgt})
 
     def summarize(self, totals: Mapping[str, float], micro_batches: int) -> dict[str, Any]:
-        return {"tokens_encoder": int(totals["tokens_encoder"]), "tokens_decoder": int(totals["tokens_decoder"])}
+        return {
+            "tokens_encoder": int(totals["tokens_encoder"]),
+            "tokens_decoder": int(totals["tokens_decoder"]),
+        }
 
     def checkpoint_key(self) -> dict[str, Any]:
         return {"model": asdict(self.cfg.model)}
