@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from mats_scale.tokens import TokenGrid as TokenGrid  # re-exported: the masking strategies use it
+
 
 class Selection(NamedTuple):
     """Index tensors for one batch; every row has the same length."""
