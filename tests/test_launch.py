@@ -68,6 +68,7 @@ def _kill_group(pgid: int) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # DeepSpeed's runner + a rank: 20-70 s on the shared 2-core machine
 def test_sigterm_to_the_deepspeed_runner_itself_saves_and_stops(tmp_path):
     """`timeout`/`kill PID` signal only DeepSpeed's runner, which forwards nothing on one node: the ranks
     notice that it is gone, save a checkpoint and exit 0 (one rank, FSDP2, to keep it short)."""
@@ -111,6 +112,7 @@ def test_sigterm_to_the_deepspeed_runner_itself_saves_and_stops(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # DeepSpeed's runner + a rank: 20-70 s on the shared 2-core machine
 def test_ctrl_c_under_mats_scale_launch_saves_exits_0_without_a_traceback(tmp_path):
     """Ctrl-C in a terminal signals the whole foreground process group; `python -m mats_scale.launch.runner`
     (DeepSpeed's runner in its own session) turns it into a clean stop of the ranks."""
