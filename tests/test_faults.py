@@ -139,9 +139,9 @@ def test_missing_pointer_resumes_from_the_newest_checkpoint_and_changes_nothing(
         match=r"already holds checkpoints \(step_00000004, step_00000002\).*"
         "train.resume=restart",
     ):
-        train(cfg("train.steps=6", "train.resume=none"))
+        train(cfg("train.steps=6", "train.resume=none", "train.allow_changes=[train.steps]"))
     # ... and resume=auto finds the newest one, says so, and continues.
-    result = train(cfg("train.steps=6", "train.keep_last=3"))
+    result = train(cfg("train.steps=6", "train.keep_last=3", "train.allow_changes=[train.steps]"))
     assert result.step == 6
     assert metric_runs(tmp_path)[-1]["start"]["resumed_from"].endswith("step_00000004")
     assert (
@@ -236,7 +236,7 @@ def test_malformed_fault_variables_are_config_errors(monkeypatch, value):
 
 
 def _template(tmp_path: Path, edit) -> str:
-    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds = json.loads((ROOT / "mats_scale" / "ds_configs" / "zero3.json").read_text())
     edit(ds)
     path = tmp_path / "t.json"
     path.write_text(json.dumps(ds))

@@ -4,6 +4,7 @@ resume, epoch schedules, provenance, the run-dir lock, Slurm's variables, the De
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_changing_train_steps_is_refused_or_allowed_explicitly_with_the_lr_jump_
     train(
         _cfg(tmp_path, "train.steps=20", "train.save_every=10", "optim.warmup_steps=2", "train.keep_last=3")
     )
-    (tmp_path / "checkpoints" / "latest").write_text("step_00000010")  # continue from step 10
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000020")  # continue from step 10 (the newest left)
     with pytest.raises(ConfigError, match=r"train.steps=40 \(the run has 20\).*lr of step 11 would go from "):
         train(_cfg(tmp_path, "train.steps=40", "optim.warmup_steps=2"))
     result = train(
@@ -97,7 +98,7 @@ def test_unknown_allowance_key_is_named(tmp_path):
 def test_metrics_after_a_resume_have_one_record_per_step(tmp_path):
     train(_cfg(tmp_path, "train.steps=4", "train.save_every=2", "train.keep_last=2"))
     # As after a crash between saves: steps 3-4 were logged, the newest checkpoint is step 2.
-    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000004")
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.9')  # and a line cut short by the crash
     train(_cfg(tmp_path, "train.steps=4", "train.save_every=2", "train.keep_last=2"))
