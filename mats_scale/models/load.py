@@ -123,7 +123,9 @@ def interpolate_pos(table: torch.Tensor, src_grid: tuple[int, int, int], dst_gri
 
 
 def guess_grid(num_tokens: int, like: tuple[int, int, int]) -> Optional[tuple[int, int, int]]:
-    """A (T', H', W') grid of `num_tokens` with a square spatial grid, preferring the model's T' or H'."""
+    """The checkpoint's (T', H', W') grid of `num_tokens` (a learned table does not record it): the
+    model's T' with a square spatial grid (another resolution), else the model's H' x W' (another frame
+    count); None when neither fits."""
     t, h, _ = like
     if num_tokens % t == 0 and math.isqrt(num_tokens // t) ** 2 == num_tokens // t:
         s = math.isqrt(num_tokens // t)
@@ -152,7 +154,7 @@ def map_state(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], gr
         if key in ("norm.weight", "norm.bias"):
             report.set_aside["encoder norm (unused with mean pooling)"] += 1
             continue
-        if drop_head and key in HEAD_KEYS:
+        if drop_head and key in ("head.weight", "head.bias"):
             report.set_aside["head (finetune.drop_head)"] += 1
             continue
         if key == "pos_embed":

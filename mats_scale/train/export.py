@@ -1,13 +1,15 @@
 """Export a consolidated fp32 weights file from a training checkpoint (ZeRO 1-3 shards, DCP shards,
 or a single-process checkpoint), on one CPU process without a process group.
 
-    python -m mats_scale.train.export RUN_DIR_OR_CHECKPOINT OUT.pt
+    python -m mats_scale.train.export RUN_DIR_OR_CHECKPOINT OUT.pt [--layout videomae]
 
 RUN_DIR_OR_CHECKPOINT is a ``step_*`` checkpoint directory or a run directory (its newest
 checkpoint). DeepSpeed shards go through DeepSpeed's own ``zero_to_fp32``; FSDP2 shards through
 DCP's ``dcp_to_torch_save`` (the engine registry picks the reader from the checkpoint's metadata).
 OUT.pt holds a plain state dict, checked to load (strict) into the model the run's task builds from the
-run's config: ``model.load_state_dict(torch.load("OUT.pt"))``.
+run's config: ``model.load_state_dict(torch.load("OUT.pt"))``. ``--layout videomae`` writes the encoder
+in VideoMAE's fine-tuning key layout instead (``{"module": {"patch_embed...", "blocks.N..."}}``), which
+VideoMAE's / VideoMAE V2's ``run_class_finetuning.py --finetune OUT.pt`` loads.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def find_checkpoint(path: str) -> Path:
                             "with checkpoints/latest")
 
 
-def export(path: str, out: str) -> dict[str, torch.Tensor]:
+def export(path: str, out: str, layout: str = "mats") -> dict[str, torch.Tensor]:
     from mats_scale.models.spec import build_model
     from mats_scale.parallel.engine import consolidate_checkpoint
     from mats_scale.train.task import task_class
@@ -44,7 +46,12 @@ def export(path: str, out: str) -> dict[str, torch.Tensor]:
     task = task_class(meta["task"])(load_config_text(meta["config"]))
     model = build_model(task.model_spec(), "meta")
     model.load_state_dict(sd, strict=True, assign=True)  # names and shapes match the run's model
-    torch.save(sd, out)
+    if layout == "videomae":  # VideoMAE's fine-tuning key layout (models/load.py: export_videomae)
+        from mats_scale.models.load import export_videomae
+
+        torch.save(export_videomae(sd), out)
+    else:
+        torch.save(sd, out)
     print(f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
           f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}")
     return sd
@@ -54,9 +61,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="step_* checkpoint directory or run directory")
     parser.add_argument("out", help="output .pt file (a plain fp32 state dict)")
+    parser.add_argument("--layout", choices=["mats", "videomae"], default="mats",
+                        help="mats: this project's state dict; videomae: the encoder (and a classifier's "
+                             "fc_norm/head) under 'module' with VideoMAE's fine-tuning key names")
     args = parser.parse_args(argv)
     try:
-        export(args.checkpoint, args.out)
+        export(args.checkpoint, args.out, args.layout)
     except (FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
