@@ -54,8 +54,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
         if not p.requires_grad:
             continue
         lid, no_decay = layer_id(name, num_layers), no_weight_decay(name, p)
-        g = groups.setdefault((lid, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                "lr_scale": layer_decay ** (num_layers - 1 - lid)})
+        g = groups.setdefault((lid, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (num_layers - 1 - lid)})
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 

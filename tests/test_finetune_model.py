@@ -95,9 +95,7 @@ def test_eval_switch_chooses_selected_or_all_tokens():
 # ---- layer-wise lr decay and weight decay -----------------------------------------------------------
 def videomae_layer_id(var_name: str, num_max_layer: int) -> int:
     # Transcribed from VideoMAE optim_factory.py, get_num_layer_for_vit (num_max_layer = depth + 2).
-    if var_name in ("cls_token", "mask_token", "pos_embed"):
-        return 0
-    elif var_name.startswith("patch_embed"):
+    if var_name in ("cls_token", "mask_token", "pos_embed") or var_name.startswith("patch_embed"):
         return 0
     elif var_name.startswith("rel_pos_bias"):
         return num_max_layer - 1
@@ -144,7 +142,8 @@ def videomae_finetune_keys(depth: int, dim: int, mlp: int, tubelet: int, patch: 
                        b + "attn.v_bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
                        b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
                        b + "norm2.weight": (dim,), b + "norm2.bias": (dim,), b + "mlp.fc1.weight": (mlp, dim),
-                       b + "mlp.fc1.bias": (mlp,), b + "mlp.fc2.weight": (dim, mlp), b + "mlp.fc2.bias": (dim,)})
+                       b + "mlp.fc1.bias": (mlp,), b + "mlp.fc2.weight": (dim, mlp),
+                       b + "mlp.fc2.bias": (dim,)})
     shapes.update({"fc_norm.weight": (dim,), "fc_norm.bias": (dim,), "head.weight": (classes, dim),
                    "head.bias": (classes,)})
     g = torch.Generator().manual_seed(3)
@@ -156,8 +155,9 @@ def videomae_pretrain_keys(enc: dict, decoder_dim: int, decoder_depth: int, out_
     sd = {f"encoder.{k}": v for k, v in enc.items() if not k.startswith(("fc_norm", "head"))}
     dim = enc["patch_embed.proj.bias"].shape[0]
     sd.update({"encoder.norm.weight": torch.ones(dim), "encoder.norm.bias": torch.zeros(dim),
-               "encoder_to_decoder.weight": torch.randn(decoder_dim, dim), "mask_token": torch.zeros(1, 1, decoder_dim),
-               "decoder.norm.weight": torch.ones(decoder_dim), "decoder.head.weight": torch.randn(out_dim, decoder_dim)})
+               "encoder_to_decoder.weight": torch.randn(decoder_dim, dim),
+               "mask_token": torch.zeros(1, 1, decoder_dim), "decoder.norm.weight": torch.ones(decoder_dim),
+               "decoder.head.weight": torch.randn(out_dim, decoder_dim)})
     for i in range(decoder_depth):
         sd[f"decoder.blocks.{i}.attn.qkv.weight"] = torch.randn(3 * decoder_dim, decoder_dim)
     return sd
@@ -244,7 +244,8 @@ def test_position_tables_follow_frames_and_resolution():
         map_state(dict(sd), target(), ARGS.grid, source="x")
     learned = build_classifier(ARGS, K, device="meta", learned_pos=True).state_dict()
     state, report = map_state(dict(sd), learned, ARGS.grid, source="x")
-    assert state["pos_embed"].shape == (1, 8, 64) and "interpolated from grid (2, 4, 4) to (2, 2, 2)" in report.lines()
+    assert state["pos_embed"].shape == (1, 8, 64)
+    assert "interpolated from grid (2, 4, 4) to (2, 2, 2)" in report.lines()
     # 2x2 average pooling of each 4x4 slice is what trilinear interpolation by 1/2 computes
     src = sd["pos_embed"].reshape(2, 4, 4, 64)
     want = src.reshape(2, 2, 2, 2, 2, 64).mean(dim=(2, 4)).reshape(1, 8, 64)
@@ -252,3 +253,13 @@ def test_position_tables_follow_frames_and_resolution():
     sd["pos_embed"] = torch.randn(1, 4 * 2 * 2, 64)  # learned, twice the frames
     state, report = map_state(dict(sd), learned, ARGS.grid, source="x")
     assert "interpolated from grid (4, 2, 2) to (2, 2, 2)" in report.lines()
+
+
+def test_finetune_flops_follow_the_selection():
+    from mats_scale.profiling.finetune import classifier_flops
+
+    args = ModelArgs(size="debug", num_frames=4, img_size=64)  # 32 tokens
+    full, half = classifier_flops(args, K, None), classifier_flops(args, K, 0.5)
+    assert (full["tokens"], half["tokens"], full["score"]) == (32, 16, 0)
+    # linear parts halve, attention quarters
+    assert half["score"] > 0 and 0.4 < half["encoder"] / full["encoder"] < 0.55

@@ -16,12 +16,11 @@ step_* checkpoint, exported .pt or official fine-tuned checkpoint. Exit status: 
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 FINETUNE_DEFAULT = "finetune_default"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from mats_scale.config import ConfigError, load_config_or_exit, parse_args
     from mats_scale.launch import run_job
 

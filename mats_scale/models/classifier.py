@@ -3,7 +3,8 @@
 Parameter names are those of VideoMAE's ``modeling_finetune.VisionTransformer`` (also VideoMAE V2's and
 EVEREST's), so their fine-tuned checkpoints load by identity::
 
-    patch_embed.proj.{weight,bias}   blocks.N.{norm1,attn.qkv,attn.q_bias,attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}
+    patch_embed.proj.{weight,bias}
+    blocks.N.{norm1,attn.qkv,attn.q_bias,attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}
     fc_norm.{weight,bias}            head.{weight,bias}
 
 With mean pooling (the recipe of the whole family) the encoder's final ``norm`` is an Identity there, so
@@ -24,15 +25,20 @@ Only the `ids` patches are embedded and run through the blocks, so a selection s
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mats_scale.masking.motion import embed_motion_scores
 from mats_scale.models.args import ModelArgs
-from mats_scale.models.layers import Attention, Block, PatchEmbed3D, drop_path_rates, gather_patches, sincos_table
+from mats_scale.models.layers import (
+    Attention,
+    Block,
+    PatchEmbed3D,
+    drop_path_rates,
+    gather_patches,
+    sincos_table,
+)
 from mats_scale.models.spec import InitMixin, ModelSpec, build_model
 
 NORM_EPS = 1e-6
@@ -40,7 +46,7 @@ NORM_EPS = 1e-6
 
 class VideoClassifier(InitMixin, nn.Module):
     def __init__(self, cfg: ModelArgs, num_classes: int, *, head_drop: float = 0.0, init_scale: float = 0.001,
-                 learned_pos: bool = False, init_state: Optional[dict[str, torch.Tensor]] = None,
+                 learned_pos: bool = False, init_state: dict[str, torch.Tensor] | None = None,
                  in_chans: int = 3) -> None:
         super().__init__()
         arch = cfg.arch
@@ -64,7 +70,7 @@ class VideoClassifier(InitMixin, nn.Module):
         # Weights copied over the random init, module by module (see init_module); a plain attribute,
         # not state: names as in this model (mats_scale.models.load maps a checkpoint onto them).
         self._init_state = init_state
-        self._names: Optional[dict[int, str]] = None
+        self._names: dict[int, str] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -95,7 +101,8 @@ class VideoClassifier(InitMixin, nn.Module):
             nn.init.zeros_(m.q_bias)
             nn.init.zeros_(m.v_bias)
         if m is self and isinstance(self.pos_embed, nn.Parameter):
-            self.pos_embed.copy_(sincos_table(self.num_tokens, self.embed_dim, device=self.pos_embed.device)[None])
+            table = sincos_table(self.num_tokens, self.embed_dim, device=self.pos_embed.device)
+            self.pos_embed.copy_(table[None])
         if self._init_state:
             if self._names is None:
                 self._names = {id(mod): name for name, mod in self.named_modules()}
@@ -114,7 +121,7 @@ class VideoClassifier(InitMixin, nn.Module):
 
         return pixel_motion_scores(video, self.tubelet_size, self.patch_size)
 
-    def features(self, video: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def features(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean-pooled, fc_norm-ed tokens (B, D) of `video` over the tokens `ids` (None: all)."""
         pos = self.pos_embed.reshape(self.num_tokens, self.embed_dim)
         if ids is None:
@@ -126,12 +133,12 @@ class VideoClassifier(InitMixin, nn.Module):
             x = blk(x)
         return self.fc_norm(x.mean(dim=1))
 
-    def forward(self, video: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.fc_dropout(self.features(video, ids)))
 
 
 def classifier_spec(cfg: ModelArgs, num_classes: int, *, head_drop: float = 0.0, learned_pos: bool = False,
-                    init_state: Optional[dict[str, torch.Tensor]] = None) -> ModelSpec:
+                    init_state: dict[str, torch.Tensor] | None = None) -> ModelSpec:
     """The classifier as the engines see it: encoder blocks (the only block group), patch embedding as
     its own unit (motion scores call it alone)."""
     return ModelSpec(

@@ -30,7 +30,7 @@ import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class InitReport:
     loaded: int = 0
     fresh: list[str] = field(default_factory=list)
     set_aside: Counter = field(default_factory=Counter)
-    interpolated: Optional[str] = None
+    interpolated: str | None = None
 
     def lines(self) -> str:
         aside = ", ".join(f"{n} {why}" for why, n in self.set_aside.items()) or "none"
@@ -114,7 +114,8 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
-def interpolate_pos(table: torch.Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]) -> torch.Tensor:
+def interpolate_pos(table: torch.Tensor, src_grid: tuple[int, int, int],
+                    dst_grid: tuple[int, int, int]) -> torch.Tensor:
     """Learned table (1, T*H*W, D) on `src_grid` -> (1, T'*H'*W', D) on `dst_grid` (trilinear)."""
     D = table.shape[-1]
     x = table.reshape(1, *src_grid, D).permute(0, 4, 1, 2, 3).float()  # (1, D, T, H, W)
@@ -122,7 +123,7 @@ def interpolate_pos(table: torch.Tensor, src_grid: tuple[int, int, int], dst_gri
     return x.permute(0, 2, 3, 4, 1).reshape(1, -1, D).to(table.dtype)
 
 
-def guess_grid(num_tokens: int, like: tuple[int, int, int]) -> Optional[tuple[int, int, int]]:
+def guess_grid(num_tokens: int, like: tuple[int, int, int]) -> tuple[int, int, int] | None:
     """The checkpoint's (T', H', W') grid of `num_tokens` (a learned table does not record it): the
     model's T' with a square spatial grid (another resolution), else the model's H' x W' (another frame
     count); None when neither fits."""
@@ -163,8 +164,8 @@ def map_state(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], gr
                 if torch.allclose(table.float(), sincos_table(*table.shape), atol=1e-4):
                     report.set_aside["fixed sin-cos pos_embed (rebuilt)"] += 1
                     continue
-                raise InitError(f"{source}: brings a learned pos_embed {tuple(value.shape)}; the model uses the "
-                                "fixed sin-cos table: set finetune.learned_pos=true to load it")
+                raise InitError(f"{source}: brings a learned pos_embed {tuple(value.shape)}; the model uses "
+                                "the fixed sin-cos table: set finetune.learned_pos=true to load it")
             want = model_sd["pos_embed"].shape
             value = table[None]
             if value.shape != want:

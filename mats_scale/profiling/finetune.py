@@ -11,7 +11,6 @@ tokens, ~98 G at rho_post = 0.6 (EVEREST paper).
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 import torch
 
@@ -22,7 +21,7 @@ from mats_scale.profiling.flops import _analysis
 
 
 @torch.no_grad()
-def classifier_flops(args: ModelArgs, num_classes: int, keep_ratio: Optional[float]) -> dict[str, int]:
+def classifier_flops(args: ModelArgs, num_classes: int, keep_ratio: float | None) -> dict[str, int]:
     """fvcore counts for one clip: ``encoder`` (classifier forward over the kept tokens; all with
     `keep_ratio` None) and ``score`` (the motion score's patch embedding, 0 without selection)."""
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ class FinetuneTask:
             raise ConfigError(f"data.batch_size: {cfg.data.batch_size}: timm Mixup/CutMix pairs clips "
                               "(finetune.mixup/cutmix > 0), so it must be even")
         self.num_classes = dataset_num_classes(cfg)
-        self.init_state: Optional[dict[str, torch.Tensor]] = None
+        self.init_state: dict[str, torch.Tensor] | None = None
         self.init_report = "no finetune.init: training from scratch (random initialisation)"
         if f.init:
             self.init_state, self.init_report = self._load_init(f.init)
@@ -121,7 +121,7 @@ class FinetuneTask:
         return build_finetune_loader(self.cfg, rank=rank, world_size=world_size)
 
     # ---- one micro-batch --------------------------------------------------------------------
-    def select(self, engine: Engine, video: torch.Tensor, keep_all: bool) -> Optional[torch.Tensor]:
+    def select(self, engine: Engine, video: torch.Tensor, keep_all: bool) -> torch.Tensor | None:
         """Token ids (B, n) the encoder sees, or None for all tokens."""
         if keep_all:
             return None
@@ -156,9 +156,9 @@ class FinetuneTask:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, engine: Engine, out_dir: Optional[str] = None) -> dict[str, Any]:
+    def evaluate(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
         """Multi-view evaluation of the val split on every rank (see the module doc); rank 0 writes
-        ``eval/results.json`` and ``eval/confusion.png`` under `out_dir` and every rank returns the results."""
+        ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
         import torch.distributed as dist
 
         from mats_scale.data.finetune import build_eval_loader
@@ -184,8 +184,9 @@ class FinetuneTask:
         batches = iter(loader)
         for _ in range(n_max):
             batch = next(batches, None)
-            if batch is None:  # this rank is done: a dummy forward keeps the collectives matched
-                engine.forward(torch.zeros(shape, device=env.device), None if keep_all else self._dummy_ids(shape))
+            if batch is None:  # this rank is done: a dummy score + forward keeps the collectives matched
+                dummy = torch.zeros(shape, device=env.device)
+                engine.forward(dummy, self.select(engine, dummy, keep_all))
                 continue
             views = batch["views"].to(env.device, non_blocking=True)  # (B, V, C, T, S, S)
             clips = views.flatten(0, 1)
@@ -209,12 +210,6 @@ class FinetuneTask:
         if out_dir and rank == 0:
             write_results(results, os.path.join(out_dir, "eval"))
         return results
-
-    def _dummy_ids(self, shape) -> torch.Tensor:
-        from mats_scale.tokens import finetune_count
-
-        n = finetune_count(self.cfg.model.num_tokens, self.cfg.masking.finetune_keep_ratio)
-        return torch.arange(n).expand(shape[0], n).contiguous()
 
     def finish(self, trainer) -> None:
         """After training (loop.train): the evaluation, unless finetune.eval_at_end is off."""
