@@ -86,6 +86,7 @@ def test_finetune_resumes_exactly_with_mixup_and_drop_path(dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.dist
 def test_evaluation_on_two_processes_scores_every_video_once_as_one_process(dataset, tmp_path, capsys):
     """A classifier saved to a .pt file, evaluated with --eval on 1 process and on 2 ZeRO-3 processes
     (7 videos in batches of 3: the second rank has one batch fewer, a dummy forward keeps the gathers
