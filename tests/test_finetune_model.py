@@ -9,9 +9,10 @@ from mats_scale.config import load_config
 from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.args import ModelArgs
 from mats_scale.models.classifier import VideoClassifier, build_classifier
-from mats_scale.models.load import InitError, export_videomae, map_state, read_weights, unwrap
+from mats_scale.models.load import InitError, export_videomae, map_state, unwrap
 from mats_scale.models.pretrain import build_pretrain_model
 from mats_scale.optim import layer_decay_groups, optimizer_groups, set_lr
+from mats_scale.train.export import read_weights
 
 ARGS = ModelArgs(size="debug", num_frames=4, img_size=32, attn_impl="math")  # grid 2 x 2 x 2 = 8 tokens
 K = 5

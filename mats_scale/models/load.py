@@ -1,6 +1,6 @@
 """Initialising the classifier from a checkpoint, with one report and no silent partial load.
 
-Sources (``finetune.init``):
+Sources (``finetune.init``, read by :func:`mats_scale.train.export.read_weights`):
 
 - this project: an exported ``.pt`` (``python -m mats_scale.train.export``), a run directory or a
   ``step_*`` checkpoint (DeepSpeed ZeRO shards, FSDP2 DCP or ``engine.pt``: consolidated through the
@@ -26,8 +26,6 @@ count or resolution differs. Since decoders are never used here, EVEREST's ViT-H
 from __future__ import annotations
 
 import math
-import os
-import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,34 +59,6 @@ class InitReport:
         if self.interpolated:
             text += f"; {self.interpolated}"
         return text
-
-
-def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The raw state dict of `path` (file or this project's run / checkpoint directory) and a label."""
-    if os.path.isdir(path):
-        import json
-
-        from mats_scale.parallel.engine import consolidate_checkpoint
-        from mats_scale.train.export import find_checkpoint
-
-        try:
-            ckpt = find_checkpoint(path)
-        except FileNotFoundError as e:
-            raise InitError(f"finetune.init={path!r}: {e}") from None
-        meta = json.loads((ckpt / "meta.json").read_text())
-        return consolidate_checkpoint(meta["backend"], str(ckpt / "engine")), f"{ckpt} ({meta['task']})"
-    if not os.path.isfile(path):
-        raise InitError(f"finetune.init={path!r}: no such file or directory (a .pt file, a run directory "
-                        "or a step_* checkpoint)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Official checkpoints also pickle their argparse namespace; only load files you trust.
-        print(f"note: {path} holds non-tensor objects (e.g. training args); loaded with weights_only=False")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise InitError(f"finetune.init={path!r}: cannot read ({type(e).__name__}: {str(e)[:120]})") from None
-    return unwrap(obj, path), path
 
 
 def unwrap(obj: Any, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -218,5 +188,4 @@ def export_videomae(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     return {"module": out}
 
 
-__all__ = ["InitError", "InitReport", "export_videomae", "interpolate_pos", "map_state", "read_weights",
-           "unwrap"]
+__all__ = ["InitError", "InitReport", "export_videomae", "interpolate_pos", "map_state", "unwrap"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -55,6 +57,33 @@ def export(path: str, out: str, layout: str = "mats") -> dict[str, torch.Tensor]
     print(f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
           f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}")
     return sd
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The raw state dict of `path` (file or this project's run / checkpoint directory) and a label."""
+    from mats_scale.models.load import InitError, unwrap
+
+    if os.path.isdir(path):
+        from mats_scale.parallel.engine import consolidate_checkpoint
+
+        try:
+            ckpt = find_checkpoint(path)
+        except FileNotFoundError as e:
+            raise InitError(f"finetune.init={path!r}: {e}") from None
+        meta = json.loads((ckpt / "meta.json").read_text())
+        return consolidate_checkpoint(meta["backend"], str(ckpt / "engine")), f"{ckpt} ({meta['task']})"
+    if not os.path.isfile(path):
+        raise InitError(f"finetune.init={path!r}: no such file or directory (a .pt file, a run directory "
+                        "or a step_* checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Official checkpoints also pickle their argparse namespace; only load files you trust.
+        print(f"note: {path} holds non-tensor objects (e.g. training args); loaded with weights_only=False")
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InitError(f"finetune.init={path!r}: cannot read ({type(e).__name__}: {str(e)[:120]})") from None
+    return unwrap(obj, path), path
 
 
 def main(argv=None) -> int:

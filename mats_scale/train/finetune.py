@@ -94,7 +94,8 @@ class FinetuneTask:
         self.mix = VideoMixup(cfg, self.num_classes) if (f.mixup or f.cutmix) else None
 
     def _load_init(self, path: str) -> tuple[dict[str, torch.Tensor], str]:
-        from mats_scale.models.load import InitError, map_state, read_weights
+        from mats_scale.models.load import InitError, map_state
+        from mats_scale.train.export import read_weights
 
         f = self.cfg.finetune
         target = build_model(self._spec(None), "meta").state_dict()
