@@ -41,13 +41,17 @@ def parse(argv: Sequence[str]) -> Args:
             want_print = True
         elif arg == "--config":
             if i + 1 >= len(args) or args[i + 1].startswith("-") or "=" in args[i + 1]:
-                raise ConfigError("--config: expects a YAML file path or a shipped config name, e.g. --config my.yaml or --config default")
+                raise ConfigError(
+                    "--config: expects a YAML file path or a shipped config name, e.g. --config my.yaml or --config default"
+                )
             path = args[i + 1]
             i += 1
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
             if not path:
-                raise ConfigError("--config: expects a YAML file path or a shipped config name, e.g. --config my.yaml or --config default")
+                raise ConfigError(
+                    "--config: expects a YAML file path or a shipped config name, e.g. --config my.yaml or --config default"
+                )
         elif arg.startswith(("--local_rank", "--local-rank")):
             if "=" not in arg:
                 i += 1  # the value follows as its own argument
@@ -62,8 +66,11 @@ def parse(argv: Sequence[str]) -> Args:
 def _unknown_option(arg: str) -> str:
     name = arg.split("=", 1)[0]
     near = suggest(name.lstrip("-"), Config)
-    hint = (f"; settings are key=value overrides: did you mean {near[0]}=...?" if near
-            else "; settings are key=value overrides (see --help for every key)")
+    hint = (
+        f"; settings are key=value overrides: did you mean {near[0]}=...?"
+        if near
+        else "; settings are key=value overrides (see --help for every key)"
+    )
     what = " (a VideoMAE flag)" if name.lstrip("-").replace("-", "_") in VIDEOMAE_FLAGS else ""
     return f"{name}: unknown option{what}; usage: {USAGE}{hint}"
 
@@ -74,29 +81,36 @@ def help_text(prog: str, description: str, default_config: str | None) -> str:
     if shown and shown.startswith(".."):
         shown = default_config
     default = f" (default: {shown})" if shown else ""
-    return "\n".join([
-        f"usage: {prog} {USAGE}",
-        "",
-        "\n\n".join(first[:2]),
-        "",
-        "options:",
-        "  -h, --help        show this help (every config key) and exit",
-        f"  --config FILE     YAML file merged over the defaults below{default}",
-        "  --print-config    print the resolved config (defaults <- FILE <- key=value) as YAML and exit",
-        "  key=value         override one key, e.g. optim.base_lr=1e-4 masking.strategy=tube",
-        "",
-        "Exit status: 0 done, 1 run error, 2 bad command line or config.",
-        "",
-        "config keys, with the defaults of mats_scale/config.py (the --config file, or the default one,",
-        "replaces some of them: --print-config shows what a run would use):",
-        "",
-        keys_help(Config),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"usage: {prog} {USAGE}",
+            "",
+            "\n\n".join(first[:2]),
+            "",
+            "options:",
+            "  -h, --help        show this help (every config key) and exit",
+            f"  --config FILE     YAML file merged over the defaults below{default}",
+            "  --print-config    print the resolved config (defaults <- FILE <- key=value) as YAML and exit",
+            "  key=value         override one key, e.g. optim.base_lr=1e-4 masking.strategy=tube",
+            "",
+            "Exit status: 0 done, 1 run error, 2 bad command line or config.",
+            "",
+            "config keys, with the defaults of mats_scale/config.py (the --config file, or the default one,",
+            "replaces some of them: --print-config shows what a run would use):",
+            "",
+            keys_help(Config),
+            "",
+        ]
+    )
 
 
-def load_or_exit(argv: Sequence[str] | None = None, *, prog: str = "launchers/pretrain.py",
-                 description: str = "", default_config: str | None = None) -> Config:
+def load_or_exit(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "launchers/pretrain.py",
+    description: str = "",
+    default_config: str | None = None,
+) -> Config:
     """The validated Config of a command line; prints help / the config and exits 0, or prints one
     ``config error:`` line and exits 2."""
     argv = list(sys.argv[1:] if argv is None else argv)

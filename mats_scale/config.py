@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -30,8 +30,15 @@ from mats_scale.errors import ConfigError, check_choice, check_open_unit, check_
 from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
 from mats_scale.resources import config_path, shipped_configs
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Config", "ConfigError", "ModelConfig", "load_config",
-           "load_config_text"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "load_config",
+    "load_config_text",
+]
 
 
 # The model section is the model's own argument dataclass (torch-free, next to the size registry).
@@ -74,8 +81,11 @@ class MaskingConfig:
             check_choice("masking.preset", self.preset, list(tokens.PRESETS))
             for key, value in tokens.PRESETS[self.preset].items():
                 if getattr(self, key) != value:
-                    fail(f"masking.{key}", getattr(self, key),
-                         f"masking.preset={self.preset} sets {key}={value}; drop one of the two")
+                    fail(
+                        f"masking.{key}",
+                        getattr(self, key),
+                        f"masking.preset={self.preset} sets {key}={value}; drop one of the two",
+                    )
         check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
         check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
         check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
@@ -83,12 +93,18 @@ class MaskingConfig:
         for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio", "frame_keep_ratio"):
             check_open_unit(f"masking.{key}", getattr(self, key))
         if self.strategy == "mats" and self.decoder == "running_cell" and self.decoder_mode != "lean":
-            fail("masking.decoder_mode", self.decoder_mode,
-                  "masking.strategy=mats with masking.decoder=running_cell needs lean (the reference mode "
-                  "places mask tokens over a full-grid decoder mask that MATS does not keep)")
+            fail(
+                "masking.decoder_mode",
+                self.decoder_mode,
+                "masking.strategy=mats with masking.decoder=running_cell needs lean (the reference mode "
+                "places mask tokens over a full-grid decoder mask that MATS does not keep)",
+            )
         if self.decoder == "running_cell" and not 1 <= int(4 * self.decoder_ratio) <= 3:
-            fail("masking.decoder_ratio", self.decoder_ratio,
-                  "the running cell needs k = int(4 * ratio) in 1..3, i.e. a ratio in [0.25, 1)")
+            fail(
+                "masking.decoder_ratio",
+                self.decoder_ratio,
+                "the running cell needs k = int(4 * ratio) in 1..3, i.e. a ratio in [0.25, 1)",
+            )
         if self.frame_alpha < 1.0:
             fail("masking.frame_alpha", self.frame_alpha, "must be >= 1")
 
@@ -138,7 +154,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
-        for key in ("sampling_rate", "num_sample", "batch_size", "min_frames", "prefetch_factor", "eval_clips"):
+        for key in (
+            "sampling_rate",
+            "num_sample",
+            "batch_size",
+            "min_frames",
+            "prefetch_factor",
+            "eval_clips",
+        ):
             check_positive(f"data.{key}", getattr(self, key))
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
         check_choice("data.eval_crops", self.eval_crops, [1, 3])
@@ -147,8 +170,11 @@ class DataConfig:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:
-            fail("data.batch_size", self.batch_size,
-                  f"must be divisible by data.num_sample={self.num_sample} (clips per decoded video)")
+            fail(
+                "data.batch_size",
+                self.batch_size,
+                f"must be divisible by data.num_sample={self.num_sample} (clips per decoded video)",
+            )
         if self.dataset == "list" and not self.train_list:
             fail("data.train_list", self.train_list, "data.dataset=list needs a list file")
         if self.dataset == "folder" and not self.root:
@@ -163,13 +189,13 @@ class OptimConfig:
     """Learning rate at the end of the cosine schedule."""
     warmup_steps: int = 10
     """Optimizer steps of linear warm-up (replaced by optim.warmup_epochs when that is set)."""
-    warmup_epochs: Optional[float] = None
+    warmup_epochs: float | None = None
     """Warm-up in epochs (VideoMAE's --warmup_epochs); the steps follow from the dataset size and batch."""
     weight_decay: float = 0.05
     """AdamW weight decay (not applied to norms, biases, position and mask tokens)."""
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     """Gradient-norm clipping threshold; None disables clipping."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
@@ -200,7 +226,7 @@ class TrainConfig:
     steps: int = 60
     """Optimizer steps of the run (a skipped non-finite step counts as a step); replaced by train.epochs
     when that is set. The lr schedule is a function of it, so a resume refuses a change."""
-    epochs: Optional[float] = None
+    epochs: float | None = None
     """Run length in epochs (VideoMAE's --epochs): train.steps = epochs x optimizer steps per epoch
     (videos // (data.batch_size / data.num_sample) // world size // optim.grad_accum)."""
     seed: int = 0
@@ -223,7 +249,7 @@ class TrainConfig:
     """On a non-finite loss or gradient norm: skip (drop the update, count it) or stop at once."""
     max_nan_steps: int = 3
     """With nan_policy=skip: consecutive skipped steps after which the run stops with an error."""
-    allow_changes: List[str] = field(default_factory=list)
+    allow_changes: list[str] = field(default_factory=list)
     """Keys a resume may change from the checkpoint's config, e.g. [train.steps,optim.clip_grad]
     (a section name allows all its keys); any other difference is refused."""
 
@@ -348,8 +374,11 @@ class Config:
         if self.masking.decoder == "running_cell":
             _, h, w = self.model.grid
             if h % 2 or w % 2:
-                fail("model.img_size", self.model.img_size,
-                      f"the running cell needs an even token grid, got {h}x{w} patches")
+                fail(
+                    "model.img_size",
+                    self.model.img_size,
+                    f"the running cell needs an even token grid, got {h}x{w} patches",
+                )
         self._check_masking_counts()
 
     def _check_masking_counts(self) -> None:
@@ -361,8 +390,11 @@ class Config:
             key = "keep_ratio" if m.strategy == "mats" else "ratio"
             fail(f"masking.{key}", getattr(m, key), str(e))
         if m.frame_selection and self.model.tubelet_size != 2:
-            fail("masking.frame_selection", True,
-                 f"selects frame pairs, so it needs model.tubelet_size=2 (got {self.model.tubelet_size})")
+            fail(
+                "masking.frame_selection",
+                True,
+                f"selects frame pairs, so it needs model.tubelet_size=2 (got {self.model.tubelet_size})",
+            )
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
@@ -376,8 +408,9 @@ def _check_all_finite(node: Any, prefix: str = "") -> None:
             _check_all_finite(value, key + ".")
         elif isinstance(value, float) and not math.isfinite(value):
             fail(key, value, "must be a finite number")
-        elif isinstance(value, (list, tuple)) and not all(math.isfinite(v) for v in value
-                                                          if isinstance(v, float)):
+        elif isinstance(value, (list, tuple)) and not all(
+            math.isfinite(v) for v in value if isinstance(v, float)
+        ):
             fail(key, list(value), "every element must be a finite number")
 
 
@@ -406,7 +439,7 @@ def _load_yaml(path: str) -> Any:
         raise ConfigError(f"--config={path!r}: not a text file ({e.reason} at byte {e.start})") from None
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
     from mats_scale.config_help import check_override_keys
 
@@ -416,8 +449,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if path:
             found = config_path(path)
             if found is None:
-                raise ConfigError(f"--config={path!r}: no such file, nor a shipped config "
-                                  f"(shipped: {', '.join(shipped_configs())})")
+                raise ConfigError(
+                    f"--config={path!r}: no such file, nor a shipped config "
+                    f"(shipped: {', '.join(shipped_configs())})"
+                )
             layers.append(_load_yaml(found))
         for item in overrides:
             if "=" not in item or item.startswith("="):

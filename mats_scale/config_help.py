@@ -33,9 +33,13 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -88,17 +92,35 @@ def keys_help(root: type, width: int = 110) -> str:
 
 # Command-line names of VideoMAE / VideoMAE V2 (run_mae_pretraining.py) and what they are here.
 VIDEOMAE_FLAGS = {
-    "data_path": "data.train_list", "data_root": "data.root", "batch_size": "data.batch_size",
-    "num_frames": "model.num_frames", "sampling_rate": "data.sampling_rate", "input_size": "model.img_size",
-    "num_sample": "data.num_sample", "mask_ratio": "masking.ratio", "mask_type": "masking.strategy",
-    "decoder_mask_ratio": "masking.decoder_ratio", "decoder_mask_type": "masking.decoder",
-    "lr": "optim.base_lr", "min_lr": "optim.min_lr", "warmup_epochs": "optim.warmup_epochs",
-    "warmup_steps": "optim.warmup_steps", "weight_decay": "optim.weight_decay", "opt_betas": "optim.betas",
-    "clip_grad": "optim.clip_grad", "epochs": "train.epochs", "output_dir": "train.out_dir",
-    "log_dir": "train.out_dir", "seed": "train.seed", "resume": "train.resume",
+    "data_path": "data.train_list",
+    "data_root": "data.root",
+    "batch_size": "data.batch_size",
+    "num_frames": "model.num_frames",
+    "sampling_rate": "data.sampling_rate",
+    "input_size": "model.img_size",
+    "num_sample": "data.num_sample",
+    "mask_ratio": "masking.ratio",
+    "mask_type": "masking.strategy",
+    "decoder_mask_ratio": "masking.decoder_ratio",
+    "decoder_mask_type": "masking.decoder",
+    "lr": "optim.base_lr",
+    "min_lr": "optim.min_lr",
+    "warmup_epochs": "optim.warmup_epochs",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "opt_betas": "optim.betas",
+    "clip_grad": "optim.clip_grad",
+    "epochs": "train.epochs",
+    "output_dir": "train.out_dir",
+    "log_dir": "train.out_dir",
+    "seed": "train.seed",
+    "resume": "train.resume",
     "num_workers": "data.num_workers",
-    "drop_path": "model.drop_path", "decoder_depth": "model.decoder_depth", "model": "model.size",
-    "with_checkpoint": "parallel.checkpoint_encoder_every", "tubelet_size": "model.tubelet_size",
+    "drop_path": "model.drop_path",
+    "decoder_depth": "model.decoder_depth",
+    "model": "model.size",
+    "with_checkpoint": "parallel.checkpoint_encoder_every",
+    "tubelet_size": "model.tubelet_size",
 }
 
 
@@ -109,8 +131,9 @@ def suggest(name: str, root: type, n: int = 3) -> list[str]:
     keys = [k.key for k in config_keys(root)]
     name = name.strip().lstrip("-").replace("-", "_")
     leaf = name.rsplit(".", 1)[-1]
-    exact = ([VIDEOMAE_FLAGS[name]] if name in VIDEOMAE_FLAGS else []) + \
-        [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != name]
+    exact = ([VIDEOMAE_FLAGS[name]] if name in VIDEOMAE_FLAGS else []) + [
+        k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != name
+    ]
     if exact:
         return list(dict.fromkeys(exact))[:n]
 
@@ -127,8 +150,9 @@ def suggest(name: str, root: type, n: int = 3) -> list[str]:
 def unknown_key_message(key: str, root: type) -> str:
     """``optim.baselr: unknown key; did you mean optim.base_lr?`` (the suggestion only when one is near)."""
     near = suggest(key, root)
-    return f"{key}: unknown key" + (f"; did you mean {' or '.join(near)}?" if near else
-                                    "; see --help for every key")
+    return f"{key}: unknown key" + (
+        f"; did you mean {' or '.join(near)}?" if near else "; see --help for every key"
+    )
 
 
 def check_override_keys(overrides, root: type) -> None:

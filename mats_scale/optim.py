@@ -23,8 +23,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -54,9 +53,14 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
         if not p.requires_grad:
             continue
         lid, no_decay = layer_id(name, num_layers), no_weight_decay(name, p)
-        g = groups.setdefault((lid, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr_scale": layer_decay ** (num_layers - 1 - lid)})
+        g = groups.setdefault(
+            (lid, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (num_layers - 1 - lid),
+            },
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -97,5 +101,6 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, total_batch: int) -> torch.o
     # lr is set before every step from lr_at(); the initial value only matters for inspection.
     # fused=True: one kernel over all tensors (CPU and CUDA); on CPU torch's default per-parameter
     # loop costs ~3x as much (0.16 s vs 0.05 s per ViT-B step: profiling/bench_step.py with and without --unfused-adamw).
-    return torch.optim.AdamW(optimizer_groups(model, cfg), lr=peak_lr(cfg, total_batch),
-                             betas=tuple(cfg.betas), fused=cfg.fused)
+    return torch.optim.AdamW(
+        optimizer_groups(model, cfg), lr=peak_lr(cfg, total_batch), betas=tuple(cfg.betas), fused=cfg.fused
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from importlib.resources import files
-from typing import Optional
 
 CONFIG_DIR = "configs"
 DS_CONFIG_DIR = "ds_configs"
@@ -23,10 +22,12 @@ def _shipped(folder: str, name: str) -> str:
 
 def shipped_configs() -> list[str]:
     """Names of the shipped experiment configs (without .yaml)."""
-    return sorted(p.name[:-5] for p in (files("mats_scale") / CONFIG_DIR).iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in (files("mats_scale") / CONFIG_DIR).iterdir() if p.name.endswith(".yaml")
+    )
 
 
-def config_path(value: str) -> Optional[str]:
+def config_path(value: str) -> str | None:
     """``--config`` value -> a file: an existing path as given, else a shipped config of that name
     (``default``, ``k400_vit_b_mats_dual``, with or without ``.yaml``); None when neither exists."""
     if os.path.isfile(value):

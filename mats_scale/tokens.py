@@ -196,9 +196,7 @@ def selection_counts(m: MaskingSpec, grid: TokenGrid) -> tuple[int, int]:
         return n_vis, n_tgt
     n_mask = encoder_mask_count(m, grid)
     if not 1 <= n_mask < n:
-        raise ValueError(
-            f"masks {n_mask} of N={n} tokens; needs at least 1 masked and 1 visible"
-        )
+        raise ValueError(f"masks {n_mask} of N={n} tokens; needs at least 1 masked and 1 visible")
     if m.decoder == "none":
         return n - n_mask, n_mask
     if m.decoder_mode == "reference":

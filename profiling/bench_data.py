@@ -67,11 +67,13 @@ from mats_scale.data.video import clip_indices, open_video, read_frames  # noqa:
 
 VIT_B = ["model.size=B", "model.num_frames=16", "model.img_size=224", "data.sampling_rate=4"]
 DATASETS = {
-    "bundled": dict(params=synth.SynthParams(num_train=64, num_val=0),
-                    cfg=["model.size=debug", "model.num_frames=8", "model.img_size=112",
-                         "data.sampling_rate=4"]),
-    "large": dict(params=synth.SynthParams(num_train=32, num_val=0, frames=64, height=256, width=320),
-                  cfg=VIT_B),
+    "bundled": dict(
+        params=synth.SynthParams(num_train=64, num_val=0),
+        cfg=["model.size=debug", "model.num_frames=8", "model.img_size=112", "data.sampling_rate=4"],
+    ),
+    "large": dict(
+        params=synth.SynthParams(num_train=32, num_val=0, frames=64, height=256, width=320), cfg=VIT_B
+    ),
     "k400": dict(videos=16, cfg=VIT_B),
     "k400-prepared": dict(cfg=VIT_B),
 }
@@ -83,8 +85,9 @@ PIPELINES = {
 
 
 # ---- datasets -----------------------------------------------------------------------------------
-def k400_like_video(path: str, seed: int, frames: int = 300, height: int = 256, width: int = 340,
-                    fps: int = 30) -> None:
+def k400_like_video(
+    path: str, seed: int, frames: int = 300, height: int = 256, width: int = 340, fps: int = 30
+) -> None:
     """A K400-like H.264 file: a camera panning over a textured scene (gratings of 8-90 px periods and
     32 px blocks), a moving disc, Gaussian noise (sigma 5); PyAV's libx264 defaults (CRF 23, preset
     medium, keyint 250), about 200 kbit/s."""
@@ -109,9 +112,9 @@ def k400_like_video(path: str, seed: int, frames: int = 300, height: int = 256, 
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         for t in range(frames):
             y, x = int(y0 + vy * t), int(4 + vx * t)
-            f = scene[y:y + height, x:x + width].copy()
+            f = scene[y : y + height, x : x + width].copy()
             cy, cx = height / 2 + 80 * np.sin(t / 17), width / 2 + 120 * np.cos(t / 23)
-            f[(fy - cy) ** 2 + (fx - cx) ** 2 < 30 ** 2] = (200, 60, 40)
+            f[(fy - cy) ** 2 + (fx - cx) ** 2 < 30**2] = (200, 60, 40)
             f += rng.normal(0, 5, f.shape).astype(np.float32)
             img = np.clip(f + 60, 0, 255).astype(np.uint8)
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
@@ -147,14 +150,22 @@ def ensure(cache: str, name: str) -> tuple[str, str]:
             os.replace(lst + ".part", lst)
         return root, lst
     src, src_list = ensure(cache, "k400")
-    prepare(src, root, PrepareOptions(), list_files=[src_list], workers=min(2, os.cpu_count() or 1),
-            progress=False)
+    prepare(
+        src,
+        root,
+        PrepareOptions(),
+        list_files=[src_list],
+        workers=min(2, os.cpu_count() or 1),
+        progress=False,
+    )
     return root, os.path.join(root, "train.txt")
 
 
 def dataset_cfg(name: str, root: str, lst: str, extra: list[str]):
-    return load_config(None, [*DATASETS[name]["cfg"], "data.dataset=list", f"data.root={root}",
-                              f"data.train_list={lst}", *extra])
+    return load_config(
+        None,
+        [*DATASETS[name]["cfg"], "data.dataset=list", f"data.root={root}", f"data.train_list={lst}", *extra],
+    )
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -190,8 +201,9 @@ def timed_turn(cfg, warmup: int, batches: int) -> tuple[float, float, float, dic
         loader.close()
 
 
-def decode_only(root: str, lst: str, frames: int, rate: int, decoder: str,
-                videos: int, threads: int = 1) -> tuple[float, float]:
+def decode_only(
+    root: str, lst: str, frames: int, rate: int, decoder: str, videos: int, threads: int = 1
+) -> tuple[float, float]:
     """(wall, CPU) clips/s of opening each video and reading one clip, in this process; the CPU time
     counts every thread of the process (decoder threads included)."""
     items = read_list_file(lst, root)[:videos]
@@ -223,35 +235,53 @@ def worker_profile(root: str, lst: str, cfg, videos: int, decoder: str) -> dict:
         to_model_input({"video": clip[None]}, "cpu")
         t_norm += time.process_time() - t
     n = len(items)
-    return {"decode_ms": round(1000 * t_dec / n, 1), "crop_resize_flip_uint8_ms": round(1000 * t_aug / n, 1),
-            "normalize_ms_now_on_device": round(1000 * t_norm / n, 1)}
+    return {
+        "decode_ms": round(1000 * t_dec / n, 1),
+        "crop_resize_flip_uint8_ms": round(1000 * t_aug / n, 1),
+        "normalize_ms_now_on_device": round(1000 * t_norm / n, 1),
+    }
 
 
 def bench_step(runs: int) -> dict:
     """The ViT-B MATS + dual-masking (lean) step of profiling/bench_step.py, batch 2, 16x224."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_step.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, script, "--setting", "mats-dual-lean", "--runs", str(runs)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, script, "--setting", "mats-dual-lean", "--runs", str(runs)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:] or ["bench_step failed"]}
-    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    out = json.loads(proc.stdout[proc.stdout.index("{") :])
     setting = out["settings"]["mats-dual-lean"] if "settings" in out else out
     return {"setting": "mats-dual-lean", "raw": setting}
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 # ---- the two modes ------------------------------------------------------------------------------
 def run_datasets(args) -> dict:
     names = args.dataset or list(DATASETS)
     roots = {n: ensure(args.cache, n) for n in names}
-    configs = {(n, ns, p): dataset_cfg(n, *roots[n], [f"data.batch_size={args.batch_size}",
-                                                      f"data.num_sample={ns}", "data.num_workers=1", *extra])
-               for n in names for ns in (1, 2) for p, extra in PIPELINES.items()}
+    configs = {
+        (n, ns, p): dataset_cfg(
+            n,
+            *roots[n],
+            [f"data.batch_size={args.batch_size}", f"data.num_sample={ns}", "data.num_workers=1", *extra],
+        )
+        for n in names
+        for ns in (1, 2)
+        for p, extra in PIPELINES.items()
+    }
     times: dict = {k: [] for k in configs}  # per round: (wall clips/s, clips per worker CPU s, main ms/clip)
     bytes_: dict = {}
     clips = args.batches * args.batch_size
@@ -260,8 +290,9 @@ def run_datasets(args) -> dict:
             wall, worker_cpu, main_cpu, batch = timed_turn(cfg, args.warmup, args.batches)
             times[key].append((clips / wall, clips / worker_cpu, 1000 * main_cpu / clips))
             bytes_.setdefault(key[2], {})[key[0]] = bytes_per_clip(batch)
-        print(f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr,
-              flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True
+        )
 
     def med(key, i):
         return round(statistics.median(x[i] for x in times[key]), 2)
@@ -277,29 +308,40 @@ def run_datasets(args) -> dict:
             for p in PIPELINES:
                 key = (n, ns, p)
                 rows[f"num_sample={ns},{p}"] = {
-                    "clips_per_worker_cpu_s": med(key, 1), "wall_clips_per_s": med(key, 0),
+                    "clips_per_worker_cpu_s": med(key, 1),
+                    "wall_clips_per_s": med(key, 0),
                     "main_process_cpu_ms_per_clip": med(key, 2),
                     "rounds_clips_per_worker_cpu_s": [round(x[1], 2) for x in times[key]],
                     "vs_before": ratio(key, (n, ns, "before")),
-                    "vs_before_wall": ratio(key, (n, ns, "before"), 0)}
+                    "vs_before_wall": ratio(key, (n, ns, "before"), 0),
+                }
         dec = {}
         for d in ("decord", "pyav"):
-            runs = [decode_only(*roots[n], cfg.model.num_frames, cfg.data.sampling_rate, d, 16)
-                    for _ in range(args.rounds)]
-            dec[d] = {"wall_clips_per_s": round(statistics.median(r[0] for r in runs), 2),
-                      "cpu_clips_per_s": round(statistics.median(r[1] for r in runs), 2)}
-        out[n] = {"clip": f"{cfg.model.num_frames}x{cfg.model.img_size}, rate {cfg.data.sampling_rate}",
-                  "loader_one_worker": rows, "decode_only_in_process": dec,
-                  "bytes_per_clip": {p: bytes_[p][n] for p in PIPELINES},
-                  "worker_cpu_ms_per_clip": {d: worker_profile(*roots[n], cfg, 8, d)
-                                             for d in ("decord", "pyav")}}
+            runs = [
+                decode_only(*roots[n], cfg.model.num_frames, cfg.data.sampling_rate, d, 16)
+                for _ in range(args.rounds)
+            ]
+            dec[d] = {
+                "wall_clips_per_s": round(statistics.median(r[0] for r in runs), 2),
+                "cpu_clips_per_s": round(statistics.median(r[1] for r in runs), 2),
+            }
+        out[n] = {
+            "clip": f"{cfg.model.num_frames}x{cfg.model.img_size}, rate {cfg.data.sampling_rate}",
+            "loader_one_worker": rows,
+            "decode_only_in_process": dec,
+            "bytes_per_clip": {p: bytes_[p][n] for p in PIPELINES},
+            "worker_cpu_ms_per_clip": {d: worker_profile(*roots[n], cfg, 8, d) for d in ("decord", "pyav")},
+        }
     result = {"datasets": out}
     if "k400" in names and "k400-prepared" in names:
         result["prepared_vs_raw_before"] = {
             f"num_sample={ns},{p}": {
                 "per_worker_cpu_s": ratio(("k400-prepared", ns, p), ("k400", ns, "before")),
-                "wall": ratio(("k400-prepared", ns, p), ("k400", ns, "before"), 0)}
-            for ns in (1, 2) for p in PIPELINES}
+                "wall": ratio(("k400-prepared", ns, p), ("k400", ns, "before"), 0),
+            }
+            for ns in (1, 2)
+            for p in PIPELINES
+        }
     return result
 
 
@@ -333,16 +375,28 @@ def run_sweep(args) -> dict:
     out = {}
     for n, (root, lst) in sets.items():
         files = [it.path for it in read_list_file(lst, root)]
-        out[n] = {"kbytes_per_video": round(sum(os.path.getsize(f) for f in files) / len(files) / 1000),
-                  **{f"{d}_{k}": round(statistics.median(r[i] for r in cpu[(n, d)]), 1)
-                     for d in ("decord", "pyav")
-                     for i, k in ((0, "wall_clips_per_s"), (1, "cpu_clips_per_s"))},
-                  **{f"{d}_cpu_vs_source": round(statistics.median(
-                      x[1] / y[1] for x, y in zip(cpu[(n, d)], cpu[("source (k400)", d)], strict=True)), 2)
-                     for d in ("decord", "pyav")}}
+        out[n] = {
+            "kbytes_per_video": round(sum(os.path.getsize(f) for f in files) / len(files) / 1000),
+            **{
+                f"{d}_{k}": round(statistics.median(r[i] for r in cpu[(n, d)]), 1)
+                for d in ("decord", "pyav")
+                for i, k in ((0, "wall_clips_per_s"), (1, "cpu_clips_per_s"))
+            },
+            **{
+                f"{d}_cpu_vs_source": round(
+                    statistics.median(
+                        x[1] / y[1] for x, y in zip(cpu[(n, d)], cpu[("source (k400)", d)], strict=True)
+                    ),
+                    2,
+                )
+                for d in ("decord", "pyav")
+            },
+        }
     out[f"{default}, 2 decoder threads"] = {
         f"{d}_{k}": round(statistics.median(r[i] for r in runs), 1)
-        for d, runs in threaded.items() for i, k in ((0, "wall_clips_per_s"), (1, "cpu_clips_per_s"))}
+        for d, runs in threaded.items()
+        for i, k in ((0, "wall_clips_per_s"), (1, "cpu_clips_per_s"))
+    }
     return {"prepare_sweep": out, "clip": "16 frames at rate 4, one per video, 16 videos"}
 
 
@@ -350,37 +404,58 @@ def run_list(args) -> dict:
     """Your files: clips/s of one worker (one core) with your config."""
     if not os.path.isfile(args.list):
         raise ValueError(f"--list={args.list!r}: no such file")
-    over = [*args.overrides, "data.dataset=list", f"data.train_list={args.list}",
-            f"data.root={args.root}", "data.num_workers=1", f"data.batch_size={args.batch_size}"]
+    over = [
+        *args.overrides,
+        "data.dataset=list",
+        f"data.train_list={args.list}",
+        f"data.root={args.root}",
+        "data.num_workers=1",
+        f"data.batch_size={args.batch_size}",
+    ]
     try:
         cfg = load_config(args.config, over)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     if args.batch_size % cfg.data.num_sample:
-        raise ValueError(f"--batch-size={args.batch_size}: must be divisible by data.num_sample="
-                         f"{cfg.data.num_sample}")
+        raise ValueError(
+            f"--batch-size={args.batch_size}: must be divisible by data.num_sample={cfg.data.num_sample}"
+        )
     rates, walls = [], []
     for rnd in range(args.rounds):
         wall, worker_cpu, _, batch = timed_turn(cfg, args.warmup, args.batches)
         rates.append(args.batches * args.batch_size / worker_cpu)
         walls.append(args.batches * args.batch_size / wall)
-        print(f"round {rnd + 1}/{args.rounds}: {rates[-1]:.2f} clips per worker CPU second, "
-              f"{walls[-1]:.2f} clips/s wall", file=sys.stderr, flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds}: {rates[-1]:.2f} clips per worker CPU second, "
+            f"{walls[-1]:.2f} clips/s wall",
+            file=sys.stderr,
+            flush=True,
+        )
     d = cfg.data
-    return {"list": args.list, "clip": f"{cfg.model.num_frames}x{cfg.model.img_size}",
-            "sampling_rate": d.sampling_rate, "num_sample": d.num_sample, "decoder": d.decoder,
-            "normalize_on_device": d.normalize_on_device, "bytes_per_clip": bytes_per_clip(batch),
-            "clips_per_s_per_core": round(statistics.median(rates), 2),
-            "rounds": [round(r, 2) for r in rates], "wall_clips_per_s": round(statistics.median(walls), 2),
-            "note": "clips per CPU second of one loader worker process (one core when it has the core "
-                    "to itself); wall_clips_per_s is what it got on this machine"}
+    return {
+        "list": args.list,
+        "clip": f"{cfg.model.num_frames}x{cfg.model.img_size}",
+        "sampling_rate": d.sampling_rate,
+        "num_sample": d.num_sample,
+        "decoder": d.decoder,
+        "normalize_on_device": d.normalize_on_device,
+        "bytes_per_clip": bytes_per_clip(batch),
+        "clips_per_s_per_core": round(statistics.median(rates), 2),
+        "rounds": [round(r, 2) for r in rates],
+        "wall_clips_per_s": round(statistics.median(walls), 2),
+        "note": "clips per CPU second of one loader worker process (one core when it has the core "
+        "to itself); wall_clips_per_s is what it got on this machine",
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (with --list)")
-    ap.add_argument("--cache", default=os.path.join("profiling", "out", "bench_data"),
-                    help="where the benchmark datasets are generated (reused)")
+    ap.add_argument(
+        "--cache",
+        default=os.path.join("profiling", "out", "bench_data"),
+        help="where the benchmark datasets are generated (reused)",
+    )
     ap.add_argument("--dataset", action="append", choices=list(DATASETS), help="repeatable; default all")
     ap.add_argument("--list", help="measure your own list file instead (clips/s per core)")
     ap.add_argument("--root", default="", help="with --list: prefix of its relative paths")
@@ -401,11 +476,16 @@ def main(argv=None) -> int:
     if args.overrides and not args.list:
         ap.error("key=value overrides apply to --list only")
     torch.set_num_threads(1)
-    result = {"machine": machine(), "batch_size": args.batch_size, "batches": args.batches,
-              "rounds": args.rounds}
+    result = {
+        "machine": machine(),
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "rounds": args.rounds,
+    }
     try:
-        result.update(run_list(args) if args.list else run_sweep(args) if args.prepare_sweep
-                      else run_datasets(args))
+        result.update(
+            run_list(args) if args.list else run_sweep(args) if args.prepare_sweep else run_datasets(args)
+        )
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -417,9 +497,12 @@ def main(argv=None) -> int:
             rows = result.get("datasets", {}).get(name, {}).get("loader_one_worker")
             if rows and "clips_per_s" in raw:
                 have = rows["num_sample=2,uint8"]["wall_clips_per_s"]
-                result["one_worker_vs_step"] = {"dataset": name, "loader_clips_per_s": have,
-                                                "step_clips_per_s": raw["clips_per_s"],
-                                                "ratio": round(have / raw["clips_per_s"], 2)}
+                result["one_worker_vs_step"] = {
+                    "dataset": name,
+                    "loader_clips_per_s": have,
+                    "step_clips_per_s": raw["clips_per_s"],
+                    "ratio": round(have / raw["clips_per_s"], 2),
+                }
                 break
     result["machine"]["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=1)

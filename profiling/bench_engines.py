@@ -36,14 +36,27 @@ ENGINES = {
     "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
     "fsdp2": ["parallel.backend=fsdp2"],
-    "zero0_ac": ["parallel.backend=deepspeed", "parallel.zero_stage=0", "parallel.checkpoint_encoder_every=1",
-                 "parallel.checkpoint_decoder_every=1"],
-    "zero3_ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.checkpoint_encoder_every=1",
-                 "parallel.checkpoint_decoder_every=1"],
+    "zero0_ac": [
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=0",
+        "parallel.checkpoint_encoder_every=1",
+        "parallel.checkpoint_decoder_every=1",
+    ],
+    "zero3_ac": [
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=3",
+        "parallel.checkpoint_encoder_every=1",
+        "parallel.checkpoint_decoder_every=1",
+    ],
 }
-RATIOS = {"zero3_over_zero0": ("zero3", "zero0"), "zero1_over_zero0": ("zero1", "zero0"),
-          "zero2_over_zero0": ("zero2", "zero0"), "fsdp2_over_zero0": ("fsdp2", "zero0"),
-          "ac_over_plain_zero0": ("zero0_ac", "zero0"), "ac_over_plain_zero3": ("zero3_ac", "zero3")}
+RATIOS = {
+    "zero3_over_zero0": ("zero3", "zero0"),
+    "zero1_over_zero0": ("zero1", "zero0"),
+    "zero2_over_zero0": ("zero2", "zero0"),
+    "fsdp2_over_zero0": ("fsdp2", "zero0"),
+    "ac_over_plain_zero0": ("zero0_ac", "zero0"),
+    "ac_over_plain_zero3": ("zero3_ac", "zero3"),
+}
 TARGETS = {"zero3_over_zero0": 1.5, "ac_over_plain_zero0": 1.4, "ac_over_plain_zero3": 1.4}
 
 
@@ -56,18 +69,27 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per engine per round")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--engines", default=",".join(ENGINES),
-                   help="comma-separated subset of " + ",".join(ENGINES))
+    p.add_argument(
+        "--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES)
+    )
     p.add_argument("--out", default=str(ROOT / "profiling" / "out" / "bench_engines.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def overrides(args, engine: str) -> list[str]:
-    return [f"model.size={args.size}", f"model.num_frames={args.frames}", f"model.img_size={args.img}",
-            "masking.preset=mats+dual", "masking.score=embed", f"data.batch_size={args.batch}",
-            "data.dataset=synthetic",
-            "train.device=cpu", "train.precision=fp32", *ENGINES[engine]]
+    return [
+        f"model.size={args.size}",
+        f"model.num_frames={args.frames}",
+        f"model.img_size={args.img}",
+        "masking.preset=mats+dual",
+        "masking.score=embed",
+        f"data.batch_size={args.batch}",
+        "data.dataset=synthetic",
+        "train.device=cpu",
+        "train.precision=fp32",
+        *ENGINES[engine],
+    ]
 
 
 def worker(args) -> None:
@@ -98,7 +120,9 @@ def worker(args) -> None:
         video = clips[i % len(clips)]
         barrier()
         t0 = time.perf_counter()
-        out = task.step(engine, {"video": video}, gen)  # the Trainer's micro-batch: scores, selection, forward
+        out = task.step(
+            engine, {"video": video}, gen
+        )  # the Trainer's micro-batch: scores, selection, forward
         engine.backward(out.loss)
         engine.step(1e-4)
         barrier()
@@ -120,24 +144,49 @@ def summarise(args, times: dict[str, list[list[float]]], wall: float) -> dict:
     import torch
 
     total = 2 * args.batch
-    res = {name: {"step_s_median": statistics.median(s for rnd in rounds for s in rnd),
-                  "step_s_rounds": [statistics.median(rnd) for rnd in rounds]}
-           for name, rounds in times.items()}
+    res = {
+        name: {
+            "step_s_median": statistics.median(s for rnd in rounds for s in rnd),
+            "step_s_rounds": [statistics.median(rnd) for rnd in rounds],
+        }
+        for name, rounds in times.items()
+    }
     for r in res.values():
         r["clips_per_s"] = total / r["step_s_median"]
     ratios = {}
     for key, (a, b) in RATIOS.items():
         if a in res and b in res:
-            per_round = [x / y for x, y in zip(res[a]["step_s_rounds"], res[b]["step_s_rounds"])]
-            ratios[key] = {"median": statistics.median(per_round), "rounds": per_round,
-                           **({"target_max": TARGETS[key]} if key in TARGETS else {})}
-    return {"bench": "engines", "processes": 2, "threads_per_process": 1, "precision": "fp32",
-            "model": args.size, "clips_per_process": args.batch, "frames": args.frames, "img": args.img,
-            "masking": "mats embed (rho_pre 0.3, rho 0.9) + running cell 0.5 lean",
-            "warmup": args.warmup, "steps_per_round": args.steps, "rounds": args.rounds,
-            "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                        "torch": torch.__version__, "deepspeed": deepspeed.__version__},
-            "results": res, "ratios": ratios, "wall_s": wall}
+            per_round = [
+                x / y for x, y in zip(res[a]["step_s_rounds"], res[b]["step_s_rounds"], strict=False)
+            ]
+            ratios[key] = {
+                "median": statistics.median(per_round),
+                "rounds": per_round,
+                **({"target_max": TARGETS[key]} if key in TARGETS else {}),
+            }
+    return {
+        "bench": "engines",
+        "processes": 2,
+        "threads_per_process": 1,
+        "precision": "fp32",
+        "model": args.size,
+        "clips_per_process": args.batch,
+        "frames": args.frames,
+        "img": args.img,
+        "masking": "mats embed (rho_pre 0.3, rho 0.9) + running cell 0.5 lean",
+        "warmup": args.warmup,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+        },
+        "results": res,
+        "ratios": ratios,
+        "wall_s": wall,
+    }
 
 
 def main(argv=None) -> int:
@@ -158,15 +207,21 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", *(argv if argv is not None else sys.argv[1:])]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "--worker",
+        *(argv if argv is not None else sys.argv[1:]),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         print(proc.stdout[-3000:] + proc.stderr[-5000:], file=sys.stderr)
         return 1
-    summary = summarise(args, json.loads(lines[-1][len("BENCH_RESULT "):]), time.perf_counter() - t0)
+    summary = summarise(args, json.loads(lines[-1][len("BENCH_RESULT ") :]), time.perf_counter() - t0)
     text = json.dumps(summary, indent=2)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

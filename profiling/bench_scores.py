@@ -74,9 +74,13 @@ def micro(runs: int, warmup: int) -> dict:
             f()
             times[k].append(time.perf_counter() - t)
     base = times["pixel"]
-    return {k: {"ms_per_clip": round(1e3 * statistics.median(v), 2),
-                "vs_pixel": round(statistics.median(a / b for a, b in zip(v, base, strict=True)), 2)}
-            for k, v in times.items()}
+    return {
+        k: {
+            "ms_per_clip": round(1e3 * statistics.median(v), 2),
+            "vs_pixel": round(statistics.median(a / b for a, b in zip(v, base, strict=True)), 2),
+        }
+        for k, v in times.items()
+    }
 
 
 def loader_rates(cache: str, runs: int, batches: int, warmup: int) -> dict:
@@ -88,10 +92,21 @@ def loader_rates(cache: str, runs: int, batches: int, warmup: int) -> dict:
             synth.generate(root, params, workers=min(2, os.cpu_count() or 1), verbose=False)
         iters = {}
         for name, over in LOADERS.items():
-            cfg = load_config(None, ["model.size=B", "model.num_frames=16", "model.img_size=224",
-                                     "data.dataset=bundled", f"data.root={root}", "data.batch_size=4",
-                                     "data.num_sample=2", "data.num_workers=0", "data.sampling_rate=4",
-                                     *over])
+            cfg = load_config(
+                None,
+                [
+                    "model.size=B",
+                    "model.num_frames=16",
+                    "model.img_size=224",
+                    "data.dataset=bundled",
+                    f"data.root={root}",
+                    "data.batch_size=4",
+                    "data.num_sample=2",
+                    "data.num_workers=0",
+                    "data.sampling_rate=4",
+                    *over,
+                ],
+            )
             ld = build_pretrain_loader(cfg, rank=0, world_size=1)
 
             def forever(ld=ld):
@@ -109,18 +124,24 @@ def loader_rates(cache: str, runs: int, batches: int, warmup: int) -> dict:
                     next(it)
                 times[k].append((time.perf_counter() - t) / (4 * batches))
         base = times["tube, no cut handling (before)"]
-        out[video] = {k: {"clips_per_s": round(1 / statistics.median(v), 1),
-                          "ms_per_clip": round(1e3 * statistics.median(v), 1),
-                          "extra_ms_per_clip": round(1e3 * statistics.median(
-                              np.subtract(v, base).tolist()), 1)}
-                      for k, v in times.items()}
+        out[video] = {
+            k: {
+                "clips_per_s": round(1 / statistics.median(v), 1),
+                "ms_per_clip": round(1e3 * statistics.median(v), 1),
+                "extra_ms_per_clip": round(1e3 * statistics.median(np.subtract(v, base).tolist()), 1),
+            }
+            for k, v in times.items()
+        }
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default=os.path.join("profiling", "out", "bench_scores"),
-                    help="where the benchmark videos are generated (reused)")
+    ap.add_argument(
+        "--cache",
+        default=os.path.join("profiling", "out", "bench_scores"),
+        help="where the benchmark videos are generated (reused)",
+    )
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--batches", type=int, default=4, help="loader batches (of 4 clips) per timed run")
     ap.add_argument("--quick", action="store_true", help="2 runs, 1 batch: a smoke test")
@@ -131,9 +152,11 @@ def main(argv=None) -> int:
         ap.error("--runs and --batches must be >= 1")
     torch.set_num_threads(1)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
-    result = {"machine": machine,
-              "score_functions": micro(max(args.runs, 3) * 3, 2),
-              "loader_num_workers0_num_sample2": loader_rates(args.cache, args.runs, args.batches, 1)}
+    result = {
+        "machine": machine,
+        "score_functions": micro(max(args.runs, 3) * 3, 2),
+        "loader_num_workers0_num_sample2": loader_rates(args.cache, args.runs, args.batches, 1),
+    }
     print(json.dumps(result, indent=1))
     return 0
 

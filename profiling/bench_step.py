@@ -39,8 +39,10 @@ from mats_scale.optim import build_adamw
 from mats_scale.tokens import PRESETS
 
 # The project's masking presets (mats_scale.tokens.PRESETS), plus MATS + dual with the pixel score.
-SETTINGS = {**{name: dict(preset=name, **fields) for name, fields in PRESETS.items()},
-            "mats+dual-pixel": dict(preset="mats+dual", score="pixel", **PRESETS["mats+dual"])}
+SETTINGS = {
+    **{name: dict(preset=name, **fields) for name, fields in PRESETS.items()},
+    "mats+dual-pixel": dict(preset="mats+dual", score="pixel", **PRESETS["mats+dual"]),
+}
 BASELINE = "tube+rc"
 
 
@@ -101,7 +103,7 @@ class GemmPeak:
             t = time.perf_counter()
             torch.mm(self.a, self.b)
             times.append(time.perf_counter() - t)
-        return 2 * self.n ** 3 / statistics.median(times)
+        return 2 * self.n**3 / statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -112,11 +114,18 @@ def main(argv=None) -> int:
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--setting", action="append", choices=sorted(SETTINGS),
-                    help=f"repeatable; default: {BASELINE} and mats+dual")
+    ap.add_argument(
+        "--setting",
+        action="append",
+        choices=sorted(SETTINGS),
+        help=f"repeatable; default: {BASELINE} and mats+dual",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unfused-adamw", action="store_true",
-                    help="optim.fused=false: torch's per-parameter AdamW loop instead of the fused kernel")
+    ap.add_argument(
+        "--unfused-adamw",
+        action="store_true",
+        help="optim.fused=false: torch's per-parameter AdamW loop instead of the fused kernel",
+    )
     args = ap.parse_args(argv)
     names = args.setting or [BASELINE, "mats+dual"]
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
@@ -152,10 +161,21 @@ def main(argv=None) -> int:
     result = {
         "note": "indicative timings; fp32 on CPU",
         "optimizer": f"optim.build_adamw(fused={not args.unfused_adamw})",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "cpu_count": os.cpu_count()},
-        "shape": {"size": args.size, "batch": args.batch, "frames": args.frames, "img": args.img,
-                  "tokens": grid.num_tokens, "warmup": args.warmup, "runs": args.runs},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+        },
+        "shape": {
+            "size": args.size,
+            "batch": args.batch,
+            "frames": args.frames,
+            "img": args.img,
+            "tokens": grid.num_tokens,
+            "warmup": args.warmup,
+            "runs": args.runs,
+        },
         "gemm_peak_gflops": round(peak / 1e9, 1),
         "gemm_peak_gflops_all": [round(p / 1e9, 1) for p in peaks],
         "settings": {},
@@ -167,26 +187,36 @@ def main(argv=None) -> int:
         sel_flops, model_flops = flops[b.name]
         n_vis, n_tgt = selection_counts(b.masking, grid)
         result["settings"][b.name] = {
-            "masking": SETTINGS[b.name], "visible": n_vis, "targets": n_tgt,
-            "step_s": round(step, 4), "step_s_min": round(min(steps), 4),
+            "masking": SETTINGS[b.name],
+            "visible": n_vis,
+            "targets": n_tgt,
+            "step_s": round(step, 4),
+            "step_s_min": round(min(steps), 4),
             "step_s_all": [round(s, 4) for s in steps],
             "clips_per_s": round(args.batch / step, 3),
             "selection_s": round(sel_s, 4),
             "selection_frac": round(statistics.median(p[0] / sum(p) for p in phases[b.name]), 4),
-            "fwd_bwd_s": round(fb_s, 4), "optimizer_s": round(opt_s, 4),
+            "fwd_bwd_s": round(fb_s, 4),
+            "optimizer_s": round(opt_s, 4),
             "step_gflop": round((sel_flops + model_flops) / 1e9, 2),
             "selection_gflop": round(sel_flops / 1e9, 2),
             "model_gflops": round((sel_flops + model_flops) / step / 1e9, 1),
             # per round: (step FLOPs / step time) / GEMM peak sampled just before, median over rounds
-            "model_flops_over_gemm_peak": round(statistics.median(
-                (sel_flops + model_flops) / s / p for s, p in zip(steps, peaks)), 3),
+            "model_flops_over_gemm_peak": round(
+                statistics.median(
+                    (sel_flops + model_flops) / s / p for s, p in zip(steps, peaks, strict=False)
+                ),
+                3,
+            ),
         }
     if BASELINE in phases:
         # Median over rounds of step / baseline step of the same round: the two ran back to back, so
         # this ratio is the one least disturbed by load from other processes.
         base = [sum(p) for p in phases[BASELINE]]
         result["step_ratio_vs_" + BASELINE] = {
-            n: round(statistics.median(sum(p) / b for p, b in zip(phases[n], base)), 3) for n in phases}
+            n: round(statistics.median(sum(p) / b for p, b in zip(phases[n], base, strict=False)), 3)
+            for n in phases
+        }
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

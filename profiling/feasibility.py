@@ -72,8 +72,10 @@ def _data_rate(text):
             with open(text) as f:
                 rate = float(json.load(f)["clips_per_s_per_core"])
         except (ValueError, KeyError, TypeError):
-            raise UsageError(f"--data-rate={text!r}: not the JSON of profiling/bench_data.py --list "
-                             "(no clips_per_s_per_core)") from None
+            raise UsageError(
+                f"--data-rate={text!r}: not the JSON of profiling/bench_data.py --list "
+                "(no clips_per_s_per_core)"
+            ) from None
     if not rate > 0:
         raise UsageError(f"--data-rate={text!r}: must be > 0 clips/s")
     return rate
@@ -260,9 +262,11 @@ def main(argv=None) -> int:
                 v = data_verdict(tf, node, args.mfu, data_rate, args.host_cores)
                 lines.append(f"- {st}, checkpointing {pname}: {v.text()}")
             else:
-                lines.append(f"- {st}, checkpointing {pname}: each GPU consumes "
-                             f"{gpu_clips_per_s(tf, node, args.mfu):.0f} clips/s "
-                             "(pass --data-rate for the verdict)")
+                lines.append(
+                    f"- {st}, checkpointing {pname}: each GPU consumes "
+                    f"{gpu_clips_per_s(tf, node, args.mfu):.0f} clips/s "
+                    "(pass --data-rate for the verdict)"
+                )
     if args.config:
         wl = Workload(
             cfg.model,

@@ -27,10 +27,18 @@ TUBELET, PATCH, STRIDE, FRAMES = 2, 16, 2, 16
 def object_tokens(spec: synth.ClipSpec, ids: list[int], height: int, width: int) -> torch.Tensor:
     """(N,) bool: tokens whose tubelet-patch holds part of the object in any of its frames."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    cover = np.stack([synth._coverage(spec.shape, ys + 0.5 - spec.centers[f][0],
-                                      xs + 0.5 - spec.centers[f][1], spec.radius) > 0.5 for f in ids])
-    m = torch.from_numpy(cover).view(len(ids) // TUBELET, TUBELET, height // PATCH, PATCH,
-                                     width // PATCH, PATCH)
+    cover = np.stack(
+        [
+            synth._coverage(
+                spec.shape, ys + 0.5 - spec.centers[f][0], xs + 0.5 - spec.centers[f][1], spec.radius
+            )
+            > 0.5
+            for f in ids
+        ]
+    )
+    m = torch.from_numpy(cover).view(
+        len(ids) // TUBELET, TUBELET, height // PATCH, PATCH, width // PATCH, PATCH
+    )
     return m.any(dim=(1, 3, 5)).flatten()
 
 
@@ -45,8 +53,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.clips < 1:
         ap.error("--clips must be >= 1")
-    print("| camera (px/frame) | texture | object area | pixel: share on object | compensated | "
-          "ratio | kept in common |")
+    print(
+        "| camera (px/frame) | texture | object area | pixel: share on object | compensated | "
+        "ratio | kept in common |"
+    )
     print("|---|---|---|---|---|---|---|")
     for texture in (0.0, 0.3, 0.5):
         for pan in (0.0, 0.5, 1.0, 2.0):
@@ -64,9 +74,11 @@ def main(argv=None) -> int:
                 comp.append(obj[kc].float().mean().item())
                 common.append(len(set(kp.tolist()) & set(kc.tolist())) / len(kp))
             camera = "still" if pan == 0 else f"pan {pan}"
-            print(f"| {camera} | {texture} | {np.mean(area):.3f} | {np.mean(pix):.3f} | "
-                  f"{np.mean(comp):.3f} | {np.mean(comp) / np.mean(pix):.2f} | {np.mean(common):.2f} |",
-                  flush=True)
+            print(
+                f"| {camera} | {texture} | {np.mean(area):.3f} | {np.mean(pix):.3f} | "
+                f"{np.mean(comp):.3f} | {np.mean(comp) / np.mean(pix):.2f} | {np.mean(common):.2f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -15,10 +15,10 @@ DeepSpeed's own estimate for reference (it assumes 16-bit parameters, so it is n
 from __future__ import annotations
 
 import argparse
-import queue as queue_mod
 import gc
 import json
 import os
+import queue as queue_mod
 import socket
 import sys
 import warnings
@@ -135,7 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--reduce-bucket", type=float, default=2e6, help="zero_optimization.reduce_bucket_size"
     )
-    parser.add_argument("--unfused-adam", action="store_true", help="optim.fused=false (torch's unfused AdamW)")
+    parser.add_argument(
+        "--unfused-adam", action="store_true", help="optim.fused=false (torch's unfused AdamW)"
+    )
     parser.add_argument("--out", default="profiling/out")
     args = parser.parse_args(argv)
 
@@ -178,7 +180,11 @@ def main(argv=None) -> int:
     wl = Workload(cfg, masking_config("tube", 0.9), batch=1)
     stats = param_stats(build_model(wl, "meta"))
     states = model_states(
-        stats, zero_stage=3, dp=world, dtype=torch.float32, ds_config=results[0]["ds_config"],
+        stats,
+        zero_stage=3,
+        dp=world,
+        dtype=torch.float32,
+        ds_config=results[0]["ds_config"],
         fused_adam=not args.unfused_adam,
     )
     act = measure_activations(wl, target="cpu")  # meta device, CPU attention kernel, fp32

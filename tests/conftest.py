@@ -6,8 +6,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run the long scale checks marked @pytest.mark.slow")
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run the long scale checks marked @pytest.mark.slow",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

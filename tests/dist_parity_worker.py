@@ -27,27 +27,51 @@ from mats_scale.parallel.distributed import barrier, detect_env, init_distribute
 from mats_scale.parallel.engine import build_engine
 
 STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
-BASE = ["model.size=debug", "model.num_frames=4", "model.img_size=64", "model.drop_path=0.0",
-        "optim.clip_grad=0.02", "train.device=cpu", "train.precision=fp32"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=4",
+    "model.img_size=64",
+    "model.drop_path=0.0",
+    "optim.clip_grad=0.02",
+    "train.device=cpu",
+    "train.precision=fp32",
+]
 ZERO3_ALL_PARTITIONED = {  # a user template: partition every parameter of the tiny model
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
 }
 
 # name -> overrides (micro-batch and accumulation give the global batch of 4 on 2 processes)
 CASES = {
     "zero0": ["parallel.backend=deepspeed", "parallel.zero_stage=0"],
     "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"],
-    "zero2_accum": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "data.batch_size=1",
-                    "optim.grad_accum=2"],
+    "zero2_accum": [
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=2",
+        "data.batch_size=1",
+        "optim.grad_accum=2",
+    ],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ds_config={zero3_json}"],
-    "zero3_ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ds_config={zero3_json}",
-                 "parallel.checkpoint_encoder_every=1", "parallel.checkpoint_decoder_every=1"],
-    "zero3_offload": ["parallel.backend=deepspeed", "parallel.zero_stage=3",
-                      "parallel.offload_optimizer=true"],
+    "zero3_ac": [
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=3",
+        "parallel.ds_config={zero3_json}",
+        "parallel.checkpoint_encoder_every=1",
+        "parallel.checkpoint_decoder_every=1",
+    ],
+    "zero3_offload": [
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=3",
+        "parallel.offload_optimizer=true",
+    ],
     "fsdp2": ["parallel.backend=fsdp2"],
-    "fsdp2_ac_accum": ["parallel.backend=fsdp2", "parallel.checkpoint_encoder_every=2", "data.batch_size=1",
-                       "optim.grad_accum=2"],
+    "fsdp2_ac_accum": [
+        "parallel.backend=fsdp2",
+        "parallel.checkpoint_encoder_every=2",
+        "data.batch_size=1",
+        "optim.grad_accum=2",
+    ],
 }
 # bf16 (DeepSpeed torch_autocast, FSDP2 mixed precision) on tiny shapes: close to fp32, not equal.
 BF16_CASES = {
@@ -70,8 +94,12 @@ def global_batches(cfg, n: int) -> list[tuple[torch.Tensor, Selection]]:
 def run_case(cfg, env, batches, shard: bool, out_dir: str | None) -> dict:
     """Steps on this rank's share (shard=True) or on the whole batch; returns what rank 0 records."""
     engine = build_engine(cfg, env, pretrain_spec(cfg.model))
-    rec = {"init": engine.state_dict(), "applied": [], "is_engine": isinstance(engine, Engine),
-           "kind": engine.kind}
+    rec = {
+        "init": engine.state_dict(),
+        "applied": [],
+        "is_engine": isinstance(engine, Engine),
+        "kind": engine.kind,
+    }
     micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
     mine = slice(env.rank * micro * accum, (env.rank + 1) * micro * accum) if shard else slice(None)
 
@@ -116,15 +144,19 @@ def main() -> None:
             barrier()
         case_env = detect_env(cfg.train, cfg.parallel)  # precision of this case
         batches = global_batches(cfg, STEPS + 2)
-        results[name] = run_case(cfg, case_env, batches, shard=True,
-                                 out_dir=os.path.join(out, name) if name in SAVE else None)
+        results[name] = run_case(
+            cfg, case_env, batches, shard=True, out_dir=os.path.join(out, name) if name in SAVE else None
+        )
         gc.collect()  # the case's engine is gone: free its memory before the next one
         if env.rank == 1 and name in CASES:  # rank 1's scores of its share, compared with the reference
-            torch.save({k: results[name][k] for k in ("scores_init", "scores_final")},
-                       os.path.join(out, f"{name}.rank1_scores.pt"))
+            torch.save(
+                {k: results[name][k] for k in ("scores_init", "scores_final")},
+                os.path.join(out, f"{name}.rank1_scores.pt"),
+            )
     ref_cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH}", "parallel.backend=none"])
-    results["reference"] = run_case(ref_cfg, env, global_batches(ref_cfg, STEPS + 2), shard=False,
-                                    out_dir=None)
+    results["reference"] = run_case(
+        ref_cfg, env, global_batches(ref_cfg, STEPS + 2), shard=False, out_dir=None
+    )
     if env.is_writer:
         torch.save(results, os.path.join(out, "results.pt"))
     barrier()

@@ -15,8 +15,16 @@ PRETRAIN = ROOT / "launchers" / "pretrain.py"
 BIN = Path(sys.executable).parent
 
 # Small and quick: debug model, 4 frames of 64x64 (2x4x4 tokens), in-memory clips, no workers.
-TINY = ["model.size=debug", "model.num_frames=4", "model.img_size=64", "data.dataset=synthetic",
-        "data.num_workers=0", "train.device=cpu", "logging.progress_bar=false", "logging.tensorboard=false"]
+TINY = [
+    "model.size=debug",
+    "model.num_frames=4",
+    "model.img_size=64",
+    "data.dataset=synthetic",
+    "data.num_workers=0",
+    "train.device=cpu",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+]
 
 
 def free_port() -> int:
@@ -34,12 +42,14 @@ def env(**extra: str) -> dict[str, str]:
 
 def torchrun(nproc: int, args: list, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=env(**extra_env))
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env(**extra_env)
+    )
 
 
-def pretrain(nproc: int, overrides: list[str], timeout: int = 300,
-             **extra_env: str) -> subprocess.CompletedProcess:
+def pretrain(
+    nproc: int, overrides: list[str], timeout: int = 300, **extra_env: str
+) -> subprocess.CompletedProcess:
     return torchrun(nproc, [PRETRAIN, *overrides], timeout=timeout, **extra_env)
 
 

@@ -18,12 +18,24 @@ from mats_scale.parallel.distributed import barrier
 from mats_scale.train.loop import Trainer
 
 STEPS, STOP_AT = 6, 3
-BASE = ["train.device=cpu", "train.precision=fp32", "data.batch_size=2", "optim.grad_accum=2",
-        "optim.base_lr=0.05", "optim.warmup_steps=1", "optim.clip_grad=1.0", f"train.steps={STEPS}",
-        "logging.progress_bar=false", "logging.tensorboard=false", "logging.log_every=1",
-        "parallel.checkpoint_encoder_every=1"]
-ENGINES = {"zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
-           "fsdp2": ["parallel.backend=fsdp2"]}
+BASE = [
+    "train.device=cpu",
+    "train.precision=fp32",
+    "data.batch_size=2",
+    "optim.grad_accum=2",
+    "optim.base_lr=0.05",
+    "optim.warmup_steps=1",
+    "optim.clip_grad=1.0",
+    f"train.steps={STEPS}",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.log_every=1",
+    "parallel.checkpoint_encoder_every=1",
+]
+ENGINES = {
+    "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+    "fsdp2": ["parallel.backend=fsdp2"],
+}
 
 
 def run(out_dir: str, overrides: list[str], stop_at: int | None = None) -> dict:
@@ -37,9 +49,13 @@ def run(out_dir: str, overrides: list[str], stop_at: int | None = None) -> dict:
         weights = trainer.engine.state_dict()
     finally:
         trainer.log.close()
-    return {"step": result.step, "stopped": result.stopped_by_signal, "weights": weights,
-            "resumed_from": str(trainer.resume_path) if trainer.resume_path else None,
-            "engine": trainer.engine.name}
+    return {
+        "step": result.step,
+        "stopped": result.stopped_by_signal,
+        "weights": weights,
+        "resumed_from": str(trainer.resume_path) if trainer.resume_path else None,
+        "engine": trainer.engine.name,
+    }
 
 
 def main() -> None:

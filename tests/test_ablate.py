@@ -17,9 +17,17 @@ from mats_scale.ablate.sweep import load_results, sweep
 from mats_scale.config import ConfigError
 from mats_scale.launch.ablate import main as ablate_main
 
-TINY_BASE = {"model.size": "debug", "model.num_frames": 4, "model.img_size": 64, "data.dataset": "synthetic",
-             "data.num_workers": 0, "data.batch_size": 2, "train.device": "cpu", "train.steps": 3,
-             "parallel.backend": "none"}
+TINY_BASE = {
+    "model.size": "debug",
+    "model.num_frames": 4,
+    "model.img_size": 64,
+    "data.dataset": "synthetic",
+    "data.num_workers": 0,
+    "data.batch_size": 2,
+    "train.device": "cpu",
+    "train.steps": 3,
+    "parallel.backend": "none",
+}
 
 
 def _write_grid(path: Path, **spec) -> Path:
@@ -31,9 +39,13 @@ def _write_grid(path: Path, **spec) -> Path:
 def two_point(tmp_path_factory):
     """The two-point debug grid, run for real once (one process each, the plain launcher)."""
     tmp = tmp_path_factory.mktemp("ablate")
-    grid = _write_grid(tmp / "grid.yaml", name="two", base={**TINY_BASE, "masking.preset": "tube"},
-                       axes={"masking.ratio": [0.5, 0.75]},
-                       run={"launcher": "python", "warmup_steps": 1, "loss_window": 2, "time_limit_s": 240})
+    grid = _write_grid(
+        tmp / "grid.yaml",
+        name="two",
+        base={**TINY_BASE, "masking.preset": "tube"},
+        axes={"masking.ratio": [0.5, 0.75]},
+        run={"launcher": "python", "warmup_steps": 1, "loss_window": 2, "time_limit_s": 240},
+    )
     out = tmp / "out"
     assert ablate_main(["--grid", str(grid), "--out", str(out)]) == 0
     return grid, out
@@ -86,10 +98,14 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         return [sys.executable, "-c", behaviour[ratio]]
 
     monkeypatch.setattr(sweep_mod, "launch_command", fake_command)
-    spec = {"name": "fail", "base": {**TINY_BASE, "masking.preset": "tube"},
-            "axes": {"masking.ratio": [0.5, 0.75, 0.8, 0.9, 1.5]},
-            "run": {"launcher": "python", "time_limit_s": 2}, "measure": ["train"],
-            "rules": [{"when": {"masking.ratio": 0.9}, "measure": ["memory", "feasibility"]}]}
+    spec = {
+        "name": "fail",
+        "base": {**TINY_BASE, "masking.preset": "tube"},
+        "axes": {"masking.ratio": [0.5, 0.75, 0.8, 0.9, 1.5]},
+        "run": {"launcher": "python", "time_limit_s": 2},
+        "measure": ["train"],
+        "rules": [{"when": {"masking.ratio": 0.9}, "measure": ["memory", "feasibility"]}],
+    }
     grid = expand(spec)
     out = tmp_path / "out"
     sweep(grid, str(out), echo=lambda s: None)
@@ -112,14 +128,19 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_grid_rules_presets_and_errors(tmp_path):
-    grid = expand({"config": "default",
-                   "axes": {"masking.preset": ["tube+rc", "mats+dual"], "run.nproc": [1, 2]},
-                   "rules": [{"when": {"run.nproc": 2}, "run": {"launcher": "deepspeed"}}]})
+    grid = expand(
+        {
+            "config": "default",
+            "axes": {"masking.preset": ["tube+rc", "mats+dual"], "run.nproc": [1, 2]},
+            "rules": [{"when": {"run.nproc": 2}, "run": {"launcher": "deepspeed"}}],
+        }
+    )
     assert len(grid.points) == 4
     first = grid.points[0]
     # The preset brings its own fields over a base config that names a strategy.
-    assert {"masking.preset=tube+rc", "masking.strategy=tube",
-            "masking.decoder=running_cell"} <= set(first.overrides)
+    assert {"masking.preset=tube+rc", "masking.strategy=tube", "masking.decoder=running_cell"} <= set(
+        first.overrides
+    )
     assert [p.run["launcher"] for p in grid.points] == ["torchrun", "deepspeed", "torchrun", "deepspeed"]
     with pytest.raises(ConfigError, match="measure"):
         expand({"measure": ["speed"]})
@@ -152,7 +173,7 @@ def test_vitg_real_step_against_the_planner(tmp_path):
 
     from mats_scale.launch.ablate import grid_path
 
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     if available < 24:
         pytest.skip(f"ViT-g step needs ~24 GiB of free RAM, {available:.1f} GiB available")
     out = tmp_path / "vitg"
@@ -160,7 +181,8 @@ def test_vitg_real_step_against_the_planner(tmp_path):
     (rec,) = load_results(str(out / "results.jsonl"))
     assert rec["status"] == "ok", rec.get("error")
     measured, predicted = rec["measured"]["peak_mem_gib"], rec["predicted"]["total_gib"]
-    print(f"ViT-g step on 2 CPU processes (FSDP2): peak RSS {measured:.2f} GiB, "
-          f"predicted {predicted:.2f} GiB")
+    print(
+        f"ViT-g step on 2 CPU processes (FSDP2): peak RSS {measured:.2f} GiB, predicted {predicted:.2f} GiB"
+    )
     # The profiler counts tensors only; the processes also hold the interpreter and libraries.
     assert predicted <= measured <= predicted + 4.0

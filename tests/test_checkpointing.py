@@ -20,8 +20,9 @@ def _inputs():
 
 def _model(enc_every=0, dec_every=0):
     torch.manual_seed(0)
-    return apply_activation_checkpointing(build_pretrain_model(CFG), pretrain_spec(CFG),
-                                          {"encoder": enc_every, "decoder": dec_every})
+    return apply_activation_checkpointing(
+        build_pretrain_model(CFG), pretrain_spec(CFG), {"encoder": enc_every, "decoder": dec_every}
+    )
 
 
 def _saved_bytes(model, video, sel) -> int:
@@ -70,7 +71,11 @@ def test_fewer_saved_activations_and_recompute_in_flop_count():
     all_bytes = _saved_bytes(_model(1, 1), video, sel)
     assert all_bytes < enc_bytes < base_bytes
 
-    base, every, half = _flops(_model(), video, sel), _flops(_model(1, 1), video, sel), _flops(_model(2, 2), video, sel)
+    base, every, half = (
+        _flops(_model(), video, sel),
+        _flops(_model(1, 1), video, sel),
+        _flops(_model(2, 2), video, sel),
+    )
     # Recomputation adds exactly one forward of the wrapped blocks: measure that forward directly.
     model = _model()
     assert every > half > base

@@ -14,8 +14,14 @@ from mats_scale.config_help import config_keys, suggest, unknown_key_message
 
 
 def _launch(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PRETRAIN), *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, str(PRETRAIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -33,15 +39,18 @@ def test_help_lists_every_key_with_default_and_docstring(flag):
     assert "  optim.base_lr = 0.00015\n      Learning rate per 256 clips" in out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--config"], "config error: --config: expects a YAML file path"),
-    (["--config", "model.size=S"], "config error: --config: expects a YAML file path"),
-    (["--data_path", "x"], "config error: --data_path: unknown option (a VideoMAE flag); "),
-    (["--bogus"], "config error: --bogus: unknown option; usage: "),
-    (["optim.baselr=1"], "config error: optim.baselr: unknown key; did you mean optim.base_lr?"),
-    (["train.base_lr=1"], "config error: train.base_lr: unknown key; did you mean optim.base_lr?"),
-    (["--config", "/nonexistent.yaml"], "config error: --config='/nonexistent.yaml': no such file"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config"], "config error: --config: expects a YAML file path"),
+        (["--config", "model.size=S"], "config error: --config: expects a YAML file path"),
+        (["--data_path", "x"], "config error: --data_path: unknown option (a VideoMAE flag); "),
+        (["--bogus"], "config error: --bogus: unknown option; usage: "),
+        (["optim.baselr=1"], "config error: optim.baselr: unknown key; did you mean optim.base_lr?"),
+        (["train.base_lr=1"], "config error: train.base_lr: unknown key; did you mean optim.base_lr?"),
+        (["--config", "/nonexistent.yaml"], "config error: --config='/nonexistent.yaml': no such file"),
+    ],
+)
 def test_command_line_mistakes_are_one_line_and_exit_2(args, needle):
     proc = _launch(*args)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -63,4 +72,6 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path):
 def test_suggestions():
     assert suggest("masking.ratioo", Config) == ["masking.ratio"]
     assert suggest("warmup_epochs", Config) == ["optim.warmup_epochs"]  # VideoMAE's flag name
-    assert unknown_key_message("model.colour", Config) == "model.colour: unknown key; see --help for every key"
+    assert (
+        unknown_key_message("model.colour", Config) == "model.colour: unknown key; see --help for every key"
+    )

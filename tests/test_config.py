@@ -26,23 +26,26 @@ def test_yaml_then_dotlist(tmp_path):
     assert cfg.data.batch_size == 5
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("model.colour=red", "model.colour: unknown key"),
-    ("foo.bar=1", "foo.bar: unknown key"),
-    ("data.batch_size=two", "data.batch_size"),
-    ("model.img_size=1.5", "model.img_size"),
-    ("masking.ratio=1.2", "masking.ratio=1.2: must be in the open interval (0, 1)"),
-    ("masking.ratio=0", "masking.ratio=0.0: must be in the open interval (0, 1)"),
-    ("masking.keep_ratio=1.0", "masking.keep_ratio=1.0"),
-    ("model.num_frames=15", "model.num_frames=15: must be divisible by model.tubelet_size=2"),
-    ("model.img_size=230", "model.img_size=230: must be divisible by the patch size 16"),
-    ("model.size=XL", "model.size='XL': allowed: debug, S, B, L, H, g"),
-    ("masking.strategy=magic", "masking.strategy='magic': allowed: tube, random, mats"),
-    ("masking.decoder_ratio=0.1", "masking.decoder_ratio"),  # only meaningful with the running cell
-    ("parallel.zero_stage=4", "parallel.zero_stage=4: allowed: 0, 1, 2, 3"),
-    ("data.eval_crops=2", "data.eval_crops=2: allowed: 1, 3"),
-    ("data.eval_clips=0", "data.eval_clips=0"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.colour=red", "model.colour: unknown key"),
+        ("foo.bar=1", "foo.bar: unknown key"),
+        ("data.batch_size=two", "data.batch_size"),
+        ("model.img_size=1.5", "model.img_size"),
+        ("masking.ratio=1.2", "masking.ratio=1.2: must be in the open interval (0, 1)"),
+        ("masking.ratio=0", "masking.ratio=0.0: must be in the open interval (0, 1)"),
+        ("masking.keep_ratio=1.0", "masking.keep_ratio=1.0"),
+        ("model.num_frames=15", "model.num_frames=15: must be divisible by model.tubelet_size=2"),
+        ("model.img_size=230", "model.img_size=230: must be divisible by the patch size 16"),
+        ("model.size=XL", "model.size='XL': allowed: debug, S, B, L, H, g"),
+        ("masking.strategy=magic", "masking.strategy='magic': allowed: tube, random, mats"),
+        ("masking.decoder_ratio=0.1", "masking.decoder_ratio"),  # only meaningful with the running cell
+        ("parallel.zero_stage=4", "parallel.zero_stage=4: allowed: 0, 1, 2, 3"),
+        ("data.eval_crops=2", "data.eval_crops=2: allowed: 1, 3"),
+        ("data.eval_clips=0", "data.eval_clips=0"),
+    ],
+)
 def test_bad_values_name_key_value_and_rule(override, needle):
     extra = ["masking.decoder=running_cell"] if override.startswith("masking.decoder_ratio") else []
     with pytest.raises(ConfigError) as err:
@@ -74,15 +77,22 @@ def test_cli_args():
 
 
 def test_launcher_rejects_bad_config_with_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "masking.ratio=1.5"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), "masking.ratio=1.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["config error: masking.ratio=1.5: must be in the open interval (0, 1)"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "mats_scale" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "mats_scale" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_config_loads(path):
     cfg = load_config(str(path), [])
     assert cfg.model.num_frames % cfg.model.tubelet_size == 0
@@ -95,7 +105,12 @@ def test_shipped_vit_g_config_fits_one_node_per_the_planner():
     from mats_scale.profiling.workload import Workload
 
     cfg = load_config(str(ROOT / "mats_scale" / "configs" / "k400_vit_g_mats_dual.yaml"), [])
-    wl = Workload(cfg.model, cfg.masking, cfg.data.batch_size, torch.bfloat16,
-                  (cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every))
+    wl = Workload(
+        cfg.model,
+        cfg.masking,
+        cfg.data.batch_size,
+        torch.bfloat16,
+        (cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every),
+    )
     report = check_config(wl, engine_of(cfg.parallel), NODES["a100-80"])
     assert report["fits"], report

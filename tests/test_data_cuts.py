@@ -12,8 +12,15 @@ from mats_scale.data.cuts import cuts_between, detect_cuts, limit_to_shot, longe
 from mats_scale.data.loader import build_pretrain_loader
 
 CUT = synth.SynthParams(num_train=6, num_val=0, seed=7, frames=32, height=120, width=128, cut=True)
-BASE = ["model.size=debug", "model.num_frames=8", "model.img_size=32", "data.sampling_rate=2",
-        "data.batch_size=2", "data.num_workers=0", "data.flip=false"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=8",
+    "model.img_size=32",
+    "data.sampling_rate=2",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.flip=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +113,21 @@ def test_loader_scores_and_frame_selection_on_cut_clips(cut_dataset, score):
     from mats_scale.data.device import to_model_input
     from mats_scale.masking import TokenGrid, loader_motion_scores
 
-    cfg = cfg_for(cut_dataset, "masking.strategy=mats", f"masking.score={score}",
-                  "masking.frame_selection=true", "data.num_sample=2")
+    cfg = cfg_for(
+        cut_dataset,
+        "masking.strategy=mats",
+        f"masking.score={score}",
+        "masking.frame_selection=true",
+        "data.num_sample=2",
+    )
     grid = TokenGrid.from_model(cfg.model)
     cut_at = [synth.clip_spec(CUT, "train", i)[0].cut for i in range(CUT.num_train)]
     for b in build_pretrain_loader(cfg, rank=0, world_size=1):
         assert b["scores"].shape == (2, grid.num_tokens) and torch.isfinite(b["scores"]).all()
         video = to_model_input(b, "cpu")  # the workers send uint8; the scores are in the normalised units
-        torch.testing.assert_close(b["scores"], loader_motion_scores(score, video, 2, 16), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            b["scores"], loader_motion_scores(score, video, 2, 16), rtol=1e-4, atol=1e-4
+        )
         for i, ids in zip(b["index"].tolist(), b["frame_index"].tolist(), strict=True):
             assert not min(ids) < cut_at[i] <= max(ids)
 
@@ -130,16 +144,29 @@ def test_shot_cuts_config_is_checked():
 def test_generator_options_leave_the_default_alone():
     default = synth.SynthParams()
     assert not default.effects and set(synth.params_dict(default)) == {
-        "num_train", "num_val", "seed", "frames", "height", "width", "fps", "codec", "crf", "version"}
+        "num_train",
+        "num_val",
+        "seed",
+        "frames",
+        "height",
+        "width",
+        "fps",
+        "codec",
+        "crf",
+        "version",
+    }
     plain, spec = synth.render_clip(default, "train", 3)
     cut, cut_spec = synth.render_clip(synth.SynthParams(cut=True), "train", 3)
     assert np.array_equal(spec.centers, cut_spec.centers) and spec.cut == 0 and 8 <= cut_spec.cut <= 24
-    assert np.array_equal(cut[:cut_spec.cut], plain[:cut_spec.cut])  # the first shot is the default clip
-    assert np.abs(cut[cut_spec.cut:].astype(int) - plain[cut_spec.cut:]).mean() > 10
+    assert np.array_equal(cut[: cut_spec.cut], plain[: cut_spec.cut])  # the first shot is the default clip
+    assert np.abs(cut[cut_spec.cut :].astype(int) - plain[cut_spec.cut :]).mean() > 10
     panned, pan_spec = synth.render_clip(synth.SynthParams(pan=1.0), "train", 3)
     assert np.array_equal(panned[0], plain[0]) and not np.array_equal(panned[-1], plain[-1])
     assert np.array_equal(pan_spec.centers, spec.centers)  # the object's path is on the screen
-    for bad, flag in ((dict(pan=-1.0), "--pan"), (dict(zoom=0.5), "--zoom"),
-                      (dict(texture=2.0), "--texture")):
+    for bad, flag in (
+        (dict(pan=-1.0), "--pan"),
+        (dict(zoom=0.5), "--zoom"),
+        (dict(texture=2.0), "--texture"),
+    ):
         with pytest.raises(ValueError, match=flag):
             synth.SynthParams(**bad).check()

@@ -17,8 +17,14 @@ from mats_scale.data.transforms import to_model_input as clip_to_model_input
 from mats_scale.data.video import open_video, read_frames
 
 SMALL = synth.SynthParams(num_train=4, num_val=0, seed=3, frames=16, height=96, width=128)
-BASE = ["model.size=debug", "model.num_frames=4", "model.img_size=32", "data.sampling_rate=2",
-        "data.batch_size=4", "data.num_workers=0"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=4",
+    "model.img_size=32",
+    "data.sampling_rate=2",
+    "data.batch_size=4",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,12 @@ def encode(path, frames, gop=None):
 def ramp(t, h, w):
     """Smooth frames that move: a diagonal gradient shifted by 3 px per frame, (T, H, W, 3) uint8."""
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack([np.stack([(x + 3 * i) * 5 % 256, (y * 7) % 256, np.full_like(x, 40 * (i % 6))], -1)
-                     for i in range(t)]).astype(np.uint8)
+    return np.stack(
+        [
+            np.stack([(x + 3 * i) * 5 % 256, (y * 7) % 256, np.full_like(x, 40 * (i % 6))], -1)
+            for i in range(t)
+        ]
+    ).astype(np.uint8)
 
 
 # ---- decoders -------------------------------------------------------------------------------------
@@ -65,10 +75,14 @@ def test_pyav_returns_decords_frames(dataset, tmp_path):
 
 def test_loader_batches_identical_with_either_decoder(dataset):
     over = [*BASE, "data.dataset=bundled", f"data.root={dataset}"]
-    runs = [list(build_pretrain_loader(load_config(None, [*over, f"data.decoder={d}"])))
-            for d in ("decord", "pyav")]
-    assert all(torch.equal(a["video"], b["video"]) and torch.equal(a["frame_index"], b["frame_index"])
-               for a, b in zip(*runs, strict=True))
+    runs = [
+        list(build_pretrain_loader(load_config(None, [*over, f"data.decoder={d}"])))
+        for d in ("decord", "pyav")
+    ]
+    assert all(
+        torch.equal(a["video"], b["video"]) and torch.equal(a["frame_index"], b["frame_index"])
+        for a, b in zip(*runs, strict=True)
+    )
 
 
 def test_decoder_choice_is_validated():
@@ -119,8 +133,15 @@ def test_quiet_stderr_passes_other_output_on(capfd):
 def test_uint8_path_gives_the_float_paths_clips_and_scores(dataset):
     """Workers send uint8; to_model_input gives bit for bit the clips the workers used to normalise,
     with the same pixel motion scores, at a quarter of the bytes."""
-    over = [*BASE, "data.dataset=bundled", f"data.root={dataset}", "data.num_sample=2", "model.img_size=64",
-            "masking.strategy=mats", "masking.score=pixel"]
+    over = [
+        *BASE,
+        "data.dataset=bundled",
+        f"data.root={dataset}",
+        "data.num_sample=2",
+        "model.img_size=64",
+        "masking.strategy=mats",
+        "masking.score=pixel",
+    ]
     u8 = list(build_pretrain_loader(load_config(None, over)))
     f32 = list(build_pretrain_loader(load_config(None, [*over, "data.normalize_on_device=false"])))
     assert len(u8) == len(f32) == 2
@@ -177,7 +198,7 @@ def test_uint8_augment_is_the_crop_resized_and_normalises_to_the_float_view():
     for seed in range(6):
         u8 = pretrain_augment(frames, 48, torch.Generator().manual_seed(seed), flip=False, normalize=False)
         top, left, ch, cw = multiscale_crop_box(70, 90, 48, torch.Generator().manual_seed(seed))
-        crop = frames[:, top:top + ch, left:left + cw].permute(0, 3, 1, 2).contiguous()  # (T, 3, ch, cw)
+        crop = frames[:, top : top + ch, left : left + cw].permute(0, 3, 1, 2).contiguous()  # (T, 3, ch, cw)
         assert u8.dtype == torch.uint8 and torch.equal(u8, resize_clip(crop, (48, 48)).permute(1, 0, 2, 3))
         f32 = pretrain_augment(frames, 48, torch.Generator().manual_seed(seed), flip=False)
         assert torch.equal(normalize_video(u8[None])[0], f32)

@@ -12,8 +12,13 @@ from mats_scale.data.transforms import short_side_resize, to_model_input
 from mats_scale.data.video import open_video, read_frames
 
 SMALL = synth.SynthParams(num_train=8, num_val=5, seed=11, frames=16, height=96, width=128)
-BASE = ["model.size=debug", "model.num_frames=4", "model.img_size=32", "data.sampling_rate=2",
-        "data.num_workers=0"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=4",
+    "model.img_size=32",
+    "data.sampling_rate=2",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def find_crop(clip, resized):
         target = clip.flip(-1) if flipped else clip
         for dy in range(h - S + 1):
             for dx in range(w - S + 1):
-                if torch.equal(resized[..., dy:dy + S, dx:dx + S], target):
+                if torch.equal(resized[..., dy : dy + S, dx : dx + S], target):
                     return dy, dx, flipped
     return None
 
@@ -53,7 +58,9 @@ def test_finetune_clips_are_random_crops_of_the_short_side_resize(dataset):
         assert b["video"].shape == (4, 3, 4, 32, 32) and b["video"].dtype == torch.uint8
         assert b["label"].tolist() == [spec_label("train", i) for i in b["index"].tolist()]
         video = device_input(b, "cpu")  # normalised as the training loop does
-        for clip, index, frame_ids in zip(video, b["index"].tolist(), b["frame_index"].tolist()):
+        for clip, index, frame_ids in zip(
+            video, b["index"].tolist(), b["frame_index"].tolist(), strict=False
+        ):
             path = str(dataset / synth.relpath("train", index))
             frames = read_frames(open_video(path), frame_ids, path)  # (T, 96, 128, 3)
             resized = to_model_input(short_side_resize(frames, round(32 * 256 / 224)))  # (3, T, 37, 49)
@@ -63,7 +70,7 @@ def test_finetune_clips_are_random_crops_of_the_short_side_resize(dataset):
     assert flips == {False, True}  # 8 clips: flipped and unflipped both occur for this seed
     # Deterministic like the pre-training loader: the same config gives the same clips.
     again = list(build_finetune_loader(cfg))
-    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(batches, again))
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(batches, again, strict=False))
 
 
 def test_finetune_refuses_videos_without_labels(dataset, tmp_path):
@@ -86,7 +93,7 @@ def test_eval_loader_scores_every_video_once_over_the_ranks(dataset):
         assert indices == list(range(rank, SMALL.num_val, 2))  # list order, no padding
         seen += indices
         again = list(build_eval_loader(cfg, rank=rank, world_size=2))
-        assert all(torch.equal(a["views"], b["views"]) for a, b in zip(batches, again))
+        assert all(torch.equal(a["views"], b["views"]) for a, b in zip(batches, again, strict=False))
     assert sorted(seen) == list(range(SMALL.num_val))
 
 
@@ -95,8 +102,10 @@ def test_eval_stops_on_an_unreadable_video_and_names_it(dataset, tmp_path):
     bad.write_bytes(b"not a video at all")
     lst = tmp_path / "val.txt"
     lst.write_text(f"{dataset / synth.relpath('val', 0)} 1\n{bad} 2\n")
-    cfg = load_config(None, [*BASE, "data.dataset=list", f"data.train_list={lst}", f"data.val_list={lst}",
-                             "data.batch_size=1"])
+    cfg = load_config(
+        None,
+        [*BASE, "data.dataset=list", f"data.train_list={lst}", f"data.val_list={lst}", "data.batch_size=1"],
+    )
     it = iter(build_eval_loader(cfg))
     assert next(it)["views"].shape == (1, 1, 3, 4, 32, 32)
     with pytest.raises(DataError, match="evaluation video .*broken.mp4"):

@@ -19,8 +19,15 @@ from mats_scale.data.lists import FORMATS, read_list_file, scan_folder
 from mats_scale.data.loader import build_pretrain_loader
 from mats_scale.data.video import open_video, read_frames
 
-BASE = ["model.size=debug", "model.num_frames=4", "model.img_size=32", "data.sampling_rate=1",
-        "data.batch_size=2", "data.num_workers=0", "data.max_bad_fraction=0.0"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=4",
+    "model.img_size=32",
+    "data.sampling_rate=1",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.max_bad_fraction=0.0",
+]
 
 
 def _frames(n=8, h=64, w=96):
@@ -46,13 +53,23 @@ def _loader(lst, *extra):
     return build_pretrain_loader(cfg, rank=0, world_size=1)
 
 
-@pytest.mark.parametrize("text,fmt,parsed", [
-    ("a.mp4 3\nb c.mp4 5\n", "path_label", [("a.mp4", 3, -1, -1), ("b c.mp4", 5, -1, -1)]),
-    ("a.mp4 0 -1\nsub/b.mp4 0 -1\n", "path_start_total", [("a.mp4", -1, 0, -1), ("sub/b.mp4", -1, 0, -1)]),
-    ("frames/1 1 47\nv.mp4 0 -1\n", "path_start_total", [("frames/1", -1, 1, 47), ("v.mp4", -1, 0, -1)]),
-    ("frames/1 47 12\nframes/2 30 0\n", "folder_total_label",
-     [("frames/1", 12, -1, 47), ("frames/2", 0, -1, 30)]),
-])
+@pytest.mark.parametrize(
+    "text,fmt,parsed",
+    [
+        ("a.mp4 3\nb c.mp4 5\n", "path_label", [("a.mp4", 3, -1, -1), ("b c.mp4", 5, -1, -1)]),
+        (
+            "a.mp4 0 -1\nsub/b.mp4 0 -1\n",
+            "path_start_total",
+            [("a.mp4", -1, 0, -1), ("sub/b.mp4", -1, 0, -1)],
+        ),
+        ("frames/1 1 47\nv.mp4 0 -1\n", "path_start_total", [("frames/1", -1, 1, 47), ("v.mp4", -1, 0, -1)]),
+        (
+            "frames/1 47 12\nframes/2 30 0\n",
+            "folder_total_label",
+            [("frames/1", 12, -1, 47), ("frames/2", 0, -1, 30)],
+        ),
+    ],
+)
 def test_videomae_and_videomae_v2_list_formats(tmp_path, text, fmt, parsed):
     lst = tmp_path / "list.txt"
     lst.write_text("# comment\n\n" + text)
@@ -61,11 +78,14 @@ def test_videomae_and_videomae_v2_list_formats(tmp_path, text, fmt, parsed):
     assert [tuple(it) for it in items] == parsed
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("a.mp4 3\nb.mp4 0 -1\n", r"list\.txt:4: 'b.mp4 0 -1': three fields, but line 3 has two"),
-    ("a.mp4 0 -1\nb.mp4 cat\n", r"list\.txt:4: 'b.mp4 cat': expected 'path label'"),
-    ("a.mp4 0 0\n", r"list\.txt:3: 'a.mp4 0 0': total_frames must be > 0 .* or -1"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("a.mp4 3\nb.mp4 0 -1\n", r"list\.txt:4: 'b.mp4 0 -1': three fields, but line 3 has two"),
+        ("a.mp4 0 -1\nb.mp4 cat\n", r"list\.txt:4: 'b.mp4 cat': expected 'path label'"),
+        ("a.mp4 0 0\n", r"list\.txt:3: 'a.mp4 0 0': total_frames must be > 0 .* or -1"),
+    ],
+)
 def test_a_line_that_fits_no_format_is_named(tmp_path, text, needle):
     lst = tmp_path / "list.txt"
     lst.write_text("# comment\n\n" + text)
@@ -90,11 +110,15 @@ def test_rawframe_folders_from_a_folder_scan(tmp_path):
     _frame_folder(tmp_path / "root" / "classB" / "clip2", start=0)
     _video(tmp_path / "root" / "classB" / "v.mp4")
     items = scan_folder(str(tmp_path / "root"))
-    assert [(os.path.relpath(it.path, tmp_path / "root"), it.label) for it in items] == \
-        [("classA/clip1", 0), ("classB/v.mp4", 1), ("classB/clip2", 1)]  # files, then sub-folders
+    assert [(os.path.relpath(it.path, tmp_path / "root"), it.label) for it in items] == [
+        ("classA/clip1", 0),
+        ("classB/v.mp4", 1),
+        ("classB/clip2", 1),
+    ]  # files, then sub-folders
     assert "1 video files, 2 rawframe folders" in items.source_format
-    cfg = load_config(None, [*BASE, "data.dataset=folder", f"data.root={tmp_path / 'root'}",
-                             "data.batch_size=3"])
+    cfg = load_config(
+        None, [*BASE, "data.dataset=folder", f"data.root={tmp_path / 'root'}", "data.batch_size=3"]
+    )
     (batch,) = list(build_pretrain_loader(cfg, rank=0, world_size=1))
     assert batch["skipped"] == [] and batch["video"].shape[0] == 3
 
@@ -135,11 +159,24 @@ def test_list_errors_stop_the_launcher_before_torch_is_imported(tmp_path):
     (fake / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
     lst = tmp_path / "list.txt"
     lst.write_text("a.mp4 1\nb.mp4 two\n")
-    proc = subprocess.run([sys.executable, str(PRETRAIN), "data.dataset=list", f"data.train_list={lst}",
-                           f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env={"PYTHONPATH": f"{fake}:{ROOT}", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PRETRAIN),
+            "data.dataset=list",
+            f"data.train_list={lst}",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": f"{fake}:{ROOT}", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {lst}:2: 'b.mp4 two': expected 'path label' with an "
-                                                "integer label (or just 'path'), or 'path start_index "
-                                                "total_frames' (VideoMAE V2)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {lst}:2: 'b.mp4 two': expected 'path label' with an "
+        "integer label (or just 'path'), or 'path start_index "
+        "total_frames' (VideoMAE V2)"
+    ]
     assert not (tmp_path / "run").exists()

@@ -18,8 +18,14 @@ from mats_scale.data.loader import build_pretrain_loader
 
 SMALL = synth.SynthParams(num_train=8, num_val=0, seed=5, frames=16, height=96, width=128)
 # Tiny clips keep the tests fast: 4 frames of 32 x 32 (a 2 x 2 patch grid of the debug model).
-BASE = ["model.size=debug", "model.num_frames=4", "model.img_size=32", "data.sampling_rate=2",
-        "data.batch_size=4", "data.num_workers=0"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=4",
+    "model.img_size=32",
+    "data.sampling_rate=2",
+    "data.batch_size=4",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +134,12 @@ def test_folder_scan_labels_by_subfolder(dataset, tmp_path):
     (tmp_path / "notes.txt").write_text("not a video")
     cfg = load_config(None, [*BASE, "data.dataset=folder", f"data.root={tmp_path}"])
     b = next(iter(build_pretrain_loader(cfg, rank=0, world_size=1)))
-    assert sorted(zip(b["index"].tolist(), b["label"].tolist())) == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert sorted(zip(b["index"].tolist(), b["label"].tolist(), strict=False)) == [
+        (0, 0),
+        (1, 0),
+        (2, 1),
+        (3, 1),
+    ]
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -149,8 +160,13 @@ def _make_bad(kind, dataset, tmp_path):
     return path
 
 
-REASONS = {"missing": "missing file", "empty": "empty file", "truncated": "cannot open as video",
-           "not_a_video": "cannot open as video", "too_short": "too short: 2 frames"}
+REASONS = {
+    "missing": "missing file",
+    "empty": "empty file",
+    "truncated": "cannot open as video",
+    "not_a_video": "cannot open as video",
+    "too_short": "too short: 2 frames",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(REASONS))
@@ -189,14 +205,15 @@ def test_skip_counts_aggregate_from_workers_like_in_process(dataset, tmp_path):
     lst = write_list(tmp_path / "list.txt", rel)
     runs = []
     for workers in (0, 2):
-        cfg = cfg_for("", f"data.num_workers={workers}", "data.batch_size=2", "data.max_bad_fraction=1.0",
-                      list_file=lst)
+        cfg = cfg_for(
+            "", f"data.num_workers={workers}", "data.batch_size=2", "data.max_bad_fraction=1.0", list_file=lst
+        )
         ld = build_pretrain_loader(cfg, rank=0, world_size=1)
         batches = epoch_batches(ld)
         runs.append((batches, ld.skip_stats.state_dict()))
     (b0, s0), (b2, s2) = runs
     assert s0 == s2 and s0["skipped"] >= 1 and s0["bad_files"][0][0] == str(tmp_path / "gone.mp4")
-    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(b0, b2))
+    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(b0, b2, strict=False))
 
 
 def test_malformed_list_line_reported_with_line_number(tmp_path):
@@ -247,13 +264,14 @@ def test_resume_yields_exactly_the_uninterrupted_batches(dataset):
     state = first.state_dict()
     assert (state["epoch"], state["batch"]) == (0, 3)
 
-    resumed = build_pretrain_loader(cfg_for(dataset, "data.batch_size=2", "data.num_workers=2"), rank=0,
-                                    world_size=1)
+    resumed = build_pretrain_loader(
+        cfg_for(dataset, "data.batch_size=2", "data.num_workers=2"), rank=0, world_size=1
+    )
     resumed.load_state_dict(state)
     resumed.set_epoch(0)  # a loop that calls set_epoch after loading must not rewind
     got += epoch_batches(resumed) + epoch_batches(resumed)
     assert len(got) == len(reference)
-    for x, y in zip(got, reference):
+    for x, y in zip(got, reference, strict=False):
         assert torch.equal(x["video"], y["video"]) and torch.equal(x["index"], y["index"])
 
     other = build_pretrain_loader(cfg, rank=0, world_size=2)
@@ -268,8 +286,9 @@ def test_segment_sampling_turns_flip_off(tmp_path):
     lst = write_list(tmp_path / "list.txt", [str(tmp_path / "half.mp4")])
 
     def flipped(*overrides):
-        ld = build_pretrain_loader(cfg_for("", "data.num_sample=4", *overrides, list_file=lst), rank=0,
-                                   world_size=1)
+        ld = build_pretrain_loader(
+            cfg_for("", "data.num_sample=4", *overrides, list_file=lst), rank=0, world_size=1
+        )
         v = torch.cat([_videos(epoch_batches(ld)) for _ in range(3)])  # 12 clips (B, 3, T, H, W)
         return (v[..., :4].mean(dim=(1, 2, 3, 4)) > v[..., -4:].mean(dim=(1, 2, 3, 4))).tolist()
 

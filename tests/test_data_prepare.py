@@ -63,9 +63,20 @@ def test_reencodes_scaled_short_gop_and_reports_the_bad_source(src, tmp_path):
     assert keyframes(str(src / "jump" / "a.mp4")) == [0]
     assert not [f for _, _, fs in os.walk(dst) for f in fs if f.endswith(".part")]
     # The prepared set trains as a list dataset.
-    cfg = load_config(None, ["model.size=debug", "model.num_frames=4", "model.img_size=32",
-                             "data.dataset=list", f"data.root={dst}", f"data.train_list={dst / 'list.txt'}",
-                             "data.batch_size=3", "data.num_workers=0", "data.sampling_rate=2"])
+    cfg = load_config(
+        None,
+        [
+            "model.size=debug",
+            "model.num_frames=4",
+            "model.img_size=32",
+            "data.dataset=list",
+            f"data.root={dst}",
+            f"data.train_list={dst / 'list.txt'}",
+            "data.batch_size=3",
+            "data.num_workers=0",
+            "data.sampling_rate=2",
+        ],
+    )
     (batch,) = list(build_pretrain_loader(cfg))
     assert batch["video"].shape == (3, 3, 4, 32, 32) and batch["skipped"] == []
 
@@ -90,8 +101,14 @@ def test_list_files_keep_labels_and_fps_resamples(src, tmp_path):
     lst = tmp_path / "train.txt"
     lst.write_text("jump/a.mp4 7\nrun/broken.mp4 3\nrun/c.mkv 2\n")
     dst = tmp_path / "dst"
-    r = prepare(str(src), str(dst), PrepareOptions(short_side=48, gop=4, fps=4), list_files=[str(lst)],
-                workers=2, progress=False)
+    r = prepare(
+        str(src),
+        str(dst),
+        PrepareOptions(short_side=48, gop=4, fps=4),
+        list_files=[str(lst)],
+        workers=2,
+        progress=False,
+    )
     assert r["encoded"] == 2 and len(r["failed"]) == 1
     assert (dst / "train.txt").read_text().splitlines() == ["jump/a.mp4 7", "run/c.mp4 2"]
     assert len(open_video(str(dst / "jump" / "a.mp4"))) == 8  # 16 frames at 8 fps -> 8 at 4 fps

@@ -73,7 +73,9 @@ def test_deterministic_from_seed(small_dataset, tmp_path):
     params = synth.SynthParams(**{**SMALL.__dict__, "num_train": 2, "num_val": 0})
     synth.generate(str(tmp_path / "a"), params, workers=1, verbose=False)
     for i in range(2):  # same seed: byte-identical files (single-threaded encoder)
-        assert _md5(tmp_path / "a" / synth.relpath("train", i)) == _md5(small_dataset / synth.relpath("train", i))
+        assert _md5(tmp_path / "a" / synth.relpath("train", i)) == _md5(
+            small_dataset / synth.relpath("train", i)
+        )
     other = synth.SynthParams(**{**params.__dict__, "seed": 4})
     a, _ = synth.render_clip(params, "train", 0)
     b, _ = synth.render_clip(other, "train", 0)
@@ -103,7 +105,9 @@ def test_classes_are_defined_by_motion_not_appearance():
             assert lo - 1e-4 <= step.mean() <= hi + 1e-4, name
         # The object stays fully inside the frame.
         assert (s.centers - s.radius >= 0).all()
-        assert (s.centers[:, 0] + s.radius <= params.height).all() and (s.centers[:, 1] + s.radius <= params.width).all()
+        assert (s.centers[:, 0] + s.radius <= params.height).all() and (
+            s.centers[:, 1] + s.radius <= params.width
+        ).all()
     # Appearance is drawn independently of the class: every class shows every shape.
     assert set(shapes_per_class) == set(synth.CLASSES)
     assert all(v == set(synth.SHAPES) for v in shapes_per_class.values())
@@ -112,8 +116,26 @@ def test_classes_are_defined_by_motion_not_appearance():
 def test_cli_writes_dataset_and_rejects_bad_arguments(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "mats_scale.data.synth", str(out), "--num-train", "2", "--num-val", "1",
-           "--frames", "8", "--height", "80", "--width", "96", "--workers", "1", "--codec", "mpeg4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mats_scale.data.synth",
+        str(out),
+        "--num-train",
+        "2",
+        "--num-val",
+        "1",
+        "--frames",
+        "8",
+        "--height",
+        "80",
+        "--width",
+        "96",
+        "--workers",
+        "1",
+        "--codec",
+        "mpeg4",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (out / "meta.json").is_file() and (out / "classes.txt").is_file()

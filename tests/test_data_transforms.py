@@ -27,8 +27,8 @@ def test_clip_indices_strided_and_random_start():
     starts = set()
     for s in range(20):
         idx = clip_indices(100, 8, 4, gen(s))
-        assert [b - a for a, b in zip(idx, idx[1:])] == [4] * 7
-        assert 0 <= idx[0] and idx[-1] < 100
+        assert [b - a for a, b in zip(idx, idx[1:], strict=False)] == [4] * 7
+        assert idx[0] >= 0 and idx[-1] < 100
         starts.add(idx[0])
     assert len(starts) > 5
     assert clip_indices(100, 8, 4, None) == [35 + 4 * i for i in range(8)]  # centred: (100 - 29) // 2
@@ -37,7 +37,7 @@ def test_clip_indices_strided_and_random_start():
 def test_clip_indices_short_video_fallback():
     # 20 frames cannot hold 8 frames at stride 4 (span 29): the stride shrinks to (20 - 1) // 7 = 2.
     idx = clip_indices(20, 8, 4, gen())
-    assert [b - a for a, b in zip(idx, idx[1:])] == [2] * 7 and idx[-1] < 20
+    assert [b - a for a, b in zip(idx, idx[1:], strict=False)] == [2] * 7 and idx[-1] < 20
     # 5 frames cannot hold 8 distinct frames: the video is looped.
     assert clip_indices(5, 8, 4, gen()) == [0, 1, 2, 3, 4, 0, 1, 2]
 
@@ -58,7 +58,7 @@ def test_multiscale_crop_box_sides_and_bounds():
     for s in range(200):
         top, left, ch, cw = multiscale_crop_box(H, W, S, gen(s))
         assert ch in allowed and cw in allowed
-        assert 0 <= top and top + ch <= H and 0 <= left and left + cw <= W
+        assert top >= 0 and top + ch <= H and left >= 0 and left + cw <= W
         seen.add((ch, cw))
     assert (128, 128) in seen and (84, 84) in seen and (112, 128) in seen
 

@@ -109,11 +109,23 @@ def test_sharded_checkpoint_consolidates_to_the_trained_weights(parity, name):
 
 
 # ---- ZeRO-3, MATS + dual masking: SIGKILL, crash during a save, resume -----------------------------
-RESUME = TINY + ["parallel.backend=deepspeed", "parallel.zero_stage=3", "model.drop_path=0.1",
-                 "masking.strategy=mats", "masking.ratio=0.75", "masking.keep_ratio=0.5",
-                 "masking.decoder=running_cell", "masking.decoder_mode=lean", "data.batch_size=1",
-                 "optim.grad_accum=2", "optim.clip_grad=0.05", "train.steps=8", "train.save_every=2",
-                 "train.keep_last=2", "logging.log_every=1"]
+RESUME = TINY + [
+    "parallel.backend=deepspeed",
+    "parallel.zero_stage=3",
+    "model.drop_path=0.1",
+    "masking.strategy=mats",
+    "masking.ratio=0.75",
+    "masking.keep_ratio=0.5",
+    "masking.decoder=running_cell",
+    "masking.decoder_mode=lean",
+    "data.batch_size=1",
+    "optim.grad_accum=2",
+    "optim.clip_grad=0.05",
+    "train.steps=8",
+    "train.save_every=2",
+    "train.keep_last=2",
+    "logging.log_every=1",
+]
 NAN_STEP = 3
 
 
@@ -122,8 +134,10 @@ def resumed(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     a, b = base / "uninterrupted", base / "interrupted"
     nan = {"MATS_FAULT_NAN_STEPS": str(NAN_STEP)}
-    runs = {"A": pretrain(2, RESUME + [f"train.out_dir={a}"], **nan),
-            "B": pretrain(2, RESUME + [f"train.out_dir={b}"], MATS_FAULT_KILL_AFTER_STEP="5", **nan)}
+    runs = {
+        "A": pretrain(2, RESUME + [f"train.out_dir={a}"], **nan),
+        "B": pretrain(2, RESUME + [f"train.out_dir={b}"], MATS_FAULT_KILL_AFTER_STEP="5", **nan),
+    }
     after_b = sorted(p.name for p in (b / "checkpoints").iterdir())
     runs["C"] = pretrain(2, RESUME + [f"train.out_dir={b}"], MATS_FAULT_CRASH_IN_SAVE="6", **nan)
     after_c = sorted(p.name for p in (b / "checkpoints").iterdir())
@@ -135,10 +149,19 @@ def resumed(tmp_path_factory):
     damaged_size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(damaged_size // 2)
-    runs["E"] = pretrain(2, RESUME + [f"train.out_dir={b}", "train.steps=10", "train.allow_changes=[train.steps]"],
-                         **nan)
-    return {"a": a, "b": b, "runs": runs, "after_b": after_b, "after_c": after_c, "pointer_c": pointer_c,
-            "after_d": after_d, "damaged_size": damaged_size}
+    runs["E"] = pretrain(
+        2, RESUME + [f"train.out_dir={b}", "train.steps=10", "train.allow_changes=[train.steps]"], **nan
+    )
+    return {
+        "a": a,
+        "b": b,
+        "runs": runs,
+        "after_b": after_b,
+        "after_c": after_c,
+        "pointer_c": pointer_c,
+        "after_d": after_d,
+        "damaged_size": damaged_size,
+    }
 
 
 def test_uninterrupted_run_keeps_the_last_checkpoints(resumed):
@@ -155,8 +178,10 @@ def test_nonfinite_step_is_skipped_counted_and_logged(resumed):
     assert [s for s, r in steps.items() if not r["applied"]] == [NAN_STEP]
     assert math.isnan(steps[NAN_STEP]["loss"])  # a skipped step logs NaN (rank 0 had it)
     assert steps[8]["skipped_steps"] == 1 and all(math.isfinite(steps[s]["loss"]) for s in (4, 5, 8))
-    assert f"step {NAN_STEP}: non-finite loss in 2 of 4 micro-batches; update skipped" in \
-        (resumed["a"] / "train.log").read_text()
+    assert (
+        f"step {NAN_STEP}: non-finite loss in 2 of 4 micro-batches; update skipped"
+        in (resumed["a"] / "train.log").read_text()
+    )
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(resumed):
@@ -171,8 +196,12 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(resumed):
     assert d_run["start"]["resumed_from"].endswith("step_00000004") and d_run["start"]["dropped_steps"] == 2
     # E fell back from the damaged step 8 to step 6 and dropped D's records of steps 7 and 8.
     assert e_run["start"]["resumed_from"].endswith("step_00000006") and e_run["start"]["dropped_steps"] == 2
-    assert [sorted(r["steps"]) for r in (b_run, c_run, d_run, e_run)] == [[1, 2, 3, 4], [], [5, 6],
-                                                                          [7, 8, 9, 10]]
+    assert [sorted(r["steps"]) for r in (b_run, c_run, d_run, e_run)] == [
+        [1, 2, 3, 4],
+        [],
+        [5, 6],
+        [7, 8, 9, 10],
+    ]
     for run in (b_run, c_run, d_run):
         for step, rec in run["steps"].items():
             for key in ("loss", "grad_norm", "lr", "tokens_encoder", "tokens_decoder"):
@@ -199,8 +228,10 @@ def test_zero3_resume_falls_back_from_a_damaged_checkpoint_and_keeps_it(resumed)
     proc = resumed["runs"]["E"]
     assert proc.returncode == 0, tail(proc)
     half = resumed["damaged_size"] // 2
-    assert (f"step_00000008 is damaged: engine/zero_pp_rank_1_mp_rank_00_optim_states.pt has {half} bytes, "
-            f"{resumed['damaged_size']} were written; skipped (kept on disk)") in proc.stdout
+    assert (
+        f"step_00000008 is damaged: engine/zero_pp_rank_1_mp_rank_00_optim_states.pt has {half} bytes, "
+        f"{resumed['damaged_size']} were written; skipped (kept on disk)"
+    ) in proc.stdout
     assert "resuming from step_00000006, the newest checkpoint that verifies" in proc.stdout
     e_run = metric_runs(resumed["b"])[-1]
     assert e_run["start"]["resumed_from"].endswith("step_00000006")
@@ -215,8 +246,14 @@ def test_zero3_resume_falls_back_from_a_damaged_checkpoint_and_keeps_it(resumed)
 
 
 # ---- a rank that dies: the survivor says which, a rerun resumes (FSDP2, past a damaged checkpoint) ----
-DEAD = TINY + ["parallel.backend=fsdp2", "data.batch_size=2", "data.num_workers=2", "train.save_every=2",
-               "logging.log_every=1", "parallel.timeout_s=60"]
+DEAD = TINY + [
+    "parallel.backend=fsdp2",
+    "data.batch_size=2",
+    "data.num_workers=2",
+    "train.save_every=2",
+    "logging.log_every=1",
+    "parallel.timeout_s=60",
+]
 
 
 def _launch_by_hand(nproc: int, overrides: list[str], timeout: int, **extra_env: str) -> list:
@@ -226,24 +263,44 @@ def _launch_by_hand(nproc: int, overrides: list[str], timeout: int, **extra_env:
     procs = []
     for rank in range(nproc):
         e = env(**extra_env)
-        e.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), *overrides], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e))
+        e.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(PRETRAIN), *overrides],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=e,
+            )
+        )
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
-            for p, (out, err) in zip(procs, outs, strict=True)]
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        for p, (out, err) in zip(procs, outs, strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")
 def dead_rank(tmp_path_factory):
     run = tmp_path_factory.mktemp("dead") / "run"
-    first = _launch_by_hand(2, DEAD + ["train.steps=40", f"train.out_dir={run}"], timeout=300,
-                            MATS_FAULT_KILL_AFTER_STEP="5", MATS_FAULT_KILL_RANK="1")
+    first = _launch_by_hand(
+        2,
+        DEAD + ["train.steps=40", f"train.out_dir={run}"],
+        timeout=300,
+        MATS_FAULT_KILL_AFTER_STEP="5",
+        MATS_FAULT_KILL_RANK="1",
+    )
     after = sorted(p.name for p in (run / "checkpoints").iterdir())
     (run / "checkpoints" / "step_00000004" / "meta.json").write_text("{garbage")
     rerun = pretrain(2, DEAD + ["train.steps=6", f"train.out_dir={run}"])
@@ -255,8 +312,11 @@ def test_survivor_names_the_dead_rank_in_one_line(dead_rank):
     assert rank1.returncode == -signal.SIGKILL and rank0.returncode == 1, tail(rank0)
     lines = [ln for ln in rank0.stderr.splitlines() if "[rank 0]" in ln or "Traceback" in ln]
     assert len(lines) == 1, rank0.stderr[-3000:]
-    assert re.match(r"\[rank 0\] error: rank 1 \(pid \d+\) was killed by SIGKILL; stopping this rank too "
-                    r"\(communication failed: ", lines[0]), lines[0]
+    assert re.match(
+        r"\[rank 0\] error: rank 1 \(pid \d+\) was killed by SIGKILL; stopping this rank too "
+        r"\(communication failed: ",
+        lines[0],
+    ), lines[0]
     assert dead_rank["after"] == ["latest", "step_00000002", "step_00000004"]
 
 
@@ -289,9 +349,21 @@ def test_bad_data_stop_on_one_rank_is_agreed_saved_and_reported_once(tmp_path):
     listing = tmp_path / "train.txt"
     listing.write_text("".join(f"{p} 0\n" for p in entries))
     run = tmp_path / "run"
-    proc = pretrain(2, TINY + ["parallel.backend=fsdp2", "data.dataset=list", f"data.train_list={listing}",
-                               "data.batch_size=2", "data.max_bad_fraction=0.3", "train.steps=40",
-                               "train.save_every=0", "logging.log_every=1", f"train.out_dir={run}"])
+    proc = pretrain(
+        2,
+        TINY
+        + [
+            "parallel.backend=fsdp2",
+            "data.dataset=list",
+            f"data.train_list={listing}",
+            "data.batch_size=2",
+            "data.max_bad_fraction=0.3",
+            "train.steps=40",
+            "train.save_every=0",
+            "logging.log_every=1",
+            f"train.out_dir={run}",
+        ],
+    )
     assert proc.returncode != 0, tail(proc)
     # No rank prints a traceback (torchrun itself reports any non-zero exit with one of its own).
     assert proc.stderr.count("Traceback") == proc.stderr.count('bin/torchrun", line'), tail(proc)
@@ -306,16 +378,24 @@ def test_bad_data_stop_on_one_rank_is_agreed_saved_and_reported_once(tmp_path):
 
 
 # ---- FSDP2: SIGTERM saves and exits 0; the resumed run continues exactly ---------------------------
-FSDP = TINY + ["parallel.backend=fsdp2", "model.drop_path=0.1", "data.batch_size=2", "train.steps=6",
-               "train.save_every=0", "logging.log_every=1"]
+FSDP = TINY + [
+    "parallel.backend=fsdp2",
+    "model.drop_path=0.1",
+    "data.batch_size=2",
+    "train.steps=6",
+    "train.save_every=0",
+    "logging.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
 def sigterm(tmp_path_factory):
     base = tmp_path_factory.mktemp("sigterm")
     a, b = base / "uninterrupted", base / "interrupted"
-    runs = {"A": pretrain(2, FSDP + [f"train.out_dir={a}"]),
-            "B": pretrain(2, FSDP + [f"train.out_dir={b}"], MATS_FAULT_SIGTERM_AT_STEP="3")}
+    runs = {
+        "A": pretrain(2, FSDP + [f"train.out_dir={a}"]),
+        "B": pretrain(2, FSDP + [f"train.out_dir={b}"], MATS_FAULT_SIGTERM_AT_STEP="3"),
+    }
     pointer = b / "checkpoints" / "latest"
     pointer_b = pointer.read_text() if pointer.exists() else None
     runs["C"] = pretrain(2, FSDP + [f"train.out_dir={b}"])
@@ -338,4 +418,3 @@ def test_fsdp2_resume_after_sigterm_reproduces_the_losses(sigterm):
     for run in (first, second):
         for step, rec in run["steps"].items():
             assert rec["loss"] == ref[step]["loss"] and rec["grad_norm"] == ref[step]["grad_norm"], step
-

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from launch_util import ROOT
 
-FAKE_PIP = '''import pathlib, sys
+FAKE_PIP = """import pathlib, sys
 log = pathlib.Path(sys.prefix) / "pip-calls.txt"
 with open(log, "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
 target = sys.argv[-1].split("[")[0]  # the path after -e
 (pathlib.Path(__file__).parents[1] / "mats_scale_checkout.pth").write_text(target + "\\n")
-'''
+"""
 
 
 def _fake_env(tmp_path: Path, installed: Path) -> Path:
@@ -38,10 +38,21 @@ def _fake_env(tmp_path: Path, installed: Path) -> Path:
 
 
 def _env_sh(tmp_path: Path, venv: Path, *cmd: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MATS_CACHE": str(tmp_path / "cache"),
-           "MATS_VENV": str(venv), "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(ROOT / "scripts" / "env.sh"), *cmd], capture_output=True, text=True,
-                          timeout=120, cwd=cwd, env=env)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "MATS_CACHE": str(tmp_path / "cache"),
+        "MATS_VENV": str(venv),
+        "PYTHON": sys.executable,
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "env.sh"), *cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def test_env_sh_repoints_an_environment_installed_from_another_clone(tmp_path):
@@ -50,8 +61,9 @@ def test_env_sh_repoints_an_environment_installed_from_another_clone(tmp_path):
     (other / "mats_scale" / "__init__.py").write_text("")
     venv = _fake_env(tmp_path, other)
     # Run from the checkout root, where `import mats_scale` would find the local copy.
-    proc = _env_sh(tmp_path, venv, "python", "-I", "-c", "import mats_scale; print(mats_scale.__file__)",
-                   cwd=ROOT)
+    proc = _env_sh(
+        tmp_path, venv, "python", "-I", "-c", "import mats_scale; print(mats_scale.__file__)", cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     calls = (venv / "pip-calls.txt").read_text().splitlines()
     assert len(calls) == 1 and calls[0].endswith(f"--no-deps -e {ROOT}"), calls

@@ -61,13 +61,16 @@ DAMAGE = {
     "truncated engine file": lambda c: (c / "engine" / "w.pt").write_bytes(b"7" * 10),
     "garbage meta.json": lambda c: (c / "meta.json").write_text("{not json"),
     "same-size change in the rank state": lambda c: (c / "rank_00000.pt").write_bytes(
-        bytes(b ^ 0xFF for b in (c / "rank_00000.pt").read_bytes())),
+        bytes(b ^ 0xFF for b in (c / "rank_00000.pt").read_bytes())
+    ),
     "missing file": lambda c: (c / "engine" / "w.pt").unlink(),
 }
-PROBLEM = {"truncated engine file": "engine/w.pt has 10 bytes, 1000 were written",
-           "garbage meta.json": "meta.json has 9 bytes",
-           "same-size change in the rank state": "rank_00000.pt does not match its checksum",
-           "missing file": "engine/w.pt is missing"}
+PROBLEM = {
+    "truncated engine file": "engine/w.pt has 10 bytes, 1000 were written",
+    "garbage meta.json": "meta.json has 9 bytes",
+    "same-size change in the rank state": "rank_00000.pt does not match its checksum",
+    "missing file": "engine/w.pt is missing",
+}
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
@@ -88,8 +91,10 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_never_deletes_it(tmp_
     _, state = again.load(again.resolve("auto"), engine, {"world_size": 1})
     assert (engine.value, state) == (2, {"n": 2})
     # An explicit path is refused with the problem; nothing is deleted.
-    with pytest.raises(CheckpointError, match=f"train.resume='{newest}': cannot resume from it: .*"
-                                              f"{PROBLEM[kind].split(' ')[0]}"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"train.resume='{newest}': cannot resume from it: .*{PROBLEM[kind].split(' ')[0]}",
+    ):
         CheckpointManager(str(tmp_path), keep_last=3, env=ONE).resolve(str(newest))
     assert newest.is_dir()
     # The resumed run saves step 4 again: the damaged one is kept under another name, not overwritten.
@@ -129,15 +134,20 @@ def test_missing_pointer_resumes_from_the_newest_checkpoint_and_changes_nothing(
     assert sorted(before) == ["step_00000002", "step_00000004"]
     (ckpts / "latest").unlink()
     # A fresh start over them is refused, also without the pointer ...
-    with pytest.raises(CheckpointError, match=r"already holds checkpoints \(step_00000004, step_00000002\).*"
-                                              "train.resume=restart"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"already holds checkpoints \(step_00000004, step_00000002\).*"
+        "train.resume=restart",
+    ):
         train(cfg("train.steps=6", "train.resume=none"))
     # ... and resume=auto finds the newest one, says so, and continues.
     result = train(cfg("train.steps=6", "train.keep_last=3"))
     assert result.step == 6
     assert metric_runs(tmp_path)[-1]["start"]["resumed_from"].endswith("step_00000004")
-    assert "checkpoints/latest is missing: looking for the newest checkpoint that verifies" in \
-        (tmp_path / "train.log").read_text()
+    assert (
+        "checkpoints/latest is missing: looking for the newest checkpoint that verifies"
+        in (tmp_path / "train.log").read_text()
+    )
     assert {p.name: _digest(p) for p in ckpts.glob("step_0000000[24]")} == before  # untouched
     # train.resume=restart starts over and moves the old checkpoints aside (never deletes them).
     result = train(cfg("train.steps=2", "train.resume=restart"))
@@ -160,18 +170,32 @@ def test_pruning_and_saving_never_touch_another_runs_checkpoints(tmp_path):
         mine.save(step, _FileEngine(step), {}, {})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     # keep_last=1 pruned this run's own 4 and 8; the other run's 2, 4 (renamed) and 6 stay as they were.
-    assert names == ["latest", "step_00000002", "step_00000004.superseded-1", "step_00000006",
-                     "step_00000010"]
+    assert names == [
+        "latest",
+        "step_00000002",
+        "step_00000004.superseded-1",
+        "step_00000006",
+        "step_00000010",
+    ]
     assert _digest(tmp_path / "checkpoints" / "step_00000004.superseded-1") == foreign["step_00000004"]
     for name in ("step_00000002", "step_00000006"):
         assert _digest(tmp_path / "checkpoints" / name) == foreign[name]
 
 
 # ---- config errors: one line ---------------------------------------------------------------------
-@pytest.mark.parametrize("override", ["optim.base_lr=nan", "optim.base_lr=inf", "optim.min_lr=nan",
-                                      "optim.weight_decay=nan", "optim.clip_grad=nan",
-                                      "optim.betas=[0.9,nan]",
-                                      "model.drop_path=nan", "masking.frame_alpha=inf"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.base_lr=nan",
+        "optim.base_lr=inf",
+        "optim.min_lr=nan",
+        "optim.weight_decay=nan",
+        "optim.clip_grad=nan",
+        "optim.betas=[0.9,nan]",
+        "model.drop_path=nan",
+        "masking.frame_alpha=inf",
+    ],
+)
 def test_non_finite_numbers_are_refused_for_every_float_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key}=.*(finite|must be)"):
@@ -181,17 +205,27 @@ def test_non_finite_numbers_are_refused_for_every_float_key(override):
 def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
     tab = tmp_path / "tab.yaml"
     tab.write_text("model:\n  size: debug\n\tnum_frames: 4\n")
-    with pytest.raises(ConfigError, match=rf"^--config='{tab}': YAML syntax error at line 3, column 1: "
-                                          ".*a tab"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^--config='{tab}': YAML syntax error at line 3, column 1: "
+        ".*a tab",
+    ):
         load_config(str(tab))
     unclosed = tmp_path / "unclosed.yaml"
     unclosed.write_text("optim:\n  betas: [0.9, 0.95\ntrain:\n  steps: 3\n")
-    proc = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(unclosed)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env=env())
+    proc = subprocess.run(
+        [sys.executable, str(PRETRAIN), "--config", str(unclosed)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env(),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"config error: --config='{unclosed}': YAML syntax error at line 3, column 6: did not find expected "
-        "',' or ']'"]
+        "',' or ']'"
+    ]
 
 
 @pytest.mark.parametrize("value", ["abc", "3.5", "-1"])
@@ -209,35 +243,71 @@ def _template(tmp_path: Path, edit) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d.update(zero_optimizaton={"stage": 3}), "zero_optimizaton: not a DeepSpeed key; did you mean "
-                                                        "'zero_optimization'?"),
-    (lambda d: d["zero_optimization"].update(overlap_com=True),
-     "zero_optimization.overlap_com: not a DeepSpeed key; did you mean 'overlap_comm'?"),
-    (lambda d: d["zero_optimization"].update(offload_param={"device": "cpu", "pin_memroy": True}),
-     "zero_optimization.offload_param.pin_memroy: not a DeepSpeed key; did you mean 'pin_memory'?"),
-    (lambda d: d["zero_optimization"].update(reduce_bucket_size="big"),
-     "zero_optimization.reduce_bucket_size='big': Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda d: d.update(zero_optimizaton={"stage": 3}),
+            "zero_optimizaton: not a DeepSpeed key; did you mean 'zero_optimization'?",
+        ),
+        (
+            lambda d: d["zero_optimization"].update(overlap_com=True),
+            "zero_optimization.overlap_com: not a DeepSpeed key; did you mean 'overlap_comm'?",
+        ),
+        (
+            lambda d: d["zero_optimization"].update(offload_param={"device": "cpu", "pin_memroy": True}),
+            "zero_optimization.offload_param.pin_memroy: not a DeepSpeed key; did you mean 'pin_memory'?",
+        ),
+        (
+            lambda d: d["zero_optimization"].update(reduce_bucket_size="big"),
+            "zero_optimization.reduce_bucket_size='big': Input should be a valid integer",
+        ),
+    ],
+)
 def test_ds_config_template_keys_are_checked_by_deepspeed_before_anything_is_built(tmp_path, edit, message):
     from mats_scale.train.loop import prepare
 
-    cfg = load_config(None, ["parallel.zero_stage=3", f"parallel.ds_config={_template(tmp_path, edit)}",
-                             f"train.out_dir={tmp_path / 'run'}", "train.device=cpu"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.zero_stage=3",
+            f"parallel.ds_config={_template(tmp_path, edit)}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.device=cpu",
+        ],
+    )
     with pytest.raises(ConfigError, match="^" + __import__("re").escape(f"{tmp_path / 't.json'}: {message}")):
         prepare(cfg)  # what the trainer runs before any process group, model or worker
     assert not (tmp_path / "run").exists()
     # Valid sections DeepSpeed reads through other classes are accepted.
-    ok = load_config(None, ["parallel.zero_stage=3", "parallel.ds_config=" + _template(
-        tmp_path, lambda d: d.update(activation_checkpointing={"partition_activations": False},
-                                     flops_profiler={"enabled": False}, tensorboard={"enabled": False}))])
+    ok = load_config(
+        None,
+        [
+            "parallel.zero_stage=3",
+            "parallel.ds_config="
+            + _template(
+                tmp_path,
+                lambda d: d.update(
+                    activation_checkpointing={"partition_activations": False},
+                    flops_profiler={"enabled": False},
+                    tensorboard={"enabled": False},
+                ),
+            ),
+        ],
+    )
     resolve_ds_config(ok, world_size=2, bf16=False, cuda=False)
 
 
 # ---- launch problems: one line before anything is built -----------------------------------------
 def _run(args: list[str], timeout: int, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PRETRAIN), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env(**extra))
+    return subprocess.run(
+        [sys.executable, str(PRETRAIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env(**extra),
+    )
 
 
 def _lines(text: str) -> list[str]:
@@ -249,8 +319,14 @@ def _read_only_dir(tmp_path: Path):
     """A read-only tmpfs when this machine lets us mount one (root in CI containers often can), else None."""
     mnt = tmp_path / "ro"
     mnt.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
-                        capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        == 0
+        if os.geteuid() == 0
+        else False
+    )
     return mnt if ok else None
 
 
@@ -263,8 +339,11 @@ def test_unwritable_out_dir_is_one_line_before_any_model(tmp_path):
     cases = [(blocker / "run", "Not a directory")] + ([(ro / "run", "Read-only file system")] if ro else [])
     try:
         for target, why in cases:
-            with pytest.raises(ConfigError, match=rf"^train.out_dir='{target}': cannot create or write it: "
-                                                  rf"{why}"):
+            with pytest.raises(
+                ConfigError,
+                match=rf"^train.out_dir='{target}': cannot create or write it: "
+                rf"{why}",
+            ):
                 prepare(load_config(None, LOCAL + [f"train.out_dir={target}"]))  # runs before any model
     finally:
         if ro is not None:
@@ -276,12 +355,20 @@ def test_busy_rendezvous_port_is_one_line_naming_it(tmp_path, monkeypatch):
 
     # Another job's rendezvous store on the port (what a second job with the same MASTER_PORT meets).
     other_job = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(other_job.port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(other_job.port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     cfg = load_config(None, LOCAL + ["parallel.backend=fsdp2"])
-    with pytest.raises(LaunchError, match=rf"^MASTER_PORT={other_job.port} on 127.0.0.1 is already in use .*"
-                                          "--master_port"):
+    with pytest.raises(
+        LaunchError,
+        match=rf"^MASTER_PORT={other_job.port} on 127.0.0.1 is already in use .*"
+        "--master_port",
+    ):
         init_distributed(cfg.train, cfg.parallel)
     assert not torch.distributed.is_initialized()
 
@@ -310,8 +397,13 @@ def _alive(pid: int) -> bool:
 def _small_tmpfs(tmp_path: Path, size: str):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         return None
     return mnt
 
@@ -324,8 +416,9 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
     fault = {} if mnt is not None else {"MATS_FAULT_DISK_FULL_IN_SAVE": "4"}
     try:
         start = time.monotonic()
-        proc = _run(WORKERS + ["train.steps=6", "train.save_every=2", f"train.out_dir={run}"], timeout=120,
-                    **fault)
+        proc = _run(
+            WORKERS + ["train.steps=6", "train.save_every=2", f"train.out_dir={run}"], timeout=120, **fault
+        )
         took = time.monotonic() - start
         names = sorted(p.name for p in (run / "checkpoints").iterdir())
         pointer = (run / "checkpoints" / "latest").read_text()
@@ -342,10 +435,14 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
 
 
 def test_a_killed_data_worker_is_an_error_naming_it_not_a_hang(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50",
-                             f"train.out_dir={tmp_path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"))
+    proc = subprocess.Popen(
+        [sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50", f"train.out_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"),
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step      1/"):
@@ -358,16 +455,22 @@ def test_a_killed_data_worker_is_an_error_naming_it_not_a_hang(tmp_path):
         proc.kill()
     assert proc.returncode == 1, err[-2000:]
     (line,) = _lines(err)
-    assert line == (f"error: a data loader worker of rank 0 died: DataLoader worker (pid {workers[0]}) is "
-                    "killed by signal: Killed; stopping")
+    assert line == (
+        f"error: a data loader worker of rank 0 died: DataLoader worker (pid {workers[0]}) is "
+        "killed by signal: Killed; stopping"
+    )
     assert not any(_alive(w) for w in workers)
 
 
 def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50",
-                             f"train.out_dir={tmp_path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env(MATS_FAULT_SLEEP_IN_STEP="1"))
+    proc = subprocess.Popen(
+        [sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50", f"train.out_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env(MATS_FAULT_SLEEP_IN_STEP="1"),
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step      1/"):
@@ -380,6 +483,8 @@ def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert _lines(err) == ["interrupted: stopped at once without saving (the last checkpoint is kept); "
-                           "resume with train.resume=auto"]
+    assert _lines(err) == [
+        "interrupted: stopped at once without saving (the last checkpoint is kept); "
+        "resume with train.resume=auto"
+    ]
     assert not any(_alive(w) for w in workers)

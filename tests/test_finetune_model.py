@@ -24,8 +24,9 @@ def model(**kw) -> VideoClassifier:
 
 
 def clip(seed: int = 0, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, ARGS.num_frames, ARGS.img_size, ARGS.img_size,
-                       generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        batch, 3, ARGS.num_frames, ARGS.img_size, ARGS.img_size, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def token_pixels(ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def token_pixels(ids: torch.Tensor) -> torch.Tensor:
     for b in range(B):
         for i in ids[b].tolist():
             tt, hh, ww = i // (gh * gw), (i // gw) % gh, i % gw
-            mask[b, :, tt * t:(tt + 1) * t, hh * p:(hh + 1) * p, ww * p:(ww + 1) * p] = True
+            mask[b, :, tt * t : (tt + 1) * t, hh * p : (hh + 1) * p, ww * p : (ww + 1) * p] = True
     return mask
 
 
@@ -83,10 +84,12 @@ def test_eval_switch_chooses_selected_or_all_tokens():
 
         def autocast(self):
             import contextlib
+
             return contextlib.nullcontext()
 
-    cfg = load_config(None, ["model.size=debug", "model.num_frames=4", "model.img_size=32",
-                             "finetune.num_classes=5"])
+    cfg = load_config(
+        None, ["model.size=debug", "model.num_frames=4", "model.img_size=32", "finetune.num_classes=5"]
+    )
     task, video, m = FinetuneTask(cfg), clip(), model()
     assert task.select(Eng(m), video, keep_all=True) is None
     ids = task.select(Eng(m), video, keep_all=False)
@@ -118,8 +121,8 @@ def test_layer_decay_multipliers_per_block_and_no_decay_on_norms_biases_pos():
         assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
     scales = {n: of[id(p)]["lr_scale"] for n, p in m.named_parameters()}
     assert scales["head.weight"] == 1.0 and scales["fc_norm.weight"] == 1.0
-    assert scales["blocks.1.attn.qkv.weight"] == 0.75 and scales["blocks.0.attn.qkv.weight"] == 0.75 ** 2
-    assert scales["patch_embed.proj.weight"] == scales["pos_embed"] == 0.75 ** 3
+    assert scales["blocks.1.attn.qkv.weight"] == 0.75 and scales["blocks.0.attn.qkv.weight"] == 0.75**2
+    assert scales["patch_embed.proj.weight"] == scales["pos_embed"] == 0.75**3
     assert of[id(m.blocks[0].attn.q_bias)]["weight_decay"] == 0.0
 
 
@@ -139,14 +142,31 @@ def videomae_finetune_keys(depth: int, dim: int, mlp: int, tubelet: int, patch: 
     shapes = {"patch_embed.proj.weight": (dim, 3, tubelet, patch, patch), "patch_embed.proj.bias": (dim,)}
     for i in range(depth):
         b = f"blocks.{i}."
-        shapes.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.q_bias": (dim,),
-                       b + "attn.v_bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
-                       b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
-                       b + "norm2.weight": (dim,), b + "norm2.bias": (dim,), b + "mlp.fc1.weight": (mlp, dim),
-                       b + "mlp.fc1.bias": (mlp,), b + "mlp.fc2.weight": (dim, mlp),
-                       b + "mlp.fc2.bias": (dim,)})
-    shapes.update({"fc_norm.weight": (dim,), "fc_norm.bias": (dim,), "head.weight": (classes, dim),
-                   "head.bias": (classes,)})
+        shapes.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.q_bias": (dim,),
+                b + "attn.v_bias": (dim,),
+                b + "attn.qkv.weight": (3 * dim, dim),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.fc1.weight": (mlp, dim),
+                b + "mlp.fc1.bias": (mlp,),
+                b + "mlp.fc2.weight": (dim, mlp),
+                b + "mlp.fc2.bias": (dim,),
+            }
+        )
+    shapes.update(
+        {
+            "fc_norm.weight": (dim,),
+            "fc_norm.bias": (dim,),
+            "head.weight": (classes, dim),
+            "head.bias": (classes,),
+        }
+    )
     g = torch.Generator().manual_seed(3)
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
@@ -155,10 +175,16 @@ def videomae_pretrain_keys(enc: dict, decoder_dim: int, decoder_depth: int, out_
     """modeling_pretrain.PretrainVisionTransformer: encoder.* (with encoder.norm), decoder.*, mask_token."""
     sd = {f"encoder.{k}": v for k, v in enc.items() if not k.startswith(("fc_norm", "head"))}
     dim = enc["patch_embed.proj.bias"].shape[0]
-    sd.update({"encoder.norm.weight": torch.ones(dim), "encoder.norm.bias": torch.zeros(dim),
-               "encoder_to_decoder.weight": torch.randn(decoder_dim, dim),
-               "mask_token": torch.zeros(1, 1, decoder_dim), "decoder.norm.weight": torch.ones(decoder_dim),
-               "decoder.head.weight": torch.randn(out_dim, decoder_dim)})
+    sd.update(
+        {
+            "encoder.norm.weight": torch.ones(dim),
+            "encoder.norm.bias": torch.zeros(dim),
+            "encoder_to_decoder.weight": torch.randn(decoder_dim, dim),
+            "mask_token": torch.zeros(1, 1, decoder_dim),
+            "decoder.norm.weight": torch.ones(decoder_dim),
+            "decoder.head.weight": torch.randn(out_dim, decoder_dim),
+        }
+    )
     for i in range(decoder_depth):
         sd[f"decoder.blocks.{i}.attn.qkv.weight"] = torch.randn(3 * decoder_dim, decoder_dim)
     return sd
@@ -171,8 +197,10 @@ def target():
 DEBUG = dict(depth=2, dim=64, mlp=128, tubelet=2, patch=16)
 
 
-@pytest.mark.parametrize("wrap,prefix", [("model", ""), ("module", "module."), ("model", "_orig_mod."),
-                                         (None, "module._orig_mod.")])
+@pytest.mark.parametrize(
+    "wrap,prefix",
+    [("model", ""), ("module", "module."), ("model", "_orig_mod."), (None, "module._orig_mod.")],
+)
 def test_official_finetuned_checkpoint_loads_strictly(tmp_path, wrap, prefix):
     sd = videomae_finetune_keys(**DEBUG, classes=K)
     raw = {prefix + k: v for k, v in sd.items()}
@@ -200,8 +228,9 @@ def test_this_projects_pretraining_weights_load_and_the_export_round_trips():
     pre = build_pretrain_model(ARGS).state_dict()
     state, report = map_state(pre, target(), ARGS.grid, source="pre")
     exported = export_videomae(pre)
-    assert set(exported) == {"module"} and not any(k.startswith(("encoder.", "decoder.", "norm."))
-                                                   for k in exported["module"])
+    assert set(exported) == {"module"} and not any(
+        k.startswith(("encoder.", "decoder.", "norm.")) for k in exported["module"]
+    )
     again, _ = map_state(unwrap(exported), target(), ARGS.grid, source="exported")
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     # ... and the classifier built with them carries exactly those weights
@@ -212,8 +241,11 @@ def test_this_projects_pretraining_weights_load_and_the_export_round_trips():
 
 def test_another_size_is_refused_naming_both_shapes():
     sd = videomae_finetune_keys(depth=2, dim=384, mlp=1536, tubelet=2, patch=16, classes=K)
-    with pytest.raises(InitError, match=r"refusing a partial load.*checkpoint \(384, 3, 2, 16, 16\) vs model "
-                                        r"\(64, 3, 2, 16, 16\)"):
+    with pytest.raises(
+        InitError,
+        match=r"refusing a partial load.*checkpoint \(384, 3, 2, 16, 16\) vs model "
+        r"\(64, 3, 2, 16, 16\)",
+    ):
         map_state(sd, target(), ARGS.grid, source="S")
 
 

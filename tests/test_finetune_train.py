@@ -16,11 +16,25 @@ from mats_scale.train.loop import Trainer
 
 # Small enough to generate in a few seconds; the motion classes still fit (SynthParams.check).
 SMALL = synth.SynthParams(num_train=24, num_val=7, seed=3, frames=16, height=96, width=128)
-BASE = ["model.size=debug", "model.num_frames=8", "model.img_size=64", "data.sampling_rate=2",
-        "data.flip=false", "data.num_workers=0", "train.device=cpu", "train.precision=fp32",
-        "parallel.backend=none", "logging.progress_bar=false", "logging.tensorboard=false",
-        "logging.log_every=1000", "optim.warmup_steps=5", "optim.base_lr=0.2", "optim.clip_grad=1.0",
-        "optim.layer_decay=0.75", "optim.betas=[0.9,0.999]"]
+BASE = [
+    "model.size=debug",
+    "model.num_frames=8",
+    "model.img_size=64",
+    "data.sampling_rate=2",
+    "data.flip=false",
+    "data.num_workers=0",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "parallel.backend=none",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.log_every=1000",
+    "optim.warmup_steps=5",
+    "optim.base_lr=0.2",
+    "optim.clip_grad=1.0",
+    "optim.layer_decay=0.75",
+    "optim.betas=[0.9,0.999]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +45,9 @@ def dataset(tmp_path_factory):
 
 
 def cfg_for(root, out, *overrides):
-    return load_config(None, [*BASE, "data.dataset=bundled", f"data.root={root}", f"train.out_dir={out}",
-                              *overrides])
+    return load_config(
+        None, [*BASE, "data.dataset=bundled", f"data.root={root}", f"train.out_dir={out}", *overrides]
+    )
 
 
 def train(cfg, stop_at=None):
@@ -75,8 +90,15 @@ def test_short_finetune_then_evaluation_writes_consistent_results(dataset, tmp_p
 
 
 def test_finetune_resumes_exactly_with_mixup_and_drop_path(dataset, tmp_path):
-    extra = ["train.steps=6", "data.batch_size=4", "finetune.mixup=0.8", "finetune.cutmix=1.0",
-             "model.drop_path=0.1", "finetune.head_drop=0.2", "finetune.eval_at_end=false"]
+    extra = [
+        "train.steps=6",
+        "data.batch_size=4",
+        "finetune.mixup=0.8",
+        "finetune.cutmix=1.0",
+        "model.drop_path=0.1",
+        "finetune.head_drop=0.2",
+        "finetune.eval_at_end=false",
+    ]
     _, ref = train(cfg_for(dataset, tmp_path / "ref", *extra))
     stopped, _ = train(cfg_for(dataset, tmp_path / "res", *extra), stop_at=3)
     assert stopped.stopped_by_signal and stopped.step == 3
@@ -97,15 +119,31 @@ def test_evaluation_on_two_processes_scores_every_video_once_as_one_process(data
     cfg = cfg_for(dataset, tmp_path / "x")
     m = build_classifier(cfg.model, 10)
     torch.save({"model": m.state_dict()}, tmp_path / "clf.pt")
-    common = [*BASE, "data.dataset=bundled", f"data.root={dataset}", f"finetune.init={tmp_path / 'clf.pt'}",
-              "data.batch_size=3", "data.eval_clips=2", "data.eval_crops=3", "data.num_workers=0"]
+    common = [
+        *BASE,
+        "data.dataset=bundled",
+        f"data.root={dataset}",
+        f"finetune.init={tmp_path / 'clf.pt'}",
+        "data.batch_size=3",
+        "data.eval_clips=2",
+        "data.eval_crops=3",
+        "data.num_workers=0",
+    ]
     from mats_scale.launch.finetune import main
 
     assert main(["--eval", *common, f"train.out_dir={tmp_path / 'one'}"]) == 0  # one process, in this one
     assert "loaded 32 tensors; missing (initialised fresh): none; unexpected: none" in capsys.readouterr().out
-    two = torchrun(2, [ROOT / "launchers" / "finetune.py", "--eval", *common,
-                       f"train.out_dir={tmp_path / 'two'}",
-                       "parallel.backend=deepspeed", "parallel.zero_stage=3"])
+    two = torchrun(
+        2,
+        [
+            ROOT / "launchers" / "finetune.py",
+            "--eval",
+            *common,
+            f"train.out_dir={tmp_path / 'two'}",
+            "parallel.backend=deepspeed",
+            "parallel.zero_stage=3",
+        ],
+    )
     assert two.returncode == 0, tail(two)
     r1 = json.loads((tmp_path / "one" / "eval" / "results.json").read_text())
     r2 = json.loads((tmp_path / "two" / "eval" / "results.json").read_text())
@@ -121,9 +159,16 @@ def test_launcher_refuses_a_checkpoint_of_another_size(dataset, tmp_path, capsys
     torch.save(m.state_dict(), tmp_path / "s.pt")
     from mats_scale.launch.finetune import main
 
-    code = main(["--eval", *BASE, "data.dataset=bundled", f"data.root={dataset}",
-                 f"finetune.init={tmp_path / 's.pt'}",
-                 f"train.out_dir={tmp_path / 'o'}"])
+    code = main(
+        [
+            "--eval",
+            *BASE,
+            "data.dataset=bundled",
+            f"data.root={dataset}",
+            f"finetune.init={tmp_path / 's.pt'}",
+            f"train.out_dir={tmp_path / 'o'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "checkpoint (384, 3, 2, 16, 16) vs model (64, 3, 2, 16, 16)" in err

@@ -18,13 +18,21 @@ pytestmark = pytest.mark.dist  # spawns processes
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("install")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp / "dist"),
-                            str(ROOT)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp / "dist"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("mats_scale-*.whl")
     site = tmp / "site"
-    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
-                           str(wheel)], capture_output=True, text=True, timeout=600)
+    inst = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert inst.returncode == 0, inst.stderr[-3000:]
     return wheel, site, tmp
 
@@ -46,12 +54,29 @@ def test_installed_package_runs_the_default_job_outside_the_checkout(installed):
     _, site, tmp = installed
     workdir = tmp / "elsewhere"
     workdir.mkdir()
-    where = subprocess.run([sys.executable, "-c", "import mats_scale; print(mats_scale.__file__)"],
-                           capture_output=True, text=True, cwd=workdir, env=_env(site))
+    where = subprocess.run(
+        [sys.executable, "-c", "import mats_scale; print(mats_scale.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=_env(site),
+    )
     assert where.stdout.strip().startswith(str(site))
-    proc = subprocess.run([sys.executable, "-m", "mats_scale.launch.pretrain", "train.steps=2",
-                           "data.num_workers=0", "logging.progress_bar=false"],
-                          capture_output=True, text=True, cwd=workdir, env=_env(site), timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mats_scale.launch.pretrain",
+            "train.steps=2",
+            "data.num_workers=0",
+            "logging.progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=_env(site),
+        timeout=600,
+    )
     assert proc.returncode == 0, tail(proc)
     run_dir = workdir / "runs" / "default"
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2

@@ -20,9 +20,21 @@ from mats_scale.config import load_config
 def test_default_main_job_under_the_deepspeed_launcher(tmp_path):
     run = tmp_path / "run"
     # cwd=tmp_path: the bundled dataset is generated on first use into ./data/bundled.
-    proc = subprocess.run([str(BIN / "deepspeed"), "--master_port", str(free_port()), str(PRETRAIN),
-                           "train.steps=60", f"train.out_dir={run}"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env())
+    proc = subprocess.run(
+        [
+            str(BIN / "deepspeed"),
+            "--master_port",
+            str(free_port()),
+            str(PRETRAIN),
+            "train.steps=60",
+            f"train.out_dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env(),
+    )
     assert proc.returncode == 0, tail(proc)
     assert (tmp_path / "data" / "bundled" / "meta.json").is_file()
 
@@ -32,8 +44,12 @@ def test_default_main_job_under_the_deepspeed_launcher(tmp_path):
     assert statistics.mean(losses[-10:]) < 0.85 * statistics.mean(losses[:5]), losses  # it learns
 
     cfg = load_config(str(run / "config.yaml"))  # the resolved config round-trips
-    assert (cfg.masking.strategy, cfg.masking.decoder, cfg.data.dataset, cfg.train.steps) == \
-        ("mats", "running_cell", "bundled", 60)
+    assert (cfg.masking.strategy, cfg.masking.decoder, cfg.data.dataset, cfg.train.steps) == (
+        "mats",
+        "running_cell",
+        "bundled",
+        60,
+    )
     ds = json.loads((run / "ds_config.json").read_text())
     world = only["start"]["world_size"]
     assert ds["train_batch_size"] == 4 * world and ds["zero_optimization"]["stage"] == 2
@@ -56,10 +72,28 @@ def test_sigterm_to_the_deepspeed_runner_itself_saves_and_stops(tmp_path):
     """`timeout`/`kill PID` signal only DeepSpeed's runner, which forwards nothing on one node: the ranks
     notice that it is gone, save a checkpoint and exit 0 (one rank, FSDP2, to keep it short)."""
     run = tmp_path / "run"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()), str(PRETRAIN), *TINY,
-           "parallel.backend=fsdp2", "train.steps=500", "logging.log_every=1", f"train.out_dir={run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"), start_new_session=True)
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(PRETRAIN),
+        *TINY,
+        "parallel.backend=fsdp2",
+        "train.steps=500",
+        "logging.log_every=1",
+        f"train.out_dir={run}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"),
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step      2/"):
@@ -81,11 +115,30 @@ def test_ctrl_c_under_mats_scale_launch_saves_exits_0_without_a_traceback(tmp_pa
     """Ctrl-C in a terminal signals the whole foreground process group; `python -m mats_scale.launch.runner`
     (DeepSpeed's runner in its own session) turns it into a clean stop of the ranks."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mats_scale.launch.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-           str(PRETRAIN), *TINY, "parallel.backend=fsdp2", "train.steps=500", "logging.log_every=1",
-           f"train.out_dir={run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"), start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mats_scale.launch.runner",
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(PRETRAIN),
+        *TINY,
+        "parallel.backend=fsdp2",
+        "train.steps=500",
+        "logging.log_every=1",
+        f"train.out_dir={run}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env(MATS_FAULT_SLEEP_IN_STEP="0.2"),
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step      2/"):

@@ -9,8 +9,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_step_runs_and_reports_counts_and_flops():
-    cmd = [sys.executable, str(ROOT / "profiling" / "bench_step.py"), "--size", "debug", "--frames", "4",
-           "--img", "64", "--runs", "1", "--warmup", "0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "profiling" / "bench_step.py"),
+        "--size",
+        "debug",
+        "--frames",
+        "4",
+        "--img",
+        "64",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd="/")  # no PYTHONPATH needed
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

@@ -29,10 +29,18 @@ def clip(params, index):
 def object_tokens(spec, ids, height, width):
     """(N,) bool: tokens whose tubelet-patch holds part of the object in any of its frames."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    cover = np.stack([synth._coverage(spec.shape, ys + 0.5 - spec.centers[f][0],
-                                      xs + 0.5 - spec.centers[f][1], spec.radius) > 0.5 for f in ids])
-    m = torch.from_numpy(cover).view(len(ids) // TUBELET, TUBELET, height // PATCH, PATCH,
-                                     width // PATCH, PATCH)
+    cover = np.stack(
+        [
+            synth._coverage(
+                spec.shape, ys + 0.5 - spec.centers[f][0], xs + 0.5 - spec.centers[f][1], spec.radius
+            )
+            > 0.5
+            for f in ids
+        ]
+    )
+    m = torch.from_numpy(cover).view(
+        len(ids) // TUBELET, TUBELET, height // PATCH, PATCH, width // PATCH, PATCH
+    )
     return m.any(dim=(1, 3, 5)).flatten()
 
 
@@ -80,15 +88,16 @@ def test_still_camera_scores_agree(texture):
 def test_known_shift_leaves_no_residual_inside_the_frame():
     g = torch.Generator().manual_seed(0)
     world = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 120, 140, generator=g) * 255, 3, 1)  # smooth-ish
-    frames = [world[:, :, 4:68, 3 * f:3 * f + 96] for f in range(8)]  # camera moves right 3 px per frame
+    frames = [world[:, :, 4:68, 3 * f : 3 * f + 96] for f in range(8)]  # camera moves right 3 px per frame
     v = torch.stack(frames, dim=2)  # (1, 3, 8, 64, 96): picture moves left 6 px per tubelet
     shifts = global_shifts(v, TUBELET, PATCH)
     torch.testing.assert_close(shifts, torch.tensor([0.0, -6.0]).expand(1, 3, 2), atol=0.05, rtol=0)
     comp = compensated_motion_scores(v, TUBELET, PATCH).view(4, 4, 6)
     pixel = pixel_motion_scores(v, TUBELET, PATCH).view(4, 4, 6)
     assert comp[:, :, 1:-1].max() < 0.05 * pixel[:, :, 1:-1].min()  # interior tokens: nothing moves
-    assert torch.equal(compensated_motion_scores(v, TUBELET, PATCH, shifts=torch.zeros(1, 3, 2)),
-                       pixel.flatten()[None])
+    assert torch.equal(
+        compensated_motion_scores(v, TUBELET, PATCH, shifts=torch.zeros(1, 3, 2)), pixel.flatten()[None]
+    )
     with pytest.raises(ValueError, match="not divisible into tubelets"):
         compensated_motion_scores(v[:, :, :7], TUBELET, PATCH)
 
@@ -139,7 +148,7 @@ def test_frame_selection_never_counts_a_cut():
     static_b = torch.rand(3, 1, 32, 32, generator=g).expand(3, 12, 32, 32).clone() * 255
     cand = torch.cat([static_a, static_b], dim=1)  # 24 candidates = 12 pairs, a cut before frame 12
     for f in range(24):  # a small object moving in every frame
-        cand[:, f, 4:10, f:f + 6] = 0.0
+        cand[:, f, 4:10, f : f + 6] = 0.0
     cuts = torch.zeros(23, dtype=torch.bool)
     cuts[11] = True
     raw = pair_motion_counts(cand, 16, 0.3)

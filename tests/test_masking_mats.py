@@ -48,8 +48,9 @@ def test_selected_tokens_lie_on_the_moving_square_path(score):
     video, pos = _moving_square_batch()
     if score == "embed":
         torch.manual_seed(0)
-        scores = embed_motion_scores(PatchEmbed3D(in_chans=3, embed_dim=32, tubelet_size=2, patch_size=P),
-                                     normalize(video))
+        scores = embed_motion_scores(
+            PatchEmbed3D(in_chans=3, embed_dim=32, tubelet_size=2, patch_size=P), normalize(video)
+        )
     else:
         scores = pixel_motion_scores(video, 2, P)
     path = _path_mask(pos)
@@ -69,7 +70,9 @@ def test_selected_tokens_lie_on_the_moving_square_path(score):
 
 
 def test_static_clip_fixed_counts_random_ties():
-    video = textured_background(2, SIZE, SIZE, torch.Generator().manual_seed(0))[:, :, None].expand(-1, -1, T, -1, -1)
+    video = textured_background(2, SIZE, SIZE, torch.Generator().manual_seed(0))[:, :, None].expand(
+        -1, -1, T, -1, -1
+    )
     scores = pixel_motion_scores(video, 2, P)
     assert (scores == 0).all()
     a = mats_selection(scores, 0.9, 0.3, torch.Generator().manual_seed(0))

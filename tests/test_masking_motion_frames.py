@@ -32,8 +32,17 @@ def test_pixel_scores_match_a_loop_and_accept_uint8():
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (2, 3, 6, 8, 12), generator=g, dtype=torch.uint8)  # 3 x 2 x 3 tokens
     v = video.float()
-    feats = [[[v[b, :, 2 * t:2 * t + 2, 4 * h:4 * h + 4, 4 * w:4 * w + 4].flatten() for h in range(2)
-               for w in range(3)] for t in range(3)] for b in range(2)]
+    feats = [
+        [
+            [
+                v[b, :, 2 * t : 2 * t + 2, 4 * h : 4 * h + 4, 4 * w : 4 * w + 4].flatten()
+                for h in range(2)
+                for w in range(3)
+            ]
+            for t in range(3)
+        ]
+        for b in range(2)
+    ]
     expected = _loop_scores(feats)
     scores = pixel_motion_scores(video, 2, 4)
     assert scores.shape == (2, 18) and scores.dtype == torch.float32
@@ -59,7 +68,9 @@ def test_embed_scores_match_the_embedding_difference(frames, affine):
     video = torch.randn(2, 3, frames, 8, 8, generator=g)
     scores = embed_motion_scores(pe, video, affine=affine)
     emb = F.conv3d(video, pe.proj.weight, pe.proj.bias, stride=(2, 4, 4))  # (B, D, T', H', W')
-    feats = [[[emb[b, :, t].flatten(1)[:, s] for s in range(4)] for t in range(frames // 2)] for b in range(2)]
+    feats = [
+        [[emb[b, :, t].flatten(1)[:, s] for s in range(4)] for t in range(frames // 2)] for b in range(2)
+    ]
     torch.testing.assert_close(scores, _loop_scores(feats), rtol=1e-4, atol=1e-5)
     assert calls  # the module itself ran (ZeRO-3 hooks would fire)
     assert not scores.requires_grad and pe.proj.weight.grad is None
@@ -81,11 +92,15 @@ def test_weighted_sampling_without_replacement_is_proportional():
         firsts[idx[0]] += 1
     torch.testing.assert_close(firsts / 800, w / w.sum(), atol=0.05, rtol=0)
     # Fewer positive weights than draws (torch.multinomial fails here) and all-zero weights.
-    idx = weighted_sample_without_replacement(torch.tensor([0.0, 2.0, 0.0]), 3, torch.Generator().manual_seed(0))
+    idx = weighted_sample_without_replacement(
+        torch.tensor([0.0, 2.0, 0.0]), 3, torch.Generator().manual_seed(0)
+    )
     assert idx[0] == 1 and sorted(idx.tolist()) == [0, 1, 2]
     counts = torch.zeros(4)
     for seed in range(400):
-        counts[weighted_sample_without_replacement(torch.zeros(4), 1, torch.Generator().manual_seed(seed))] += 1
+        counts[
+            weighted_sample_without_replacement(torch.zeros(4), 1, torch.Generator().manual_seed(seed))
+        ] += 1
     assert (counts > 60).all()  # uniform: about 100 each
 
 
@@ -125,11 +140,14 @@ def test_frame_selection_static_clip_uniform_seeded_and_uint8():
     assert (picks > 0).all()  # uniform over the 12 pairs: each drawn at some point
     moving = _half_moving_clip()
     a = select_frames(moving, 8, torch.Generator().manual_seed(7), patch=16, keep_ratio=0.3)
-    b = select_frames((moving * 255).to(torch.uint8), 8, torch.Generator().manual_seed(7), patch=16,
-                      keep_ratio=0.3)
+    b = select_frames(
+        (moving * 255).to(torch.uint8), 8, torch.Generator().manual_seed(7), patch=16, keep_ratio=0.3
+    )
     assert torch.equal(a, b)
-    draws = {tuple(select_frames(moving, 8, torch.Generator().manual_seed(s), patch=16,
-                                 keep_ratio=0.3).tolist()) for s in range(6)}
+    draws = {
+        tuple(select_frames(moving, 8, torch.Generator().manual_seed(s), patch=16, keep_ratio=0.3).tolist())
+        for s in range(6)
+    }
     assert len(draws) > 1  # different seeds, different still pairs
 
 

@@ -42,7 +42,7 @@ def test_each_position_kept_in_4_minus_k_of_every_4_consecutive_slices(ratio, ke
     grid = TokenGrid(9, 6, 4)
     drop = running_cell_drop(grid, ratio, torch.arange(4)).view(4, grid.t, grid.spatial)
     for start in range(grid.t - 3):  # every window of 4 consecutive slices
-        assert ((~drop[:, start:start + 4]).sum(dim=1) == kept).all()
+        assert ((~drop[:, start : start + 4]).sum(dim=1) == kept).all()
     # ... and every slice keeps (4 - k) / 4 of its positions, whatever the phase.
     assert ((~drop).sum(dim=2) == grid.spatial * kept // 4).all()
 
@@ -83,8 +83,11 @@ def test_lean_mode_has_the_same_loss_positions_and_fewer_decoder_tokens(strategy
     ref = select_tokens(ref_cfg, grid, 4, torch.Generator().manual_seed(3))
     lean = select_tokens(lean_cfg, grid, 4, torch.Generator().manual_seed(3))  # same draws
     assert torch.equal(ref.visible_ids, lean.visible_ids)
-    lean_w = torch.ones_like(lean.target_ids, dtype=torch.float) if lean.target_weights is None \
+    lean_w = (
+        torch.ones_like(lean.target_ids, dtype=torch.float)
+        if lean.target_weights is None
         else lean.target_weights
+    )
     for b in range(4):
         ref_pos = ref.target_ids[b][ref.target_weights[b] > 0]
         lean_pos = lean.target_ids[b][lean_w[b] > 0]

@@ -9,9 +9,14 @@ from mats_scale.config import ConfigError, MaskingConfig, ModelConfig, load_conf
 from mats_scale.masking import TokenGrid, select_tokens, selection_counts
 
 COMBOS = [
-    ("tube", "none", "reference"), ("tube", "running_cell", "reference"), ("tube", "running_cell", "lean"),
-    ("random", "none", "reference"), ("random", "running_cell", "reference"),
-    ("random", "running_cell", "lean"), ("mats", "none", "reference"), ("mats", "running_cell", "lean"),
+    ("tube", "none", "reference"),
+    ("tube", "running_cell", "reference"),
+    ("tube", "running_cell", "lean"),
+    ("random", "none", "reference"),
+    ("random", "running_cell", "reference"),
+    ("random", "running_cell", "lean"),
+    ("mats", "none", "reference"),
+    ("mats", "running_cell", "lean"),
 ]
 
 
@@ -34,8 +39,9 @@ def test_issue_counts():
     rc = dict(strategy="tube", decoder="running_cell", decoder_ratio=0.5)
     assert selection_counts(MaskingConfig(**rc, decoder_mode="reference"), vit_b) == (160, 784)
     assert selection_counts(MaskingConfig(**rc, decoder_mode="lean"), vit_b) == (160, 704)
-    assert selection_counts(MaskingConfig(strategy="mats", decoder="running_cell", decoder_mode="lean"),
-                            vit_b) == (156, 157)
+    assert selection_counts(
+        MaskingConfig(strategy="mats", decoder="running_cell", decoder_mode="lean"), vit_b
+    ) == (156, 157)
     sel = select_tokens(MaskingConfig(strategy="tube"), vit_g, 2, torch.Generator().manual_seed(0))
     assert sel.visible_ids.shape == (2, 208) and sel.target_ids.shape == (2, 1840)
 
@@ -55,7 +61,7 @@ def test_shapes_match_counts_ids_valid_and_seeded(combo, grid):
         assert scored and not scored & set(a.visible_ids[b].tolist())
     _, same = _select(combo, grid, 3, seed=11)
     _, other = _select(combo, grid, 3, seed=12)
-    assert all(torch.equal(x, y) for x, y in zip(a, same) if x is not None)
+    assert all(torch.equal(x, y) for x, y in zip(a, same, strict=False) if x is not None)
     assert not (torch.equal(a.visible_ids, other.visible_ids) and torch.equal(a.target_ids, other.target_ids))
 
 
@@ -84,9 +90,14 @@ def test_config_cross_checks_and_dispatch_errors():
 
 
 def test_all_config_combinations_validate_or_fail_with_one_line():
-    for strategy, decoder, mode in itertools.product(["tube", "random", "mats"], ["none", "running_cell"],
-                                                     ["reference", "lean"]):
-        overrides = [f"masking.strategy={strategy}", f"masking.decoder={decoder}", f"masking.decoder_mode={mode}"]
+    for strategy, decoder, mode in itertools.product(
+        ["tube", "random", "mats"], ["none", "running_cell"], ["reference", "lean"]
+    ):
+        overrides = [
+            f"masking.strategy={strategy}",
+            f"masking.decoder={decoder}",
+            f"masking.decoder_mode={mode}",
+        ]
         try:
             cfg = load_config(None, overrides)
         except ConfigError as e:

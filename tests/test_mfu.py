@@ -26,8 +26,16 @@ def test_gpu_table_matches_by_name_and_precision():
 
 
 def test_meter_uses_the_config_peak_and_the_profiler_flops():
-    cfg = load_config(None, ["model.size=debug", "model.num_frames=4", "model.img_size=64",
-                             "masking.preset=tube", "logging.peak_tflops=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "model.size=debug",
+            "model.num_frames=4",
+            "model.img_size=64",
+            "masking.preset=tube",
+            "logging.peak_tflops=0.5",
+        ],
+    )
     meter = MfuMeter.for_run(cfg, "pretrain", torch.device("cpu"), "fp32", devices=2)
     assert meter.peak_source == "config" and meter.peak_flops == 0.5e12
     assert meter.flops_per_clip > 0
@@ -41,6 +49,14 @@ def test_model_flops_match_the_profiler():
     from mats_scale.profiling.workload import Workload
     from mats_scale.train.mfu import model_flops_per_clip
 
-    cfg = load_config(None, ["model.size=debug", "model.num_frames=4", "model.img_size=64",
-                             "masking.preset=mats+dual", "masking.ratio=0.75"])
+    cfg = load_config(
+        None,
+        [
+            "model.size=debug",
+            "model.num_frames=4",
+            "model.img_size=64",
+            "masking.preset=mats+dual",
+            "masking.ratio=0.75",
+        ],
+    )
     assert model_flops_per_clip(cfg) == count_flops(Workload(cfg.model, cfg.masking)).train_flops

@@ -80,8 +80,10 @@ def test_plan_orders_strategies_engines_and_checkpointing():
     assert best["mats+dual", "zero3", "none"].max_batch > best["mats+dual", "zero0", "none"].max_batch
     # ...while DeepSpeed's own default 5e8-element reduce bucket (an empty ds_config) outweighs what
     # it shards of a model as small as ViT-S.
-    defaults = {(p.strategy, p.engine, p.checkpoint): p
-                for p in plan(wls, ["zero0", "zero3"], policies, NODES["a100-40"], ds_config={})}
+    defaults = {
+        (p.strategy, p.engine, p.checkpoint): p
+        for p in plan(wls, ["zero0", "zero3"], policies, NODES["a100-40"], ds_config={})
+    }
     assert defaults["mats+dual", "zero3", "none"].max_batch < defaults["mats+dual", "zero0", "none"].max_batch
     # Recomputation costs time: a larger step per clip with full checkpointing.
     p0, p1 = best["mats+dual", "zero3", "none"], best["mats+dual", "zero3", "full"]
@@ -180,8 +182,9 @@ def test_cli_only_argument_errors_become_exit_2():
         run(bug, [])
 
 
-@pytest.mark.parametrize("script", ["feasibility", "flops_per_mask_ratio", "memory_per_mask_ratio",
-                                    "validate_gpu_memory"])
+@pytest.mark.parametrize(
+    "script", ["feasibility", "flops_per_mask_ratio", "memory_per_mask_ratio", "validate_gpu_memory"]
+)
 def test_every_profiler_option_has_help_text(script, monkeypatch):
     import argparse
     import importlib

@@ -65,17 +65,20 @@ def test_a_resume_refused_by_the_checkpoint_leaves_the_run_files_alone(tmp_path)
 
 
 def test_changing_train_steps_is_refused_or_allowed_explicitly_with_the_lr_jump_logged(tmp_path):
-    train(_cfg(tmp_path, "train.steps=20", "train.save_every=10", "optim.warmup_steps=2",
-               "train.keep_last=3"))
+    train(
+        _cfg(tmp_path, "train.steps=20", "train.save_every=10", "optim.warmup_steps=2", "train.keep_last=3")
+    )
     (tmp_path / "checkpoints" / "latest").write_text("step_00000010")  # continue from step 10
     with pytest.raises(ConfigError, match=r"train.steps=40 \(the run has 20\).*lr of step 11 would go from "):
         train(_cfg(tmp_path, "train.steps=40", "optim.warmup_steps=2"))
-    result = train(_cfg(tmp_path, "train.steps=40", "optim.warmup_steps=2",
-                        "train.allow_changes=[train.steps]"))
+    result = train(
+        _cfg(tmp_path, "train.steps=40", "optim.warmup_steps=2", "train.allow_changes=[train.steps]")
+    )
     assert result.step == 40
     log = (tmp_path / "train.log").read_text()
-    assert "train.steps 20 -> 40 (allowed by train.allow_changes): the cosine lr schedule is " \
-        "recomputed" in log
+    assert (
+        "train.steps 20 -> 40 (allowed by train.allow_changes): the cosine lr schedule is recomputed" in log
+    )
     (record,) = [json.loads(x) for x in (tmp_path / "resumes.jsonl").read_text().splitlines()]
     assert record["changes"] == {"train.steps": {"checkpoint": 20, "now": 40}} and record["step"] == 10
     assert "steps: 20" in (tmp_path / "config.yaml").read_text()  # the record of the first session stays
@@ -83,8 +86,11 @@ def test_changing_train_steps_is_refused_or_allowed_explicitly_with_the_lr_jump_
 
 def test_unknown_allowance_key_is_named(tmp_path):
     train(_cfg(tmp_path, "train.steps=1"))
-    with pytest.raises(ConfigError, match=r"train.allow_changes: optim.baselr: unknown key; did you mean "
-                                          r"optim.base_lr\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.allow_changes: optim.baselr: unknown key; did you mean "
+        r"optim.base_lr\?",
+    ):
         train(_cfg(tmp_path, "train.steps=1", "train.allow_changes=[optim.baselr]"))
 
 
@@ -99,8 +105,11 @@ def test_metrics_after_a_resume_have_one_record_per_step(tmp_path):
     assert [sorted(r["steps"]) for r in runs] == [[1, 2], [3, 4]]
     start = runs[1]["start"]
     assert start["resumed_from"].endswith("step_00000002") and start["dropped_steps"] == 3
-    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
-             if "event" not in json.loads(x)]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if "event" not in json.loads(x)
+    ]
     assert steps == [1, 2, 3, 4]
 
 
@@ -117,8 +126,10 @@ def test_epochs_and_warmup_epochs_derive_the_steps(tmp_path):
     assert result.step == 5
     saved = load_config(str(tmp_path / "config.yaml"))
     assert (saved.train.steps, saved.optim.warmup_steps, saved.train.epochs) == (5, 2, 0.01)
-    assert "train.epochs=0.01 -> train.steps=5; optim.warmup_epochs=0.004 -> optim.warmup_steps=2" in \
-        (tmp_path / "train.log").read_text()
+    assert (
+        "train.epochs=0.01 -> train.steps=5; optim.warmup_epochs=0.004 -> optim.warmup_steps=2"
+        in (tmp_path / "train.log").read_text()
+    )
     lrs = [r["lr"] for r in metric_runs(tmp_path)[0]["steps"].values()]
     assert lrs[0] < lrs[1] == lrs[2] > lrs[3] > lrs[4]  # 2 warm-up steps, then the cosine over 3
 
@@ -139,12 +150,21 @@ def test_provenance_names_code_command_libraries_and_machine(tmp_path):
 
 def test_a_second_job_cannot_write_a_run_dir_in_use(tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, socket, sys, time\n"
-        f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.write(f'pid {os.getpid()} host {socket.gethostname()}\\n'); f.flush()\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, socket, sys, time\n"
+                f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                "f.write(f'pid {os.getpid()} host {socket.gethostname()}\\n'); f.flush()\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirInUse, match=f"in use by another job \\(pid {holder.pid} host "):
@@ -157,22 +177,35 @@ def test_a_second_job_cannot_write_a_run_dir_in_use(tmp_path):
 
 
 # ---- Slurm -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("nodelist,hosts", [
-    ("node01", ["node01"]),
-    ("node[01-04]", ["node01", "node02", "node03", "node04"]),
-    ("gpu[8-10,12],login1", ["gpu8", "gpu9", "gpu10", "gpu12", "login1"]),
-    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
-])
+@pytest.mark.parametrize(
+    "nodelist,hosts",
+    [
+        ("node01", ["node01"]),
+        ("node[01-04]", ["node01", "node02", "node03", "node04"]),
+        ("gpu[8-10,12],login1", ["gpu8", "gpu9", "gpu10", "gpu12", "login1"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+    ],
+)
 def test_slurm_nodelists_expand(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
 
 
 def test_slurm_variables_give_rank_world_and_master_only_without_a_launcher():
-    environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-               "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_JOB_ID": "123456"}
+    environ = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "5",
+        "SLURM_JOB_NODELIST": "node[07-08]",
+        "SLURM_JOB_ID": "123456",
+    }
     assert apply_slurm_env(environ)
-    assert {k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == \
-        {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": "node07", "MASTER_PORT": "18456"}
+    assert {k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "5",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "5",
+        "MASTER_ADDR": "node07",
+        "MASTER_PORT": "18456",
+    }
     launched = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "RANK": "3", "WORLD_SIZE": "8"}
     assert not apply_slurm_env(launched) and launched["RANK"] == "3"  # torchrun / deepspeed inside Slurm
 
@@ -183,16 +216,36 @@ def test_srun_style_tasks_form_one_job(tmp_path):
     run_dir = tmp_path / "run"
 
     def task_env(rank: int) -> dict[str, str]:
-        e = env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242")
+        e = env(
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID="4242",
+        )
         e["MASTER_PORT"] = port  # a free one (the port derived from the job id is tested above)
         return e
 
     port = str(free_port())
-    procs = [subprocess.Popen(
-        [sys.executable, str(PRETRAIN), *TINY, "parallel.backend=fsdp2", "data.batch_size=2", "train.steps=2",
-         f"train.out_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env=task_env(r)) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(PRETRAIN),
+                *TINY,
+                "parallel.backend=fsdp2",
+                "data.batch_size=2",
+                "train.steps=2",
+                f"train.out_dir={run_dir}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=task_env(r),
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, tail(subprocess.CompletedProcess(p.args, p.returncode, out, err))
@@ -212,8 +265,10 @@ def test_deepspeed_first_build_is_announced_until_the_op_is_cached(tmp_path):
     note = first_build_notice(["deepspeed_shm_comm"], str(tmp_path))
     assert note.startswith("DeepSpeed compiles its deepspeed_shm_comm op now (first launch only")
     # torch's default root (<root>/py311_cpu/<op>/) and TORCH_EXTENSIONS_DIR (<root>/<op>/)
-    for root, built in ((tmp_path / "a", tmp_path / "a" / "py311_cpu" / "deepspeed_shm_comm"),
-                        (tmp_path / "b", tmp_path / "b" / "deepspeed_shm_comm")):
+    for root, built in (
+        (tmp_path / "a", tmp_path / "a" / "py311_cpu" / "deepspeed_shm_comm"),
+        (tmp_path / "b", tmp_path / "b" / "deepspeed_shm_comm"),
+    ):
         built.mkdir(parents=True)
         assert first_build_notice(["deepspeed_shm_comm"], str(root)).startswith("DeepSpeed compiles")
         (built / "deepspeed_shm_comm.so").write_bytes(b"")

@@ -32,9 +32,9 @@ def test_meta_memory_equals_a_real_cpu_run_at_full_input(size, strategy):
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["B", "L"])
 def test_full_clip_training_step_gives_every_parameter_a_gradient(size):
+    from mats_scale.config import MaskingConfig
     from mats_scale.data.inmemory import moving_square_clips, normalize
     from mats_scale.masking import TokenGrid, embed_motion_scores, select_tokens
-    from mats_scale.config import MaskingConfig
     from mats_scale.models.pretrain import build_pretrain_model
 
     cfg = ModelConfig(size=size)
@@ -43,8 +43,9 @@ def test_full_clip_training_step_gives_every_parameter_a_gradient(size):
     g = torch.Generator().manual_seed(0)
     video = normalize(moving_square_clips(1, cfg.num_frames, cfg.img_size, g)[0])
     masking = MaskingConfig(strategy="mats", decoder="running_cell", decoder_mode="lean")
-    sel = select_tokens(masking, TokenGrid.from_model(cfg), 1, g,
-                        embed_motion_scores(model.encoder.patch_embed, video))
+    sel = select_tokens(
+        masking, TokenGrid.from_model(cfg), 1, g, embed_motion_scores(model.encoder.patch_embed, video)
+    )
     out = model(video, *sel)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -56,12 +57,25 @@ def test_full_clip_training_step_gives_every_parameter_a_gradient(size):
 def test_full_default_job_loss_falls(tmp_path):
     """The whole bundled default job (300 steps, one process here): the loss clearly falls."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "parallel.backend=none",
-                           f"train.out_dir={run}", "logging.progress_bar=false"],
-                          capture_output=True, text=True, timeout=1200, cwd=tmp_path,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launchers" / "pretrain.py"),
+            "parallel.backend=none",
+            f"train.out_dir={run}",
+            "logging.progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert len(losses) == 300
     assert statistics.mean(losses[-30:]) < 0.85 * statistics.mean(losses[:5])

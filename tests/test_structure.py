@@ -64,7 +64,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         stack.pop()
@@ -110,6 +110,8 @@ def test_no_backend_branch_outside_parallel():
 
 
 def test_config_layer_imports_no_torch():
-    code = ("import sys, mats_scale.config, mats_scale.tokens, mats_scale.models.args; "
-            "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
+    code = (
+        "import sys, mats_scale.config, mats_scale.tokens, mats_scale.models.args; "
+        "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=PKG.parent).returncode == 0

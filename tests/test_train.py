@@ -31,8 +31,13 @@ def _cfg(tmp_path: Path, *overrides: str):
 # ---- exact resume, SIGTERM, export (one process) -----------------------------------------------
 def test_sigterm_then_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     # Dual masking with loss weights, drop path (torch RNG), accumulation and a data worker process.
-    extra = ["masking.decoder=running_cell", "masking.ratio=0.5", "model.drop_path=0.2", "optim.grad_accum=2",
-             "data.num_workers=1"]
+    extra = [
+        "masking.decoder=running_cell",
+        "masking.ratio=0.5",
+        "model.drop_path=0.2",
+        "optim.grad_accum=2",
+        "data.num_workers=1",
+    ]
     full = train(_cfg(tmp_path / "a", *extra))
     monkeypatch.setenv("MATS_FAULT_SIGTERM_AT_STEP", "2")
     first = train(_cfg(tmp_path / "b", *extra))
@@ -92,14 +97,30 @@ def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal only
-    train(_cfg(tmp_path, "train.steps=3", "logging.tensorboard=true", "logging.progress_bar=true",
-               "logging.log_every=2"))
+    train(
+        _cfg(
+            tmp_path,
+            "train.steps=3",
+            "logging.tensorboard=true",
+            "logging.progress_bar=true",
+            "logging.log_every=2",
+        )
+    )
     tb = EventAccumulator(str(tmp_path / "tb"))
     tb.Reload()
     tags = set(tb.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "perf/clips_per_s", "perf/step_time_s",
-            "tokens/encoder_per_step", "tokens/decoder_per_step", "memory/peak_gib", "data/skipped_files",
-            "train/skipped_steps"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/clips_per_s",
+        "perf/step_time_s",
+        "tokens/encoder_per_step",
+        "tokens/decoder_per_step",
+        "memory/peak_gib",
+        "data/skipped_files",
+        "train/skipped_steps",
+    } <= tags
     assert [e.step for e in tb.Scalars("train/loss")] == [1, 2, 3]
     # tube 0.9 on a 2x4x4 grid: 2 x 2 visible + 2 x 14 targets per clip, 2 clips per step
     assert [e.value for e in tb.Scalars("tokens/encoder_per_step")] == [8, 8, 8]
@@ -107,7 +128,9 @@ def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys, monkeypatch):
     log = (tmp_path / "train.log").read_text()
     assert "step      2/3" in log and "step      3/3" in log and "clips/s" in log
     losses = [e.value for e in tb.Scalars("train/loss")]  # k = 1 of 3 steps: first vs last step
-    assert f"loss: mean of the first 1 steps {losses[0]:.4f} -> mean of the last 1 steps {losses[-1]:.4f}" in log
+    assert (
+        f"loss: mean of the first 1 steps {losses[0]:.4f} -> mean of the last 1 steps {losses[-1]:.4f}" in log
+    )
     err = capsys.readouterr().err
     assert "3/3" in err and "step/s" in err  # tqdm bar with rate / ETA on stderr
 
@@ -191,8 +214,16 @@ def test_unusable_checkpoints_are_refused_with_the_reason(tmp_path):
 def test_every_template_resolves_from_the_typed_config(template):
     stage = int(template[4])
     extra = ["parallel.offload_optimizer=true"] if "offload" in template else []
-    cfg = load_config(None, ["data.batch_size=3", "optim.grad_accum=2", "optim.clip_grad=1.5",
-                             f"parallel.zero_stage={stage}", *extra])
+    cfg = load_config(
+        None,
+        [
+            "data.batch_size=3",
+            "optim.grad_accum=2",
+            "optim.clip_grad=1.5",
+            f"parallel.zero_stage={stage}",
+            *extra,
+        ],
+    )
     ds, path = resolve_ds_config(cfg, world_size=4, bf16=True, cuda=True)
     assert Path(path).name == template
     batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
@@ -212,27 +243,45 @@ def _template(tmp_path, **fields) -> str:
 
 
 def test_template_values_that_contradict_the_typed_config_are_refused(tmp_path):
-    cfg = load_config(None, [f"parallel.ds_config={_template(tmp_path, train_batch_size=32)}",
-                             "data.batch_size=4"])
-    with pytest.raises(ConfigError, match=r"train_batch_size=32 contradicts the typed config \("
-                                          r"data.batch_size=4 x 2 processes x optim.grad_accum=1 gives 8\)"):
+    cfg = load_config(
+        None, [f"parallel.ds_config={_template(tmp_path, train_batch_size=32)}", "data.batch_size=4"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train_batch_size=32 contradicts the typed config \("
+        r"data.batch_size=4 x 2 processes x optim.grad_accum=1 gives 8\)",
+    ):
         resolve_ds_config(cfg, world_size=2, bf16=False, cuda=False)
     cfg = load_config(None, [f"parallel.ds_config={_template(tmp_path, optimizer={'type': 'Adam'})}"])
     with pytest.raises(ConfigError, match="'optimizer' must not be set; it comes from optim"):
         resolve_ds_config(cfg, world_size=1, bf16=False, cuda=False)
-    ok = load_config(None, [f"parallel.ds_config={_template(tmp_path, train_batch_size=8)}",
-                            "data.batch_size=4"])
+    ok = load_config(
+        None, [f"parallel.ds_config={_template(tmp_path, train_batch_size=8)}", "data.batch_size=4"]
+    )
     assert resolve_ds_config(ok, world_size=2, bf16=False, cuda=False)[0]["train_batch_size"] == 8
 
 
 def test_launcher_refuses_a_contradicting_template_with_one_line(tmp_path):
     template = _template(tmp_path, gradient_clipping=2.0)
-    proc = subprocess.run([sys.executable, str(PRETRAIN), *LOCAL, "parallel.backend=deepspeed",
-                           "optim.clip_grad=0.5", f"parallel.ds_config={template}",
-                           f"train.out_dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PRETRAIN),
+            *LOCAL,
+            "parallel.backend=deepspeed",
+            "optim.clip_grad=0.5",
+            f"parallel.ds_config={template}",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env(),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"config error: {template}: gradient_clipping=2.0 contradicts the typed config "
-        "(optim.clip_grad=0.5 gives 0.5); remove it or write \"auto\""]
+        '(optim.clip_grad=0.5 gives 0.5); remove it or write "auto"'
+    ]
     assert not (tmp_path / "run").exists()  # refused before anything was written

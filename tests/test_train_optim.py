@@ -36,7 +36,7 @@ def test_lr_scaled_by_batch_warmed_up_then_cosine_to_min():
     assert batch == 64 and peak_lr(cfg, batch) == pytest.approx(2.5e-4)
     lrs = [lr_at(s, 110, cfg, batch) for s in range(110)]
     assert lrs[0] == pytest.approx(2.5e-5) and lrs[9] == pytest.approx(2.5e-4)  # linear warm-up, per step
-    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # then strictly decreasing
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then strictly decreasing
     assert lrs[60] == pytest.approx(1e-5 + 0.5 * (2.5e-4 - 1e-5))  # cosine midpoint
     assert lrs[-1] == pytest.approx(1e-5 + 0.5 * (2.5e-4 - 1e-5) * (1 + math.cos(math.pi * 99 / 100)))
 

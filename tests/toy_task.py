@@ -62,9 +62,9 @@ class ToyLoader:
 
     def __iter__(self):
         order = torch.randperm(DATASET_SIZE, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = order[self.rank::self.world_size]
+        mine = order[self.rank :: self.world_size]
         while self.pos < len(self):
-            ids = mine[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+            ids = mine[self.pos * self.batch_size : (self.pos + 1) * self.batch_size]
             self.pos += 1
             yield {"x": self.x[ids], "label": self.y[ids]}
         self.epoch, self.pos = self.epoch + 1, 0
@@ -85,8 +85,12 @@ class ToyClassifierTask:
         self.cfg = cfg
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(name="toy", build=TinyClassifier, block_types=(Block,),
-                         block_groups=lambda m: {"encoder": m.blocks})
+        return ModelSpec(
+            name="toy",
+            build=TinyClassifier,
+            block_types=(Block,),
+            block_groups=lambda m: {"encoder": m.blocks},
+        )
 
     def build_loader(self, rank: int, world_size: int) -> ToyLoader:
         return ToyLoader(self.cfg.data.batch_size, rank, world_size, self.cfg.train.seed)

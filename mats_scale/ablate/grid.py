@@ -43,8 +43,13 @@ from mats_scale.tokens import PRESETS
 
 MEASURES = ("train", "flops", "memory", "feasibility")
 LAUNCHERS = ("torchrun", "deepspeed", "python")
-RUN_DEFAULTS: dict[str, Any] = {"launcher": "torchrun", "nproc": 1, "warmup_steps": 2, "loss_window": 3,
-                                "time_limit_s": 600}
+RUN_DEFAULTS: dict[str, Any] = {
+    "launcher": "torchrun",
+    "nproc": 1,
+    "warmup_steps": 2,
+    "loss_window": 3,
+    "time_limit_s": 600,
+}
 GRID_KEYS = ("name", "config", "base", "axes", "points", "run", "measure", "rules", "feasibility")
 
 
@@ -150,8 +155,9 @@ def expand(spec: dict[str, Any], default_name: str = "grid") -> Grid:
     rules = spec.get("rules") or []
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict) or not isinstance(rule.get("when"), dict):
-            raise ConfigError(f"rules[{i}]: expected "
-                              "{when: {key: [values]}, measure: [...], run: {...}}")
+            raise ConfigError(
+                f"rules[{i}]: expected {{when: {{key: [values]}}, measure: [...], run: {{...}}}}"
+            )
     keys = list(axes)
     combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(axes[k] for k in keys))]
     extra = spec.get("points") or []
@@ -174,6 +180,13 @@ def expand(spec: dict[str, Any], default_name: str = "grid") -> Grid:
             conf.update({f"masking.{k}": v for k, v in PRESETS[preset].items() if f"masking.{k}" not in conf})
         run.update({k[4:]: v for k, v in {**base, **values}.items() if k.startswith("run.")})
         _check_run(run, "run")
-        points.append(Point(values, [f"{k}={_value(v)}" for k, v in conf.items()], run, measure,
-                            spec.get("config") or DEFAULT_CONFIG))
+        points.append(
+            Point(
+                values,
+                [f"{k}={_value(v)}" for k, v in conf.items()],
+                run,
+                measure,
+                spec.get("config") or DEFAULT_CONFIG,
+            )
+        )
     return Grid(spec.get("name") or default_name, points, spec.get("feasibility") or {"node": "a100-80"})

@@ -20,11 +20,25 @@ from mats_scale.models.sizes import SIZES
 from mats_scale.profiling.report import _pyplot, markdown_table
 
 # Keys shown in captions when they are the same for every point (the configuration of the figure).
-CAPTION_KEYS = ("model.size", "model.num_frames", "model.img_size", "masking.preset", "masking.ratio",
-                "masking.decoder_ratio", "masking.keep_ratio", "data.batch_size", "optim.grad_accum",
-                "train.steps", "train.precision", "parallel.backend", "parallel.zero_stage",
-                "parallel.checkpoint_encoder_every", "parallel.checkpoint_decoder_every",
-                "run.launcher", "run.nproc")
+CAPTION_KEYS = (
+    "model.size",
+    "model.num_frames",
+    "model.img_size",
+    "masking.preset",
+    "masking.ratio",
+    "masking.decoder_ratio",
+    "masking.keep_ratio",
+    "data.batch_size",
+    "optim.grad_accum",
+    "train.steps",
+    "train.precision",
+    "parallel.backend",
+    "parallel.zero_stage",
+    "parallel.checkpoint_encoder_every",
+    "parallel.checkpoint_decoder_every",
+    "run.launcher",
+    "run.nproc",
+)
 IGNORED_KEYS = ("train.out_dir",)
 
 
@@ -89,8 +103,10 @@ def caption(rows: Sequence[Row], exclude: Sequence[str] = ()) -> str:
         if k not in exclude and len(values) == 1 and rows[0].get(k) is not None:
             fixed.append(f"{k}={rows[0].get(k)}")
     prov = {(r.rec.get("git_commit", "?")[:12], r.rec.get("versions", {}).get("torch", "?")) for r in rows}
-    hosts = {f"{r.rec.get('host', {}).get('gpu') or str(r.rec.get('host', {}).get('cpus')) + '-core CPU'}"
-             for r in rows}
+    hosts = {
+        f"{r.rec.get('host', {}).get('gpu') or str(r.rec.get('host', {}).get('cpus')) + '-core CPU'}"
+        for r in rows
+    }
     commits = ", ".join(sorted(f"commit {c}, torch {t}" for c, t in prov))
     return f"{'; '.join(fixed)}. Ran on {', '.join(sorted(hosts))}; {commits}."
 
@@ -113,6 +129,7 @@ def _size_order(size: Any) -> int:
 
 
 # ---- plots ----------------------------------------------------------------------------------------
+
 
 def _figure(npanels: int):
     plt = _pyplot()
@@ -186,9 +203,16 @@ def plot_model_size(rows: list[Row], var: list[str], path: str) -> str | None:
             mem[label].append((x, r.pred["per_rank_gib"]))
         if r.ran:
             thr[label].append((x, r.measured["clips_per_s"]))
-    panels = [(flops, "training TFLOPs per clip (fwd + bwd)", "FLOPs per clip"),
-              (mem, "predicted memory per GPU (GiB)" if any(r.feas for r in rows)
-               else "predicted memory per rank (GiB)", "Memory (profiler)")]
+    panels = [
+        (flops, "training TFLOPs per clip (fwd + bwd)", "FLOPs per clip"),
+        (
+            mem,
+            "predicted memory per GPU (GiB)"
+            if any(r.feas for r in rows)
+            else "predicted memory per rank (GiB)",
+            "Memory (profiler)",
+        ),
+    ]
     if thr:
         panels.append((thr, "throughput (clips/s, measured)", "Throughput (real runs)"))
     panels = [p for p in panels if p[0]]
@@ -199,7 +223,10 @@ def plot_model_size(rows: list[Row], var: list[str], path: str) -> str | None:
     feas = next((r.feas for r in rows if r.feas), None)
     text = caption(rows, ["model.size", *series]) + (
         f" Memory per GPU planned for {feas['node']} under {feas['engine']} at micro-batch {feas['batch']}"
-        " (bf16)." if feas else "")
+        " (bf16)."
+        if feas
+        else ""
+    )
     return _finish(fig, "Cost vs model size", text, path)
 
 
@@ -220,10 +247,15 @@ def plot_engines(rows: list[Row], var: list[str], path: str) -> str | None:
     a.set_ylabel("throughput (clips/s, median after warm-up)")
     a.set_title("Throughput", fontsize=10)
     w = 0.38
-    m = b.bar([x - w / 2 for x in xs], [groups[e].measured["peak_mem_gib"] for e in engines], w,
-              label="measured")
-    p = b.bar([x + w / 2 for x in xs], [groups[e].pred.get("total_gib", float("nan")) for e in engines], w,
-              label="predicted (model states + activations)")
+    m = b.bar(
+        [x - w / 2 for x in xs], [groups[e].measured["peak_mem_gib"] for e in engines], w, label="measured"
+    )
+    p = b.bar(
+        [x + w / 2 for x in xs],
+        [groups[e].pred.get("total_gib", float("nan")) for e in engines],
+        w,
+        label="predicted (model states + activations)",
+    )
     b.bar_label(m, fmt="%.2f", fontsize=7)
     b.bar_label(p, fmt="%.2f", fontsize=7)
     b.set_xticks(xs, engines)
@@ -233,8 +265,9 @@ def plot_engines(rows: list[Row], var: list[str], path: str) -> str | None:
     for ax in (a, b):
         ax.set_xlabel("engine")
         ax.grid(alpha=0.3, axis="y")
-    return _finish(fig, "Engines (ZeRO stage / FSDP2)",
-                   caption(rows, ["parallel.backend", "parallel.zero_stage"]), path)
+    return _finish(
+        fig, "Engines (ZeRO stage / FSDP2)", caption(rows, ["parallel.backend", "parallel.zero_stage"]), path
+    )
 
 
 def plot_categories(rows: list[Row], var: list[str], path: str) -> str | None:
@@ -250,9 +283,14 @@ def plot_categories(rows: list[Row], var: list[str], path: str) -> str | None:
     fig, (a, b) = _figure(2)
     w = 0.8 / len(series)
     thr_label = "throughput (clips/s, median after warm-up)"
-    for ax, value, ylabel in ((a, lambda r: r.measured["clips_per_s"], thr_label),
-                              (b, lambda r: r.flops.get("train_gflops", float("nan")),
-                               "training GFLOPs per clip (incl. recomputation)")):
+    for ax, value, ylabel in (
+        (a, lambda r: r.measured["clips_per_s"], thr_label),
+        (
+            b,
+            lambda r: r.flops.get("train_gflops", float("nan")),
+            "training GFLOPs per clip (incl. recomputation)",
+        ),
+    ):
         for i, label in enumerate(series):
             got = {str(r.get(first)): value(r) for r in ran if _series_label(r, rest) == label}
             xs = [j + (i - (len(series) - 1) / 2) * w for j in range(len(cats))]
@@ -286,35 +324,44 @@ def plot_memory_check(rows: list[Row], path: str) -> str | None:
     ax.set_ylabel(f"measured peak (GiB, {ran[0].measured.get('peak_mem_kind', '')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    text = caption(rows) + (" On CPU the measured RSS also holds the interpreter, libraries and allocator "
-                            "caches of every process, which the profiler (tensors only) does not model.")
+    text = caption(rows) + (
+        " On CPU the measured RSS also holds the interpreter, libraries and allocator "
+        "caches of every process, which the profiler (tensors only) does not model."
+    )
     return _finish(fig, "Measured vs predicted memory", text, path)
 
 
 # ---- tables ---------------------------------------------------------------------------------------
+
 
 def table_rows(rows: Sequence[Row], var: Sequence[str]) -> list[dict[str, str]]:
     out = []
     for r in rows:
         m, p, f = r.measured, r.pred, r.flops
         row = {k: _fmt(r.get(k)) for k in var}
-        row.update({
-            "status": r.status,
-            "clips/s": _fmt(m.get("clips_per_s")),
-            "step (s)": _fmt(m.get("step_time_s"), 3),
-            "MFU (%)": _fmt(100 * m["mfu"] if "mfu" in m else None, 1),
-            "peak TFLOP/s": _fmt(m.get("mfu_peak_tflops"), 3),  # per device, MFU's denominator
-            "peak (GiB)": _fmt(m.get("peak_mem_gib")),
-            "predicted (GiB)": _fmt(p.get("total_gib")),  # this point's processes on its own device
-            "train GFLOPs/clip": f"{f['train_gflops']:.4g}" if f else "-",
-            "final loss": _fmt(m.get("final_loss"), 4),
-            "tokens enc/dec": (f"{m['tokens_encoder_per_clip']:.0f}/{m['tokens_decoder_per_clip']:.0f}" if m
-                               else (f"{f['tokens_encoder']}/{f['tokens_decoder']}" if f else "-")),
-        })
+        row.update(
+            {
+                "status": r.status,
+                "clips/s": _fmt(m.get("clips_per_s")),
+                "step (s)": _fmt(m.get("step_time_s"), 3),
+                "MFU (%)": _fmt(100 * m["mfu"] if "mfu" in m else None, 1),
+                "peak TFLOP/s": _fmt(m.get("mfu_peak_tflops"), 3),  # per device, MFU's denominator
+                "peak (GiB)": _fmt(m.get("peak_mem_gib")),
+                "predicted (GiB)": _fmt(p.get("total_gib")),  # this point's processes on its own device
+                "train GFLOPs/clip": f"{f['train_gflops']:.4g}" if f else "-",
+                "final loss": _fmt(m.get("final_loss"), 4),
+                "tokens enc/dec": (
+                    f"{m['tokens_encoder_per_clip']:.0f}/{m['tokens_decoder_per_clip']:.0f}"
+                    if m
+                    else (f"{f['tokens_encoder']}/{f['tokens_decoder']}" if f else "-")
+                ),
+            }
+        )
         if any(x.feas for x in rows):
             row["planned GiB/GPU"] = _fmt(r.feas.get("total_gib"))
-            row["max micro-batch"] = (f"{r.feas['max_batch']} ({r.feas['engine']}, {r.feas['node']})"
-                                      if r.feas else "-")
+            row["max micro-batch"] = (
+                f"{r.feas['max_batch']} ({r.feas['engine']}, {r.feas['node']})" if r.feas else "-"
+            )
         row["note"] = (r.rec.get("error") or "").replace("|", "/")[:160]
         out.append(row)
     return out
@@ -332,8 +379,11 @@ def render(results: str, out_dir: str | None = None) -> list[str]:
     var_shown = [k for k in var if k not in ("run.time_limit_s",)]
     name = rows[0].rec.get("grid", "sweep")
     written, figures = [], []
-    for fn, stem in ((plot_mask_ratio, "mask_ratio"), (plot_model_size, "model_size"),
-                     (plot_engines, "engines")):
+    for fn, stem in (
+        (plot_mask_ratio, "mask_ratio"),
+        (plot_model_size, "model_size"),
+        (plot_engines, "engines"),
+    ):
         got = fn(rows, var_shown, os.path.join(out_dir, f"{name}_{stem}.png"))
         if got:
             figures.append(os.path.basename(got))
@@ -350,16 +400,22 @@ def render(results: str, out_dir: str | None = None) -> list[str]:
     table = table_rows(rows, var_shown)
     columns = [(k, k, str) for k in table[0]]
     n_ok = sum(r.status in OK_STATUS for r in rows)
-    text = [f"# Ablation: {name}", "",
-            f"{len(rows)} points ({n_ok} finished, {len(rows) - n_ok} failed), "
-            f"from `{os.path.basename(results)}`. "
-            "clips/s, step time and MFU are medians over the steps after warm-up; peak memory is the "
-            "process tree's peak RSS on CPU (summed over ranks) or the CUDA allocator's peak on GPU; "
-            "predicted is the memory profiler for the same configuration (x processes); FLOPs per clip are "
-            "the profiler's (forward + backward, recomputation included); MFU = model FLOPs per clip x "
-            "clips/s / (peak TFLOP/s per device x devices), the peak from the GPU table, a CPU GEMM sample "
-            "taken at the run's start, or logging.peak_tflops.", "",
-            f"Configuration: {caption(rows, var)}", "", markdown_table(table, columns)]
+    text = [
+        f"# Ablation: {name}",
+        "",
+        f"{len(rows)} points ({n_ok} finished, {len(rows) - n_ok} failed), "
+        f"from `{os.path.basename(results)}`. "
+        "clips/s, step time and MFU are medians over the steps after warm-up; peak memory is the "
+        "process tree's peak RSS on CPU (summed over ranks) or the CUDA allocator's peak on GPU; "
+        "predicted is the memory profiler for the same configuration (x processes); FLOPs per clip are "
+        "the profiler's (forward + backward, recomputation included); MFU = model FLOPs per clip x "
+        "clips/s / (peak TFLOP/s per device x devices), the peak from the GPU table, a CPU GEMM sample "
+        "taken at the run's start, or logging.peak_tflops.",
+        "",
+        f"Configuration: {caption(rows, var)}",
+        "",
+        markdown_table(table, columns),
+    ]
     for fig in figures:
         text += [f"![{fig}]({fig})", ""]
     md = os.path.join(out_dir, f"{name}_report.md")

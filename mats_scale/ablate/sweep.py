@@ -44,20 +44,27 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 FORCED = ["logging.progress_bar=false", "logging.tensorboard=false", "train.save_every=0"]
 OK_STATUS = ("ok", "profiled")
 LIBRARIES = ("torch", "deepspeed", "numpy", "fvcore", "omegaconf", "mats_scale")
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 # ---- provenance -----------------------------------------------------------------------------------
 
+
 def git_commit() -> str:
     """HEAD of the checkout the package runs from (``+dirty`` with uncommitted changes), or unknown."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PACKAGE_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PACKAGE_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -84,6 +91,7 @@ def host() -> dict[str, Any]:
 
 
 # ---- configuration --------------------------------------------------------------------------------
+
 
 def resolve(point: Point) -> Config:
     """The point's validated Config (raises ConfigError)."""
@@ -125,6 +133,7 @@ def load_results(path: str) -> list[dict[str, Any]]:
 
 # ---- profilers ------------------------------------------------------------------------------------
 
+
 def _workload(cfg: Config, dtype_name: str):
     from mats_scale.profiling.workload import DTYPES, Workload
 
@@ -138,10 +147,15 @@ def profile_flops(cfg: Config) -> dict[str, Any]:
     from mats_scale.train.mfu import model_flops_per_clip
 
     rep = count_flops(_workload(cfg, "fp32"), with_elementwise=False)
-    return {"fwd_gmacs": rep.fwd_macs / 1e9, "ref_gmacs": rep.ref_macs / 1e9,
-            "score_gmacs": rep.score_macs / 1e9,
-            "train_gflops": rep.train_flops / 1e9, "model_gflops": model_flops_per_clip(cfg) / 1e9,
-            "tokens_encoder": rep.n_visible, "tokens_decoder": rep.decoder_tokens}
+    return {
+        "fwd_gmacs": rep.fwd_macs / 1e9,
+        "ref_gmacs": rep.ref_macs / 1e9,
+        "score_gmacs": rep.score_macs / 1e9,
+        "train_gflops": rep.train_flops / 1e9,
+        "model_gflops": model_flops_per_clip(cfg) / 1e9,
+        "tokens_encoder": rep.n_visible,
+        "tokens_decoder": rep.decoder_tokens,
+    }
 
 
 def _engine_label(cfg: Config) -> str:
@@ -163,10 +177,16 @@ def profile_memory(cfg: Config, nproc: int, target: str) -> dict[str, Any]:
     states = engine_states(param_stats(build_model(wl, "meta")), label, Node(nproc, 1e9, 1.0), wl.dtype)
     act = activation_model(wl, target=target)
     per_rank = peak_allocated(states, act, wl.batch)
-    return {"target": target, "engine": label, "dtype": "bf16" if bf16 else "fp32",
-            "states_gib": states.total / GIB, "activations_gib": act.peak(wl.batch) / GIB,
-            "per_rank_gib": per_rank / GIB, "host_offload_gib": states.cpu_bytes / GIB,
-            "total_gib": nproc * (per_rank + states.cpu_bytes) / GIB}
+    return {
+        "target": target,
+        "engine": label,
+        "dtype": "bf16" if bf16 else "fp32",
+        "states_gib": states.total / GIB,
+        "activations_gib": act.peak(wl.batch) / GIB,
+        "per_rank_gib": per_rank / GIB,
+        "host_offload_gib": states.cpu_bytes / GIB,
+        "total_gib": nproc * (per_rank + states.cpu_bytes) / GIB,
+    }
 
 
 def profile_feasibility(cfg: Config, node_name: str, engine: str | None = None) -> dict[str, Any]:
@@ -185,16 +205,34 @@ def profile_feasibility(cfg: Config, node_name: str, engine: str | None = None) 
 
 # ---- real runs ------------------------------------------------------------------------------------
 
+
 def launch_command(run: dict[str, Any], args: list[str]) -> list[str]:
     """The launcher command line of ``python -m mats_scale.launch.pretrain ARGS`` on run.nproc processes."""
     n, py = int(run["nproc"]), sys.executable
     if run["launcher"] == "torchrun":
-        return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                "-m", "mats_scale.launch.pretrain", *args]
+        return [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "mats_scale.launch.pretrain",
+            *args,
+        ]
     if run["launcher"] == "deepspeed":
-        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
-                "--master_port", str(free_port()),
-                "--module", "mats_scale.launch.pretrain", *args]
+        return [
+            py,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(n),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "mats_scale.launch.pretrain",
+            *args,
+        ]
     return [py, "-m", "mats_scale.launch.pretrain", *args]
 
 
@@ -257,14 +295,19 @@ def summarize_metrics(path: str, warmup: int, window: int) -> dict[str, Any]:
     batch = start.get("total_batch") or 1
     losses = [s["loss"] for s in steps if math.isfinite(s["loss"])]
     out = {
-        "steps": len(steps), "timed_steps": len(timed) if len(timed) < len(steps) else 0,
-        "total_batch": batch, "world_size": start.get("world_size"), "device": start.get("device"),
-        "engine": start.get("engine"), "precision": start.get("precision"),
+        "steps": len(steps),
+        "timed_steps": len(timed) if len(timed) < len(steps) else 0,
+        "total_batch": batch,
+        "world_size": start.get("world_size"),
+        "device": start.get("device"),
+        "engine": start.get("engine"),
+        "precision": start.get("precision"),
         "clips_per_s": statistics.median(s["clips_per_s"] for s in timed),
         "step_time_s": statistics.median(s["step_time_s"] for s in timed),
         # peak_mem_sum_gib: older logs (before the Trainer summed over ranks) only have rank 0's
-        "peak_mem_gib": max(s.get("peak_mem_gib" if cuda else "peak_mem_sum_gib", s["peak_mem_gib"])
-                            for s in steps),
+        "peak_mem_gib": max(
+            s.get("peak_mem_gib" if cuda else "peak_mem_sum_gib", s["peak_mem_gib"]) for s in steps
+        ),
         "peak_mem_kind": "cuda max_memory_allocated, rank 0" if cuda else "peak RSS summed over ranks",
         "final_loss": sum(losses[-window:]) / len(losses[-window:]) if losses else float("nan"),
         "tokens_encoder_per_clip": statistics.median(s["tokens_encoder"] for s in timed) / batch,
@@ -281,16 +324,19 @@ def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None,
     """One real run: (status, error message, measured metrics, wall seconds)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start: never resume a half-run point
     os.makedirs(run_dir)
-    args = [f"--config={point.config}"] + point.overrides + FORCED + [
-        f"train.out_dir={run_dir}"]
+    args = [f"--config={point.config}"] + point.overrides + FORCED + [f"train.out_dir={run_dir}"]
     cmd = launch_command(point.run, args)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "launcher.log"), "w+") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(int(point.run["nproc"])),
-                                start_new_session=True)  # own process group: a timeout kills every rank
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(int(point.run["nproc"])),
+            start_new_session=True,
+        )  # own process group: a timeout kills every rank
         timed_out = False
         try:
             proc.wait(timeout=point.run["time_limit_s"])
@@ -303,8 +349,9 @@ def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None,
         wall = time.perf_counter() - t0
         log.seek(0)
         output = log.read()
-    measured = summarize_metrics(os.path.join(run_dir, "metrics.jsonl"), int(point.run["warmup_steps"]),
-                                 int(point.run["loss_window"]))
+    measured = summarize_metrics(
+        os.path.join(run_dir, "metrics.jsonl"), int(point.run["warmup_steps"]), int(point.run["loss_window"])
+    )
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # weights are not results
     if timed_out:
         return "timeout", f"killed after run.time_limit_s={point.run['time_limit_s']} s", measured, wall
@@ -318,8 +365,10 @@ def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None,
 
 # ---- the sweep ------------------------------------------------------------------------------------
 
-def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
-          echo: Callable[[str], None] = print) -> str:
+
+def sweep(
+    grid: Grid, out_dir: str, *, retry_failed: bool = False, echo: Callable[[str], None] = print
+) -> str:
     """Run every point of `grid` not yet in ``out_dir/results.jsonl``; returns that path."""
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
@@ -331,8 +380,14 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
     cuda = torch.cuda.is_available()
     for i, point in enumerate(grid.points, 1):
         head = f"[{i}/{len(grid.points)}] {point.label}"
-        record: dict[str, Any] = {"grid": grid.name, "point": point.axes, "overrides": point.overrides,
-                                  "run": point.run, "measure": point.measure, "base_config": point.config}
+        record: dict[str, Any] = {
+            "grid": grid.name,
+            "point": point.axes,
+            "overrides": point.overrides,
+            "run": point.run,
+            "measure": point.measure,
+            "base_config": point.config,
+        }
         try:
             cfg = resolve(point)
         except ConfigError as e:
@@ -363,8 +418,9 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
                 record["predicted"] = profile_memory(cfg, int(point.run["nproc"]), target)
             if "feasibility" in point.measure:
                 feas = grid.feasibility
-                record["feasibility"] = profile_feasibility(cfg, str(feas.get("node", "a100-80")),
-                                                            feas.get("engine"))
+                record["feasibility"] = profile_feasibility(
+                    cfg, str(feas.get("node", "a100-80")), feas.get("engine")
+                )
         except (ConfigError, ValueError, RuntimeError) as e:
             record.update(status="error", error=f"profiler: {e}")
             _append(results, {**record, **provenance, "finished_at": _now()})
@@ -374,8 +430,11 @@ def sweep(grid: Grid, out_dir: str, *, retry_failed: bool = False,
             echo(f"{head}: running {point.run['launcher']} x {point.run['nproc']} ...")
             status, error, measured, wall = run_point(cfg, point, os.path.join(out_dir, "runs", key))
             record.update(status=status, error=error, measured=measured, wall_s=wall)
-            summary = (f"{measured['clips_per_s']:.2f} clips/s, peak {measured['peak_mem_gib']:.2f} GiB"
-                       if measured.get("steps") else "no step finished")
+            summary = (
+                f"{measured['clips_per_s']:.2f} clips/s, peak {measured['peak_mem_gib']:.2f} GiB"
+                if measured.get("steps")
+                else "no step finished"
+            )
             echo(f"{head}: {status} in {wall:.0f} s ({summary})" + (f": {error}" if error else ""))
         else:
             record.update(status="profiled", error=None)

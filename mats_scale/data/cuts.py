@@ -50,14 +50,14 @@ def colour_histograms(frames: torch.Tensor, side: int = CUT_SIDE, levels: int = 
     pos = (rgb * (levels / 256.0) - 0.5).clamp(0, levels - 1).flatten(2)  # (F, 3, P)
     low = pos.floor().clamp(max=levels - 2).long() if levels > 1 else pos.long()
     up = pos - low  # (F, 3, P) in [0, 1]
-    hist = torch.zeros(n, levels ** 3)
+    hist = torch.zeros(n, levels**3)
     for corner in range(8):  # the 2 x 2 x 2 neighbouring bins of every pixel
         bits = [(corner >> c) & 1 for c in range(3)]
         idx = ((low[:, 0] + bits[0]) * levels + low[:, 1] + bits[1]) * levels + low[:, 2] + bits[2]
         w = torch.ones_like(up[:, 0])
         for c in range(3):
             w = w * (up[:, c] if bits[c] else 1 - up[:, c])
-        hist.scatter_add_(1, idx.clamp(max=levels ** 3 - 1), w)
+        hist.scatter_add_(1, idx.clamp(max=levels**3 - 1), w)
     return hist / pos.shape[-1]
 
 
@@ -69,8 +69,9 @@ def frame_changes(frames: torch.Tensor) -> torch.Tensor:
     return 0.5 * (h[1:] - h[:-1]).abs().sum(dim=1)
 
 
-def detect_cuts(frames: torch.Tensor, *, min_change: float = CUT_MIN_CHANGE,
-                ratio: float = CUT_RATIO) -> torch.Tensor:
+def detect_cuts(
+    frames: torch.Tensor, *, min_change: float = CUT_MIN_CHANGE, ratio: float = CUT_RATIO
+) -> torch.Tensor:
     """(F, H, W, 3) uint8 decoded frames -> (F-1,) bool: True where frame j+1 starts a new shot."""
     d = frame_changes(frames)
     if d.numel() == 0:
@@ -94,9 +95,12 @@ def cuts_between(cuts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return crossed[keep[1:]] > crossed[keep[:-1]]
 
 
-def limit_to_shot(frames: torch.Tensor, ids: list[int], pick: Callable[[int], list[int]],
-                  read: Callable[[list[int]], torch.Tensor]
-                  ) -> tuple[torch.Tensor, list[int], int, torch.Tensor]:
+def limit_to_shot(
+    frames: torch.Tensor,
+    ids: list[int],
+    pick: Callable[[int], list[int]],
+    read: Callable[[list[int]], torch.Tensor],
+) -> tuple[torch.Tensor, list[int], int, torch.Tensor]:
     """Keep a clip window inside one shot.
 
     frames: (F, H, W, 3) uint8 decoded at video frame numbers `ids`. Without a cut among them they
@@ -115,7 +119,7 @@ def limit_to_shot(frames: torch.Tensor, ids: list[int], pick: Callable[[int], li
     if not met:
         return frames, ids, 0, cuts
     first, last = longest_shot(cuts)
-    lo, hi = min(ids[first:last + 1]), max(ids[first:last + 1])
+    lo, hi = min(ids[first : last + 1]), max(ids[first : last + 1])
     new_ids = [lo + i for i in pick(hi - lo + 1)]
     frames = read(new_ids)
     return frames, new_ids, met, detect_cuts(frames)

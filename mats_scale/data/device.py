@@ -44,8 +44,9 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
     return (video.float() - mean) / std
 
 
-def to_model_input(batch: dict[str, Any], device: torch.device | str, *,
-                   non_blocking: bool = True) -> torch.Tensor:
+def to_model_input(
+    batch: dict[str, Any], device: torch.device | str, *, non_blocking: bool = True
+) -> torch.Tensor:
     """The model input of a loader batch on `device`: (B, 3, T, S, S) float32, ImageNet-normalised.
 
     The uint8 clip is copied first (4x fewer bytes; asynchronous from pinned memory) and converted on

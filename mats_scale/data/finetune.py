@@ -39,8 +39,10 @@ def require_labels(items: list[VideoItem], what: str) -> None:
     """Raise :class:`DataError` when a video of `items` has no label (-1)."""
     missing = [it.path for it in items if it.label < 0]
     if missing:
-        raise DataError(f"{what}: {len(missing)} of {len(items)} videos have no label (first: {missing[0]}); "
-                        "fine-tuning and evaluation need 'path label' list lines or class sub-folders")
+        raise DataError(
+            f"{what}: {len(missing)} of {len(items)} videos have no label (first: {missing[0]}); "
+            "fine-tuning and evaluation need 'path label' list lines or class sub-folders"
+        )
 
 
 def build_finetune_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) -> PretrainLoader:
@@ -49,8 +51,9 @@ def build_finetune_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
     if cfg.data.dataset != "synthetic":  # in-memory clips are labelled by the square's direction
         items = resolve_items(cfg, "train")
         require_labels(items, f"data.dataset={cfg.data.dataset} (train)")
-    return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg),
-                          augment="finetune")
+    return PretrainLoader(
+        cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg), augment="finetune"
+    )
 
 
 class EvalVideos(Dataset):
@@ -59,9 +62,16 @@ class EvalVideos(Dataset):
     def __init__(self, cfg: Config, items: list[VideoItem]) -> None:
         d, m = cfg.data, cfg.model
         self.items = items
-        self.kw = dict(length=m.num_frames, rate=d.sampling_rate, size=m.img_size, num_clips=d.eval_clips,
-                       num_crops=d.eval_crops, segments=d.segment_sampling, min_frames=d.min_frames,
-                       decoder=d.decoder)
+        self.kw = dict(
+            length=m.num_frames,
+            rate=d.sampling_rate,
+            size=m.img_size,
+            num_clips=d.eval_clips,
+            num_crops=d.eval_crops,
+            segments=d.segment_sampling,
+            min_frames=d.min_frames,
+            decoder=d.decoder,
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,15 +81,19 @@ class EvalVideos(Dataset):
         try:
             views = read_eval_views(item.path, **self.kw)  # (V, 3, T, S, S)
         except VideoReadError as e:
-            raise DataError(f"evaluation video {e.path}: {e.reason}; evaluation never replaces a video, "
-                            "so fix the file or remove it from the list") from None
+            raise DataError(
+                f"evaluation video {e.path}: {e.reason}; evaluation never replaces a video, "
+                "so fix the file or remove it from the list"
+            ) from None
         return {"views": views, "label": item.label, "index": index}
 
 
 def eval_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"views": torch.stack([s["views"] for s in samples]),
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
+    return {
+        "views": torch.stack([s["views"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+    }
 
 
 def build_eval_loader(cfg: Config, *, rank: int = 0, world_size: int = 1, split: str = "val") -> DataLoader:
@@ -92,10 +106,16 @@ def build_eval_loader(cfg: Config, *, rank: int = 0, world_size: int = 1, split:
     if not mine:
         raise DataError(f"{len(items)} {split} videos leave rank {rank} of {world_size} with none")
     workers = cfg.data.num_workers
-    return DataLoader(Subset(EvalVideos(cfg, items), mine), batch_size=cfg.data.batch_size, shuffle=False,
-                      collate_fn=eval_collate, num_workers=workers, pin_memory=wants_pinned_memory(cfg),
-                      prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
-                      worker_init_fn=init_worker if workers > 0 else None)
+    return DataLoader(
+        Subset(EvalVideos(cfg, items), mine),
+        batch_size=cfg.data.batch_size,
+        shuffle=False,
+        collate_fn=eval_collate,
+        num_workers=workers,
+        pin_memory=wants_pinned_memory(cfg),
+        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
+        worker_init_fn=init_worker if workers > 0 else None,
+    )
 
 
 __all__ = ["EvalVideos", "build_eval_loader", "build_finetune_loader", "eval_collate", "require_labels"]

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from mats_scale.config import IMAGENET_MEAN, IMAGENET_STD
 
 
-def textured_background(batch: int, height: int, width: int, generator: torch.Generator,
-                        cells: int = 8) -> torch.Tensor:
+def textured_background(
+    batch: int, height: int, width: int, generator: torch.Generator, cells: int = 8
+) -> torch.Tensor:
     """(B, 3, H, W) static texture: a random sinusoidal grating (orientation, period 6-24 px, colours)
     over smooth noise (bilinearly upsampled from a cells x cells lattice).
 
@@ -24,7 +25,9 @@ def textured_background(batch: int, height: int, width: int, generator: torch.Ge
     period = 6 + 18 * torch.rand(batch, generator=generator)
     ys = torch.arange(height, dtype=torch.float32)[None, :, None]
     xs = torch.arange(width, dtype=torch.float32)[None, None, :]
-    phase = (xs * angle.cos()[:, None, None] + ys * angle.sin()[:, None, None]) * (2 * torch.pi / period[:, None, None])
+    phase = (xs * angle.cos()[:, None, None] + ys * angle.sin()[:, None, None]) * (
+        2 * torch.pi / period[:, None, None]
+    )
     wave = 0.5 + 0.5 * torch.sin(phase)[:, None]  # (B, 1, H, W)
     c0, c1 = torch.rand(2, batch, 3, 1, 1, generator=generator)
     coarse = torch.rand(batch, 3, cells, cells, generator=generator)
@@ -38,8 +41,9 @@ def square_positions(num_frames: int, start: torch.Tensor, velocity: torch.Tenso
     return start[:, None, :].float() + t * velocity[:, None, :].float()
 
 
-def render_squares(background: torch.Tensor, positions: torch.Tensor, square: int,
-                   color: torch.Tensor) -> torch.Tensor:
+def render_squares(
+    background: torch.Tensor, positions: torch.Tensor, square: int, color: torch.Tensor
+) -> torch.Tensor:
     """Paint a square of side `square` at `positions` (B, T, 2) over a static background (B, 3, H, W).
 
     Returns (B, 3, T, H, W). Positions are rounded to pixels and may leave the frame partly.
@@ -55,8 +59,9 @@ def render_squares(background: torch.Tensor, positions: torch.Tensor, square: in
     return torch.where(inside[:, None], color[:, :, None, None, None], video)
 
 
-def moving_square_clips(batch: int, num_frames: int, size: int, generator: torch.Generator,
-                        square: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def moving_square_clips(
+    batch: int, num_frames: int, size: int, generator: torch.Generator, square: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of clips (B, 3, T, S, S) in [0, 1] and the square's top-left corners (B, T, 2).
 
     Each clip has its own texture, colour, start and velocity; the square stays inside the frame.

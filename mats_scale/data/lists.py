@@ -85,8 +85,10 @@ def read_list_file(list_path: str, root: str = "") -> VideoList:
     with open(list_path, "rb") as f:
         data = f.read()
     if b"\x00" in data:
-        raise ListFileError(f"list file {list_path!r}: no valid line: it is a binary file (NUL bytes), not a "
-                            "text list of videos ('path label' or 'path start_index total_frames' per line)")
+        raise ListFileError(
+            f"list file {list_path!r}: no valid line: it is a binary file (NUL bytes), not a "
+            "text list of videos ('path label' or 'path start_index total_frames' per line)"
+        )
     lines = []
     for lineno, raw in enumerate(data.splitlines(), 1):
         line = raw.decode("utf-8", "surrogateescape").strip()
@@ -100,8 +102,11 @@ def read_list_file(list_path: str, root: str = "") -> VideoList:
 
     kinds = [_kind(tokens) for _, _, tokens in lines]
     if all(k == 3 for k in kinds):
-        fmt = ("path_start_total" if all(tokens[-2] in ("0", "1") for _, _, tokens in lines)
-               else "folder_total_label")
+        fmt = (
+            "path_start_total"
+            if all(tokens[-2] in ("0", "1") for _, _, tokens in lines)
+            else "folder_total_label"
+        )
     else:
         fmt = "path_label"
     # The first line of each kind, to name it when a line does not fit the file's format.
@@ -110,13 +115,21 @@ def read_list_file(list_path: str, root: str = "") -> VideoList:
     for (lineno, line, tokens), kind in zip(lines, kinds, strict=True):
         if fmt == "path_label":
             if kind == 0:
-                _fail(list_path, lineno, line,
-                      "expected 'path label' with an integer label (or just 'path'), "
-                      "or 'path start_index total_frames' (VideoMAE V2)")
+                _fail(
+                    list_path,
+                    lineno,
+                    line,
+                    "expected 'path label' with an integer label (or just 'path'), "
+                    "or 'path start_index total_frames' (VideoMAE V2)",
+                )
             if kind == 3 and 2 in first:  # e.g. 'a.mp4 0 -1' among 'b.mp4 3' lines
-                _fail(list_path, lineno, line,
-                      f"three fields, but line {first[2]} has two: the file is read as "
-                      f"{FORMATS[fmt]}; use one format per file")
+                _fail(
+                    list_path,
+                    lineno,
+                    line,
+                    f"three fields, but line {first[2]} has two: the file is read as "
+                    f"{FORMATS[fmt]}; use one format per file",
+                )
             if kind == 1:
                 path, label = line, -1
             else:
@@ -128,8 +141,12 @@ def read_list_file(list_path: str, root: str = "") -> VideoList:
             if fmt == "path_start_total":
                 label, start, frames = -1, a, b
                 if frames == 0 or frames < -1:
-                    _fail(list_path, lineno, line,
-                          "total_frames must be > 0 (a rawframe folder) or -1 (a video)")
+                    _fail(
+                        list_path,
+                        lineno,
+                        line,
+                        "total_frames must be > 0 (a rawframe folder) or -1 (a video)",
+                    )
             else:
                 label, start, frames = b, -1, a
                 if frames <= 0:
@@ -170,7 +187,9 @@ def scan_folder(root: str) -> VideoList:
                 path = os.path.join(dirpath, name)
                 items.append(VideoItem(path, label_of(path)))
     if not items:
-        raise ListFileError(f"data.root={root!r}: no video files ({', '.join(VIDEO_EXTENSIONS)}) or rawframe "
-                            f"folders ({FRAME_TEMPLATE.format(1)}, ...) found")
+        raise ListFileError(
+            f"data.root={root!r}: no video files ({', '.join(VIDEO_EXTENSIONS)}) or rawframe "
+            f"folders ({FRAME_TEMPLATE.format(1)}, ...) found"
+        )
     items.source_format = f"folder scan ({len(items) - folders} video files, {folders} rawframe folders)"
     return items

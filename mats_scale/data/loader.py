@@ -57,7 +57,8 @@ import random
 import signal
 import weakref
 from collections import OrderedDict
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,10 +108,19 @@ def bundled_root(cfg: Config) -> str:
 
 
 # What a (possibly interrupted) generation leaves in its directory; anything else means foreign data.
-_GENERATED_NAMES = {".lock", "train", "val", "train.txt", "val.txt", "classes.txt", "meta.json", "meta.json.part"}
+_GENERATED_NAMES = {
+    ".lock",
+    "train",
+    "val",
+    "train.txt",
+    "val.txt",
+    "classes.txt",
+    "meta.json",
+    "meta.json.part",
+}
 
 
-def ensure_bundled(root: str, params: Optional[synth.SynthParams] = None, workers: int = 0) -> str:
+def ensure_bundled(root: str, params: synth.SynthParams | None = None, workers: int = 0) -> str:
     """Generate the bundled dataset into `root` unless it is complete; safe to call from every rank.
 
     An exclusive ``flock`` on ``root/.lock`` serialises the callers (no torch.distributed needed):
@@ -122,9 +132,11 @@ def ensure_bundled(root: str, params: Optional[synth.SynthParams] = None, worker
         return root
     foreign = sorted(set(os.listdir(root)) - _GENERATED_NAMES) if os.path.isdir(root) else []
     if foreign:  # never write sample videos into somebody's data directory
-        raise DataError(f"data.root={root!r} is not a bundled dataset (no meta.json, and it holds "
-                        f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): point data.root "
-                        "at an empty or new directory, or use data.dataset=list / folder for your videos")
+        raise DataError(
+            f"data.root={root!r} is not a bundled dataset (no meta.json, and it holds "
+            f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): point data.root "
+            "at an empty or new directory, or use data.dataset=list / folder for your videos"
+        )
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -164,7 +176,7 @@ class SkipStats:
     def __init__(self) -> None:
         self.reads = 0  # read attempts, including replacements
         self.skipped = 0  # failed read attempts (a bad file drawn twice counts twice)
-        self.bad_files: "OrderedDict[str, str]" = OrderedDict()  # path -> first reason, first seen first
+        self.bad_files: OrderedDict[str, str] = OrderedDict()  # path -> first reason, first seen first
 
     def update(self, events: Sequence[tuple[str, str]], reads: int) -> list[tuple[str, str]]:
         """Add one batch's events; returns the (path, reason) pairs of files not seen bad before."""
@@ -205,8 +217,9 @@ class PretrainClips(Dataset):
     ``num_sample`` augmented clips. Pure function of the item: no state changes between calls.
     `augment` picks the training view (:data:`AUGMENTS`); everything else is shared."""
 
-    def __init__(self, cfg: Config, items: Optional[list[VideoItem]], *, seed: int,
-                 augment: str = "pretrain") -> None:
+    def __init__(
+        self, cfg: Config, items: list[VideoItem] | None, *, seed: int, augment: str = "pretrain"
+    ) -> None:
         if augment not in AUGMENTS:
             raise ValueError(f"augment={augment!r}: allowed {', '.join(AUGMENTS)}")
         d, m = cfg.data, cfg.model
@@ -230,8 +243,11 @@ class PretrainClips(Dataset):
         # Adaptive frame selection: decode 2 * ceil(alpha * tau) candidates, keep tau pairs.
         self.frame_selection = cfg.masking.frame_selection
         self.frame_keep_ratio = cfg.masking.frame_keep_ratio
-        self.decode_frames = (candidate_frame_count(m.num_frames // 2, cfg.masking.frame_alpha)
-                              if self.frame_selection else m.num_frames)
+        self.decode_frames = (
+            candidate_frame_count(m.num_frames // 2, cfg.masking.frame_alpha)
+            if self.frame_selection
+            else m.num_frames
+        )
 
     def __len__(self) -> int:
         return SYNTHETIC_CLIPS if self.items is None else len(self.items)
@@ -242,8 +258,9 @@ class PretrainClips(Dataset):
             return segment_indices(n, self.decode_frames, gen)
         return clip_indices(n, self.decode_frames, self.rate, gen)
 
-    def _decode(self, index: int, gen: torch.Generator) -> tuple[torch.Tensor, list[int], int, torch.Tensor,
-                                                                    Optional[tuple[str, int]]]:
+    def _decode(
+        self, index: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, list[int], int, torch.Tensor, tuple[str, int] | None]:
         """(F, H, W, 3) uint8 frames of video `index` (F = T, or the frame-selection candidates), their
         frame numbers in the video, its label, the shot cuts (F-1,) bool left among the frames and the
         (path, cuts) event of a window limited to one shot (or None); VideoReadError if the video is
@@ -257,14 +274,16 @@ class PretrainClips(Dataset):
             no_cuts = torch.zeros(len(frames) - 1, dtype=torch.bool)
             return frames, list(range(self.decode_frames)), label, no_cuts, None
         item = self.items[index]
-        vr = open_video(item.path, min_frames=self.min_frames, start=item.start, frames=item.frames,
-                        decoder=self.decoder)
+        vr = open_video(
+            item.path, min_frames=self.min_frames, start=item.start, frames=item.frames, decoder=self.decoder
+        )
         ids = self._frame_indices(len(vr), gen)
         frames = read_frames(vr, ids, item.path)
         if not self.shot_cuts:
             return frames, ids, item.label, torch.zeros(len(ids) - 1, dtype=torch.bool), None
-        frames, ids, met, cuts = limit_to_shot(frames, ids, lambda n: self._frame_indices(n, gen),
-                                               lambda new: read_frames(vr, new, item.path))
+        frames, ids, met, cuts = limit_to_shot(
+            frames, ids, lambda n: self._frame_indices(n, gen), lambda new: read_frames(vr, new, item.path)
+        )
         return frames, ids, item.label, cuts, (item.path, met) if met else None
 
     def __getitem__(self, work: tuple[int, int, int]) -> dict[str, Any]:
@@ -283,32 +302,63 @@ class PretrainClips(Dataset):
             if self.frame_selection:
                 # Once per video, on the decoded candidates (before cropping), so the num_sample clips
                 # of a video share their frames as in VideoMAE V2's repeated sampling.
-                keep = select_frames(frames.permute(3, 0, 1, 2), self.num_frames // 2,
-                                     make_generator(_SELECT, self.seed, epoch, pos, attempt),
-                                     patch=self.patch, keep_ratio=self.frame_keep_ratio, cuts=cuts)
+                keep = select_frames(
+                    frames.permute(3, 0, 1, 2),
+                    self.num_frames // 2,
+                    make_generator(_SELECT, self.seed, epoch, pos, attempt),
+                    patch=self.patch,
+                    keep_ratio=self.frame_keep_ratio,
+                    cuts=cuts,
+                )
                 frames, ids = frames[keep], [ids[k] for k in keep.tolist()]  # (T, H, W, 3), T numbers
                 cuts = cuts_between(cuts, keep)
-            clips = [self.augment(frames, self.size, make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
-                                  flip=self.flip, normalize=self.normalize)
-                     for r in range(self.num_sample)]
+            clips = [
+                self.augment(
+                    frames,
+                    self.size,
+                    make_generator(_SPATIAL, self.seed, epoch, pos, attempt, r),
+                    flip=self.flip,
+                    normalize=self.normalize,
+                )
+                for r in range(self.num_sample)
+            ]
             video = torch.stack(clips)  # (S, 3, T, H, W) uint8, or float32 normalised
-            return self._sample(video, label, index, ids, skipped, attempt + 1, failed=False, cuts=cuts,
-                                cut=cut)
+            return self._sample(
+                video, label, index, ids, skipped, attempt + 1, failed=False, cuts=cuts, cut=cut
+            )
         # Every attempt failed: the main process raises DataError on this flag (with the file list).
-        video = torch.zeros(self.num_sample, 3, self.num_frames, self.size, self.size,
-                            dtype=torch.float32 if self.normalize else torch.uint8)
+        video = torch.zeros(
+            self.num_sample,
+            3,
+            self.num_frames,
+            self.size,
+            self.size,
+            dtype=torch.float32 if self.normalize else torch.uint8,
+        )
         return self._sample(video, -1, index, [0] * self.num_frames, skipped, MAX_ATTEMPTS, failed=True)
 
-    def _sample(self, video, label, index, frame_ids, skipped, reads, failed, cuts=None,
-                cut=None) -> dict[str, Any]:
+    def _sample(
+        self, video, label, index, frame_ids, skipped, reads, failed, cuts=None, cut=None
+    ) -> dict[str, Any]:
         S = video.shape[0]
-        out = {"video": video, "label": torch.full((S,), label, dtype=torch.int64),
-               "index": torch.full((S,), index, dtype=torch.int64),
-               "frame_index": torch.tensor(frame_ids, dtype=torch.int64).expand(S, -1),
-               "skipped": skipped, "reads": reads, "failed": int(failed), "shot_cuts": [cut] if cut else []}
+        out = {
+            "video": video,
+            "label": torch.full((S,), label, dtype=torch.int64),
+            "index": torch.full((S,), index, dtype=torch.int64),
+            "frame_index": torch.tensor(frame_ids, dtype=torch.int64).expand(S, -1),
+            "skipped": skipped,
+            "reads": reads,
+            "failed": int(failed),
+            "shot_cuts": [cut] if cut else [],
+        }
         if self.loader_score is not None:
-            scores = loader_motion_scores(self.loader_score, _score_units(video), self.tubelet, self.patch,
-                                          None if cuts is None else cuts.expand(S, -1))
+            scores = loader_motion_scores(
+                self.loader_score,
+                _score_units(video),
+                self.tubelet,
+                self.patch,
+                None if cuts is None else cuts.expand(S, -1),
+            )
             if scores is not None:
                 out["scores"] = scores
         return out
@@ -325,8 +375,9 @@ def _score_units(video: torch.Tensor) -> torch.Tensor:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate per-video samples (each S clips) into one batch of B = videos * S clips."""
-    out: dict[str, Any] = {k: torch.cat([s[k] for s in samples])
-                           for k in ("video", "label", "index", "frame_index")}
+    out: dict[str, Any] = {
+        k: torch.cat([s[k] for s in samples]) for k in ("video", "label", "index", "frame_index")
+    }
     if "scores" in samples[0]:
         out["scores"] = torch.cat([s["scores"] for s in samples])
     out["skipped"] = [e for s in samples for e in s["skipped"]]
@@ -341,7 +392,9 @@ class EpochBatches:
     """Batch sampler: this rank's work items of one epoch, from batch `start` on (mutable: the
     loader sets epoch/start before each pass; persistent workers re-read it on every pass)."""
 
-    def __init__(self, num_items: int, *, rank: int, world_size: int, videos_per_batch: int, seed: int) -> None:
+    def __init__(
+        self, num_items: int, *, rank: int, world_size: int, videos_per_batch: int, seed: int
+    ) -> None:
         self.num_items, self.rank, self.world_size = num_items, rank, world_size
         self.videos_per_batch, self.seed = videos_per_batch, seed
         self.epoch, self.start = 0, 0
@@ -353,13 +406,15 @@ class EpochBatches:
         return self.batches_per_epoch() - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        order = torch.randperm(self.num_items, generator=make_generator(_ORDER, self.seed, self.epoch)).tolist()
+        order = torch.randperm(
+            self.num_items, generator=make_generator(_ORDER, self.seed, self.epoch)
+        ).tolist()
         per_rank = math.ceil(self.num_items / self.world_size)
         # Global positions of this rank (round-robin); positions past the end wrap (padding).
         positions = range(self.rank, per_rank * self.world_size, self.world_size)
         vpb = self.videos_per_batch
         for b in range(self.start, self.batches_per_epoch()):
-            yield [(self.epoch, p, order[p % self.num_items]) for p in positions[b * vpb:(b + 1) * vpb]]
+            yield [(self.epoch, p, order[p % self.num_items]) for p in positions[b * vpb : (b + 1) * vpb]]
 
 
 def init_worker(worker_id: int) -> None:
@@ -393,7 +448,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
-def explain_worker_failure(e: BaseException, rank: int = 0) -> Optional[str]:
+def explain_worker_failure(e: BaseException, rank: int = 0) -> str | None:
     """One line for torch's "DataLoader worker (pid N) is killed by signal ..." errors (raised by its SIGCHLD
     handler anywhere in the main process), else None."""
     text = str(e).strip()
@@ -402,7 +457,7 @@ def explain_worker_failure(e: BaseException, rank: int = 0) -> Optional[str]:
     return f"a data loader worker of rank {rank} died: {text.splitlines()[0].rstrip('. ')}; stopping"
 
 
-_LOADERS: "weakref.WeakSet[PretrainLoader]" = weakref.WeakSet()
+_LOADERS: weakref.WeakSet[PretrainLoader] = weakref.WeakSet()
 
 
 @atexit.register
@@ -417,8 +472,16 @@ def _kill_workers_at_exit() -> None:
 class PretrainLoader:
     """Iterable over pre-training batches with epoch/position state; see the module doc."""
 
-    def __init__(self, cfg: Config, items: Optional[list[VideoItem]], *, rank: int, world_size: int,
-                 pin_memory: bool = False, augment: str = "pretrain") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        items: list[VideoItem] | None,
+        *,
+        rank: int,
+        world_size: int,
+        pin_memory: bool = False,
+        augment: str = "pretrain",
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         d = cfg.data
@@ -429,28 +492,40 @@ class PretrainLoader:
         self.num_items = len(self.dataset)
         self.min_reads = min(MIN_READS, self.num_items)
         videos_per_batch = d.batch_size // d.num_sample
-        self.sampler = EpochBatches(self.num_items, rank=rank, world_size=world_size,
-                                    videos_per_batch=videos_per_batch, seed=cfg.train.seed)
+        self.sampler = EpochBatches(
+            self.num_items,
+            rank=rank,
+            world_size=world_size,
+            videos_per_batch=videos_per_batch,
+            seed=cfg.train.seed,
+        )
         if self.sampler.batches_per_epoch() == 0:
-            raise DataError(f"{self.num_items} videos over {world_size} ranks give no full batch of "
-                            f"{videos_per_batch} videos (data.batch_size={d.batch_size}, "
-                            f"data.num_sample={d.num_sample}): add videos or lower the batch size")
+            raise DataError(
+                f"{self.num_items} videos over {world_size} ranks give no full batch of "
+                f"{videos_per_batch} videos (data.batch_size={d.batch_size}, "
+                f"data.num_sample={d.num_sample}): add videos or lower the batch size"
+            )
         workers = d.num_workers
         self.loader = DataLoader(
-            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-            pin_memory=pin_memory, persistent_workers=workers > 0,
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
             prefetch_factor=d.prefetch_factor if workers > 0 else None,
             worker_init_fn=init_worker if workers > 0 else None,
             # Own generator: worker seeds never consume the trainer's global torch RNG, so a resumed
             # run's RNG stream matches an uninterrupted one.
-            generator=make_generator(_WORKER, cfg.train.seed, rank))
+            generator=make_generator(_WORKER, cfg.train.seed, rank),
+        )
         self.skip_stats = SkipStats()
         self.cut_stats = CutStats()
         self.epoch, self.batch = 0, 0
         self.defer_stop = False
         """True: a bad-data stop does not raise; it is kept in :attr:`stop_error` and the batch is still
         returned, so the trainer can agree on the stop with the other ranks at the end of the step."""
-        self.stop_error: Optional[DataError] = None
+        self.stop_error: DataError | None = None
         _LOADERS.add(self)
 
     def __len__(self) -> int:
@@ -531,10 +606,15 @@ class PretrainLoader:
         too_many = st.reads >= self.min_reads and st.fraction > self.max_bad_fraction
         if batch["failed"] or too_many:
             listed = "\n".join(f"  {p}: {r}" for p, r in st.first_bad())
-            why = (f"{MAX_ATTEMPTS} reads in a row failed for one sample" if batch["failed"] else
-                   f"more than data.max_bad_fraction={self.max_bad_fraction} of the reads failed")
-            raise DataError(f"too many bad videos: {st.skipped} of {st.reads} reads failed "
-                            f"({len(st.bad_files)} distinct files); {why}. First bad files:\n{listed}")
+            why = (
+                f"{MAX_ATTEMPTS} reads in a row failed for one sample"
+                if batch["failed"]
+                else f"more than data.max_bad_fraction={self.max_bad_fraction} of the reads failed"
+            )
+            raise DataError(
+                f"too many bad videos: {st.skipped} of {st.reads} reads failed "
+                f"({len(st.bad_files)} distinct files); {why}. First bad files:\n{listed}"
+            )
 
     def _account_cuts(self, events: Sequence[tuple[str, int]]) -> None:
         """Count the windows that met a shot cut; log the first videos by name, then a count each time
@@ -544,17 +624,31 @@ class PretrainLoader:
             if len(cs.videos) <= MAX_LISTED_BAD:
                 log.info("shot cut in %s: %d cut(s) in the clip window, limited to one shot", path, n)
         if cs.windows.bit_length() > before.bit_length():
-            log.info("shot cuts: %d clip windows limited to one shot so far (%d cuts, %d videos)",
-                     cs.windows, cs.cuts, len(cs.videos))
+            log.info(
+                "shot cuts: %d clip windows limited to one shot so far (%d cuts, %d videos)",
+                cs.windows,
+                cs.cuts,
+                len(cs.videos),
+            )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "num_items": self.num_items,
-                "world_size": self.world_size, "batch_size": self.cfg.data.batch_size,
-                "skip_stats": self.skip_stats.state_dict(), "cut_stats": self.cut_stats.state_dict()}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "num_items": self.num_items,
+            "world_size": self.world_size,
+            "batch_size": self.cfg.data.batch_size,
+            "skip_stats": self.skip_stats.state_dict(),
+            "cut_stats": self.cut_stats.state_dict(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue at batch `sd['batch']` of epoch `sd['epoch']`; refuses a different data layout."""
-        mine = {"num_items": self.num_items, "world_size": self.world_size, "batch_size": self.cfg.data.batch_size}
+        mine = {
+            "num_items": self.num_items,
+            "world_size": self.world_size,
+            "batch_size": self.cfg.data.batch_size,
+        }
         theirs = {k: sd.get(k) for k in mine}
         if theirs != mine:
             raise DataError(f"cannot resume the data position: saved with {theirs}, this run has {mine}")
@@ -579,6 +673,16 @@ def build_pretrain_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) ->
     return PretrainLoader(cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg))
 
 
-__all__ = ["DataError", "ListFileError", "PretrainLoader", "SkipStats", "build_pretrain_loader", "init_worker",
-           "explain_worker_failure",
-           "bundled_root", "ensure_bundled", "resolve_items", "wants_pinned_memory"]
+__all__ = [
+    "DataError",
+    "ListFileError",
+    "PretrainLoader",
+    "SkipStats",
+    "build_pretrain_loader",
+    "init_worker",
+    "explain_worker_failure",
+    "bundled_root",
+    "ensure_bundled",
+    "resolve_items",
+    "wants_pinned_memory",
+]

@@ -139,14 +139,19 @@ class _Encoder:
             s = self.out.add_stream("libx264", rate=self.rate)
             s.width, s.height = self.size
             s.pix_fmt, s.thread_count = "yuv420p", 1
-            options = {"crf": str(self.opts.crf), "preset": self.opts.preset, "g": str(self.opts.gop),
-                       "threads": "1"}
+            options = {
+                "crf": str(self.opts.crf),
+                "preset": self.opts.preset,
+                "g": str(self.opts.gop),
+                "threads": "1",
+            }
             if self.opts.tune:
                 options["tune"] = self.opts.tune
             s.options = options
             self.stream = s
-        img = self.reformatter.reformat(frame, width=self.size[0], height=self.size[1], format="yuv420p",
-                                        interpolation=self.interpolation)
+        img = self.reformatter.reformat(
+            frame, width=self.size[0], height=self.size[1], format="yuv420p", interpolation=self.interpolation
+        )
         for _ in range(count):
             img.pts, img.time_base = self.written, 1 / self.rate  # frame numbers on the output grid
             for packet in self.stream.encode(img):
@@ -191,8 +196,10 @@ def _lists(src_root: str, list_files: Sequence[str]) -> dict[str, list[VideoItem
         name = os.path.basename(lf)
         if name in out or name in (REPORT, META):
             raise ValueError(f"--list {lf!r}: two list files named {name!r} (or a reserved name)")
-        out[name] = [VideoItem(it.path if os.path.isabs(it.path) else os.path.join(src_root, it.path), it.label)
-                     for it in read_list_file(lf)]
+        out[name] = [
+            VideoItem(it.path if os.path.isabs(it.path) else os.path.join(src_root, it.path), it.label)
+            for it in read_list_file(lf)
+        ]
     return out
 
 
@@ -202,10 +209,15 @@ def _check_meta(dst_root: str, opts: PrepareOptions) -> None:
         with open(path) as f:
             saved = json.load(f).get("options")
         if saved != asdict(opts):
-            diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-                             for k, v in asdict(opts).items() if saved and saved.get(k) != v)
-            raise ValueError(f"{dst_root} was prepared with other options: {diff or saved}; "
-                             "rerun with the same options to resume, or use a new DST")
+            diff = ", ".join(
+                f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+                for k, v in asdict(opts).items()
+                if saved and saved.get(k) != v
+            )
+            raise ValueError(
+                f"{dst_root} was prepared with other options: {diff or saved}; "
+                "rerun with the same options to resume, or use a new DST"
+            )
     with open(path + ".part", "w") as f:
         json.dump({"options": asdict(opts)}, f, indent=1)
     os.replace(path + ".part", path)
@@ -217,8 +229,15 @@ def _write_atomic(path: str, lines: list[str]) -> None:
     os.replace(path + ".part", path)
 
 
-def prepare(src_root: str, dst_root: str, opts: PrepareOptions = PrepareOptions(), *,
-            list_files: Sequence[str] = (), workers: int = 0, progress: bool = True) -> dict:
+def prepare(
+    src_root: str,
+    dst_root: str,
+    opts: PrepareOptions = PrepareOptions(),
+    *,
+    list_files: Sequence[str] = (),
+    workers: int = 0,
+    progress: bool = True,
+) -> dict:
     """Re-encode SRC into DST (see the module doc); returns counts and the failures."""
     opts.check()
     if not os.path.isdir(src_root):
@@ -239,8 +258,14 @@ def prepare(src_root: str, dst_root: str, opts: PrepareOptions = PrepareOptions(
     t0 = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(total=len(jobs), initial=done_before, desc="prepare", unit="video", disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=len(jobs),
+        initial=done_before,
+        desc="prepare",
+        unit="video",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         if workers > 1 and len(todo) > 1:
             with get_context("fork").Pool(min(workers, len(todo))) as pool:
                 for src, reason in pool.imap_unordered(_job, todo):
@@ -256,14 +281,23 @@ def prepare(src_root: str, dst_root: str, opts: PrepareOptions = PrepareOptions(
     # The report lists this run's failures (a rerun retries them); the lists name what exists.
     _write_atomic(os.path.join(dst_root, REPORT), [f"{s}\t{r}\n" for s, r in sorted(failed.items())])
     for name, items in lists.items():
-        lines = [f"{os.path.relpath(jobs[it.path], dst_root)} {it.label}\n" for it in items
-                 if os.path.isfile(jobs[it.path])]
+        lines = [
+            f"{os.path.relpath(jobs[it.path], dst_root)} {it.label}\n"
+            for it in items
+            if os.path.isfile(jobs[it.path])
+        ]
         _write_atomic(os.path.join(dst_root, name), lines)
     if not list_files:
         classes = sorted(d for d in os.listdir(src_root) if os.path.isdir(os.path.join(src_root, d)))
         _write_atomic(os.path.join(dst_root, "classes.txt"), [f"{i} {c}\n" for i, c in enumerate(classes)])
-    return {"videos": len(jobs), "encoded": len(todo) - len(failed), "already_done": done_before,
-            "failed": failed, "seconds": round(time.perf_counter() - t0, 2), "lists": sorted(lists)}
+    return {
+        "videos": len(jobs),
+        "encoded": len(todo) - len(failed),
+        "already_done": done_before,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "lists": sorted(lists),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,8 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mats_scale.data.prepare", description=__doc__.split("\n")[0])
     ap.add_argument("src", help="source directory (scanned, or the root of the --list paths)")
     ap.add_argument("dst", help="output directory (created; rerun to resume)")
-    ap.add_argument("--list", action="append", default=[], dest="lists",
-                    help="VideoMAE list file of videos under SRC (repeatable); default: scan SRC")
+    ap.add_argument(
+        "--list",
+        action="append",
+        default=[],
+        dest="lists",
+        help="VideoMAE list file of videos under SRC (repeatable); default: scan SRC",
+    )
     ap.add_argument("--short-side", type=int, default=d.short_side, help="scale the short side down to this")
     ap.add_argument("--fps", type=float, default=d.fps, help="output frame rate; 0 keeps the source's")
     ap.add_argument("--gop", type=int, default=d.gop, help="keyframe at least every N frames")
@@ -290,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ListFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{r['videos']} videos: {r['encoded']} encoded, {r['already_done']} already done, "
-          f"{len(r['failed'])} failed, in {r['seconds']} s -> {a.dst} ({', '.join(r['lists'])})")
+    print(
+        f"{r['videos']} videos: {r['encoded']} encoded, {r['already_done']} already done, "
+        f"{len(r['failed'])} failed, in {r['seconds']} s -> {a.dst} ({', '.join(r['lists'])})"
+    )
     for src, reason in sorted(r["failed"].items())[:10]:
         print(f"  failed: {src}: {reason}")
     if r["failed"]:

@@ -35,8 +35,9 @@ class FrameFolder:
         if start < 0:
             found = [i for i in (0, 1) if os.path.isfile(self._file_at(i))]
             if not found:
-                raise VideoReadError(path, f"rawframe folder without {FRAME_TEMPLATE.format(0)} or "
-                                           f"{FRAME_TEMPLATE.format(1)}")
+                raise VideoReadError(
+                    path, f"rawframe folder without {FRAME_TEMPLATE.format(0)} or {FRAME_TEMPLATE.format(1)}"
+                )
             start = found[0]
         self.start = start
         if frames < 0:

@@ -47,16 +47,23 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
-from typing import Optional, Sequence
 
 import numpy as np
 
 CLASSES = (
-    "right_slow", "left_slow", "up_slow", "down_slow",
-    "right_fast", "left_fast", "up_fast", "down_fast",
-    "circle_cw", "circle_ccw",
+    "right_slow",
+    "left_slow",
+    "up_slow",
+    "down_slow",
+    "right_fast",
+    "left_fast",
+    "up_fast",
+    "down_fast",
+    "circle_cw",
+    "circle_ccw",
 )
 _DIRECTIONS = {"right": 0.0, "left": math.pi, "up": -math.pi / 2, "down": math.pi / 2}  # image y points down
 SLOW_SPEED = (0.8, 1.3)  # px per frame
@@ -105,8 +112,10 @@ class SynthParams:
     def check(self) -> None:
         """Raise ValueError naming the (CLI) option for values the motion classes do not fit in."""
         if self.num_train < 0 or self.num_val < 0 or self.fps < 1:
-            raise ValueError(f"--num-train={self.num_train} --num-val={self.num_val} --fps={self.fps}: "
-                             "counts must be >= 0 and fps >= 1")
+            raise ValueError(
+                f"--num-train={self.num_train} --num-val={self.num_val} --fps={self.fps}: "
+                "counts must be >= 0 and fps >= 1"
+            )
         if self.frames < 8:
             raise ValueError(f"--frames={self.frames}: must be >= 8")
         if self.height % 2 or self.width % 2:
@@ -114,8 +123,10 @@ class SynthParams:
         side = 2 * (RADIUS[1] + 2)
         need = max(side + FAST_SPEED[1] * (self.frames - 1), side + 2 * ORBIT[0])
         if min(self.height, self.width) < need:
-            raise ValueError(f"--height={self.height} --width={self.width}: an object at the fast speed "
-                             f"over --frames={self.frames} needs both >= {math.ceil(need)} px")
+            raise ValueError(
+                f"--height={self.height} --width={self.width}: an object at the fast speed "
+                f"over --frames={self.frames} needs both >= {math.ceil(need)} px"
+            )
         if not 0.0 <= self.pan <= MAX_PAN:
             raise ValueError(f"--pan={self.pan}: must be in [0, {MAX_PAN}] px per frame")
         if not 0.0 <= self.zoom <= MAX_ZOOM:
@@ -171,7 +182,9 @@ def _draw_spec(params: SynthParams, rng: np.random.Generator) -> tuple[ClipSpec,
         cx = rng.uniform(margin + orbit, W - margin - orbit)
         phase = rng.uniform(0, 2 * math.pi)
         # Clockwise on screen (y down) means increasing angle.
-        centers = np.stack([cy + orbit * np.sin(phase + omega * t), cx + orbit * np.cos(phase + omega * t)], 1)
+        centers = np.stack(
+            [cy + orbit * np.sin(phase + omega * t), cx + orbit * np.cos(phase + omega * t)], 1
+        )
     else:
         direction, band = name.split("_")
         speed = rng.uniform(*(SLOW_SPEED if band == "slow" else FAST_SPEED))
@@ -193,8 +206,12 @@ def _effects_rng(params: SynthParams, split: str, index: int, stream: int = 1) -
 
 def _soft_box(ys: np.ndarray, xs: np.ndarray, y0: float, x0: float, h: float, w: float) -> np.ndarray:
     """(H, W) coverage of an axis-aligned box with 2 px linear edges (coarse, not aliased)."""
-    return (np.clip((ys - y0) / 2, 0, 1) * np.clip((y0 + h - ys) / 2, 0, 1)
-            * np.clip((xs - x0) / 2, 0, 1) * np.clip((x0 + w - xs) / 2, 0, 1))
+    return (
+        np.clip((ys - y0) / 2, 0, 1)
+        * np.clip((y0 + h - ys) / 2, 0, 1)
+        * np.clip((xs - x0) / 2, 0, 1)
+        * np.clip((x0 + w - xs) / 2, 0, 1)
+    )
 
 
 @dataclass(frozen=True)
@@ -214,8 +231,9 @@ class SceneRecipe:
 def draw_scene(height: int, width: int, rng: np.random.Generator) -> SceneRecipe:
     """Draw a scene's parameters (in the order the bundled dataset always drew them)."""
     base = rng.uniform(0.3, 1.0, 3).astype(np.float32)
-    gratings = tuple((rng.uniform(0, 2 * math.pi), rng.uniform(64, 128), rng.uniform(0, 2 * math.pi))
-                     for _ in range(3))  # one low-frequency grating per channel
+    gratings = tuple(
+        (rng.uniform(0, 2 * math.pi), rng.uniform(64, 128), rng.uniform(0, 2 * math.pi)) for _ in range(3)
+    )  # one low-frequency grating per channel
     boxes = []
     for _ in range(2):
         h, w = rng.uniform(24, 64, 2)
@@ -224,8 +242,9 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> SceneRecipe
     a = math.pi / 2 + rng.uniform(-LIGHT_JITTER, LIGHT_JITTER)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     d = xs * math.cos(a) + ys * math.sin(a)
-    return SceneRecipe(height, width, base, gratings, tuple(boxes), a, (d.min(), d.max()),
-                       rng.uniform(*LIGHT_STRENGTH))
+    return SceneRecipe(
+        height, width, base, gratings, tuple(boxes), a, (d.min(), d.max()), rng.uniform(*LIGHT_STRENGTH)
+    )
 
 
 def scene_at(recipe: SceneRecipe, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +304,9 @@ def render(spec: ClipSpec, albedo: np.ndarray, light: np.ndarray, color: np.ndar
     return out
 
 
-def _composite(frame: np.ndarray, light: np.ndarray, spec: ClipSpec, cy: float, cx: float,
-               color: np.ndarray) -> np.ndarray:
+def _composite(
+    frame: np.ndarray, light: np.ndarray, spec: ClipSpec, cy: float, cx: float, color: np.ndarray
+) -> np.ndarray:
     """The object (albedo `color` x 255, lit by `light`) over a lit frame (H, W, 3) float32 -> uint8."""
     H, W, _ = frame.shape
     box = int(math.ceil(spec.radius * math.sqrt(2))) + 2
@@ -328,8 +348,9 @@ def value_noise(fx: np.random.Generator, lo: np.ndarray, hi: np.ndarray):
     return f
 
 
-def render_shot(params: SynthParams, spec: ClipSpec, rng: np.random.Generator,
-                fx: np.random.Generator) -> np.ndarray:
+def render_shot(
+    params: SynthParams, spec: ClipSpec, rng: np.random.Generator, fx: np.random.Generator
+) -> np.ndarray:
     """(frames, H, W, 3) uint8 of one shot with the camera / texture options: the scene (drawn from
     `rng`, then the object colour) seen through the camera of `fx` (then the texture); the object
     follows ``spec.centers`` on the screen."""
@@ -340,8 +361,12 @@ def render_shot(params: SynthParams, spec: ClipSpec, rng: np.random.Generator,
     ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
     cy, cx = (H - 1) / 2, (W - 1) / 2
     # Screen pixel (y, x) of frame i sees scene point c + (y - c) / scale_i + offset_i.
-    corners = [(cy + (y - cy) / z + o[0], cx + (x - cx) / z + o[1])
-               for z, o in zip(scale, offset, strict=True) for y in (0, H - 1) for x in (0, W - 1)]
+    corners = [
+        (cy + (y - cy) / z + o[0], cx + (x - cx) / z + o[1])
+        for z, o in zip(scale, offset, strict=True)
+        for y in (0, H - 1)
+        for x in (0, W - 1)
+    ]
     texture = value_noise(fx, np.min(corners, axis=0), np.max(corners, axis=0)) if params.texture else None
     out = np.empty((L, H, W, 3), np.uint8)
     for i in range(L):
@@ -364,7 +389,9 @@ def render_clip(params: SynthParams, split: str, index: int) -> tuple[np.ndarray
     frames = render_shot(params, spec, rng, _effects_rng(params, split, index, 3))
     if spec.cut:  # the second shot: its own object, scene and camera
         other, rng2 = _draw_spec(params, _effects_rng(params, split, index, 2))
-        frames[spec.cut:] = render_shot(params, other, rng2, _effects_rng(params, split, index, 4))[spec.cut:]
+        frames[spec.cut :] = render_shot(params, other, rng2, _effects_rng(params, split, index, 4))[
+            spec.cut :
+        ]
     return frames, spec
 
 
@@ -419,7 +446,7 @@ def relpath(split: str, index: int) -> str:
     return f"{split}/{index:06d}.mp4"
 
 
-def is_complete(out_dir: str, params: Optional[SynthParams] = None) -> bool:
+def is_complete(out_dir: str, params: SynthParams | None = None) -> bool:
     """True when meta.json exists (written last) and, if `params` is given, matches them."""
     meta = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(meta):
@@ -433,7 +460,9 @@ def is_complete(out_dir: str, params: Optional[SynthParams] = None) -> bool:
         return False
 
 
-def generate(out_dir: str, params: SynthParams = SynthParams(), workers: int = 2, verbose: bool = True) -> dict:
+def generate(
+    out_dir: str, params: SynthParams = SynthParams(), workers: int = 2, verbose: bool = True
+) -> dict:
     """Write the dataset (files, list files, meta.json last). Returns the meta dict."""
     t0 = time.perf_counter()
     params.check()
@@ -461,12 +490,15 @@ def generate(out_dir: str, params: SynthParams = SynthParams(), workers: int = 2
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
     if verbose:
-        print(f"wrote {params.num_train} + {params.num_val} clips ({params.frames} frames "
-              f"{params.height}x{params.width}, {params.codec}) to {out_dir} in {meta['seconds']} s", flush=True)
+        print(
+            f"wrote {params.num_train} + {params.num_val} clips ({params.frames} frames "
+            f"{params.height}x{params.width}, {params.codec}) to {out_dir} in {meta['seconds']} s",
+            flush=True,
+        )
     return meta
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     d = SynthParams()
     ap = argparse.ArgumentParser(prog="python -m mats_scale.data.synth", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
@@ -487,9 +519,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error(f"--workers={a.workers}: must be >= 1")
-    params = SynthParams(num_train=a.num_train, num_val=a.num_val, seed=a.seed, frames=a.frames,
-                         height=a.height, width=a.width, fps=a.fps, codec=a.codec, crf=a.crf,
-                         pan=a.pan, zoom=a.zoom, texture=a.texture, cut=a.cut)
+    params = SynthParams(
+        num_train=a.num_train,
+        num_val=a.num_val,
+        seed=a.seed,
+        frames=a.frames,
+        height=a.height,
+        width=a.width,
+        fps=a.fps,
+        codec=a.codec,
+        crf=a.crf,
+        pan=a.pan,
+        zoom=a.zoom,
+        texture=a.texture,
+        cut=a.cut,
+    )
     try:
         params.check()
     except ValueError as e:

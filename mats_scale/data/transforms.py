@@ -23,8 +23,9 @@ from mats_scale.config import IMAGENET_MEAN, IMAGENET_STD
 SCALES = (1.0, 0.875, 0.75, 0.66)
 
 
-def multiscale_crop_box(height: int, width: int, size: int, generator: torch.Generator,
-                        scales=SCALES, max_distort: int = 1) -> tuple[int, int, int, int]:
+def multiscale_crop_box(
+    height: int, width: int, size: int, generator: torch.Generator, scales=SCALES, max_distort: int = 1
+) -> tuple[int, int, int, int]:
     """(top, left, crop_h, crop_w) of a VideoMAE multi-scale crop in an H x W frame."""
     base = min(height, width)
     sides = [int(base * s) for s in scales]
@@ -35,7 +36,21 @@ def multiscale_crop_box(height: int, width: int, size: int, generator: torch.Gen
     ch, cw = min(ch, height), min(cw, width)
     hs, ws = (height - ch) // 4, (width - cw) // 4
     # 13 fixed offsets in quarter steps (y, x): corners, centre, edge midpoints, quarter points.
-    grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3), (3, 1), (3, 3)]
+    grid = [
+        (0, 0),
+        (0, 4),
+        (4, 0),
+        (4, 4),
+        (2, 2),
+        (2, 0),
+        (2, 4),
+        (4, 2),
+        (0, 2),
+        (1, 1),
+        (1, 3),
+        (3, 1),
+        (3, 3),
+    ]
     oy, ox = grid[int(torch.randint(len(grid), (1,), generator=generator))]
     return oy * hs, ox * ws, ch, cw
 
@@ -54,8 +69,9 @@ def resize_clip(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return TF.resize(clip, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
-def pretrain_augment(frames: torch.Tensor, size: int, generator: torch.Generator, *,
-                     flip: bool = True, normalize: bool = True) -> torch.Tensor:
+def pretrain_augment(
+    frames: torch.Tensor, size: int, generator: torch.Generator, *, flip: bool = True, normalize: bool = True
+) -> torch.Tensor:
     """Multi-scale crop + resize + random horizontal flip (if `flip`) + normalisation (if `normalize`).
 
     frames: (T, H, W, 3) uint8 -> (3, T, size, size) float32, or uint8 without `normalize`. All
@@ -63,7 +79,7 @@ def pretrain_augment(frames: torch.Tensor, size: int, generator: torch.Generator
     """
     T, H, W, _ = frames.shape
     top, left, ch, cw = multiscale_crop_box(H, W, size, generator)
-    clip = frames[:, top:top + ch, left:left + cw].permute(0, 3, 1, 2)  # (T, 3, ch, cw) uint8 view
+    clip = frames[:, top : top + ch, left : left + cw].permute(0, 3, 1, 2)  # (T, 3, ch, cw) uint8 view
     # Channels-last (the decoder's HWC layout): the crop copy keeps pixel order and torch's uint8
     # antialiased kernel runs on it directly; same pixels, ~25 % less CPU than a channels-first copy.
     clip = resize_clip(clip.contiguous(memory_format=torch.channels_last), (size, size))
@@ -94,7 +110,7 @@ def spatial_crops(clip: torch.Tensor, size: int, num_crops: int) -> list[torch.T
         offsets = [(cy, 0), (cy, cx), (cy, w - size)]
     else:
         offsets = [(0, cx), (cy, cx), (h - size, cx)]
-    return [clip[..., y:y + size, x:x + size] for y, x in offsets]
+    return [clip[..., y : y + size, x : x + size] for y, x in offsets]
 
 
 def eval_views(frames: torch.Tensor, size: int, num_crops: int = 1) -> torch.Tensor:
@@ -104,8 +120,9 @@ def eval_views(frames: torch.Tensor, size: int, num_crops: int = 1) -> torch.Ten
     return torch.stack([to_model_input(c) for c in spatial_crops(clip, size, num_crops)])
 
 
-def finetune_augment(frames: torch.Tensor, size: int, generator: torch.Generator, *,
-                     flip: bool = True, normalize: bool = True) -> torch.Tensor:
+def finetune_augment(
+    frames: torch.Tensor, size: int, generator: torch.Generator, *, flip: bool = True, normalize: bool = True
+) -> torch.Tensor:
     """Fine-tuning training view: short-side resize to size * 256/224 (VideoMAE), a random
     size x size crop, optional flip, normalisation -> (3, T, size, size) float32 (uint8 without
     `normalize`)."""
@@ -113,7 +130,7 @@ def finetune_augment(frames: torch.Tensor, size: int, generator: torch.Generator
     h, w = clip.shape[-2:]
     y = int(torch.randint(h - size + 1, (1,), generator=generator))
     x = int(torch.randint(w - size + 1, (1,), generator=generator))
-    clip = clip[..., y:y + size, x:x + size]
+    clip = clip[..., y : y + size, x : x + size]
     if flip and bool(torch.rand(1, generator=generator) < 0.5):
         clip = clip.flip(-1)
     return to_model_input(clip) if normalize else clip.permute(1, 0, 2, 3)

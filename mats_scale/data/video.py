@@ -55,7 +55,9 @@ def segment_indices(num_frames: int, length: int, generator: torch.Generator | N
     if generator is None:
         pos = (edges[:-1] + edges[1:]) / 2
     else:
-        pos = edges[:-1] + torch.rand(length, generator=generator, dtype=torch.float64).numpy() * np.diff(edges)
+        pos = edges[:-1] + torch.rand(length, generator=generator, dtype=torch.float64).numpy() * np.diff(
+            edges
+        )
     return [min(int(p), num_frames - 1) for p in pos]
 
 
@@ -153,8 +155,12 @@ class PyAVVideo:
         """Decode from the keyframe at or before `seek_pts` (None: the start) up to the last wanted
         frame, converting the wanted ones into `out`."""
         last = max(want)
-        self.container.seek(seek_pts if seek_pts is not None else self.pts[0], stream=self.stream,
-                            backward=True, any_frame=False)
+        self.container.seek(
+            seek_pts if seek_pts is not None else self.pts[0],
+            stream=self.stream,
+            backward=True,
+            any_frame=False,
+        )
         for frame in self.container.decode(self.stream):
             k = want.get(frame.pts)
             if k is not None and out[k] is None:
@@ -181,8 +187,17 @@ def _source(path: str):
         return open(path, "rb")  # noqa: SIM115 - closed by the reader
 
 
-def open_video(path: str, *, min_frames: int = 1, width: int = -1, height: int = -1, start: int = -1,
-               frames: int = -1, decoder: str = "decord", threads: int = 1):
+def open_video(
+    path: str,
+    *,
+    min_frames: int = 1,
+    width: int = -1,
+    height: int = -1,
+    start: int = -1,
+    frames: int = -1,
+    decoder: str = "decord",
+    threads: int = 1,
+):
     """A reader for `path` (``len()`` frames, :func:`read_frames`), or :class:`VideoReadError`
     naming the reason.
 
@@ -308,8 +323,9 @@ def _first_line(e: BaseException) -> str:
     return line[:160]
 
 
-def multi_clip_indices(num_frames: int, length: int, rate: int, num_clips: int,
-                       segments: bool = False) -> list[list[int]]:
+def multi_clip_indices(
+    num_frames: int, length: int, rate: int, num_clips: int, segments: bool = False
+) -> list[list[int]]:
     """Test-time temporal views: `num_clips` clips spread over the video (VideoMAE's ``test_num_segment``).
 
     Strided clips follow VideoMAE's test mode (``datasets/kinetics.py``, ``VideoClsDataset``): the buffer
@@ -324,8 +340,10 @@ def multi_clip_indices(num_frames: int, length: int, rate: int, num_clips: int,
     if segments:
         edges = np.linspace(0, num_frames, length + 1)
         width = np.diff(edges)
-        return [[min(int(edges[i] + width[i] * (c + 0.5) / num_clips), num_frames - 1) for i in range(length)]
-                for c in range(num_clips)]
+        return [
+            [min(int(edges[i] + width[i] * (c + 0.5) / num_clips), num_frames - 1) for i in range(length)]
+            for c in range(num_clips)
+        ]
     buffer = list(range(0, num_frames, rate))
     if len(buffer) < length:
         return [clip_indices(num_frames, length, rate, None)] * num_clips
@@ -335,17 +353,29 @@ def multi_clip_indices(num_frames: int, length: int, rate: int, num_clips: int,
     else:
         step = room / (num_clips - 1)
         starts = [int(c * step) for c in range(num_clips)]
-    return [buffer[s:s + length] for s in starts]
+    return [buffer[s : s + length] for s in starts]
 
 
-def read_eval_views(path: str, *, length: int, rate: int, size: int, num_clips: int = 1, num_crops: int = 1,
-                    segments: bool = False, min_frames: int = 1, decoder: str = "decord") -> torch.Tensor:
+def read_eval_views(
+    path: str,
+    *,
+    length: int,
+    rate: int,
+    size: int,
+    num_clips: int = 1,
+    num_crops: int = 1,
+    segments: bool = False,
+    min_frames: int = 1,
+    decoder: str = "decord",
+) -> torch.Tensor:
     """All test-time views of one video: (num_clips * num_crops, 3, T, size, size) float32,
     ImageNet-normalised (short-side resize, centre or three crops; clips outer, crops inner).
     Raises :class:`VideoReadError` for an unusable file (evaluation must not silently swap videos)."""
     from mats_scale.data.transforms import eval_views
 
     vr = open_video(path, min_frames=min_frames, decoder=decoder)
-    views = [eval_views(read_frames(vr, ids, path), size, num_crops)
-             for ids in multi_clip_indices(len(vr), length, rate, num_clips, segments)]
+    views = [
+        eval_views(read_frames(vr, ids, path), size, num_crops)
+        for ids in multi_clip_indices(len(vr), length, rate, num_clips, segments)
+    ]
     return torch.cat(views)

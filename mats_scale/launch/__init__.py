@@ -13,8 +13,14 @@ from mats_scale.cli import check_data_or_exit, load_or_exit
 from mats_scale.resources import DEFAULT_CONFIG, config_path
 
 
-def run_job(task: str, argv: Optional[list[str]] = None, *, prog: str, description: str,
-            default_config: Optional[str] = DEFAULT_CONFIG) -> int:
+def run_job(
+    task: str,
+    argv: list[str] | None = None,
+    *,
+    prog: str,
+    description: str,
+    default_config: str | None = DEFAULT_CONFIG,
+) -> int:
     """Parse ``[-h] [--config FILE|NAME] [--print-config] [key=value ...]`` (the shipped
     `default_config` when no --config), check the data lists, then run `task` on the generic Trainer.
     Exit status: 0 done, 1 run error, 2 bad command line or configuration."""

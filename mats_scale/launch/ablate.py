@@ -34,13 +34,15 @@ def grid_path(value: str) -> str:
     name = value.removesuffix(".yaml")
     if os.sep not in name and name in shipped_grids():
         return str(files("mats_scale") / GRID_DIR / f"{name}.yaml")
-    raise ConfigError(f"--grid={value!r}: no such file, nor a shipped grid "
-                      f"(shipped: {', '.join(shipped_grids())})")
+    raise ConfigError(
+        f"--grid={value!r}: no such file, nor a shipped grid (shipped: {', '.join(shipped_grids())})"
+    )
 
 
 def _report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="ablate.py report",
-                                description="Markdown tables and PNG plots of a sweep.")
+    p = argparse.ArgumentParser(
+        prog="ablate.py report", description="Markdown tables and PNG plots of a sweep."
+    )
     p.add_argument("results", help="a sweep's results.jsonl")
     p.add_argument("--out", default=None, help="output folder (default: next to the results)")
     args = p.parse_args(argv)
@@ -62,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return _report(argv[1:])
-    p = argparse.ArgumentParser(prog="ablate.py", description=__doc__.splitlines()[0],
-                                epilog="'ablate.py report RESULTS.jsonl' renders a finished sweep.")
+    p = argparse.ArgumentParser(
+        prog="ablate.py",
+        description=__doc__.splitlines()[0],
+        epilog="'ablate.py report RESULTS.jsonl' renders a finished sweep.",
+    )
     p.add_argument("--grid", required=True, help="grid YAML file or a shipped grid name")
     p.add_argument("--out", default=None, help="results folder (default runs/ablate/<grid name>)")
     p.add_argument("--retry-failed", action="store_true", help="re-run points recorded as failed")
@@ -79,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join("runs", "ablate", grid.name)
     if args.dry_run:
         for i, pt in enumerate(grid.points, 1):
-            print(f"[{i}/{len(grid.points)}] {pt.label}: measure {','.join(pt.measure)}; "
-                  f"{pt.run['launcher']} x {pt.run['nproc']}; {' '.join(pt.overrides)}")
+            print(
+                f"[{i}/{len(grid.points)}] {pt.label}: measure {','.join(pt.measure)}; "
+                f"{pt.run['launcher']} x {pt.run['nproc']}; {' '.join(pt.overrides)}"
+            )
         return 0
     from mats_scale.ablate.sweep import sweep
 

@@ -18,12 +18,10 @@ configuration.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from mats_scale.launch import run_job
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return run_job("pretrain", argv, prog="launchers/pretrain.py", description=__doc__)
 
 

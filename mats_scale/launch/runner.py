@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def _read(path: str) -> str:
@@ -37,7 +37,7 @@ def _children() -> dict[int, list[int]]:
         if entry.isdigit():
             stat = _read(f"/proc/{entry}/stat")
             if stat:
-                ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+                ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
                 tree.setdefault(ppid, []).append(int(entry))
     return tree
 
@@ -55,13 +55,14 @@ def local_ranks(runner_pid: int) -> list[int]:
     return ranks
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv],
-                              start_new_session=True)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", *argv], start_new_session=True
+    )
     stops = 0
 
     def on_signal(signum, frame) -> None:
@@ -77,8 +78,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if stops == 1 else signal.SIGINT)
-        print("stopping: the ranks save a checkpoint after the current step (Ctrl-C again: stop at once, "
-              "no save)" if stops == 1 else "stopping at once (no save)", file=sys.stderr, flush=True)
+        print(
+            "stopping: the ranks save a checkpoint after the current step (Ctrl-C again: stop at once, "
+            "no save)"
+            if stops == 1
+            else "stopping at once (no save)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

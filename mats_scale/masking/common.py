@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-
-from mats_scale.tokens import TokenGrid
 
 
 class Selection(NamedTuple):
@@ -14,10 +12,12 @@ class Selection(NamedTuple):
 
     visible_ids: torch.Tensor  # (B, Nv) int64: tokens the encoder sees
     target_ids: torch.Tensor  # (B, Nt) int64: positions the decoder predicts
-    target_weights: Optional[torch.Tensor] = None  # (B, Nt) float32 loss weights; None = all 1
+    target_weights: torch.Tensor | None = None  # (B, Nt) float32 loss weights; None = all 1
 
 
-def rand(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | None = None) -> torch.Tensor:
+def rand(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device | None = None
+) -> torch.Tensor:
     """Uniform [0, 1) noise drawn from `generator` (on its device), moved to `device` if given.
 
     Every random choice of the masking strategies goes through a generator, never the global RNG.

@@ -59,8 +59,9 @@ def translate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     gy = (2 * torch.arange(H, dtype=torch.float32) + 1) / H - 1
     gx = (2 * torch.arange(W, dtype=torch.float32) + 1) / W - 1
     sy, sx = (2 * shift[:, 0] / H)[:, None, None], (2 * shift[:, 1] / W)[:, None, None]
-    grid = torch.stack([(gx[None, None, :] - sx).expand(P, H, W),
-                        (gy[None, :, None] - sy).expand(P, H, W)], dim=-1)  # (P, H, W, 2) as (x, y)
+    grid = torch.stack(
+        [(gx[None, None, :] - sx).expand(P, H, W), (gy[None, :, None] - sy).expand(P, H, W)], dim=-1
+    )  # (P, H, W, 2) as (x, y)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -109,8 +110,9 @@ def _correlation_peaks(g: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([sy, sx], dim=-1)
 
 
-def _median_token_residual(prev: torch.Tensor, nxt: torch.Tensor, shift: torch.Tensor,
-                           block: int) -> torch.Tensor:
+def _median_token_residual(
+    prev: torch.Tensor, nxt: torch.Tensor, shift: torch.Tensor, block: int
+) -> torch.Tensor:
     """Median over blocks (tokens) of the mean absolute residual after the symmetric move by `shift`.
 
     prev, nxt: (P, 1, H, W); shift: (P, 2) -> (P,). Blocks less than half inside both moves are left out.
@@ -157,8 +159,15 @@ def _pool_to(x: torch.Tensor, side: int) -> tuple[torch.Tensor, int]:
     return (F.avg_pool2d(x, k) if k > 1 else x), k
 
 
-def global_shifts(video: torch.Tensor, tubelet: int, patch: int = 16, *, candidates: int = CANDIDATES,
-                  min_gain: float = MIN_GAIN, refine_steps: int = REFINE_STEPS) -> torch.Tensor:
+def global_shifts(
+    video: torch.Tensor,
+    tubelet: int,
+    patch: int = 16,
+    *,
+    candidates: int = CANDIDATES,
+    min_gain: float = MIN_GAIN,
+    refine_steps: int = REFINE_STEPS,
+) -> torch.Tensor:
     """Dominant translation between consecutive tubelets: (B, T'-1, 2) float32 (dy, dx) in pixels;
     content at x in tubelet t is at x + s in tubelet t+1 (0: no camera motion found). Steps 1-4 of
     the module doc. video: (B, C, T, H, W) float or uint8."""
@@ -192,9 +201,13 @@ def global_shifts(video: torch.Tensor, tubelet: int, patch: int = 16, *, candida
         return best.view(B, nt - 1, 2)
 
 
-def compensated_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
-                              cuts: torch.Tensor | None = None,
-                              shifts: torch.Tensor | None = None) -> torch.Tensor:
+def compensated_motion_scores(
+    video: torch.Tensor,
+    tubelet: int,
+    patch: int,
+    cuts: torch.Tensor | None = None,
+    shifts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-token residual after compensating the global translation: (B, N) float32, in the input's
     units like :func:`~mats_scale.masking.pixel_motion_scores` (equal to it where the shift is 0).
 
@@ -205,8 +218,9 @@ def compensated_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
         raise ValueError(f"compensated_motion_scores expects (B, C, T, H, W), got shape {tuple(video.shape)}")
     B, C, T, H, W = video.shape
     if T % tubelet or H % patch or W % patch:
-        raise ValueError(f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of "
-                         f"{tubelet}x{patch}x{patch}")
+        raise ValueError(
+            f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of {tubelet}x{patch}x{patch}"
+        )
     nt, nh, nw = T // tubelet, H // patch, W // patch
     if nt == 1:
         return torch.zeros(B, nh * nw)
@@ -224,8 +238,9 @@ def compensated_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
             y0, y1, x0, x1 = max(0, sy), min(H, H + sy), max(0, sx), min(W, W + sx)
             diff[b, :, t] = 0.0  # the strip the camera reveals or hides scores 0
             if y0 < y1 and x0 < x1:
-                diff[b, :, t, :, y0 - ay:y1 - ay, x0 - ax:x1 - ax] = (
-                    v[b, :, t + 1, :, y0:y1, x0:x1] - v[b, :, t, :, y0 - sy:y1 - sy, x0 - sx:x1 - sx])
+                diff[b, :, t, :, y0 - ay : y1 - ay, x0 - ax : x1 - ax] = (
+                    v[b, :, t + 1, :, y0:y1, x0:x1] - v[b, :, t, :, y0 - sy : y1 - sy, x0 - sx : x1 - sx]
+                )
         d2 = diff.reshape(B, C, nt - 1, tubelet, nh, patch, nw, patch).square().sum(dim=(1, 3, 5, 7))
         d = d2.sqrt().flatten(2)  # (B, T'-1, H'W')
         return fill_from_transitions(d, None if cuts is None else valid_transitions(cuts, tubelet))

@@ -24,7 +24,9 @@ def candidate_frame_count(num_pairs: int, alpha: float) -> int:
     return PAIR * max(num_pairs, math.ceil(alpha * num_pairs - 1e-9))
 
 
-def weighted_sample_without_replacement(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def weighted_sample_without_replacement(
+    weights: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
     """k distinct indices of `weights` (P,) >= 0, drawn one after another with p_i = w_i / sum(w)
     over those not drawn yet (what multinomial without replacement does).
 
@@ -44,8 +46,9 @@ def weighted_sample_without_replacement(weights: torch.Tensor, k: int, generator
     return perm[order[:k]]
 
 
-def pair_motion_counts(candidates: torch.Tensor, patch: int, keep_ratio: float,
-                       cuts: torch.Tensor | None = None) -> torch.Tensor:
+def pair_motion_counts(
+    candidates: torch.Tensor, patch: int, keep_ratio: float, cuts: torch.Tensor | None = None
+) -> torch.Tensor:
     """c_i: high-motion tokens per candidate pair, (P,) int64.
 
     candidates: (C, F, H, W), F even; the frame is cropped to whole patches (top-left). A token is
@@ -57,7 +60,7 @@ def pair_motion_counts(candidates: torch.Tensor, patch: int, keep_ratio: float,
     C, F, H, W = candidates.shape
     if F % PAIR:
         raise ValueError(f"candidate frames: need an even count (pairs of {PAIR}), got {F}")
-    if H < patch or W < patch:
+    if patch > H or patch > W:
         raise ValueError(f"candidate frames of {H}x{W} are smaller than one {patch}x{patch} patch")
     video = candidates[None, :, :, : H - H % patch, : W - W % patch]  # (1, C, F, H', W') whole patches
     scores = pixel_motion_scores(video, PAIR, patch, None if cuts is None else cuts[None])
@@ -67,8 +70,15 @@ def pair_motion_counts(candidates: torch.Tensor, patch: int, keep_ratio: float,
     return ((scores >= threshold) & (scores > 0)).sum(dim=1)
 
 
-def select_frames(candidates: torch.Tensor, num_pairs: int, generator: torch.Generator, *, patch: int,
-                  keep_ratio: float, cuts: torch.Tensor | None = None) -> torch.Tensor:
+def select_frames(
+    candidates: torch.Tensor,
+    num_pairs: int,
+    generator: torch.Generator,
+    *,
+    patch: int,
+    keep_ratio: float,
+    cuts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Adaptive frame selection for ONE video.
 
     candidates: (C, 2 * alpha * tau, H, W) decoded candidate frames, uint8 or float; tau = num_pairs.
@@ -82,8 +92,10 @@ def select_frames(candidates: torch.Tensor, num_pairs: int, generator: torch.Gen
         raise ValueError(f"frame selection keep_ratio={keep_ratio!r}: must be in (0, 1]")
     num_candidates = candidates.shape[1] // PAIR
     if num_pairs < 1 or num_pairs > num_candidates:
-        raise ValueError(f"select_frames: num_pairs={num_pairs} must be in 1..{num_candidates} "
-                         f"(the {candidates.shape[1]} candidate frames hold {num_candidates} pairs)")
+        raise ValueError(
+            f"select_frames: num_pairs={num_pairs} must be in 1..{num_candidates} "
+            f"(the {candidates.shape[1]} candidate frames hold {num_candidates} pairs)"
+        )
     counts = pair_motion_counts(candidates, patch, keep_ratio, cuts)
     pairs = weighted_sample_without_replacement(counts, num_pairs, generator).sort().values  # (tau,)
     return (pairs[:, None] * PAIR + torch.arange(PAIR, device=pairs.device)).flatten()

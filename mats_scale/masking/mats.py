@@ -24,7 +24,9 @@ def top_motion(scores: torch.Tensor, n: int, generator: torch.Generator) -> torc
     return perm.gather(1, order)
 
 
-def mats_selection(scores: torch.Tensor, ratio: float, keep_ratio: float, generator: torch.Generator) -> Selection:
+def mats_selection(
+    scores: torch.Tensor, ratio: float, keep_ratio: float, generator: torch.Generator
+) -> Selection:
     """MATS pre-training selection from motion scores (B, N); visible (B, n_vis) and targets
     (B, n_keep - n_vis), both ascending, on the scores' device."""
     if scores.dim() != 2:
@@ -37,8 +39,14 @@ def mats_selection(scores: torch.Tensor, ratio: float, keep_ratio: float, genera
     return Selection(sorted_ids(kept[:, :n_vis]), sorted_ids(kept[:, n_vis:]))
 
 
-def mats_dual_selection(grid: TokenGrid, scores: torch.Tensor, ratio: float, keep_ratio: float,
-                        decoder_ratio: float, generator: torch.Generator) -> Selection:
+def mats_dual_selection(
+    grid: TokenGrid,
+    scores: torch.Tensor,
+    ratio: float,
+    keep_ratio: float,
+    decoder_ratio: float,
+    generator: torch.Generator,
+) -> Selection:
     """MATS + running-cell dual masking (ours): fixed counts, lean decoder.
 
     The exact rule, in the order random numbers are drawn from `generator`:

@@ -57,8 +57,9 @@ def fill_from_transitions(d: torch.Tensor, valid: torch.Tensor | None) -> torch.
     return out.flatten(1)
 
 
-def pixel_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
-                        cuts: torch.Tensor | None = None) -> torch.Tensor:
+def pixel_motion_scores(
+    video: torch.Tensor, tubelet: int, patch: int, cuts: torch.Tensor | None = None
+) -> torch.Tensor:
     """L2 distance between the raw pixels of the same patch in consecutive tubelets: (B, N) float32.
 
     video: (B, C, T, H, W), float or uint8 (scores then in the input's units; only their order
@@ -69,8 +70,9 @@ def pixel_motion_scores(video: torch.Tensor, tubelet: int, patch: int,
         raise ValueError(f"pixel_motion_scores expects (B, C, T, H, W), got shape {tuple(video.shape)}")
     B, C, T, H, W = video.shape
     if T % tubelet or H % patch or W % patch:
-        raise ValueError(f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of "
-                         f"{tubelet}x{patch}x{patch}")
+        raise ValueError(
+            f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of {tubelet}x{patch}x{patch}"
+        )
     nt, nh, nw = T // tubelet, H // patch, W // patch
     with torch.no_grad():
         v = video.float().reshape(B, C, nt, tubelet, nh, patch, nw, patch)

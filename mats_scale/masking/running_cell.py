@@ -18,8 +18,6 @@ Given the encoder's visible ids, :func:`dual_masking` builds the decoder side in
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from mats_scale.masking.common import Selection, TokenGrid, ids_to_mask
@@ -30,6 +28,7 @@ from mats_scale.tokens import (  # noqa: F401 - counts are torch-free, re-export
     decoder_kept_count,
     lean_target_range,
 )
+
 
 def draw_phases(batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """One phase in 0..3 per clip: (B,) int64 on the generator's device."""
@@ -49,8 +48,14 @@ def running_cell_drop(grid: TokenGrid, ratio: float, phases: torch.Tensor) -> to
     return (queue_pos < k).flatten(1)  # q[i] = 1 (dropped) iff i < k
 
 
-def dual_masking(grid: TokenGrid, visible_ids: torch.Tensor, decoder_ratio: float, mode: str,
-                 phases: torch.Tensor, num_targets: Optional[int] = None) -> Selection:
+def dual_masking(
+    grid: TokenGrid,
+    visible_ids: torch.Tensor,
+    decoder_ratio: float,
+    mode: str,
+    phases: torch.Tensor,
+    num_targets: int | None = None,
+) -> Selection:
     """Decoder side of dual masking for an encoder selection `visible_ids` (B, Nv).
 
     reference: targets = every decoder-kept position (B, K) ascending, weights 1 where the encoder

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,8 +35,13 @@ def selection_counts(cfg: MaskingConfig, grid: TokenGrid) -> tuple[int, int]:
     return tokens.selection_counts(cfg, grid)
 
 
-def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generator: torch.Generator,
-                  scores: Optional[torch.Tensor] = None) -> Selection:
+def select_tokens(
+    cfg: MaskingConfig,
+    grid: TokenGrid,
+    batch_size: int,
+    generator: torch.Generator,
+    scores: torch.Tensor | None = None,
+) -> Selection:
     """Visible / target ids (and loss weights) for one batch, as `cfg` says.
 
     `scores` (B, N) motion scores are required for ``mats`` (embed_motion_scores or
@@ -48,8 +53,10 @@ def select_tokens(cfg: MaskingConfig, grid: TokenGrid, batch_size: int, generato
         if scores is None:
             raise ValueError("masking.strategy=mats needs motion scores (B, N)")
         if scores.shape != (batch_size, grid.num_tokens):
-            raise ValueError(f"MATS scores of shape {tuple(scores.shape)}, expected "
-                             f"({batch_size}, {grid.num_tokens}) for the grid {grid}")
+            raise ValueError(
+                f"MATS scores of shape {tuple(scores.shape)}, expected "
+                f"({batch_size}, {grid.num_tokens}) for the grid {grid}"
+            )
         if cfg.decoder == "running_cell":
             return mats_dual_selection(grid, scores, cfg.ratio, cfg.keep_ratio, cfg.decoder_ratio, generator)
         return mats_selection(scores, cfg.ratio, cfg.keep_ratio, generator)
@@ -74,8 +81,9 @@ LOADER_SCORES = ("pixel", "compensated")
 """``masking.score`` values the data loader computes (no model needed)."""
 
 
-def loader_motion_scores(score: str, video: torch.Tensor, tubelet: int, patch: int,
-                         cuts: torch.Tensor | None = None) -> torch.Tensor | None:
+def loader_motion_scores(
+    score: str, video: torch.Tensor, tubelet: int, patch: int, cuts: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``masking.score`` computed without the model, (B, N): ``pixel_motion_scores`` (pixel) or
     ``compensated_motion_scores`` (compensated) of `video` (B, C, T, H, W), not counting differences
     across the shot cuts (B, T-1) if given; None for a score that needs the model (embed)."""

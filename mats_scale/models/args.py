@@ -8,7 +8,6 @@ are properties, never restated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from mats_scale.errors import check_choice, check_positive, fail
 from mats_scale.models.sizes import SIZES, ViTSize
@@ -28,9 +27,9 @@ class ModelArgs:
     """Square input resolution (H = W)."""
     tubelet_size: int = 2
     """Frames per tubelet (t)."""
-    patch_size: Optional[int] = None
+    patch_size: int | None = None
     """Spatial patch size p; None takes the size's default (16, or 14 for g)."""
-    decoder_depth: Optional[int] = None
+    decoder_depth: int | None = None
     """Decoder blocks; None takes the size's default (4)."""
     drop_path: float = 0.0
     """Stochastic depth rate, linearly increasing over the encoder blocks."""
@@ -51,8 +50,11 @@ class ModelArgs:
         if not 0.0 <= self.drop_path < 1.0:
             fail("model.drop_path", self.drop_path, "must be in [0, 1)")
         if self.num_frames % self.tubelet_size:
-            fail("model.num_frames", self.num_frames,
-                 f"must be divisible by model.tubelet_size={self.tubelet_size}")
+            fail(
+                "model.num_frames",
+                self.num_frames,
+                f"must be divisible by model.tubelet_size={self.tubelet_size}",
+            )
         if self.img_size % self.patch:
             fail("model.img_size", self.img_size, f"must be divisible by the patch size {self.patch}")
 
@@ -71,7 +73,11 @@ class ModelArgs:
     @property
     def grid(self) -> tuple[int, int, int]:
         """Token grid (T', H', W') = (T/t, H/p, W/p)."""
-        return (self.num_frames // self.tubelet_size, self.img_size // self.patch, self.img_size // self.patch)
+        return (
+            self.num_frames // self.tubelet_size,
+            self.img_size // self.patch,
+            self.img_size // self.patch,
+        )
 
     @property
     def num_tokens(self) -> int:

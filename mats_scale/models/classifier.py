@@ -45,23 +45,38 @@ NORM_EPS = 1e-6
 
 
 class VideoClassifier(InitMixin, nn.Module):
-    def __init__(self, cfg: ModelArgs, num_classes: int, *, head_drop: float = 0.0, init_scale: float = 0.001,
-                 learned_pos: bool = False, init_state: dict[str, torch.Tensor] | None = None,
-                 in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        cfg: ModelArgs,
+        num_classes: int,
+        *,
+        head_drop: float = 0.0,
+        init_scale: float = 0.001,
+        learned_pos: bool = False,
+        init_state: dict[str, torch.Tensor] | None = None,
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         arch = cfg.arch
         self.tubelet_size, self.patch_size = cfg.tubelet_size, cfg.patch
         self.num_tokens, self.embed_dim = cfg.num_tokens, arch.embed_dim
         self.init_scale = init_scale
-        self.patch_embed = PatchEmbed3D(in_chans=in_chans, embed_dim=arch.embed_dim,
-                                        tubelet_size=cfg.tubelet_size, patch_size=cfg.patch)
+        self.patch_embed = PatchEmbed3D(
+            in_chans=in_chans, embed_dim=arch.embed_dim, tubelet_size=cfg.tubelet_size, patch_size=cfg.patch
+        )
         if learned_pos:
             self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_tokens, arch.embed_dim))
         else:  # fixed sin-cos table (N, D), filled by reset_buffers()
             self.register_buffer("pos_embed", torch.empty(cfg.num_tokens, arch.embed_dim), persistent=False)
         self.blocks = nn.ModuleList(
-            Block(dim=arch.embed_dim, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, drop_path=dpr,
-                  fused_attn=cfg.attn_impl == "sdpa", norm_eps=NORM_EPS)
+            Block(
+                dim=arch.embed_dim,
+                num_heads=arch.num_heads,
+                mlp_dim=arch.mlp_dim,
+                drop_path=dpr,
+                fused_attn=cfg.attn_impl == "sdpa",
+                norm_eps=NORM_EPS,
+            )
             for dpr in drop_path_rates(cfg.drop_path, arch.depth)
         )
         self.fc_norm = nn.LayerNorm(arch.embed_dim, eps=NORM_EPS)
@@ -137,14 +152,21 @@ class VideoClassifier(InitMixin, nn.Module):
         return self.head(self.fc_dropout(self.features(video, ids)))
 
 
-def classifier_spec(cfg: ModelArgs, num_classes: int, *, head_drop: float = 0.0, learned_pos: bool = False,
-                    init_state: dict[str, torch.Tensor] | None = None) -> ModelSpec:
+def classifier_spec(
+    cfg: ModelArgs,
+    num_classes: int,
+    *,
+    head_drop: float = 0.0,
+    learned_pos: bool = False,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> ModelSpec:
     """The classifier as the engines see it: encoder blocks (the only block group), patch embedding as
     its own unit (motion scores call it alone)."""
     return ModelSpec(
         name=f"classifier-{cfg.size}",
-        build=lambda: VideoClassifier(cfg, num_classes, head_drop=head_drop, learned_pos=learned_pos,
-                                      init_state=init_state),
+        build=lambda: VideoClassifier(
+            cfg, num_classes, head_drop=head_drop, learned_pos=learned_pos, init_state=init_state
+        ),
         block_types=(Block,),
         block_groups=lambda m: {"encoder": m.blocks},
         extra_units=lambda m: [m.patch_embed],
@@ -152,6 +174,7 @@ def classifier_spec(cfg: ModelArgs, num_classes: int, *, head_drop: float = 0.0,
     )
 
 
-def build_classifier(cfg: ModelArgs, num_classes: int, *, device: torch.device | str | None = None,
-                     init: bool = True, **kw) -> VideoClassifier:
+def build_classifier(
+    cfg: ModelArgs, num_classes: int, *, device: torch.device | str | None = None, init: bool = True, **kw
+) -> VideoClassifier:
     return build_model(classifier_spec(cfg, num_classes, **kw), device, init=init)

@@ -90,14 +90,22 @@ class PatchEmbed3D(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and q/v-only bias (VideoMAE naming)."""
 
-    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, fused_attn: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
@@ -131,8 +139,17 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(attn(LN(x))), x + DropPath(mlp(LN(x)))."""
 
-    def __init__(self, *, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True,
-                 drop_path: float = 0.0, fused_attn: bool = True, norm_eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+        norm_eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, fused_attn=fused_attn)
@@ -171,5 +188,15 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
 
 
-__all__ = ["Attention", "Block", "PatchEmbed3D", "TubeletConv", "drop_path_rates", "gather_patches",
-           "gather_tokens", "init_vit_module", "patchify", "sincos_table"]
+__all__ = [
+    "Attention",
+    "Block",
+    "PatchEmbed3D",
+    "TubeletConv",
+    "drop_path_rates",
+    "gather_patches",
+    "gather_tokens",
+    "init_vit_module",
+    "patchify",
+    "sincos_table",
+]

@@ -54,8 +54,10 @@ class InitReport:
 
     def lines(self) -> str:
         aside = ", ".join(f"{n} {why}" for why, n in self.set_aside.items()) or "none"
-        text = (f"init from {self.source}: loaded {self.loaded} tensors; missing (initialised fresh): "
-                f"{', '.join(self.fresh) or 'none'}; unexpected: none; set aside: {aside}")
+        text = (
+            f"init from {self.source}: loaded {self.loaded} tensors; missing (initialised fresh): "
+            f"{', '.join(self.fresh) or 'none'}; unexpected: none; set aside: {aside}"
+        )
         if self.interpolated:
             text += f"; {self.interpolated}"
         return text
@@ -69,8 +71,10 @@ def unwrap(obj: Any, what: str = "checkpoint") -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise InitError(f"{what}: not a state dict (expected tensors at the top level or under "
-                        "'model', 'module' or 'state_dict')")
+        raise InitError(
+            f"{what}: not a state dict (expected tensors at the top level or under "
+            "'model', 'module' or 'state_dict')"
+        )
     return dict(obj)
 
 
@@ -80,12 +84,13 @@ def strip_prefixes(key: str) -> str:
         changed = False
         for p in PREFIXES:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key
 
 
-def interpolate_pos(table: torch.Tensor, src_grid: tuple[int, int, int],
-                    dst_grid: tuple[int, int, int]) -> torch.Tensor:
+def interpolate_pos(
+    table: torch.Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]
+) -> torch.Tensor:
     """Learned table (1, T*H*W, D) on `src_grid` -> (1, T'*H'*W', D) on `dst_grid` (trilinear)."""
     D = table.shape[-1]
     x = table.reshape(1, *src_grid, D).permute(0, 4, 1, 2, 3).float()  # (1, D, T, H, W)
@@ -106,8 +111,14 @@ def guess_grid(num_tokens: int, like: tuple[int, int, int]) -> tuple[int, int, i
     return None
 
 
-def map_state(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], grid: tuple[int, int, int], *,
-              source: str, drop_head: bool = False) -> tuple[dict[str, torch.Tensor], InitReport]:
+def map_state(
+    sd: dict[str, torch.Tensor],
+    model_sd: dict[str, torch.Tensor],
+    grid: tuple[int, int, int],
+    *,
+    source: str,
+    drop_head: bool = False,
+) -> tuple[dict[str, torch.Tensor], InitReport]:
     """Map a checkpoint onto the classifier's state `model_sd` (names -> tensors or meta tensors of the
     target shapes); see the module doc for the rules. Returns the tensors to copy and the report."""
     report = InitReport(source)
@@ -117,7 +128,7 @@ def map_state(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], gr
         key = strip_prefixes(raw)
         for p in ("backbone.", "encoder."):
             if key.startswith(p):
-                key = key[len(p):]
+                key = key[len(p) :]
                 break
         if raw.startswith(DECODER_KEYS) or strip_prefixes(raw).startswith(DECODER_KEYS):
             report.set_aside["pre-training decoder"] += 1
@@ -134,8 +145,10 @@ def map_state(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], gr
                 if torch.allclose(table.float(), sincos_table(*table.shape), atol=1e-4):
                     report.set_aside["fixed sin-cos pos_embed (rebuilt)"] += 1
                     continue
-                raise InitError(f"{source}: brings a learned pos_embed {tuple(value.shape)}; the model uses "
-                                "the fixed sin-cos table: set finetune.learned_pos=true to load it")
+                raise InitError(
+                    f"{source}: brings a learned pos_embed {tuple(value.shape)}; the model uses "
+                    "the fixed sin-cos table: set finetune.learned_pos=true to load it"
+                )
             want = model_sd["pos_embed"].shape
             value = table[None]
             if value.shape != want:
@@ -181,7 +194,7 @@ def export_videomae(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
         key = strip_prefixes(raw)
         if key.startswith(DECODER_KEYS):
             continue
-        key = key[len("encoder."):] if key.startswith("encoder.") else key
+        key = key[len("encoder.") :] if key.startswith("encoder.") else key
         if key in ("norm.weight", "norm.bias"):
             continue
         out[key] = value

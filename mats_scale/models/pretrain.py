@@ -17,12 +17,15 @@ on the ``meta`` device or under ``deepspeed.zero.Init`` and filled afterwards, m
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mats_scale.masking.motion import embed_motion_scores
+from mats_scale.masking.select import loader_motion_scores
+from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
 from mats_scale.models.layers import (
     Block,
     PatchEmbed3D,
@@ -31,9 +34,6 @@ from mats_scale.models.layers import (
     init_vit_module,
     sincos_table,
 )
-from mats_scale.masking.motion import embed_motion_scores
-from mats_scale.masking.select import loader_motion_scores
-from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
 from mats_scale.models.spec import InitMixin, ModelSpec, build_model
 
 NORM_EPS = 1e-6
@@ -64,11 +64,18 @@ class VideoEncoder(nn.Module):
         super().__init__()
         arch = cfg.arch
         self.embed_dim = arch.embed_dim
-        self.patch_embed = PatchEmbed3D(in_chans=in_chans, embed_dim=arch.embed_dim,
-                                        tubelet_size=cfg.tubelet_size, patch_size=cfg.patch)
+        self.patch_embed = PatchEmbed3D(
+            in_chans=in_chans, embed_dim=arch.embed_dim, tubelet_size=cfg.tubelet_size, patch_size=cfg.patch
+        )
         self.blocks = nn.ModuleList(
-            Block(dim=arch.embed_dim, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, drop_path=dpr,
-                  fused_attn=cfg.attn_impl == "sdpa", norm_eps=NORM_EPS)
+            Block(
+                dim=arch.embed_dim,
+                num_heads=arch.num_heads,
+                mlp_dim=arch.mlp_dim,
+                drop_path=dpr,
+                fused_attn=cfg.attn_impl == "sdpa",
+                norm_eps=NORM_EPS,
+            )
             for dpr in drop_path_rates(cfg.drop_path, arch.depth)
         )
         self.norm = nn.LayerNorm(arch.embed_dim, eps=NORM_EPS)
@@ -91,8 +98,13 @@ class VideoDecoder(nn.Module):
         super().__init__()
         arch = cfg.arch
         self.blocks = nn.ModuleList(
-            Block(dim=arch.decoder_dim, num_heads=arch.decoder_heads, mlp_dim=arch.decoder_mlp_dim,
-                  fused_attn=cfg.attn_impl == "sdpa", norm_eps=NORM_EPS)
+            Block(
+                dim=arch.decoder_dim,
+                num_heads=arch.decoder_heads,
+                mlp_dim=arch.decoder_mlp_dim,
+                fused_attn=cfg.attn_impl == "sdpa",
+                norm_eps=NORM_EPS,
+            )
             for _ in range(cfg.decoder_blocks)
         )
         self.norm = nn.LayerNorm(arch.decoder_dim, eps=NORM_EPS)
@@ -112,14 +124,15 @@ class PretrainVideoMAE(InitMixin, nn.Module):
         self.in_chans = in_chans
         self.tubelet_size, self.patch_size = cfg.tubelet_size, cfg.patch
         self.norm_pix_loss = cfg.norm_pix_loss
-        self.out_dim = in_chans * cfg.tubelet_size * cfg.patch ** 2
+        self.out_dim = in_chans * cfg.tubelet_size * cfg.patch**2
 
         self.encoder = VideoEncoder(cfg, in_chans)
         self.encoder_to_decoder = nn.Linear(arch.embed_dim, arch.decoder_dim, bias=False)
         self.mask_token = nn.Parameter(torch.empty(1, 1, arch.decoder_dim))
         self.decoder = VideoDecoder(cfg, self.out_dim)
-        self.register_buffer("decoder_pos_embed", torch.empty(cfg.num_tokens, arch.decoder_dim),
-                             persistent=False)
+        self.register_buffer(
+            "decoder_pos_embed", torch.empty(cfg.num_tokens, arch.decoder_dim), persistent=False
+        )
         # Per-channel input statistics, shaped to broadcast over (B, n, C, t*p*p) patches.
         self.register_buffer("pixel_mean", torch.empty(in_chans, 1), persistent=False)
         self.register_buffer("pixel_std", torch.empty(in_chans, 1), persistent=False)
@@ -129,8 +142,9 @@ class PretrainVideoMAE(InitMixin, nn.Module):
     def reset_buffers(self) -> None:
         """(Re)compute the non-persistent buffers, e.g. after ``to_empty`` from ``meta``."""
         self.encoder.reset_buffers()
-        self.decoder_pos_embed.copy_(sincos_table(*self.decoder_pos_embed.shape,
-                                                  device=self.decoder_pos_embed.device))
+        self.decoder_pos_embed.copy_(
+            sincos_table(*self.decoder_pos_embed.shape, device=self.decoder_pos_embed.device)
+        )
         self.pixel_mean.copy_(torch.tensor(IMAGENET_MEAN[: self.in_chans])[:, None])
         self.pixel_std.copy_(torch.tensor(IMAGENET_STD[: self.in_chans])[:, None])
 
@@ -155,8 +169,13 @@ class PretrainVideoMAE(InitMixin, nn.Module):
             return embed_motion_scores(self.encoder.patch_embed, video)
         return loader_motion_scores(score, video, self.tubelet_size, self.patch_size)
 
-    def forward(self, video: torch.Tensor, visible_ids: torch.Tensor, target_ids: torch.Tensor,
-                target_weights: Optional[torch.Tensor] = None) -> PretrainOutput:
+    def forward(
+        self,
+        video: torch.Tensor,
+        visible_ids: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_weights: torch.Tensor | None = None,
+    ) -> PretrainOutput:
         B = video.shape[0]
         t, p = self.tubelet_size, self.patch_size
 
@@ -197,8 +216,9 @@ def pretrain_spec(cfg: ModelArgs) -> ModelSpec:
     )
 
 
-def build_pretrain_model(cfg: ModelArgs, *, device: torch.device | str | None = None,
-                         init: bool = True) -> PretrainVideoMAE:
+def build_pretrain_model(
+    cfg: ModelArgs, *, device: torch.device | str | None = None, init: bool = True
+) -> PretrainVideoMAE:
     """:func:`~mats_scale.models.spec.build_model` of :func:`pretrain_spec` (meta, then `device`)."""
     return build_model(pretrain_spec(cfg), device, init=init)
 

@@ -28,18 +28,31 @@ class ViTSize:
 
 
 SIZES: dict[str, ViTSize] = {
-    "debug": ViTSize(embed_dim=64, depth=2, num_heads=2, mlp_dim=128, patch_size=16, decoder_dim=32,
-                     decoder_heads=2, decoder_depth=1),
-    "S": ViTSize(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16, decoder_dim=192,
-                 decoder_heads=3),
-    "B": ViTSize(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16, decoder_dim=384,
-                 decoder_heads=6),
-    "L": ViTSize(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=16, decoder_dim=512,
-                 decoder_heads=8),
-    "H": ViTSize(embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=16, decoder_dim=512,
-                 decoder_heads=8),
-    "g": ViTSize(embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144, patch_size=14, decoder_dim=512,
-                 decoder_heads=8),
+    "debug": ViTSize(
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_dim=128,
+        patch_size=16,
+        decoder_dim=32,
+        decoder_heads=2,
+        decoder_depth=1,
+    ),
+    "S": ViTSize(
+        embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16, decoder_dim=192, decoder_heads=3
+    ),
+    "B": ViTSize(
+        embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16, decoder_dim=384, decoder_heads=6
+    ),
+    "L": ViTSize(
+        embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=16, decoder_dim=512, decoder_heads=8
+    ),
+    "H": ViTSize(
+        embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=16, decoder_dim=512, decoder_heads=8
+    ),
+    "g": ViTSize(
+        embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144, patch_size=14, decoder_dim=512, decoder_heads=8
+    ),
 }
 
 

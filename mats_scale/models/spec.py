@@ -9,8 +9,8 @@ file imports a distributed library: the model stays free of parallelism (STYLE.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -77,7 +77,9 @@ def build_zero3_model(spec: ModelSpec, env: DistEnv, ds_config: dict) -> nn.Modu
 
 
 def resolved_ds_config(cfg: Config, env: DistEnv) -> dict:
-    ds, _ = resolve_ds_config(cfg, env.world_size, bf16=env.amp_dtype is not None, cuda=env.device.type == "cuda")
+    ds, _ = resolve_ds_config(
+        cfg, env.world_size, bf16=env.amp_dtype is not None, cuda=env.device.type == "cuda"
+    )
     return ds
 
 
@@ -108,10 +110,7 @@ class DeepSpeedEngine:
         self.stage = cfg.parallel.zero_stage
         self.name = self.describe(cfg)
         ds_config = resolved_ds_config(cfg, env)
-        if self.stage == 3:
-            model = build_zero3_model(spec, env, ds_config)
-        else:
-            model = build_model(spec, env.device)
+        model = build_zero3_model(spec, env, ds_config) if self.stage == 3 else build_model(spec, env.device)
         apply_checkpoint_policy(model, spec, cfg.parallel)
         if self.stage == 3:
             mark_zero3_leaf_modules(model, spec.block_types)
@@ -119,13 +118,17 @@ class DeepSpeedEngine:
         if cfg.parallel.offload_optimizer and env.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            self.optimizer = DeepSpeedCPUAdam(optimizer_groups(model, cfg.optim),
-                                              lr=peak_lr(cfg.optim, batch), betas=tuple(cfg.optim.betas),
-                                              adamw_mode=True)
+            self.optimizer = DeepSpeedCPUAdam(
+                optimizer_groups(model, cfg.optim),
+                lr=peak_lr(cfg.optim, batch),
+                betas=tuple(cfg.optim.betas),
+                adamw_mode=True,
+            )
         else:
             self.optimizer = build_adamw(model, cfg.optim, batch)
-        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
-                                                dist_init_required=False)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_config, dist_init_required=False
+        )
         self.module: nn.Module = self.ds.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self._drop_update = False
@@ -172,9 +175,11 @@ class DeepSpeedEngine:
         norm = float(norm) if norm is not None else float("nan")
         applied = self.ds.was_step_applied()
         if skip and applied:
-            raise RuntimeError(f"DeepSpeed ZeRO-{self.stage} applied an update although the loss was "
-                               "non-finite "
-                               f"(grad norm {norm}); refusing to continue with possibly corrupted weights")
+            raise RuntimeError(
+                f"DeepSpeed ZeRO-{self.stage} applied an update although the loss was "
+                "non-finite "
+                f"(grad norm {norm}); refusing to continue with possibly corrupted weights"
+            )
         return StepResult(norm, applied)
 
     def zero_grad(self) -> None:
@@ -204,8 +209,9 @@ class DeepSpeedEngine:
 
     def load(self, path: str) -> None:
         parent, tag = os.path.split(os.path.normpath(path))
-        loaded, _ = self.ds.load_checkpoint(parent, tag=tag, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
+        loaded, _ = self.ds.load_checkpoint(
+            parent, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if loaded is None:
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
 
@@ -218,6 +224,7 @@ class DeepSpeedEngine:
             parent, tag = os.path.split(os.path.normpath(path))
             sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
         else:
-            sd = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)["module"]
+            sd = torch.load(
+                os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
+            )["module"]
         return {k: v.float() for k, v in strip_wrapper_prefix(sd).items()}

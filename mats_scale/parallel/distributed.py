@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    amp_dtype: Optional[torch.dtype]
+    amp_dtype: torch.dtype | None
     """bfloat16 when forward runs under autocast (CUDA by default), None for fp32."""
 
     @property
@@ -77,8 +77,10 @@ def detect_env(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if parallel.backend == "none" and world > 1:
-        raise LaunchError(f"parallel.backend=none runs one process, but the launcher started "
-                          f"WORLD_SIZE={world}; use parallel.backend=deepspeed or fsdp2")
+        raise LaunchError(
+            f"parallel.backend=none runs one process, but the launcher started "
+            f"WORLD_SIZE={world}; use parallel.backend=deepspeed or fsdp2"
+        )
     device = resolve_device(train, local_rank)
     bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
     amp = torch.bfloat16 if bf16 else None
@@ -115,8 +117,9 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if env.world_size > 1:
-            raise LaunchError(f"WORLD_SIZE={env.world_size} but MASTER_PORT is not set; "
-                              "start with deepspeed or torchrun")
+            raise LaunchError(
+                f"WORLD_SIZE={env.world_size} but MASTER_PORT is not set; start with deepspeed or torchrun"
+            )
         os.environ["MASTER_PORT"] = str(_free_port())
     for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
         os.environ.setdefault(key, str(value))
@@ -128,20 +131,29 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
 
             from mats_scale.parallel.ds_ops import first_build_notice, ops_to_build
 
-            notice = first_build_notice(ops_to_build(parallel.offload_optimizer)) if env.local_rank == 0 else None
+            notice = (
+                first_build_notice(ops_to_build(parallel.offload_optimizer)) if env.local_rank == 0 else None
+            )
             if notice:
                 print(notice, file=sys.stderr, flush=True)
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                    device_id=env.device if env.device.type == "cuda" else None)
+            dist.init_process_group(
+                backend,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timeout,
+                device_id=env.device if env.device.type == "cuda" else None,
+            )
     except (dist.DistError, RuntimeError, OSError) as e:
         if not _port_in_use(e):
             raise
         port, addr = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
-        raise LaunchError(f"MASTER_PORT={port} on {addr} is already in use (another job on this node?): "
-                          f"choose a free port, e.g. deepspeed --master_port {int(port) + 1} ... or "
-                          f"torchrun --master_port {int(port) + 1} ...") from None
+        raise LaunchError(
+            f"MASTER_PORT={port} on {addr} is already in use (another job on this node?): "
+            f"choose a free port, e.g. deepspeed --master_port {int(port) + 1} ... or "
+            f"torchrun --master_port {int(port) + 1} ..."
+        ) from None
     _record_peers(env)
     if launched:
         watch_launcher()
@@ -158,17 +170,17 @@ def _record_peers(env: DistEnv) -> None:
     _PEERS[:] = all_gather_object(me)
 
 
-def _proc_stat(pid: int) -> Optional[list[str]]:
+def _proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat from field 3 (state) on, or None when the process does not exist."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
-def _process_end(pid: int) -> Optional[str]:
+def _process_end(pid: int) -> str | None:
     """None while `pid` runs; else how it ended ("was killed by SIGKILL", "exited with code 1", "is gone")."""
     fields = _proc_stat(pid)
     if fields is None:
@@ -196,16 +208,25 @@ def dead_ranks() -> list[str]:
     return out
 
 
-_COLLECTIVE_HINTS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out",
-                     "broken pipe", "socket")
+_COLLECTIVE_HINTS = (
+    "gloo",
+    "nccl",
+    "connection closed by peer",
+    "connection reset by peer",
+    "timed out",
+    "broken pipe",
+    "socket",
+)
 
 
-def explain_collective_failure(e: BaseException) -> Optional[str]:
+def explain_collective_failure(e: BaseException) -> str | None:
     """One line for a collective that failed because another rank died or stopped answering; None when
     `e` is not a communication error (it is then a bug or another error with its own message)."""
     text = str(e)
-    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError)
-                                               and any(h in text.lower() for h in _COLLECTIVE_HINTS))):
+    if not (
+        isinstance(e, dist.DistError)
+        or (isinstance(e, RuntimeError) and any(h in text.lower() for h in _COLLECTIVE_HINTS))
+    ):
         return None
     if len(_PEERS) < 2:
         return None
@@ -217,8 +238,10 @@ def explain_collective_failure(e: BaseException) -> Optional[str]:
     first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first).split(". This is typically")[0]
     if dead:
         return f"{'; '.join(dead)}; stopping this rank too (communication failed: {first[:120]})"
-    return (f"another rank stopped answering (no rank on this host has exited; a rank on another node, "
-            f"or parallel.timeout_s passed): {first[:200]}")
+    return (
+        f"another rank stopped answering (no rank on this host has exited; a rank on another node, "
+        f"or parallel.timeout_s passed): {first[:200]}"
+    )
 
 
 # ---- the launcher is gone: stop as on SIGTERM ----------------------------------------------------------
@@ -230,12 +253,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _ppid(pid: int) -> Optional[int]:
+def _ppid(pid: int) -> int | None:
     fields = _proc_stat(pid)
     return int(fields[1]) if fields is not None else None
 
 
-def watch_launcher(interval_s: float = 1.0) -> Optional[threading.Thread]:
+def watch_launcher(interval_s: float = 1.0) -> threading.Thread | None:
     """Send SIGTERM to this rank (a checkpoint is saved, the run stops) when its launcher goes away.
 
     DeepSpeed's single-node ``deepspeed`` runner starts ``deepspeed.launcher.launch``, which starts the

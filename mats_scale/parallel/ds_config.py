@@ -54,18 +54,26 @@ def derived_fields(cfg: Config, world_size: int, *, bf16: bool, cuda: bool) -> d
     """Dotted DeepSpeed key -> (value, where it comes from in the typed config)."""
     b, acc = cfg.data.batch_size, cfg.optim.grad_accum
     fields: dict[str, tuple[Any, str]] = {
-        "train_batch_size": (total_batch(b, world_size, acc),
-                             f"data.batch_size={b} x {world_size} processes x optim.grad_accum={acc}"),
+        "train_batch_size": (
+            total_batch(b, world_size, acc),
+            f"data.batch_size={b} x {world_size} processes x optim.grad_accum={acc}",
+        ),
         "train_micro_batch_size_per_gpu": (b, f"data.batch_size={b}"),
         "gradient_accumulation_steps": (acc, f"optim.grad_accum={acc}"),
         "gradient_clipping": (float(cfg.optim.clip_grad or 0.0), f"optim.clip_grad={cfg.optim.clip_grad}"),
-        "zero_optimization.stage": (cfg.parallel.zero_stage,
-                                    f"parallel.zero_stage={cfg.parallel.zero_stage}"),
-        "torch_autocast.enabled": (bf16,
-                                   f"train.precision={cfg.train.precision} on {'cuda' if cuda else 'cpu'}"),
+        "zero_optimization.stage": (
+            cfg.parallel.zero_stage,
+            f"parallel.zero_stage={cfg.parallel.zero_stage}",
+        ),
+        "torch_autocast.enabled": (
+            bf16,
+            f"train.precision={cfg.train.precision} on {'cuda' if cuda else 'cpu'}",
+        ),
         "torch_autocast.dtype": ("bfloat16", "bf16 autocast (the only reduced precision mats-scale uses)"),
-        "bf16.enabled": (False,
-                         "train.precision: bf16 runs through torch_autocast, not DeepSpeed's bf16 mode"),
+        "bf16.enabled": (
+            False,
+            "train.precision: bf16 runs through torch_autocast, not DeepSpeed's bf16 mode",
+        ),
         "fp16.enabled": (False, "train.precision (fp16 is not supported)"),
     }
     if cfg.parallel.offload_optimizer:
@@ -104,24 +112,31 @@ def resolve_ds_config(cfg: Config, world_size: int, *, bf16: bool, cuda: bool) -
     """The template for `cfg` with every derived field filled; returns (config, template path)."""
     path = template_path(cfg)
     ds = load_template(path)
-    for section, source in (("optimizer", "optim.* (client AdamW from mats_scale/optim.py)"),
-                            ("scheduler", "optim.* (per-step warm-up + cosine from mats_scale/optim.py)")):
+    for section, source in (
+        ("optimizer", "optim.* (client AdamW from mats_scale/optim.py)"),
+        ("scheduler", "optim.* (per-step warm-up + cosine from mats_scale/optim.py)"),
+    ):
         if section in ds:
             raise ConfigError(f"{path}: '{section}' must not be set; it comes from {source}")
     offload = _get(ds, "zero_optimization.offload_optimizer.device")
     if not cfg.parallel.offload_optimizer and offload not in (None, "none"):
-        raise ConfigError(f"{path}: zero_optimization.offload_optimizer.device={offload!r} contradicts "
-                          "the typed config (parallel.offload_optimizer=false)")
+        raise ConfigError(
+            f"{path}: zero_optimization.offload_optimizer.device={offload!r} contradicts "
+            "the typed config (parallel.offload_optimizer=false)"
+        )
     for key, (value, source) in derived_fields(cfg, world_size, bf16=bf16, cuda=cuda).items():
         current = _get(ds, key)
         if current is not None and current != AUTO and not _same(current, value):
-            raise ConfigError(f"{path}: {key}={current!r} contradicts the typed config "
-                              f"({source} gives {value!r}); remove it or write \"auto\"")
+            raise ConfigError(
+                f"{path}: {key}={current!r} contradicts the typed config "
+                f'({source} gives {value!r}); remove it or write "auto"'
+            )
         _set(ds, key, value)
     leftover = _auto_keys(ds)
     if leftover:
-        raise ConfigError(f"{path}: {', '.join(leftover)}=\"auto\" is not a field mats-scale derives; "
-                          "set a value")
+        raise ConfigError(
+            f'{path}: {", ".join(leftover)}="auto" is not a field mats-scale derives; set a value'
+        )
     check_with_deepspeed(ds, path)
     return ds, path
 
@@ -161,12 +176,14 @@ def _model_keys(model: type, loc: tuple) -> set:
 
     for part in loc:
         field = model.model_fields.get(part) or next(
-            (f for f in model.model_fields.values() if f.alias == part), None)
+            (f for f in model.model_fields.values() if f.alias == part), None
+        )
         if field is None:
             return set()
         candidates = [field.annotation, *typing.get_args(field.annotation)]
-        model = next((c for c in candidates
-                      if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None
+        )
         if model is None:
             return set()
     return {*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)}
@@ -199,9 +216,8 @@ def check_with_deepspeed(ds: dict, path: str) -> None:
     """Let DeepSpeed's own config classes read the resolved config; unknown keys and values DeepSpeed
     refuses become one ConfigError line (the key, and the nearest valid key)."""
     import pydantic
-    from deepspeed.runtime.config import DeepSpeedConfig
-
     from deepspeed import comm as ds_comm
+    from deepspeed.runtime.config import DeepSpeedConfig
 
     # DeepSpeedConfig checks the batch fields against the world size it sees: 1 before the process group
     # exists (the launcher's preflight), the group's size inside a running job. Check that view (the batch
@@ -211,7 +227,9 @@ def check_with_deepspeed(ds: dict, path: str) -> None:
     except (RuntimeError, AssertionError, AttributeError):
         world = 1
     probe = _ReadKeys(copy.deepcopy(ds))
-    probe["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    probe["train_batch_size"] = (
+        ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    )
     try:
         DeepSpeedConfig(probe)
     except pydantic.ValidationError as e:

@@ -35,10 +35,17 @@ def first_build_notice(names: list[str], root: str | None = None) -> str | None:
     """A line announcing the compilation of the ops of `names` that are not built under `root`."""
     root = root or extensions_root()
     # TORCH_EXTENSIONS_DIR/<name>/ when that is set, else <default root>/py311_cpu/<name>/.
-    missing = [n for n in names if not (glob.glob(os.path.join(root, n, f"{n}*.so"))
-                                        or glob.glob(os.path.join(root, "*", n, f"{n}*.so")))]
+    missing = [
+        n
+        for n in names
+        if not (
+            glob.glob(os.path.join(root, n, f"{n}*.so")) or glob.glob(os.path.join(root, "*", n, f"{n}*.so"))
+        )
+    ]
     if not missing:
         return None
     ops = f"{', '.join(missing)} op{'s' if len(missing) > 1 else ''}"
-    return (f"DeepSpeed compiles its {ops} now (first launch "
-            f"only; a minute or more without output); the build is cached in {root}")
+    return (
+        f"DeepSpeed compiles its {ops} now (first launch "
+        f"only; a minute or more without output); the build is cached in {root}"
+    )

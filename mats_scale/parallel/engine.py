@@ -32,8 +32,18 @@ ENGINE_KINDS: dict[str, str] = {
 SHARDED_KINDS = ("deepspeed", "fsdp2")
 """Kinds that shard model states over ranks (the memory profiler models these)."""
 
-__all__ = ["ENGINE_KINDS", "SHARDED_KINDS", "Engine", "StepResult", "build_engine", "consolidate_checkpoint",
-           "engine_class", "engine_name", "engine_run_files", "states_label"]
+__all__ = [
+    "ENGINE_KINDS",
+    "SHARDED_KINDS",
+    "Engine",
+    "StepResult",
+    "build_engine",
+    "consolidate_checkpoint",
+    "engine_class",
+    "engine_name",
+    "engine_run_files",
+    "states_label",
+]
 
 
 def engine_class(kind: str) -> type:

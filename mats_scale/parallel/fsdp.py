@@ -80,8 +80,9 @@ class FSDP2Engine(LocalEngine):
             # bf16 all-gathers and compute, fp32 gradient reduction and master shards. Each unit casts
             # its own inputs; the root does not, so pixel targets come from the fp32 clip.
             unit_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32)
-            root_mp = MixedPrecisionPolicy(param_dtype=env.amp_dtype, reduce_dtype=torch.float32,
-                                           cast_forward_inputs=False)
+            root_mp = MixedPrecisionPolicy(
+                param_dtype=env.amp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         for unit in spec.shard_units(model):
             fully_shard(unit, mesh=mesh, mp_policy=unit_mp)
         fully_shard(model, mesh=mesh, mp_policy=root_mp)
@@ -124,8 +125,9 @@ class FSDP2Engine(LocalEngine):
         dcp.load(state, checkpoint_id=os.path.join(path, "model"))
         ostate = {"optimizer": optim_sd}
         dcp.load(ostate, checkpoint_id=os.path.join(path, "optimizer"))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=ostate["optimizer"])
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=ostate["optimizer"]
+        )
 
     @staticmethod
     def consolidate(path: str) -> dict[str, torch.Tensor]:

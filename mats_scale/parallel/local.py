@@ -25,8 +25,9 @@ class LocalEngine:
         self.module, self.env, self.cfg = model, env, cfg
         self.name = self.describe(cfg)
         self.grad_accum = cfg.optim.grad_accum
-        self.optimizer = build_adamw(model, cfg.optim, total_batch(cfg.data.batch_size, env.world_size,
-                                                                   cfg.optim.grad_accum))
+        self.optimizer = build_adamw(
+            model, cfg.optim, total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)
+        )
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- registry hooks (see parallel/engine.py) ------------------------------------------------
@@ -81,8 +82,10 @@ class LocalEngine:
 
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
-        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                   os.path.join(path, "engine.pt"))
+        torch.save(
+            {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+            os.path.join(path, "engine.pt"),
+        )
 
     def load(self, path: str) -> None:
         state = torch.load(os.path.join(path, "engine.pt"), map_location=self.env.device, weights_only=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mats_scale.config import ConfigError
 from mats_scale.models.sizes import SIZES

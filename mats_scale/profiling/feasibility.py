@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from mats_scale.profiling.flops import count_flops, train_flops
 from mats_scale.profiling.memory import (
@@ -70,7 +69,7 @@ def shipped_ds_config(stage: int, offload: bool) -> dict:
     return load_template(ds_template("zero3_offload.json" if offload else f"zero{stage}.json"))
 
 
-def engine_states(stats, label: str, node: Node, dtype, ds_config: Optional[dict] = None) -> ModelStates:
+def engine_states(stats, label: str, node: Node, dtype, ds_config: dict | None = None) -> ModelStates:
     """Model states per GPU of an ENGINE_CHOICES label on `node` (data parallel over its GPUs).
 
     Bucket sizes come from `ds_config`, or, when it is None, from the shipped template of the stage
@@ -166,7 +165,7 @@ def plan(
     epochs: float = 800,
     train_clips: int = K400_TRAIN_CLIPS,
     allowance: Allowance = Allowance(),
-    ds_config: Optional[dict] = None,
+    ds_config: dict | None = None,
     progress=None,
 ) -> list[Plan]:
     """Every strategy x engine x policy. `wl_by_strategy` gives the model/masking/dtype per strategy."""
@@ -237,26 +236,44 @@ class DataVerdict:
         return min(1.0, self.cores_for_workers * self.core_clips_per_s / self.node_clips_per_s)
 
     def text(self) -> str:
-        need = (f"{self.gpus} GPUs x {self.gpu_clips_per_s:.0f} clips/s = {self.node_clips_per_s:.0f} "
-                f"clips/s at {self.core_clips_per_s:.1f} clips/s per core")
+        need = (
+            f"{self.gpus} GPUs x {self.gpu_clips_per_s:.0f} clips/s = {self.node_clips_per_s:.0f} "
+            f"clips/s at {self.core_clips_per_s:.1f} clips/s per core"
+        )
         if self.decode_bound:
-            return (f"decode-bound: needs {self.cores_needed} cores / workers ({self.workers_per_gpu} per "
-                    f"GPU) for {need}; {self.cores_for_workers} are free for workers, so the GPUs run at "
-                    f"most {self.gpu_busy_fraction:.0%} busy")
+            return (
+                f"decode-bound: needs {self.cores_needed} cores / workers ({self.workers_per_gpu} per "
+                f"GPU) for {need}; {self.cores_for_workers} are free for workers, so the GPUs run at "
+                f"most {self.gpu_busy_fraction:.0%} busy"
+            )
         plural = "s" if self.workers_per_gpu != 1 else ""
-        return (f"compute-bound: {self.cores_needed} of {self.cores_for_workers} free cores "
-                f"({self.workers_per_gpu} worker{plural} per GPU) deliver {need}")
+        return (
+            f"compute-bound: {self.cores_needed} of {self.cores_for_workers} free cores "
+            f"({self.workers_per_gpu} worker{plural} per GPU) deliver {need}"
+        )
 
 
-def data_verdict(train_flops_per_clip: float, node: Node, mfu: float, core_clips_per_s: float,
-                 host_cores: int, reserved_per_gpu: int = 1) -> DataVerdict:
+def data_verdict(
+    train_flops_per_clip: float,
+    node: Node,
+    mfu: float,
+    core_clips_per_s: float,
+    host_cores: int,
+    reserved_per_gpu: int = 1,
+) -> DataVerdict:
     """The data side of a plan: GPU consumption against what the host's cores deliver."""
     if core_clips_per_s <= 0 or host_cores < 1:
         raise ValueError("core_clips_per_s must be > 0 and host_cores >= 1")
     per_gpu = gpu_clips_per_s(train_flops_per_clip, node, mfu)
     total = per_gpu * node.gpus
-    return DataVerdict(per_gpu, total, core_clips_per_s, math.ceil(total / core_clips_per_s),
-                       max(0, host_cores - reserved_per_gpu * node.gpus), node.gpus)
+    return DataVerdict(
+        per_gpu,
+        total,
+        core_clips_per_s,
+        math.ceil(total / core_clips_per_s),
+        max(0, host_cores - reserved_per_gpu * node.gpus),
+        node.gpus,
+    )
 
 
 def engine_of(parallel) -> str:
@@ -272,7 +289,7 @@ def check_config(
     node: Node,
     *,
     allowance: Allowance = Allowance(),
-    ds_config: Optional[dict] = None,
+    ds_config: dict | None = None,
 ) -> dict:
     """Predicted per-GPU memory of one configured job (its micro-batch `wl.batch`) and the largest
     micro-batch that fits, as one row."""

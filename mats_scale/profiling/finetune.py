@@ -49,9 +49,11 @@ def main(argv=None) -> int:
     mats = classifier_flops(args, a.classes, a.keep)
     print(f"ViT-{a.size} {a.frames}x{a.img}, {a.classes} classes, per view (fvcore GFLOPs = GMACs):")
     print(f"  all {full['tokens']} tokens:        {full['encoder'] / 1e9:7.1f}")
-    print(f"  top {a.keep} ({mats['tokens']} tokens): {mats['encoder'] / 1e9:7.1f} + motion score "
-          f"{mats['score'] / 1e9:.1f} = {(mats['encoder'] + mats['score']) / 1e9:.1f} "
-          f"({(mats['encoder'] + mats['score']) / full['encoder']:.2f}x)")
+    print(
+        f"  top {a.keep} ({mats['tokens']} tokens): {mats['encoder'] / 1e9:7.1f} + motion score "
+        f"{mats['score'] / 1e9:.1f} = {(mats['encoder'] + mats['score']) / 1e9:.1f} "
+        f"({(mats['encoder'] + mats['score']) / full['encoder']:.2f}x)"
+    )
     return 0
 
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from mats_scale.models.layers import Block
 from mats_scale.optim import param_groups
-from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs, state_tensors
 from mats_scale.parallel.engine import SHARDED_KINDS
+from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs, state_tensors
 
 CUDA_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to this
 GIB = 1024**3
@@ -107,7 +107,7 @@ class SdpaKernel:
             q, k, v, None, dropout_p, False, scale=scale
         )[0]
 
-    def __enter__(self) -> "SdpaKernel":
+    def __enter__(self) -> SdpaKernel:
         self._original = F.scaled_dot_product_attention
         F.scaled_dot_product_attention = self.attention
         return self
@@ -181,7 +181,7 @@ def measure_activations(
     device: str = "meta",
     target: str = "cuda",
     track_peak: bool = True,
-    sdpa_kernel: Optional[str] = None,
+    sdpa_kernel: str | None = None,
 ) -> ActivationMemory:
     """Run one forward + backward of `wl` on `device` and measure its activation memory.
 
@@ -345,12 +345,12 @@ class ModelStates:
         return {**asdict(self), "resident": self.resident, "total": self.total, "step": self.step}
 
 
-def peak_allocated(states: ModelStates, act: "ActivationModel", batch: int) -> int:
+def peak_allocated(states: ModelStates, act: ActivationModel, batch: int) -> int:
     """Predicted ``torch.cuda.max_memory_allocated`` of a training step at micro-batch `batch`."""
     return max(states.total + act.peak(batch) + act.inputs(batch), states.step + act.inputs(batch))
 
 
-def zero_config(ds_config: Optional[dict]):
+def zero_config(ds_config: dict | None):
     """``zero_optimization`` of a ds_config parsed by DeepSpeed itself (its defaults fill the gaps)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -369,8 +369,8 @@ def model_states(
     dp: int = 8,
     dtype: torch.dtype = torch.bfloat16,
     offload_optimizer: bool = False,
-    ds_config: Optional[dict] = None,
-    grad_accum_dtype: Optional[torch.dtype] = None,
+    ds_config: dict | None = None,
+    grad_accum_dtype: torch.dtype | None = None,
     fused_adam: bool = True,
 ) -> ModelStates:
     """Per-GPU model states with AdamW, data parallel over `dp` GPUs.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 GIB = 1024**3
 
@@ -112,8 +113,8 @@ def plot_lines(
     ylabel: str,
     title: str,
     logy: bool = False,
-    ncols: Optional[int] = None,
-    xlabels: Optional[dict[str, str]] = None,
+    ncols: int | None = None,
+    xlabels: dict[str, str] | None = None,
 ) -> str:
     """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}. xs may be
     strings (categories, e.g. model sizes); `xlabels` overrides the x label of some panels."""
@@ -122,7 +123,7 @@ def plot_lines(
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
-    for ax, (name, series) in zip(axes.flat, panels.items()):
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
         for label, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_title(name)
@@ -142,7 +143,7 @@ def plot_bars(path: str, panels: dict[str, dict[str, dict[str, float]]], *, ylab
     plt = _pyplot()
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
-    for ax, (name, series) in zip(axes.flat, panels.items()):
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
         categories = list(next(iter(series.values())))
         width = 0.8 / len(series)
         for i, (label, values) in enumerate(series.items()):

@@ -14,7 +14,6 @@ tube+rc-lean, mats, mats+dual); decoder ratio rho_d and MATS keep ratio come fro
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 from torch import nn
@@ -38,7 +37,11 @@ def masking_config(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: allowed: {', '.join(STRATEGIES)}")
     return MaskingConfig(
-        preset=strategy, ratio=ratio, decoder_ratio=decoder_ratio, keep_ratio=keep_ratio, score=score,
+        preset=strategy,
+        ratio=ratio,
+        decoder_ratio=decoder_ratio,
+        keep_ratio=keep_ratio,
+        score=score,
         **STRATEGIES[strategy],
     )
 
@@ -78,7 +81,7 @@ class Workload:
     def grid(self) -> TokenGrid:
         return TokenGrid.from_model(self.model)
 
-    def with_batch(self, batch: int) -> "Workload":
+    def with_batch(self, batch: int) -> Workload:
         return replace(self, batch=batch)
 
     @property
@@ -92,7 +95,7 @@ def token_counts(wl: Workload) -> tuple[int, int]:
     return selection_counts(wl.masking, wl.grid)
 
 
-def draw_selection(wl: Workload, batch: Optional[int] = None, seed: int = 0) -> Selection:
+def draw_selection(wl: Workload, batch: int | None = None, seed: int = 0) -> Selection:
     """Index tensors for one micro-batch from the masking suite's ``select_tokens`` (on the CPU).
 
     MATS gets random motion scores: the selection's shapes (all that FLOPs and memory depend on) are
@@ -115,8 +118,9 @@ def build_model(wl: Workload, device: str | torch.device = "meta") -> PretrainVi
     model.to(wl.dtype)
     model.train()
     encoder_every, decoder_every = wl.checkpoint
-    return apply_activation_checkpointing(model, pretrain_spec(wl.model),
-                                          {"encoder": encoder_every, "decoder": decoder_every})
+    return apply_activation_checkpointing(
+        model, pretrain_spec(wl.model), {"encoder": encoder_every, "decoder": decoder_every}
+    )
 
 
 def make_inputs(

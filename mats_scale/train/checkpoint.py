@@ -36,9 +36,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +59,12 @@ class CheckpointError(RuntimeError):
 
 
 def capture_rng(mask_generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "mask": mask_generator.get_state(),
-             "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "mask": mask_generator.get_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -109,6 +114,7 @@ def _sha256(path: Path) -> str:
 
 def digest_files(ckpt: Path, rels: list[str]) -> dict[str, dict[str, Any]]:
     """{rel: {"size", "sha256"}} of `rels` under `ckpt`, hashed on a few threads (hashlib frees the GIL)."""
+
     def one(rel: str) -> tuple[str, dict[str, Any]]:
         path = ckpt / rel
         return rel, {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -117,7 +123,7 @@ def digest_files(ckpt: Path, rels: list[str]) -> dict[str, dict[str, Any]]:
         return dict(pool.map(one, rels))
 
 
-def _read_manifest(ckpt: Path) -> tuple[Optional[dict], Optional[str]]:
+def _read_manifest(ckpt: Path) -> tuple[dict | None, str | None]:
     """(manifest, None), (None, None) for a checkpoint written before manifests, or (None, problem)."""
     path = ckpt / MANIFEST
     if not path.is_file():
@@ -133,7 +139,7 @@ def _read_manifest(ckpt: Path) -> tuple[Optional[dict], Optional[str]]:
     return manifest, None
 
 
-def check_sizes(ckpt: Path, manifest: dict) -> Optional[str]:
+def check_sizes(ckpt: Path, manifest: dict) -> str | None:
     """The first missing or truncated file (cheap: no reading), or None."""
     for rel, want in sorted(manifest["files"].items()):
         path = ckpt / rel
@@ -145,14 +151,14 @@ def check_sizes(ckpt: Path, manifest: dict) -> Optional[str]:
     return None
 
 
-def compare_digests(manifest: dict, digests: dict[str, dict[str, Any]]) -> Optional[str]:
+def compare_digests(manifest: dict, digests: dict[str, dict[str, Any]]) -> str | None:
     for rel in sorted(digests):
         if digests[rel]["sha256"] != manifest["files"][rel]["sha256"]:
             return f"{rel} does not match its checksum (changed after it was written)"
     return None
 
 
-def verify_checkpoint(ckpt: Path) -> Optional[str]:
+def verify_checkpoint(ckpt: Path) -> str | None:
     """The problem with checkpoint directory `ckpt` in a few words, or None when it verifies (one process)."""
     if not ckpt.is_dir():
         return "no such directory"
@@ -165,7 +171,7 @@ def verify_checkpoint(ckpt: Path) -> Optional[str]:
     return compare_digests(manifest, digest_files(ckpt, sorted(manifest["files"])))
 
 
-def _check_legacy_meta(ckpt: Path) -> Optional[str]:
+def _check_legacy_meta(ckpt: Path) -> str | None:
     try:
         json.loads((ckpt / META).read_text())
     except (OSError, ValueError):
@@ -184,11 +190,12 @@ def step_dirs(root: Path) -> list[Path]:
     """``step_*`` directories under `root`, newest (highest step) first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()), key=lambda p: p.name,
-                  reverse=True)
+    return sorted(
+        (p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()), key=lambda p: p.name, reverse=True
+    )
 
 
-def newest_verified(root: Path) -> tuple[Optional[Path], list[str]]:
+def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
     """(newest checkpoint under `root` that verifies, ['step_N: problem' for each newer damaged one])."""
     damaged = []
     for ckpt in step_dirs(root):
@@ -213,17 +220,18 @@ def _save_failure(e: BaseException, path: Path) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, out_dir: str, keep_last: int, env: DistEnv,
-                 on_save: Callable[[int], None] = lambda step: None) -> None:
+    def __init__(
+        self, out_dir: str, keep_last: int, env: DistEnv, on_save: Callable[[int], None] = lambda step: None
+    ) -> None:
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last, self.env = keep_last, env
         self.on_save = on_save  # fault-injection hook, called mid-save
-        self.run_id: Optional[str] = None  # set by resolve(): the run's lineage, stored in meta.json
+        self.run_id: str | None = None  # set by resolve(): the run's lineage, stored in meta.json
         self.damaged: set[str] = set()  # names found damaged by resolve(): never pruned
         self.notes: list[str] = []  # what resolve() found and did, for the run log
 
     # ---- finding -------------------------------------------------------------------------
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         """The checkpoint the pointer names, else the newest step_* directory, else None (no checks)."""
         pointer = self.root / POINTER
         if pointer.is_file():
@@ -233,7 +241,7 @@ class CheckpointManager:
         dirs = step_dirs(self.root)
         return dirs[0] if dirs else None
 
-    def _verify(self, ckpt: Path) -> Optional[str]:
+    def _verify(self, ckpt: Path) -> str | None:
         """verify_checkpoint with the hashing shared by all ranks (collective; same answer everywhere)."""
         problem = None
         manifest = None
@@ -250,11 +258,11 @@ class CheckpointManager:
         if problem is not None or manifest is None:
             return problem
         rels = sorted(manifest["files"])
-        mine = digest_files(ckpt, rels[self.env.rank::self.env.world_size])
+        mine = digest_files(ckpt, rels[self.env.rank :: self.env.world_size])
         problems = [compare_digests(manifest, d) for d in all_gather_object(mine)]
         return next((p for p in problems if p is not None), None)
 
-    def resolve(self, resume: str) -> Optional[Path]:
+    def resolve(self, resume: str) -> Path | None:
         """train.resume -> the checkpoint to load, or None to start fresh (collective).
 
         Sets :attr:`run_id` (the resumed checkpoint's, or a new one) and :attr:`notes`.
@@ -268,7 +276,7 @@ class CheckpointManager:
         self.run_id = broadcast_object(run_id)
         return path
 
-    def _resolve(self, resume: str) -> Optional[Path]:
+    def _resolve(self, resume: str) -> Path | None:
         if resume == "restart":
             self._move_all_aside()
             return None
@@ -276,12 +284,15 @@ class CheckpointManager:
         pointer = self.root / POINTER
         if resume == "none":
             if existing or pointer.is_file():
-                what = (", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
-                        or f"{pointer.name} only")
-                raise CheckpointError(f"train.out_dir={str(self.root.parent)!r} already holds checkpoints "
-                                      f"({what}); continue with train.resume=auto, start over with "
-                                      "train.resume=restart (they are moved aside, not deleted), or choose "
-                                      "another train.out_dir")
+                what = (
+                    ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "") or f"{pointer.name} only"
+                )
+                raise CheckpointError(
+                    f"train.out_dir={str(self.root.parent)!r} already holds checkpoints "
+                    f"({what}); continue with train.resume=auto, start over with "
+                    "train.resume=restart (they are moved aside, not deleted), or choose "
+                    "another train.out_dir"
+                )
             return None
         if resume == "auto":
             return self._newest_good(existing)
@@ -291,19 +302,23 @@ class CheckpointManager:
             raise CheckpointError(f"train.resume={resume!r}: cannot resume from it: {problem}")
         return path
 
-    def _newest_good(self, existing: list[str]) -> Optional[Path]:
+    def _newest_good(self, existing: list[str]) -> Path | None:
         pointer = self.root / POINTER
         named = pointer.read_text().strip() if pointer.is_file() else None
         if not existing:
             if named is not None:
-                self.notes.append(f"{pointer} names {named}, which does not exist, and there is no other "
-                                  "checkpoint: starting fresh")
+                self.notes.append(
+                    f"{pointer} names {named}, which does not exist, and there is no other "
+                    "checkpoint: starting fresh"
+                )
             return None
         if named is None:
             self.notes.append(f"{pointer} is missing: looking for the newest checkpoint that verifies")
         elif named not in existing:
-            self.notes.append(f"{pointer} names {named}, which does not exist: looking for the newest "
-                              "checkpoint that verifies")
+            self.notes.append(
+                f"{pointer} names {named}, which does not exist: looking for the newest "
+                "checkpoint that verifies"
+            )
         for i, name in enumerate(existing):
             problem = self._verify(self.root / name)
             if problem is None:
@@ -312,9 +327,11 @@ class CheckpointManager:
                 return self.root / name
             self.damaged.add(name)
             self.notes.append(f"checkpoint {self.root / name} is damaged: {problem}; skipped (kept on disk)")
-        raise CheckpointError(f"no checkpoint in {self.root} verifies ({len(existing)} damaged, newest "
-                              f"{existing[0]}: see above); they are kept: repair or move them, or start over "
-                              "with train.resume=restart")
+        raise CheckpointError(
+            f"no checkpoint in {self.root} verifies ({len(existing)} damaged, newest "
+            f"{existing[0]}: see above); they are kept: repair or move them, or start over "
+            "with train.resume=restart"
+        )
 
     def _move_all_aside(self) -> None:
         """train.resume=restart: the old checkpoints go to a sibling directory, never deleted."""
@@ -359,8 +376,9 @@ class CheckpointManager:
         self._phase(describe, name, tmp)
         rels = broadcast_object(_files(tmp) if writer else None)
         digests: list[dict] = []
-        self._phase(lambda: digests.append(digest_files(tmp, rels[self.env.rank::self.env.world_size])),
-                    name, tmp)
+        self._phase(
+            lambda: digests.append(digest_files(tmp, rels[self.env.rank :: self.env.world_size])), name, tmp
+        )
         gathered = all_gather_object(digests[0])
 
         def publish() -> None:
@@ -387,8 +405,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         last = self.latest()
         why = _save_failure(failure, tmp) if failure is not None else "it failed on another rank"
-        raise CheckpointError(f"saving checkpoint {name} failed: {why}; removed the half-written {tmp.name}; "
-                              f"last good checkpoint: {last if last else 'none'}")
+        raise CheckpointError(
+            f"saving checkpoint {name} failed: {why}; removed the half-written {tmp.name}; "
+            f"last good checkpoint: {last if last else 'none'}"
+        )
 
     def _publish(self, tmp: Path, final: Path, name: str) -> None:
         _fsync_tree(tmp)
@@ -428,7 +448,7 @@ class CheckpointManager:
                 continue
             if run_id == self.run_id:
                 ours.append(path)
-        for old in ours[max(0, self.keep_last - 1):]:
+        for old in ours[max(0, self.keep_last - 1) :]:
             shutil.rmtree(old)
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale)
@@ -440,9 +460,11 @@ class CheckpointManager:
         meta = read_meta(path)
         for key, value in expect.items():
             if meta.get(key) != value:
-                raise CheckpointError(f"{path}: written with {key}={meta.get(key)!r}, this run has "
-                                      f"{key}={value!r}; resume with the same setting or another "
-                                      "train.out_dir")
+                raise CheckpointError(
+                    f"{path}: written with {key}={meta.get(key)!r}, this run has "
+                    f"{key}={value!r}; resume with the same setting or another "
+                    "train.out_dir"
+                )
         try:
             engine.load(str(path / "engine"))
             # Our own file: numpy and python RNG states need the full unpickler.

@@ -42,8 +42,10 @@ def find_checkpoint(path: str) -> Path:
     if not is_ckpt:
         dirs = step_dirs(p / "checkpoints")
         if not dirs:
-            raise CheckpointError(f"{path}: neither a checkpoint (step_* with manifest.json) nor a run "
-                                  "directory with checkpoints/step_*")
+            raise CheckpointError(
+                f"{path}: neither a checkpoint (step_* with manifest.json) nor a run "
+                "directory with checkpoints/step_*"
+            )
         p = dirs[0]
     problem = verify_checkpoint(p)
     if problem is not None:
@@ -70,8 +72,10 @@ def export(path: str, out: str, layout: str = "mats") -> dict[str, torch.Tensor]
         torch.save(export_videomae(sd), out)
     else:
         torch.save(sd, out)
-    print(f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
-          f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}")
+    print(
+        f"exported {ckpt} (step {meta['step']}, {meta['engine']}, {len(sd)} tensors, "
+        f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M fp32 values) -> {out}"
+    )
     return sd
 
 
@@ -89,8 +93,10 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
         meta = read_meta(ckpt)
         return consolidate_checkpoint(meta["backend"], str(ckpt / "engine")), f"{ckpt} ({meta['task']})"
     if not os.path.isfile(path):
-        raise InitError(f"finetune.init={path!r}: no such file or directory (a .pt file, a run directory "
-                        "or a step_* checkpoint)")
+        raise InitError(
+            f"finetune.init={path!r}: no such file or directory (a .pt file, a run directory "
+            "or a step_* checkpoint)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -106,9 +112,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="step_* checkpoint directory or run directory")
     parser.add_argument("out", help="output .pt file (a plain fp32 state dict)")
-    parser.add_argument("--layout", choices=["mats", "videomae"], default="mats",
-                        help="mats: this project's state dict; videomae: the encoder (and a classifier's "
-                             "fc_norm/head) under 'module' with VideoMAE's fine-tuning key names")
+    parser.add_argument(
+        "--layout",
+        choices=["mats", "videomae"],
+        default="mats",
+        help="mats: this project's state dict; videomae: the encoder (and a classifier's "
+        "fc_norm/head) under 'module' with VideoMAE's fine-tuning key names",
+    )
     args = parser.parse_args(argv)
     try:
         export(args.checkpoint, args.out, args.layout)

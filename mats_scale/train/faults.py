@@ -23,7 +23,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -34,14 +33,16 @@ def _int(name: str, value: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise ConfigError(f"{name}={value!r}: expected a whole number (a test-only fault-injection "
-                          "variable; unset it for a normal run)") from None
+        raise ConfigError(
+            f"{name}={value!r}: expected a whole number (a test-only fault-injection "
+            "variable; unset it for a normal run)"
+        ) from None
     if n < 0:
         raise ConfigError(f"{name}={value!r}: must be >= 0")
     return n
 
 
-def _step(name: str) -> Optional[int]:
+def _step(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     return _int(name, value) if value else None
 
@@ -55,31 +56,37 @@ def _seconds(name: str) -> float:
     except ValueError:
         s = float("nan")
     if not 0.0 <= s < float("inf"):
-        raise ConfigError(f"{name}={value!r}: expected a number of seconds >= 0 (a test-only "
-                          "fault-injection variable)")
+        raise ConfigError(
+            f"{name}={value!r}: expected a number of seconds >= 0 (a test-only fault-injection variable)"
+        )
     return s
 
 
 @dataclass(frozen=True)
 class Faults:
     nan_steps: frozenset[int] = frozenset()
-    kill_after_step: Optional[int] = None
-    crash_in_save: Optional[int] = None
-    sigterm_at_step: Optional[int] = None
-    disk_full_in_save: Optional[int] = None
-    kill_rank: Optional[int] = None
+    kill_after_step: int | None = None
+    crash_in_save: int | None = None
+    sigterm_at_step: int | None = None
+    disk_full_in_save: int | None = None
+    kill_rank: int | None = None
     sleep_in_step: float = 0.0
     rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Faults":
+    def from_env(cls) -> Faults:
         name = "MATS_FAULT_NAN_STEPS"
         nan = os.environ.get(name, "")
-        return cls(frozenset(_int(name, s.strip()) for s in nan.split(",") if s.strip()),
-                   _step("MATS_FAULT_KILL_AFTER_STEP"), _step("MATS_FAULT_CRASH_IN_SAVE"),
-                   _step("MATS_FAULT_SIGTERM_AT_STEP"), _step("MATS_FAULT_DISK_FULL_IN_SAVE"),
-                   _step("MATS_FAULT_KILL_RANK"), _seconds("MATS_FAULT_SLEEP_IN_STEP"),
-                   int(os.environ.get("RANK", "0") or 0))
+        return cls(
+            frozenset(_int(name, s.strip()) for s in nan.split(",") if s.strip()),
+            _step("MATS_FAULT_KILL_AFTER_STEP"),
+            _step("MATS_FAULT_CRASH_IN_SAVE"),
+            _step("MATS_FAULT_SIGTERM_AT_STEP"),
+            _step("MATS_FAULT_DISK_FULL_IN_SAVE"),
+            _step("MATS_FAULT_KILL_RANK"),
+            _seconds("MATS_FAULT_SLEEP_IN_STEP"),
+            int(os.environ.get("RANK", "0") or 0),
+        )
 
     def loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
         # Multiplied (not added) so the gradients are non-finite too, as with a real overflow.

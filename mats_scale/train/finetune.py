@@ -42,8 +42,9 @@ def dataset_num_classes(cfg: Config) -> int:
 
         if cfg.data.dataset == "bundled":
             return len(CLASSES)
-        raise ConfigError("finetune.num_classes: 0 (from the data) needs labelled files; set it for "
-                          "data.dataset=synthetic")
+        raise ConfigError(
+            "finetune.num_classes: 0 (from the data) needs labelled files; set it for data.dataset=synthetic"
+        )
     from mats_scale.data.loader import resolve_items
 
     return 1 + max(it.label for it in resolve_items(cfg, "train"))
@@ -61,8 +62,12 @@ class VideoMixup:
         from timm.data import Mixup
 
         f = cfg.finetune
-        self.mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, label_smoothing=f.label_smoothing,
-                           num_classes=num_classes)
+        self.mixup = Mixup(
+            mixup_alpha=f.mixup,
+            cutmix_alpha=f.cutmix,
+            label_smoothing=f.label_smoothing,
+            num_classes=num_classes,
+        )
 
     def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, C, T, H, W = video.shape
@@ -79,16 +84,20 @@ class FinetuneTask:
         self.cfg = cfg
         f = cfg.finetune
         if cfg.data.batch_size % 2 and (f.mixup or f.cutmix):
-            raise ConfigError(f"data.batch_size: {cfg.data.batch_size}: timm Mixup/CutMix pairs clips "
-                              "(finetune.mixup/cutmix > 0), so it must be even")
+            raise ConfigError(
+                f"data.batch_size: {cfg.data.batch_size}: timm Mixup/CutMix pairs clips "
+                "(finetune.mixup/cutmix > 0), so it must be even"
+            )
         self.num_classes = dataset_num_classes(cfg)
         self.init_state: dict[str, torch.Tensor] | None = None
         self.init_report = "no finetune.init: training from scratch (random initialisation)"
         if f.init:
             self.init_state, self.init_report = self._load_init(f.init)
         elif f.eval_only:
-            raise ConfigError("finetune.eval_only: needs finetune.init (a fine-tuned run directory, step_* "
-                              "checkpoint or .pt file) to evaluate")
+            raise ConfigError(
+                "finetune.eval_only: needs finetune.init (a fine-tuned run directory, step_* "
+                "checkpoint or .pt file) to evaluate"
+            )
         if is_writer():
             print(self.init_report, flush=True)
         self.mix = VideoMixup(cfg, self.num_classes) if (f.mixup or f.cutmix) else None
@@ -105,13 +114,20 @@ class FinetuneTask:
         except InitError as e:
             raise ConfigError(f"finetune.init: {e}") from None
         if f.eval_only and report.fresh:
-            raise ConfigError(f"finetune.init: {path} has no trained {', '.join(report.fresh)}; "
-                              "evaluation needs a fine-tuned classifier")
+            raise ConfigError(
+                f"finetune.init: {path} has no trained {', '.join(report.fresh)}; "
+                "evaluation needs a fine-tuned classifier"
+            )
         return state, report.lines()
 
     def _spec(self, init_state) -> ModelSpec:
-        return classifier_spec(self.cfg.model, self.num_classes, head_drop=self.cfg.finetune.head_drop,
-                               learned_pos=self.cfg.finetune.learned_pos, init_state=init_state)
+        return classifier_spec(
+            self.cfg.model,
+            self.num_classes,
+            head_drop=self.cfg.finetune.head_drop,
+            learned_pos=self.cfg.finetune.learned_pos,
+            init_state=init_state,
+        )
 
     def model_spec(self) -> ModelSpec:
         return self._spec(self.init_state)
@@ -145,8 +161,15 @@ class FinetuneTask:
             loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
             correct, scored = 0, 0
         n = ids.shape[1] if ids is not None else self.cfg.model.num_tokens
-        return StepOutput(loss, {"correct": correct.detach() if torch.is_tensor(correct) else correct,
-                                 "scored": scored, "tokens": n * video.shape[0], "clips": video.shape[0]})
+        return StepOutput(
+            loss,
+            {
+                "correct": correct.detach() if torch.is_tensor(correct) else correct,
+                "scored": scored,
+                "tokens": n * video.shape[0],
+                "clips": video.shape[0],
+            },
+        )
 
     def summarize(self, totals: Mapping[str, float], micro_batches: int) -> dict[str, Any]:
         acc = totals["correct"] / totals["scored"] if totals["scored"] else float("nan")
@@ -201,13 +224,20 @@ class FinetuneTask:
         all_reduce(sums)
         all_reduce(counts)
         if not bool((counts == 1).all()):
-            raise RuntimeError(f"evaluation scored {int((counts == 0).sum())} videos never and "
-                               f"{int((counts > 1).sum())} more than once")
+            raise RuntimeError(
+                f"evaluation scored {int((counts == 0).sum())} videos never and "
+                f"{int((counts > 1).sum())} more than once"
+            )
         labels = torch.tensor([it.label for it in items], device=env.device)
         results = score_results(sums.cpu(), labels.cpu(), K)
-        results.update({"views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}", "videos": len(items),
-                        "tokens": "all" if keep_all else f"top {cfg.masking.finetune_keep_ratio} by motion",
-                        "init": self.init_report})
+        results.update(
+            {
+                "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
+                "videos": len(items),
+                "tokens": "all" if keep_all else f"top {cfg.masking.finetune_keep_ratio} by motion",
+                "init": self.init_report,
+            }
+        )
         if out_dir and rank == 0:
             write_results(results, os.path.join(out_dir, "eval"))
         return results
@@ -217,8 +247,10 @@ class FinetuneTask:
         if not self.cfg.finetune.eval_at_end:
             return
         r = self.evaluate(trainer.engine, self.cfg.train.out_dir)
-        trainer.log.info(f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} "
-                         f"top-5 {r['top5']:.4f} -> {os.path.join(self.cfg.train.out_dir, 'eval')}")
+        trainer.log.info(
+            f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} "
+            f"top-5 {r['top5']:.4f} -> {os.path.join(self.cfg.train.out_dir, 'eval')}"
+        )
 
 
 def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -228,11 +260,16 @@ def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     pred = top[:, 0]
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    per_class = [(confusion[c, c] / confusion[c].sum()).item() if confusion[c].sum() else None
-                 for c in range(num_classes)]
-    return {"top1": (pred == labels).double().mean().item(),
-            "top5": (top == labels[:, None]).any(1).double().mean().item(),
-            "per_class_acc": per_class, "confusion": confusion.tolist()}
+    per_class = [
+        (confusion[c, c] / confusion[c].sum()).item() if confusion[c].sum() else None
+        for c in range(num_classes)
+    ]
+    return {
+        "top1": (pred == labels).double().mean().item(),
+        "top5": (top == labels[:, None]).any(1).double().mean().item(),
+        "per_class_acc": per_class,
+        "confusion": confusion.tolist(),
+    }
 
 
 def write_results(results: dict[str, Any], out: str) -> None:
@@ -265,6 +302,9 @@ def evaluate_only(cfg: Config) -> dict[str, Any]:
     engine = build_engine(cfg, env, task.model_spec())
     r = task.evaluate(engine, cfg.train.out_dir)
     if env.is_writer:
-        print(f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
-              f"-> {os.path.join(cfg.train.out_dir, 'eval')}", flush=True)
+        print(
+            f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
+            f"-> {os.path.join(cfg.train.out_dir, 'eval')}",
+            flush=True,
+        )
     return r

@@ -16,8 +16,9 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class StopRequest:
     """SIGTERM/SIGINT set a flag the loop reads once per step; a second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -84,7 +85,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -99,7 +100,7 @@ def seed_rank_streams(seed: int, rank: int, device: torch.device) -> torch.Gener
     the mask generator (on the training device, returned)."""
     torch.manual_seed(seed + 7919 * (rank + 1))
     random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2 ** 32)
+    np.random.seed((seed + rank) % 2**32)
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
 
 
@@ -128,8 +129,9 @@ class Trainer:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
         barrier()
         runlock.acquire(cfg.train.out_dir, env)  # one job per run directory
-        self.ckpt = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env,
-                                      on_save=self.faults.in_save)
+        self.ckpt = CheckpointManager(
+            cfg.train.out_dir, cfg.train.keep_last, env, on_save=self.faults.in_save
+        )
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
         # The whole config must match the checkpoint's, but for train.allow_changes (nothing written yet).
         self.changes = check_resume(cfg, self.resume_path, batch_total) if self.resume_path else {}
@@ -141,16 +143,25 @@ class Trainer:
 
         self.engine = build_engine(cfg, env, task.model_spec())
         # Rank 0 logs MFU: FLOPs per clip counted on meta, the device peak (table, GEMM sample or config).
-        self.mfu = (MfuMeter.for_run(cfg, task.name, env.device, env.precision, env.world_size)
-                    if env.is_writer else None)
+        self.mfu = (
+            MfuMeter.for_run(cfg, task.name, env.device, env.precision, env.world_size)
+            if env.is_writer
+            else None
+        )
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
         self.stream = BatchStream(task.build_loader(env.rank, env.world_size))
-        self.stream.loader.defer_stop = True  # bad-data stops are agreed across ranks (in the step's all-reduce)
+        self.stream.loader.defer_stop = (
+            True  # bad-data stops are agreed across ranks (in the step's all-reduce)
+        )
         self.data_stopped = False
         self.counters = Counters()
         # What a checkpoint must agree on to be resumed by this run.
-        self.expect = {"world_size": env.world_size, "engine": self.engine.name, "task": task.name,
-                       **task.checkpoint_key()}
+        self.expect = {
+            "world_size": env.world_size,
+            "engine": self.engine.name,
+            "task": task.name,
+            **task.checkpoint_key(),
+        }
         if self.resume_path is not None:
             _, state = self.ckpt.load(self.resume_path, self.engine, self.expect)
             self.counters = Counters(**state["counters"])
@@ -158,15 +169,24 @@ class Trainer:
             restore_rng(state["rng"], self.mask_gen)
         self.batch_total = batch_total
         if env.is_writer:  # only now that the checkpoint was accepted: config.yaml or a resume record
-            write_run_record(cfg, engine_files, self.resume_path, self.counters.step, self.changes,
-                             provenance.collect(env.device, env.world_size))
+            write_run_record(
+                cfg,
+                engine_files,
+                self.resume_path,
+                self.counters.step,
+                self.changes,
+                provenance.collect(env.device, env.world_size),
+            )
         note = lr_change_note(cfg, self.changes, self.counters.step, batch_total)
         if note:
             self.log.warning(note)
 
     def save(self) -> None:
-        state = {"counters": asdict(self.counters), "data": self.stream.state_dict(),
-                 "rng": capture_rng(self.mask_gen)}
+        state = {
+            "counters": asdict(self.counters),
+            "data": self.stream.state_dict(),
+            "rng": capture_rng(self.mask_gen),
+        }
         meta = {**self.expect, "backend": self.engine.kind, "config": self.cfg.to_yaml()}
         path = self.ckpt.save(self.counters.step, self.engine, state, meta)
         self.log.info(f"saved {path}")
@@ -199,11 +219,19 @@ class Trainer:
         # peak memory (summed over ranks: the process tree's peak RSS on CPU), task metrics...]
         names = sorted(totals)
         peak_mem = peak_memory_gib(env.device)
-        scalars = torch.tensor([float(stop.signum is not None), skipped, float(self.stream.stop_error is not None),
-                                peak_mem], dtype=torch.float64, device=env.device)
-        stats = torch.cat([loss_sum.view(1), nonfinite.view(1), scalars,
-                           *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1)
-                             for k in names)])
+        scalars = torch.tensor(
+            [float(stop.signum is not None), skipped, float(self.stream.stop_error is not None), peak_mem],
+            dtype=torch.float64,
+            device=env.device,
+        )
+        stats = torch.cat(
+            [
+                loss_sum.view(1),
+                nonfinite.view(1),
+                scalars,
+                *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1) for k in names),
+            ]
+        )
         all_reduce(stats)  # every rank takes the same skip / stop decision
         values = stats.tolist()
         loss_total, n_nonfinite, stop_votes, new_skipped, data_stops, peak_mem_sum = values[:6]
@@ -219,31 +247,53 @@ class Trainer:
             c.nan_streak += 1
         micro_total = cfg.optim.grad_accum * env.world_size
         dt = time.perf_counter() - t0
-        metrics = {"loss": loss_total / micro_total if not n_nonfinite else float("nan"),  # skipped: NaN
-                   "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
-                   "clips_per_s": self.batch_total / dt, "step_time_s": dt, "data_time_s": data_time,
-                   **self.task.summarize(dict(zip(names, values[6:])), micro_total),
-                   "peak_mem_gib": peak_mem, "peak_mem_sum_gib": peak_mem_sum,
-                   "skipped_files": c.skipped_files,
-                   "skipped_steps": c.skipped_steps}
+        metrics = {
+            "loss": loss_total / micro_total if not n_nonfinite else float("nan"),  # skipped: NaN
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "applied": result.applied,
+            "clips_per_s": self.batch_total / dt,
+            "step_time_s": dt,
+            "data_time_s": data_time,
+            **self.task.summarize(dict(zip(names, values[6:], strict=False)), micro_total),
+            "peak_mem_gib": peak_mem,
+            "peak_mem_sum_gib": peak_mem_sum,
+            "skipped_files": c.skipped_files,
+            "skipped_steps": c.skipped_steps,
+        }
         if self.mfu is not None:
             metrics["mfu"] = self.mfu(metrics["clips_per_s"])
         return metrics, int(n_nonfinite), stop_votes > 0
 
     def run(self) -> TrainResult:
         cfg, c, log = self.cfg, self.counters, self.log
-        log.start(c.step, str(self.resume_path) if self.resume_path else None,
-                  {"engine": self.engine.name, "world_size": self.env.world_size,
-                   "device": str(self.env.device), "precision": self.env.precision,
-                   "total_batch": self.batch_total,
-                   "steps_per_epoch": len(self.stream.loader) / cfg.optim.grad_accum,
-                   **({"mfu_flops_per_clip": self.mfu.flops_per_clip,
-                       "mfu_peak_tflops": self.mfu.peak_flops / 1e12,
-                       "mfu_peak_source": self.mfu.peak_source} if self.mfu is not None else {})})
-        log.info(f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} "
-                 f"({self.env.precision}), total batch {self.batch_total} = {cfg.data.batch_size} x "
-                 f"{self.env.world_size} x {cfg.optim.grad_accum}, "
-                 f"{len(self.stream.loader)} batches per epoch per rank, run dir {cfg.train.out_dir}")
+        log.start(
+            c.step,
+            str(self.resume_path) if self.resume_path else None,
+            {
+                "engine": self.engine.name,
+                "world_size": self.env.world_size,
+                "device": str(self.env.device),
+                "precision": self.env.precision,
+                "total_batch": self.batch_total,
+                "steps_per_epoch": len(self.stream.loader) / cfg.optim.grad_accum,
+                **(
+                    {
+                        "mfu_flops_per_clip": self.mfu.flops_per_clip,
+                        "mfu_peak_tflops": self.mfu.peak_flops / 1e12,
+                        "mfu_peak_source": self.mfu.peak_source,
+                    }
+                    if self.mfu is not None
+                    else {}
+                ),
+            },
+        )
+        log.info(
+            f"engine {self.engine.name} on {self.env.world_size} x {self.env.device} "
+            f"({self.env.precision}), total batch {self.batch_total} = {cfg.data.batch_size} x "
+            f"{self.env.world_size} x {cfg.optim.grad_accum}, "
+            f"{len(self.stream.loader)} batches per epoch per rank, run dir {cfg.train.out_dir}"
+        )
         if self.resume_path is not None:
             log.info(f"resumed from {self.resume_path} at step {c.step}")
         if c.step >= cfg.train.steps:
@@ -260,17 +310,23 @@ class Trainer:
                 why = None
                 if not metrics["applied"]:
                     micro = cfg.optim.grad_accum * self.env.world_size
-                    why = (f"non-finite loss in {nonfinite} of {micro} micro-batches" if nonfinite
-                           else f"non-finite gradient norm {metrics['grad_norm']}")
-                    log.warning(f"step {step}: {why}; update skipped ({c.nan_streak} in a row, "
-                                f"{c.skipped_steps} in total)")
+                    why = (
+                        f"non-finite loss in {nonfinite} of {micro} micro-batches"
+                        if nonfinite
+                        else f"non-finite gradient norm {metrics['grad_norm']}"
+                    )
+                    log.warning(
+                        f"step {step}: {why}; update skipped ({c.nan_streak} in a row, "
+                        f"{c.skipped_steps} in total)"
+                    )
                 log.step(step, metrics)
                 if why and (cfg.train.nan_policy == "stop" or c.nan_streak >= cfg.train.max_nan_steps):
                     raise TrainingError(
                         f"step {step}: {why}; stopping after {c.nan_streak} skipped step(s) in a row "
                         f"(train.nan_policy={cfg.train.nan_policy}, "
                         f"train.max_nan_steps={cfg.train.max_nan_steps}); "
-                        f"last checkpoint: {self.ckpt.latest() or 'none yet'}")
+                        f"last checkpoint: {self.ckpt.latest() or 'none yet'}"
+                    )
                 every = cfg.train.save_every
                 if stopped or step == cfg.train.steps or (every and step % every == 0):
                     self.save()
@@ -283,7 +339,7 @@ class Trainer:
         return TrainResult(c.step, c.skipped_steps, metrics["loss"], stopped, cfg.train.out_dir)
 
 
-def train(cfg: Config, task: Optional[Task] = None) -> TrainResult:
+def train(cfg: Config, task: Task | None = None) -> TrainResult:
     """Run `task` (default: pre-training) to ``train.steps``."""
     if task is None:
         from mats_scale.train.pretrain import PretrainTask
@@ -304,7 +360,7 @@ def train(cfg: Config, task: Optional[Task] = None) -> TrainResult:
         runlock.release(trainer.cfg.train.out_dir)
 
 
-def run(cfg: Config, task_factory: Optional[Callable[[Config], Task]] = None) -> int:
+def run(cfg: Config, task_factory: Callable[[Config], Task] | None = None) -> int:
     """train() with errors turned into one message and an exit status (2: config, 1: other)."""
     rank = os.environ.get("RANK", "0")
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -320,8 +376,12 @@ def run(cfg: Config, task_factory: Optional[Callable[[Config], Task]] = None) ->
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (workers are already shut down)
-        print(f"{prefix}interrupted: stopped at once without saving (the last checkpoint is kept); "
-              "resume with train.resume=auto", file=sys.stderr, flush=True)
+        print(
+            f"{prefix}interrupted: stopped at once without saving (the last checkpoint is kept); "
+            "resume with train.resume=auto",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     except Exception as e:
         why = explain_worker_failure(e, int(rank)) or explain_collective_failure(e)

@@ -62,7 +62,7 @@ def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: 
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def model_flops_per_clip(cfg: Any) -> int:
@@ -96,8 +96,9 @@ class MfuMeter:
         return mfu(self.flops_per_clip, clips_per_s, self.peak_flops, self.devices)
 
     @classmethod
-    def for_run(cls, cfg: Any, task_name: str, device: torch.device, precision: str,
-                devices: int) -> MfuMeter | None:
+    def for_run(
+        cls, cfg: Any, task_name: str, device: torch.device, precision: str, devices: int
+    ) -> MfuMeter | None:
         """None for tasks the profiler does not count (only pre-training is counted)."""
         if task_name != "pretrain":
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 from mats_scale.config import Config, ConfigError
 from mats_scale.parallel.distributed import DistEnv, LaunchError, detect_env
 from mats_scale.train.faults import Faults

@@ -40,7 +40,9 @@ class PretrainTask:
 
         return build_pretrain_loader(self.cfg, rank=rank, world_size=world_size)
 
-    def motion_scores(self, engine: Engine, video: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
+    def motion_scores(
+        self, engine: Engine, video: torch.Tensor, batch: dict[str, Any]
+    ) -> torch.Tensor | None:
         m = self.cfg.masking
         if m.strategy != "mats":
             return None
@@ -59,7 +61,10 @@ class PretrainTask:
         return StepOutput(out.loss, {"tokens_encoder": n_vis, "tokens_decoder": n_vis + n_tgt})
 
     def summarize(self, totals: Mapping[str, float], micro_batches: int) -> dict[str, Any]:
-        return {"tokens_encoder": int(totals["tokens_encoder"]), "tokens_decoder": int(totals["tokens_decoder"])}
+        return {
+            "tokens_encoder": int(totals["tokens_encoder"]),
+            "tokens_decoder": int(totals["tokens_decoder"]),
+        }
 
     def checkpoint_key(self) -> dict[str, Any]:
         return {"model": asdict(self.cfg.model)}

@@ -27,9 +27,12 @@ PACKAGES = ("torch", "deepspeed", "timm", "decord", "torchvision", "numpy", "ome
 
 def git_state(path: Path) -> dict[str, Any] | None:
     """Commit and dirty flag of the git checkout holding `path`; None outside git (or without git)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
+
     try:
         root = git("rev-parse", "--show-toplevel")
         commit = git("rev-parse", "HEAD")
@@ -69,7 +72,16 @@ def collect(device: torch.device, world_size: int) -> dict[str, Any]:
             nccl = None
     versions["nccl"] = nccl
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"git": git_state(Path(__file__).resolve().parent), "argv": list(sys.argv), "cwd": os.getcwd(),
-            "python": platform.python_version(), "versions": versions, "host": socket.gethostname(),
-            "device": name, "device_type": device.type, "world_size": world_size,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "git": git_state(Path(__file__).resolve().parent),
+        "argv": list(sys.argv),
+        "cwd": os.getcwd(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "host": socket.gethostname(),
+        "device": name,
+        "device_type": device.type,
+        "world_size": world_size,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -27,8 +27,10 @@ def check_out_dir(path: str) -> None:
     except OSError as e:
         other = e.filename and os.path.abspath(e.filename) != os.path.abspath(path)
         where = f" ({e.filename})" if other else ""
-        raise ConfigError(f"train.out_dir={path!r}: cannot create or write it: {e.strerror}{where}; "
-                          "choose a writable directory") from None
+        raise ConfigError(
+            f"train.out_dir={path!r}: cannot create or write it: {e.strerror}{where}; "
+            "choose a writable directory"
+        ) from None
 
 
 class DataStop(DataError):
@@ -36,17 +38,20 @@ class DataStop(DataError):
     report (already printed: the launcher must not see a rank exit before rank 0 has said why)."""
 
 
-def stop_on_bad_data(trainer: "Trainer", step: int) -> None:
+def stop_on_bad_data(trainer: Trainer, step: int) -> None:
     """All ranks agreed (in the step's all-reduce) that a rank hit the bad-file limit: save a checkpoint,
     gather every rank's report to rank 0 and raise :class:`DataStop` on all ranks."""
     trainer.save()
     mine = trainer.stream.stop_error
     reports = all_gather_object(str(mine) if mine is not None else None)
-    listed = "\n".join(f"[rank {r}] {text}" if len(reports) > 1 else text
-                       for r, text in enumerate(reports) if text)
-    message = (f"step {step}: stopping on bad training data (update of this step skipped); saved "
-               f"{trainer.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, then "
-               f"resume with train.resume=auto\n{listed}")
+    listed = "\n".join(
+        f"[rank {r}] {text}" if len(reports) > 1 else text for r, text in enumerate(reports) if text
+    )
+    message = (
+        f"step {step}: stopping on bad training data (update of this step skipped); saved "
+        f"{trainer.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, then "
+        f"resume with train.resume=auto\n{listed}"
+    )
     if trainer.env.is_writer:
         print(f"error: {message}", file=sys.stderr, flush=True)
     barrier()  # no rank exits (and makes the launcher kill the others) before the report is out

@@ -27,8 +27,16 @@ from omegaconf import OmegaConf
 from mats_scale.config import Config, ConfigError
 from mats_scale.optim import lr_at
 
-FREE_KEYS = ("train.resume", "train.out_dir", "train.allow_changes", "train.save_every", "train.keep_last",
-             "logging", "data.num_workers", "data.prefetch_factor")
+FREE_KEYS = (
+    "train.resume",
+    "train.out_dir",
+    "train.allow_changes",
+    "train.save_every",
+    "train.keep_last",
+    "logging",
+    "data.num_workers",
+    "data.prefetch_factor",
+)
 """Keys (or sections) a resume may always change: they do not change the numbers a run computes."""
 
 
@@ -62,8 +70,9 @@ def _covered(key: str, names) -> bool:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint value, this run's value)} of every key that differs, free keys left out."""
     keys = sorted(set(old) | set(new))
-    return {k: (old.get(k), new.get(k)) for k in keys
-            if old.get(k) != new.get(k) and not _covered(k, FREE_KEYS)}
+    return {
+        k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k) and not _covered(k, FREE_KEYS)
+    }
 
 
 def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, tuple[Any, Any]]:
@@ -87,12 +96,15 @@ def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, t
         if "train.steps" in refused:
             old, new = refused["train.steps"]
             step = meta["step"]
-            why = (f"; train.steps sets the cosine lr schedule, so the lr of step {step + 1} would go from "
-                   f"{_lr(cfg, old, step, total_batch):.3e} to {_lr(cfg, new, step, total_batch):.3e}")
+            why = (
+                f"; train.steps sets the cosine lr schedule, so the lr of step {step + 1} would go from "
+                f"{_lr(cfg, old, step, total_batch):.3e} to {_lr(cfg, new, step, total_batch):.3e}"
+            )
         raise ConfigError(
             f"cannot resume {checkpoint}: this run's config differs from the checkpoint's in {listed}{why}. "
             f"Resume with the run's settings, list the keys that may change in "
-            f"train.allow_changes=[{','.join(refused)}], or choose another train.out_dir")
+            f"train.allow_changes=[{','.join(refused)}], or choose another train.out_dir"
+        )
     return changes
 
 
@@ -100,19 +112,28 @@ def _lr(cfg: Config, total_steps: Any, step: int, total_batch: int) -> float:
     return lr_at(step, int(total_steps), cfg.optim, total_batch)
 
 
-def lr_change_note(cfg: Config, changes: dict[str, tuple[Any, Any]], step: int,
-                   total_batch: int) -> str | None:
+def lr_change_note(
+    cfg: Config, changes: dict[str, tuple[Any, Any]], step: int, total_batch: int
+) -> str | None:
     """The warning for an allowed train.steps change: the schedule is recomputed for the new total."""
     if "train.steps" not in changes:
         return None
     old, new = changes["train.steps"]
-    return (f"train.steps {old} -> {new} (allowed by train.allow_changes): the cosine lr schedule is "
-            f"recomputed for the new total, so the lr of step {step + 1} is "
-            f"{_lr(cfg, new, step, total_batch):.3e} instead of {_lr(cfg, old, step, total_batch):.3e}")
+    return (
+        f"train.steps {old} -> {new} (allowed by train.allow_changes): the cosine lr schedule is "
+        f"recomputed for the new total, so the lr of step {step + 1} is "
+        f"{_lr(cfg, new, step, total_batch):.3e} instead of {_lr(cfg, old, step, total_batch):.3e}"
+    )
 
 
-def write_run_record(cfg: Config, engine_files: dict[str, dict], resumed_from: Path | None, step: int,
-                     changes: dict[str, tuple[Any, Any]], provenance: dict[str, Any]) -> None:
+def write_run_record(
+    cfg: Config,
+    engine_files: dict[str, dict],
+    resumed_from: Path | None,
+    step: int,
+    changes: dict[str, tuple[Any, Any]],
+    provenance: dict[str, Any],
+) -> None:
     """Fresh run: config.yaml, the engine's resolved files (ds_config.json), provenance.json.
     Resume: one line in resumes.jsonl."""
     out = Path(cfg.train.out_dir)
@@ -124,9 +145,13 @@ def write_run_record(cfg: Config, engine_files: dict[str, dict], resumed_from: P
             write_json(content, str(out / name))
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         return
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(resumed_from),
-              "changes": {k: {"checkpoint": old, "now": new} for k, (old, new) in changes.items()},
-              "provenance": provenance}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "step": step,
+        "checkpoint": str(resumed_from),
+        "changes": {k: {"checkpoint": old, "now": new} for k, (old, new) in changes.items()},
+        "provenance": provenance,
+    }
     with open(out / "resumes.jsonl", "a") as f:
         f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
         f.flush()

@@ -60,8 +60,10 @@ def acquire(out_dir: str, env: DistEnv) -> None:
     all_reduce(taken, op="max")
     if taken.item():
         where = os.path.join(out_dir, LOCK_NAME)
-        raise RunDirInUse(f"train.out_dir={out_dir!r} is in use by another job ({owner or 'see rank 0'}; "
-                          f"lock {where}); wait for it to end or choose another train.out_dir")
+        raise RunDirInUse(
+            f"train.out_dir={out_dir!r} is in use by another job ({owner or 'see rank 0'}; "
+            f"lock {where}); wait for it to end or choose another train.out_dir"
+        )
 
 
 def release(out_dir: str) -> None:

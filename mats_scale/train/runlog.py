@@ -19,7 +19,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -29,10 +29,16 @@ from mats_scale.parallel.distributed import DistEnv
 # TensorBoard tag of each per-step metric of the Trainer (metrics.jsonl uses the keys); a task's own
 # metrics get the task's tags (``Task.tb_tags``), else ``task/<key>``.
 TB_TAGS = {
-    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-    "clips_per_s": "perf/clips_per_s", "step_time_s": "perf/step_time_s", "data_time_s": "perf/data_time_s",
-    "peak_mem_gib": "memory/peak_gib", "skipped_files": "data/skipped_files",
-    "skipped_steps": "train/skipped_steps", "mfu": "perf/mfu",
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "clips_per_s": "perf/clips_per_s",
+    "step_time_s": "perf/step_time_s",
+    "data_time_s": "perf/data_time_s",
+    "peak_mem_gib": "memory/peak_gib",
+    "skipped_files": "data/skipped_files",
+    "skipped_steps": "train/skipped_steps",
+    "mfu": "perf/mfu",
     "peak_mem_sum_gib": "memory/peak_sum_over_ranks_gib",
 }
 
@@ -40,8 +46,8 @@ TB_TAGS = {
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated CUDA memory of this process, or its peak resident set size on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _duration(seconds: float) -> str:
@@ -93,17 +99,24 @@ class RunLogger:
         self._out_dir = out_dir
         self._losses: list[float] = []  # this session's step losses, for the closing summary
         self._window: list[dict[str, Any]] = []  # the steps since the last log line
-        self._steps_per_epoch: Optional[float] = None
+        self._steps_per_epoch: float | None = None
         self._t_start, self._step_start = time.perf_counter(), 0
 
-    def start(self, start_step: int, resumed_from: Optional[str], info: dict[str, Any]) -> None:
+    def start(self, start_step: int, resumed_from: str | None, info: dict[str, Any]) -> None:
         if not self.env.is_writer:
             return
         dropped = self._drop_steps_after(start_step) if resumed_from else 0
         self._steps_per_epoch = info.get("steps_per_epoch")
         self._t_start, self._step_start = time.perf_counter(), start_step
-        self._event({"event": "start", "step": start_step, "resumed_from": resumed_from,
-                     "dropped_steps": dropped, **info})
+        self._event(
+            {
+                "event": "start",
+                "step": start_step,
+                "resumed_from": resumed_from,
+                "dropped_steps": dropped,
+                **info,
+            }
+        )
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -111,8 +124,14 @@ class RunLogger:
         if self.cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, smoothing=0.1)
+            self.bar = tqdm(
+                total=self.total,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+            )
 
     def _drop_steps_after(self, step: int) -> int:
         """Rewrite metrics.jsonl without the step records past `step` (atomically); returns how many."""
@@ -181,12 +200,14 @@ class RunLogger:
         epoch = f"  epoch {step / self._steps_per_epoch:.2f}" if self._steps_per_epoch else ""
         done = step - self._step_start
         eta = (time.perf_counter() - self._t_start) / done * (self.total - step) if done else 0.0
-        return (f"step {step:6d}/{self.total}{epoch}  loss {loss} (mean of {len(w)})  lr {m['lr']:.3e}  "
-                f"grad_norm {grad}  {clips:.2f} clips/s  {step_time:.3f} s/step  ETA {_duration(eta)}  "
-                + (f"mfu {m['mfu']:.1%}  " if "mfu" in m else "")
-                + (self.task_format.format(**m) + "  " if self.task_format else "")
-                + f"peak {m['peak_mem_gib']:.2f} GiB  "
-                f"skipped files {m['skipped_files']} steps {m['skipped_steps']}")
+        return (
+            f"step {step:6d}/{self.total}{epoch}  loss {loss} (mean of {len(w)})  lr {m['lr']:.3e}  "
+            f"grad_norm {grad}  {clips:.2f} clips/s  {step_time:.3f} s/step  ETA {_duration(eta)}  "
+            + (f"mfu {m['mfu']:.1%}  " if "mfu" in m else "")
+            + (self.task_format.format(**m) + "  " if self.task_format else "")
+            + f"peak {m['peak_mem_gib']:.2f} GiB  "
+            f"skipped files {m['skipped_files']} steps {m['skipped_steps']}"
+        )
 
     def summary(self) -> None:
         """One line that shows whether the loss fell: mean of the session's first vs last steps."""
@@ -195,8 +216,10 @@ class RunLogger:
             return
         k = max(1, min(10, len(finite) // 3))
         first, last = sum(finite[:k]) / k, sum(finite[-k:]) / k
-        self.info(f"loss: mean of the first {k} steps {first:.4f} -> mean of the last {k} steps {last:.4f} "
-                  f"({last / first:.2f}x)")
+        self.info(
+            f"loss: mean of the first {k} steps {first:.4f} -> mean of the last {k} steps {last:.4f} "
+            f"({last / first:.2f}x)"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -15,8 +15,9 @@ import math
 from mats_scale.config import Config, ConfigError
 
 
-def steps_per_epoch(num_videos: int, world_size: int, batch_size: int, num_sample: int,
-                    grad_accum: int) -> int:
+def steps_per_epoch(
+    num_videos: int, world_size: int, batch_size: int, num_sample: int, grad_accum: int
+) -> int:
     batches = math.ceil(num_videos / world_size) // (batch_size // num_sample)
     return batches // grad_accum
 
@@ -35,9 +36,11 @@ def resolve_epochs(cfg: Config, world_size: int) -> tuple[Config, str | None]:
     videos = num_videos(cfg)
     per_epoch = steps_per_epoch(videos, world_size, cfg.data.batch_size, cfg.data.num_sample, o.grad_accum)
     if per_epoch < 1:
-        raise ConfigError(f"train.epochs: {videos} videos over {world_size} processes give no full optimizer "
-                          f"step per epoch (data.batch_size={cfg.data.batch_size}, "
-                          f"optim.grad_accum={o.grad_accum})")
+        raise ConfigError(
+            f"train.epochs: {videos} videos over {world_size} processes give no full optimizer "
+            f"step per epoch (data.batch_size={cfg.data.batch_size}, "
+            f"optim.grad_accum={o.grad_accum})"
+        )
     steps = max(1, round(t.epochs * per_epoch)) if t.epochs is not None else t.steps
     warmup = round(o.warmup_epochs * per_epoch) if o.warmup_epochs is not None else o.warmup_steps
     parts = [f"{per_epoch} optimizer steps per epoch ({videos} videos, {world_size} processes)"]
@@ -45,6 +48,7 @@ def resolve_epochs(cfg: Config, world_size: int) -> tuple[Config, str | None]:
         parts.append(f"train.epochs={t.epochs:g} -> train.steps={steps}")
     if o.warmup_epochs is not None:
         parts.append(f"optim.warmup_epochs={o.warmup_epochs:g} -> optim.warmup_steps={warmup}")
-    out = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps),
-                              optim=dataclasses.replace(o, warmup_steps=warmup))
+    out = dataclasses.replace(
+        cfg, train=dataclasses.replace(t, steps=steps), optim=dataclasses.replace(o, warmup_steps=warmup)
+    )
     return out, "schedule: " + "; ".join(parts)

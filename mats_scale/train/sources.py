@@ -29,8 +29,9 @@ class BatchStream:
                 return next(self._it)
             except StopIteration:
                 self._it = None
-        raise DataError(f"the data loader yields no batch in a whole epoch "
-                        f"({len(self.loader)} batches per epoch)")
+        raise DataError(
+            f"the data loader yields no batch in a whole epoch ({len(self.loader)} batches per epoch)"
+        )
 
     @property
     def stop_error(self):
