@@ -201,6 +201,9 @@ class OptimConfig:
     """Micro-batches accumulated per optimizer step."""
     fused: bool = True
     """Fused AdamW kernel (torch's fused=True, CPU and CUDA); false uses the per-parameter loop."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (fine-tuning; VideoMAE: 0.75): block i of L gets lr * decay^(L + 1 - (i + 1)),
+    the patch embedding decay^(L + 1), the head 1. 1.0: off (one lr for every parameter)."""
 
     def __post_init__(self) -> None:
         check_positive("optim.base_lr", self.base_lr)
@@ -214,6 +217,8 @@ class OptimConfig:
             fail("optim.betas", list(self.betas), "must be two numbers in [0, 1)")
         if self.clip_grad is not None:
             check_positive("optim.clip_grad", self.clip_grad)
+        if not 0.0 < self.layer_decay <= 1.0:
+            fail("optim.layer_decay", self.layer_decay, "must be in (0, 1] (1: no layer-wise decay)")
 
 
 @dataclass
@@ -311,6 +316,42 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: str = ""
+    """Weights to start from: a .pt file (this project's export, or an official VideoMAE / VideoMAE V2 /
+    EVEREST checkpoint), a run directory or a step_* checkpoint of this project; empty: from scratch."""
+    num_classes: int = 0
+    """Classifier outputs; 0: from the data (bundled: its 10 classes; list/folder: largest label + 1)."""
+    select: str = "mats"
+    """Training tokens: mats (the top masking.finetune_keep_ratio by motion, EVEREST) or all (VideoMAE)."""
+    head_drop: float = 0.0
+    """Dropout before the head (VideoMAE's fc_drop_rate)."""
+    learned_pos: bool = False
+    """A learned position table (for checkpoints that bring one) instead of the fixed sin-cos table."""
+    drop_head: bool = False
+    """Initialise a fresh head even when `init` brings one (another label set)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy (and of the Mixup targets)."""
+    mixup: float = 0.0
+    """timm Mixup alpha (VideoMAE: 0.8); 0 with cutmix 0 turns mixing off."""
+    cutmix: float = 0.0
+    """timm CutMix alpha (VideoMAE: 1.0); boxes are cut from every frame at the same place."""
+    eval_only: bool = False
+    """Only evaluate (`init`, or the newest checkpoint of train.out_dir) on the val split; no training."""
+    eval_at_end: bool = True
+    """Evaluate on the val split after training (data.eval_clips x data.eval_crops views)."""
+
+    def __post_init__(self) -> None:
+        check_choice("finetune.select", self.select, ["mats", "all"])
+        check_positive("finetune.num_classes", self.num_classes, allow_zero=True)
+        for key in ("head_drop", "label_smoothing"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                fail(f"finetune.{key}", getattr(self, key), "must be in [0, 1)")
+        for key in ("mixup", "cutmix"):
+            check_positive(f"finetune.{key}", getattr(self, key), allow_zero=True)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -319,6 +360,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         _check_all_finite(self)  # nan / inf for any float key (the section checks compare, nan passes)

@@ -124,9 +124,21 @@ def test_finetune_augment_shape():
 def test_multi_clip_views_spread_over_the_video():
     from mats_scale.data.video import multi_clip_indices
 
-    views = multi_clip_indices(100, 8, 4, 5)
-    assert [v[0] for v in views] == [0, 18, 36, 53, 71] and views[-1][-1] == 99  # first to last clip
-    assert all(v[1] - v[0] == 4 for v in views)
+    def videomae_test_starts(n: int, clip_len: int, rate: int, num_segment: int) -> list[int]:
+        # Transcribed from VideoMAE datasets/kinetics.py (VideoClsDataset, mode "test"):
+        #   all_index = [x for x in range(0, len(vr), self.frame_sample_rate)]  (loadvideo_decord)
+        #   temporal_step = max(1.0 * (buffer.shape[0] - self.clip_len) / (self.test_num_segment - 1), 0)
+        #   temporal_start = int(chunk_nb * temporal_step)
+        all_index = list(range(0, n, rate))
+        temporal_step = max(1.0 * (len(all_index) - clip_len) / (num_segment - 1), 0)
+        return [all_index[int(chunk_nb * temporal_step)] for chunk_nb in range(num_segment)]
+
+    for n, length, rate, clips in [(100, 8, 4, 5), (300, 16, 4, 5), (64, 16, 2, 2), (250, 16, 4, 3)]:
+        views = multi_clip_indices(n, length, rate, clips)
+        assert [v[0] for v in views] == videomae_test_starts(n, length, rate, clips)
+        assert all(v == list(range(v[0], v[0] + length * rate, rate)) for v in views)
+        assert views[-1][-1] < n
+    assert [v[0] for v in multi_clip_indices(100, 8, 4, 5)] == [0, 16, 32, 48, 68]  # the case
     seg = multi_clip_indices(40, 8, 4, 2, segments=True)
     assert seg[0] != seg[1] and all(i // 5 == k for v in seg for k, i in enumerate(v))
     assert multi_clip_indices(5, 8, 4, 3) == [[0, 1, 2, 3, 4, 0, 1, 2]] * 3  # looped: one distinct view

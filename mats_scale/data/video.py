@@ -326,9 +326,15 @@ def _first_line(e: BaseException) -> str:
 def multi_clip_indices(
     num_frames: int, length: int, rate: int, num_clips: int, segments: bool = False
 ) -> list[list[int]]:
-    """Test-time temporal views: `num_clips` clips spread evenly over the video (VideoMAE's
-    ``test_num_segment``): strided clips start at evenly spaced offsets in [0, n - span]; with
-    `segments` each view takes a different evenly spaced position inside every segment."""
+    """Test-time temporal views: `num_clips` clips spread over the video (VideoMAE's ``test_num_segment``).
+
+    Strided clips follow VideoMAE's test mode (``datasets/kinetics.py``, ``VideoClsDataset``): the buffer
+    is every `rate`-th frame, ``0, rate, 2 rate, ...``; clip ``c`` is `length` consecutive buffer entries
+    from ``int(c * step)``, ``step = (len(buffer) - length) / (num_clips - 1)``. One clip (where VideoMAE
+    divides by zero) is centred in the buffer. A buffer shorter than `length` keeps this module's
+    short-video fallback (smaller stride, then looping; VideoMAE repeats the last frame) as one view.
+    With `segments` each view takes a different evenly spaced position inside every segment.
+    """
     if num_clips < 1:
         raise ValueError(f"num_clips={num_clips}: must be >= 1")
     if segments:
@@ -338,13 +344,16 @@ def multi_clip_indices(
             [min(int(edges[i] + width[i] * (c + 0.5) / num_clips), num_frames - 1) for i in range(length)]
             for c in range(num_clips)
         ]
-    first = clip_indices(num_frames, length, rate, None)
-    stride = first[1] - first[0] if length > 1 else 1
-    if first != [first[0] + i * stride for i in range(length)]:  # looped short video: one view
-        return [first] * num_clips
-    room = num_frames - ((length - 1) * stride + 1)
-    starts = np.linspace(0, room, num_clips) if num_clips > 1 else [room // 2]
-    return [[int(round(s)) + i * stride for i in range(length)] for s in starts]
+    buffer = list(range(0, num_frames, rate))
+    if len(buffer) < length:
+        return [clip_indices(num_frames, length, rate, None)] * num_clips
+    room = len(buffer) - length
+    if num_clips == 1:
+        starts = [room // 2]
+    else:
+        step = room / (num_clips - 1)
+        starts = [int(c * step) for c in range(num_clips)]
+    return [buffer[s : s + length] for s in starts]
 
 
 def read_eval_views(

@@ -27,7 +27,7 @@ from torch import nn
 
 from mats_scale.config import Config, ParallelConfig
 from mats_scale.models.spec import ModelSpec, build_model
-from mats_scale.optim import build_adamw, param_groups, peak_lr, total_batch
+from mats_scale.optim import build_adamw, optimizer_groups, peak_lr, set_lr, total_batch
 from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
@@ -120,7 +120,7 @@ class DeepSpeedEngine:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             self.optimizer = DeepSpeedCPUAdam(
-                param_groups(model, cfg.optim.weight_decay),
+                optimizer_groups(model, cfg.optim),
                 lr=peak_lr(cfg.optim, batch),
                 betas=tuple(cfg.optim.betas),
                 adamw_mode=True,
@@ -160,8 +160,7 @@ class DeepSpeedEngine:
 
     def step(self, lr: float, skip: bool = False) -> StepResult:
         assert self.ds.is_gradient_accumulation_boundary(), "step() after a micro-batch short of grad_accum"
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         norm = None
         if self.stage == 0:
             # Without ZeRO, DeepSpeed clips and applies the client optimizer to whatever gradients

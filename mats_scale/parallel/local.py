@@ -13,7 +13,7 @@ from torch import nn
 
 from mats_scale.config import Config, ParallelConfig
 from mats_scale.models.spec import ModelSpec, build_model
-from mats_scale.optim import build_adamw, total_batch
+from mats_scale.optim import build_adamw, set_lr, total_batch
 from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
@@ -69,8 +69,7 @@ class LocalEngine:
         norm = clip_and_norm(self.params, self.cfg.optim.clip_grad)
         applied = not skip and math.isfinite(norm)
         if applied:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.zero_grad()
         return StepResult(norm, applied)

@@ -348,7 +348,11 @@ def train(cfg: Config, task: Task | None = None) -> TrainResult:
         task = PretrainTask(cfg)
     trainer = Trainer(cfg, task)
     try:
-        return trainer.run()
+        result = trainer.run()
+        finish = getattr(task, "finish", None)  # optional: e.g. fine-tuning's evaluation after training
+        if finish is not None and not result.stopped_by_signal:
+            finish(trainer)
+        return result
     except BaseException:
         trainer.stream.close()  # whatever the error: the data workers go now, or the exit waits for them
         raise

@@ -70,6 +70,7 @@ class Task(Protocol):
 
 TASKS: dict[str, str] = {
     "pretrain": "mats_scale.train.pretrain:PretrainTask",
+    "finetune": "mats_scale.train.finetune:FinetuneTask",
 }
 """Task name -> class, for launchers and for tools that rebuild a run's model from its checkpoint."""
 

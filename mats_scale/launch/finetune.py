@@ -1,0 +1,52 @@
+"""Fine-tuning (and evaluation) of a video classifier with MATS token selection.
+
+    deepspeed [--num_gpus N] launchers/finetune.py [--config FILE|NAME] [--eval] [key=value ...]
+    torchrun --nproc_per_node N launchers/finetune.py [--config FILE|NAME] [--eval] [key=value ...]
+    python launchers/finetune.py [--config FILE|NAME] [--eval] [key=value ...]     # one process
+
+Installed: ``mats-finetune ...``, ``deepspeed --module mats_scale.launch.finetune ...``. Without --config
+the shipped ``finetune_default`` job runs (the bundled dataset, from scratch unless ``finetune.init``
+names a pre-training run, e.g. ``finetune.init=runs/default``). Training runs on the generic Trainer
+(every engine, exact resume, TensorBoard) and ends with the multi-view evaluation of the val split.
+``--eval`` (= ``finetune.eval_only=true``) only evaluates ``finetune.init``: a fine-tuned run directory,
+step_* checkpoint, exported .pt or official fine-tuned checkpoint. Exit status: 0 done, 1 run error,
+2 bad configuration (also a checkpoint that does not fit the model).
+"""
+
+from __future__ import annotations
+
+import sys
+
+FINETUNE_DEFAULT = "finetune_default"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mats_scale.config import ConfigError, load_config_or_exit, parse_args
+    from mats_scale.launch import run_job
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--eval" in argv:
+        argv = [a for a in argv if a != "--eval"] + ["finetune.eval_only=true"]
+    path, _ = parse_args(argv)
+    cfg = load_config_or_exit(argv if path else ["--config", FINETUNE_DEFAULT, *argv])
+    if not cfg.finetune.eval_only:
+        return run_job("finetune", argv, default_config=FINETUNE_DEFAULT)
+
+    from mats_scale.data.errors import DataError
+    from mats_scale.parallel.distributed import LaunchError, shutdown
+    from mats_scale.train.finetune import evaluate_only
+
+    try:
+        evaluate_only(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (LaunchError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

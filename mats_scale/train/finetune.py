@@ -1,0 +1,310 @@
+"""Fine-tuning and evaluation as a task of the generic Trainer (the second task next to pre-training).
+
+Per micro-batch: clip and label to the device -> optional timm Mixup/CutMix (the same box on every
+frame) -> MATS fine-tuning selection (``finetune.select=mats``: the deterministic top
+``masking.finetune_keep_ratio`` tokens by the model's embedding motion score) -> classifier forward
+over the selected tokens only -> cross-entropy with label smoothing (soft-target cross-entropy with
+Mixup). Metrics: correct predictions (batches without mixing) and tokens through the encoder.
+
+Evaluation (:meth:`FinetuneTask.evaluate`, after training or alone with ``finetune.eval_only`` /
+``--eval``): every video of the val split exactly once over all ranks, ``data.eval_clips x
+data.eval_crops`` views, softmax averaged over the views; each rank adds its videos' averages into a
+(num_videos, K) sum that one all-reduce combines (a count per video checks each was scored once);
+top-1, top-5, per-class accuracy, ``eval/results.json`` and ``eval/confusion.png`` in train.out_dir.
+Views see the selected tokens, or all tokens with ``masking.finetune_eval_keep_all``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mats_scale.config import Config, ConfigError
+from mats_scale.masking.mats import finetune_selection
+from mats_scale.models.classifier import classifier_spec
+from mats_scale.models.spec import ModelSpec, build_model
+from mats_scale.parallel.base import Engine
+from mats_scale.train.task import Loader, StepOutput
+
+
+def dataset_num_classes(cfg: Config) -> int:
+    """finetune.num_classes, or from the data: bundled -> its classes, list/folder -> largest label + 1."""
+    if cfg.finetune.num_classes:
+        return cfg.finetune.num_classes
+    if cfg.data.dataset in ("bundled", "synthetic"):
+        from mats_scale.data.synth import CLASSES
+
+        if cfg.data.dataset == "bundled":
+            return len(CLASSES)
+        raise ConfigError(
+            "finetune.num_classes: 0 (from the data) needs labelled files; set it for data.dataset=synthetic"
+        )
+    from mats_scale.data.loader import resolve_items
+
+    return 1 + max(it.label for it in resolve_items(cfg, "train"))
+
+
+def is_writer() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class VideoMixup:
+    """timm ``Mixup`` on clips: frames are folded into channels, (B, C, T, H, W) -> (B, C*T, H, W), so a
+    CutMix box covers the same pixels in every frame (timm indexes the last two dims as H, W)."""
+
+    def __init__(self, cfg: Config, num_classes: int) -> None:
+        from timm.data import Mixup
+
+        f = cfg.finetune
+        self.mixup = Mixup(
+            mixup_alpha=f.mixup,
+            cutmix_alpha=f.cutmix,
+            label_smoothing=f.label_smoothing,
+            num_classes=num_classes,
+        )
+
+    def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, C, T, H, W = video.shape
+        x, target = self.mixup(video.reshape(B, C * T, H, W), label)
+        return x.reshape(B, C, T, H, W), target
+
+
+class FinetuneTask:
+    name = "finetune"
+    log_format = "acc {train_acc:.3f} tokens/clip {tokens_per_clip}"
+    tb_tags = {"train_acc": "finetune/train_acc", "tokens_per_clip": "tokens/encoder_per_clip"}
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        f = cfg.finetune
+        if cfg.data.batch_size % 2 and (f.mixup or f.cutmix):
+            raise ConfigError(
+                f"data.batch_size: {cfg.data.batch_size}: timm Mixup/CutMix pairs clips "
+                "(finetune.mixup/cutmix > 0), so it must be even"
+            )
+        self.num_classes = dataset_num_classes(cfg)
+        self.init_state: dict[str, torch.Tensor] | None = None
+        self.init_report = "no finetune.init: training from scratch (random initialisation)"
+        if f.init:
+            self.init_state, self.init_report = self._load_init(f.init)
+        elif f.eval_only:
+            raise ConfigError(
+                "finetune.eval_only: needs finetune.init (a fine-tuned run directory, step_* "
+                "checkpoint or .pt file) to evaluate"
+            )
+        if is_writer():
+            print(self.init_report, flush=True)
+        self.mix = VideoMixup(cfg, self.num_classes) if (f.mixup or f.cutmix) else None
+
+    def _load_init(self, path: str) -> tuple[dict[str, torch.Tensor], str]:
+        from mats_scale.models.load import InitError, map_state
+        from mats_scale.train.export import read_weights
+
+        f = self.cfg.finetune
+        target = build_model(self._spec(None), "meta").state_dict()
+        try:
+            sd, source = read_weights(path)
+            state, report = map_state(sd, target, self.cfg.model.grid, source=source, drop_head=f.drop_head)
+        except InitError as e:
+            raise ConfigError(f"finetune.init: {e}") from None
+        if f.eval_only and report.fresh:
+            raise ConfigError(
+                f"finetune.init: {path} has no trained {', '.join(report.fresh)}; "
+                "evaluation needs a fine-tuned classifier"
+            )
+        return state, report.lines()
+
+    def _spec(self, init_state) -> ModelSpec:
+        return classifier_spec(
+            self.cfg.model,
+            self.num_classes,
+            head_drop=self.cfg.finetune.head_drop,
+            learned_pos=self.cfg.finetune.learned_pos,
+            init_state=init_state,
+        )
+
+    def model_spec(self) -> ModelSpec:
+        return self._spec(self.init_state)
+
+    def build_loader(self, rank: int, world_size: int) -> Loader:
+        from mats_scale.data.finetune import build_finetune_loader
+
+        return build_finetune_loader(self.cfg, rank=rank, world_size=world_size)
+
+    # ---- one micro-batch --------------------------------------------------------------------
+    def select(self, engine: Engine, video: torch.Tensor, keep_all: bool) -> torch.Tensor | None:
+        """Token ids (B, n) the encoder sees, or None for all tokens."""
+        if keep_all:
+            return None
+        with torch.no_grad(), engine.autocast():
+            scores = engine.module.motion_scores(video, "embed")
+        return finetune_selection(scores, self.cfg.masking.finetune_keep_ratio)
+
+    def step(self, engine: Engine, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        video = batch["video"].to(engine.env.device, non_blocking=True)
+        label = batch["label"].to(engine.env.device, non_blocking=True)
+        target = None
+        if self.mix is not None:
+            video, target = self.mix(video, label)
+        ids = self.select(engine, video, keep_all=self.cfg.finetune.select == "all")
+        logits = engine.forward(video, ids).float()
+        if target is None:
+            loss = F.cross_entropy(logits, label, label_smoothing=self.cfg.finetune.label_smoothing)
+            correct, scored = (logits.argmax(-1) == label).sum(), label.numel()
+        else:  # soft targets: timm's SoftTargetCrossEntropy
+            loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            correct, scored = 0, 0
+        n = ids.shape[1] if ids is not None else self.cfg.model.num_tokens
+        return StepOutput(
+            loss,
+            {
+                "correct": correct.detach() if torch.is_tensor(correct) else correct,
+                "scored": scored,
+                "tokens": n * video.shape[0],
+                "clips": video.shape[0],
+            },
+        )
+
+    def summarize(self, totals: Mapping[str, float], micro_batches: int) -> dict[str, Any]:
+        acc = totals["correct"] / totals["scored"] if totals["scored"] else float("nan")
+        return {"train_acc": acc, "tokens_per_clip": int(totals["tokens"] / max(totals["clips"], 1))}
+
+    def checkpoint_key(self) -> dict[str, Any]:
+        return {"model": asdict(self.cfg.model), "num_classes": self.num_classes}
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
+        """Multi-view evaluation of the val split on every rank (see the module doc); rank 0 writes
+        ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
+        import torch.distributed as dist
+
+        from mats_scale.data.finetune import build_eval_loader
+        from mats_scale.data.loader import resolve_items
+        from mats_scale.parallel.distributed import all_reduce
+
+        cfg, env = self.cfg, engine.env
+        items = resolve_items(cfg, "val")
+        K, V = self.num_classes, cfg.data.eval_clips * cfg.data.eval_crops
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        loader = build_eval_loader(cfg, rank=rank, world_size=world)
+        # Sharded engines gather parameters in every forward: all ranks run the same number of forwards.
+        n_local = torch.tensor([float(len(loader))], dtype=torch.float64, device=env.device)
+        n_max = int(all_reduce(n_local.clone(), op="max").item())
+        sums = torch.zeros(len(items), K, dtype=torch.float64, device=env.device)
+        counts = torch.zeros(len(items), dtype=torch.float64, device=env.device)
+        keep_all = cfg.masking.finetune_eval_keep_all or cfg.finetune.select == "all"
+        module = engine.module
+        was_training = module.training
+        module.eval()
+        shape = None
+        batches = iter(loader)
+        for _ in range(n_max):
+            batch = next(batches, None)
+            if batch is None:  # this rank is done: a dummy score + forward keeps the collectives matched
+                dummy = torch.zeros(shape, device=env.device)
+                engine.forward(dummy, self.select(engine, dummy, keep_all))
+                continue
+            views = batch["views"].to(env.device, non_blocking=True)  # (B, V, C, T, S, S)
+            clips = views.flatten(0, 1)
+            shape = (1, *clips.shape[1:])
+            probs = engine.forward(clips, self.select(engine, clips, keep_all)).float().softmax(-1)
+            probs = probs.view(views.shape[0], V, K).mean(1).double()  # softmax averaged over the views
+            index = batch["index"].to(env.device)
+            sums.index_add_(0, index, probs)
+            counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        module.train(was_training)
+        all_reduce(sums)
+        all_reduce(counts)
+        if not bool((counts == 1).all()):
+            raise RuntimeError(
+                f"evaluation scored {int((counts == 0).sum())} videos never and "
+                f"{int((counts > 1).sum())} more than once"
+            )
+        labels = torch.tensor([it.label for it in items], device=env.device)
+        results = score_results(sums.cpu(), labels.cpu(), K)
+        results.update(
+            {
+                "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
+                "videos": len(items),
+                "tokens": "all" if keep_all else f"top {cfg.masking.finetune_keep_ratio} by motion",
+                "init": self.init_report,
+            }
+        )
+        if out_dir and rank == 0:
+            write_results(results, os.path.join(out_dir, "eval"))
+        return results
+
+    def finish(self, trainer) -> None:
+        """After training (loop.train): the evaluation, unless finetune.eval_at_end is off."""
+        if not self.cfg.finetune.eval_at_end:
+            return
+        r = self.evaluate(trainer.engine, self.cfg.train.out_dir)
+        trainer.log.info(
+            f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} "
+            f"top-5 {r['top5']:.4f} -> {os.path.join(self.cfg.train.out_dir, 'eval')}"
+        )
+
+
+def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Top-1 / top-5 / per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
+    k = min(5, num_classes)
+    top = scores.topk(k, dim=1).indices
+    pred = top[:, 0]
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = [
+        (confusion[c, c] / confusion[c].sum()).item() if confusion[c].sum() else None
+        for c in range(num_classes)
+    ]
+    return {
+        "top1": (pred == labels).double().mean().item(),
+        "top5": (top == labels[:, None]).any(1).double().mean().item(),
+        "per_class_acc": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def write_results(results: dict[str, Any], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    conf = torch.tensor(results["confusion"], dtype=torch.float64)
+    norm = conf / conf.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(norm.numpy(), vmin=0, vmax=1, cmap="Blues")
+    ax.set(xlabel="predicted", ylabel="true", title=f"top-1 {results['top1']:.3f} ({results['views']} views)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "confusion.png"), dpi=100)
+    plt.close(fig)
+
+
+def evaluate_only(cfg: Config) -> dict[str, Any]:
+    """``finetune.eval_only``: the classifier of finetune.init, evaluated on every rank."""
+    from mats_scale.parallel.distributed import init_distributed
+    from mats_scale.parallel.engine import build_engine
+
+    task = FinetuneTask(cfg)
+    env = init_distributed(cfg.train, cfg.parallel)
+    engine = build_engine(cfg, env, task.model_spec())
+    r = task.evaluate(engine, cfg.train.out_dir)
+    if env.is_writer:
+        print(
+            f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
+            f"-> {os.path.join(cfg.train.out_dir, 'eval')}",
+            flush=True,
+        )
+    return r
