@@ -77,7 +77,14 @@ def test_short_finetune_then_evaluation_writes_consistent_results(dataset, tmp_p
     from mats_scale.train.finetune import FinetuneTask
     from mats_scale.train.loop import train as loop_train
 
-    cfg2 = cfg_for(dataset, tmp_path / "run", "train.steps=12", "data.batch_size=8", "data.eval_clips=2")
+    cfg2 = cfg_for(
+        dataset,
+        tmp_path / "run",
+        "train.steps=12",
+        "train.allow_changes=[train.steps]",
+        "data.batch_size=8",
+        "data.eval_clips=2",
+    )
     loop_train(cfg2, FinetuneTask(cfg2))  # resumes at step 10, trains 2 steps, evaluates
     saved = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     conf = torch.tensor(saved["confusion"])

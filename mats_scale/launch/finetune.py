@@ -21,16 +21,18 @@ FINETUNE_DEFAULT = "finetune_default"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mats_scale.config import ConfigError, load_config_or_exit, parse_args
+    from mats_scale.cli import load_or_exit
+    from mats_scale.config import ConfigError
     from mats_scale.launch import run_job
+    from mats_scale.resources import config_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--eval" in argv:
         argv = [a for a in argv if a != "--eval"] + ["finetune.eval_only=true"]
-    path, _ = parse_args(argv)
-    cfg = load_config_or_exit(argv if path else ["--config", FINETUNE_DEFAULT, *argv])
+    prog = "launchers/finetune.py"
+    cfg = load_or_exit(argv, prog=prog, description=__doc__, default_config=config_path(FINETUNE_DEFAULT))
     if not cfg.finetune.eval_only:
-        return run_job("finetune", argv, default_config=FINETUNE_DEFAULT)
+        return run_job("finetune", argv, prog=prog, description=__doc__, default_config=FINETUNE_DEFAULT)
 
     from mats_scale.data.errors import DataError
     from mats_scale.parallel.distributed import LaunchError, shutdown

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mats_scale.config import Config, ConfigError
+from mats_scale.data.device import to_model_input
 from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.classifier import classifier_spec
 from mats_scale.models.spec import ModelSpec, build_model
@@ -147,7 +148,7 @@ class FinetuneTask:
         return finetune_selection(scores, self.cfg.masking.finetune_keep_ratio)
 
     def step(self, engine: Engine, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
-        video = batch["video"].to(engine.env.device, non_blocking=True)
+        video = to_model_input(batch, engine.env.device)  # uint8 from the workers -> normalised float32
         label = batch["label"].to(engine.env.device, non_blocking=True)
         target = None
         if self.mix is not None:
