@@ -35,13 +35,11 @@ from mats_scale.models.layers import (
     Attention,
     Block,
     PatchEmbed3D,
-    drop_path_rates,
     gather_patches,
     sincos_table,
 )
+from mats_scale.models.pretrain import NORM_EPS, encoder_blocks
 from mats_scale.models.spec import InitMixin, ModelSpec, build_model
-
-NORM_EPS = 1e-6
 
 
 class VideoClassifier(InitMixin, nn.Module):
@@ -68,17 +66,7 @@ class VideoClassifier(InitMixin, nn.Module):
             self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_tokens, arch.embed_dim))
         else:  # fixed sin-cos table (N, D), filled by reset_buffers()
             self.register_buffer("pos_embed", torch.empty(cfg.num_tokens, arch.embed_dim), persistent=False)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim=arch.embed_dim,
-                num_heads=arch.num_heads,
-                mlp_dim=arch.mlp_dim,
-                drop_path=dpr,
-                fused_attn=cfg.attn_impl == "sdpa",
-                norm_eps=NORM_EPS,
-            )
-            for dpr in drop_path_rates(cfg.drop_path, arch.depth)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.fc_norm = nn.LayerNorm(arch.embed_dim, eps=NORM_EPS)
         self.fc_dropout = nn.Dropout(head_drop)
         self.head = nn.Linear(arch.embed_dim, num_classes)

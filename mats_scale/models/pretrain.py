@@ -59,6 +59,23 @@ def pixel_targets(patches: torch.Tensor, in_chans: int, normalize: bool) -> torc
     return x.transpose(-1, -2).flatten(2)
 
 
+def encoder_blocks(cfg: ModelArgs) -> nn.ModuleList:
+    """The ViT encoder's blocks of `cfg` (pre-training encoder and fine-tuning classifier alike), with
+    stochastic depth rising linearly to ``cfg.drop_path``."""
+    arch = cfg.arch
+    return nn.ModuleList(
+        Block(
+            dim=arch.embed_dim,
+            num_heads=arch.num_heads,
+            mlp_dim=arch.mlp_dim,
+            drop_path=dpr,
+            fused_attn=cfg.attn_impl == "sdpa",
+            norm_eps=NORM_EPS,
+        )
+        for dpr in drop_path_rates(cfg.drop_path, arch.depth)
+    )
+
+
 class VideoEncoder(nn.Module):
     def __init__(self, cfg: ModelArgs, in_chans: int = 3) -> None:
         super().__init__()
@@ -67,17 +84,7 @@ class VideoEncoder(nn.Module):
         self.patch_embed = PatchEmbed3D(
             in_chans=in_chans, embed_dim=arch.embed_dim, tubelet_size=cfg.tubelet_size, patch_size=cfg.patch
         )
-        self.blocks = nn.ModuleList(
-            Block(
-                dim=arch.embed_dim,
-                num_heads=arch.num_heads,
-                mlp_dim=arch.mlp_dim,
-                drop_path=dpr,
-                fused_attn=cfg.attn_impl == "sdpa",
-                norm_eps=NORM_EPS,
-            )
-            for dpr in drop_path_rates(cfg.drop_path, arch.depth)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.LayerNorm(arch.embed_dim, eps=NORM_EPS)
         # Fixed sin-cos table (N, D): a non-persistent buffer, filled by reset_buffers().
         self.register_buffer("pos_embed", torch.empty(cfg.num_tokens, arch.embed_dim), persistent=False)
