@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mats_scale.masking.motion import fill_from_transitions, valid_transitions
+from mats_scale.masking.motion import fill_from_transitions, tubelet_grid, valid_transitions
 
 SEARCH_SIDE = 56
 """Short side (px) of the pooled tubelets the candidates are found and tested on."""
@@ -214,14 +214,8 @@ def compensated_motion_scores(
     video: (B, C, T, H, W) float or uint8; cuts: optional (B, T-1) bool shot cuts (no difference
     across one is counted); shifts: optional (B, T'-1, 2) to use instead of :func:`global_shifts`.
     """
-    if video.dim() != 5:
-        raise ValueError(f"compensated_motion_scores expects (B, C, T, H, W), got shape {tuple(video.shape)}")
-    B, C, T, H, W = video.shape
-    if T % tubelet or H % patch or W % patch:
-        raise ValueError(
-            f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of {tubelet}x{patch}x{patch}"
-        )
-    nt, nh, nw = T // tubelet, H // patch, W // patch
+    B, nt, nh, nw = tubelet_grid(video, tubelet, patch, "compensated_motion_scores")
+    C, H, W = video.shape[1], video.shape[3], video.shape[4]
     if nt == 1:
         return torch.zeros(B, nh * nw)
     with torch.no_grad():

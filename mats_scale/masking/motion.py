@@ -57,6 +57,18 @@ def fill_from_transitions(d: torch.Tensor, valid: torch.Tensor | None) -> torch.
     return out.flatten(1)
 
 
+def tubelet_grid(video: torch.Tensor, tubelet: int, patch: int, name: str) -> tuple[int, int, int, int]:
+    """(B, T', H', W') of a clip (B, C, T, H, W) cut into tubelets, or ValueError naming `name`."""
+    if video.dim() != 5:
+        raise ValueError(f"{name} expects (B, C, T, H, W), got shape {tuple(video.shape)}")
+    B, C, T, H, W = video.shape
+    if T % tubelet or H % patch or W % patch:
+        raise ValueError(
+            f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of {tubelet}x{patch}x{patch}"
+        )
+    return B, T // tubelet, H // patch, W // patch
+
+
 def pixel_motion_scores(
     video: torch.Tensor, tubelet: int, patch: int, cuts: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -66,14 +78,8 @@ def pixel_motion_scores(
     matters). No model, no gradient: cheap enough for a data-loader worker. cuts: optional (B, T-1)
     bool shot cuts between frames (module doc); no difference across one is counted.
     """
-    if video.dim() != 5:
-        raise ValueError(f"pixel_motion_scores expects (B, C, T, H, W), got shape {tuple(video.shape)}")
-    B, C, T, H, W = video.shape
-    if T % tubelet or H % patch or W % patch:
-        raise ValueError(
-            f"video of {T}x{H}x{W} (T x H x W) is not divisible into tubelets of {tubelet}x{patch}x{patch}"
-        )
-    nt, nh, nw = T // tubelet, H // patch, W // patch
+    B, nt, nh, nw = tubelet_grid(video, tubelet, patch, "pixel_motion_scores")
+    C = video.shape[1]
     with torch.no_grad():
         v = video.float().reshape(B, C, nt, tubelet, nh, patch, nw, patch)
         if nt == 1:

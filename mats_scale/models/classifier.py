@@ -32,10 +32,10 @@ from torch import nn
 from mats_scale.masking.motion import embed_motion_scores
 from mats_scale.models.args import ModelArgs
 from mats_scale.models.layers import (
-    Attention,
     Block,
     PatchEmbed3D,
     gather_patches,
+    init_vit_module,
     sincos_table,
 )
 from mats_scale.models.pretrain import NORM_EPS, encoder_blocks
@@ -95,14 +95,8 @@ class VideoClassifier(InitMixin, nn.Module):
                 nn.init.zeros_(m.bias)
             if m is self.head:
                 m.weight.mul_(self.init_scale)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv3d):
-            m.reset_parameters()
-        elif isinstance(m, Attention) and m.q_bias is not None:
-            nn.init.zeros_(m.q_bias)
-            nn.init.zeros_(m.v_bias)
+        else:  # norms, the tubelet conv, q/v biases: as in pre-training
+            init_vit_module(m)
         if m is self and isinstance(self.pos_embed, nn.Parameter):
             table = sincos_table(self.num_tokens, self.embed_dim, device=self.pos_embed.device)
             self.pos_embed.copy_(table[None])
