@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,6 +316,10 @@ class LoggingConfig:
         check_positive("logging.peak_tflops", self.peak_tflops, allow_zero=True)
 
 
+RAND_AUG = re.compile(r"rand(-(m\d+|n\d+|mstd[\d.]+|mmax\d+|inc[01]|p[\d.]+|t\w+))*")
+"""The timm RandAugment strings finetune.rand_aug accepts (timm's rand_augment_transform grammar)."""
+
+
 @dataclass
 class FinetuneConfig:
     init: str = ""
@@ -336,19 +341,46 @@ class FinetuneConfig:
     """timm Mixup alpha (VideoMAE: 0.8); 0 with cutmix 0 turns mixing off."""
     cutmix: float = 0.0
     """timm CutMix alpha (VideoMAE: 1.0); boxes are cut from every frame at the same place."""
+    rand_aug: str = ""
+    """timm RandAugment config string (VideoMAE: rand-m7-n4-mstd0.5-inc1), one draw per clip applied to
+    every frame alike, on the workers' frames before the crop; empty: off."""
+    reprob: float = 0.0
+    """timm RandomErasing probability (VideoMAE: 0.25), per frame as VideoMAE applies it (each frame
+    its own box), on the device after normalisation; 0: off."""
+    remode: str = "pixel"
+    """RandomErasing fill: pixel (per-pixel normal noise, VideoMAE), rand (one colour per box) or const."""
+    recount: int = 1
+    """RandomErasing boxes per frame: 1 to this many (VideoMAE: 1)."""
     eval_only: bool = False
     """Only evaluate (`init`, or the newest checkpoint of train.out_dir) on the val split; no training."""
+    linear_probe: bool = False
+    """Only a linear probe of the encoder of `init` (empty: a random encoder, as a baseline): pooled
+    features of every train and val video computed once (views as in evaluation), a logistic regression
+    on the train features, scored on val; results in train.out_dir/probe. No training."""
     eval_at_end: bool = True
     """Evaluate on the val split after training (data.eval_clips x data.eval_crops views)."""
 
     def __post_init__(self) -> None:
         check_choice("finetune.select", self.select, ["mats", "all"])
+        if self.linear_probe and self.eval_only:
+            fail("finetune.linear_probe", True, "and finetune.eval_only are two modes: choose one")
         check_positive("finetune.num_classes", self.num_classes, allow_zero=True)
         for key in ("head_drop", "label_smoothing"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 fail(f"finetune.{key}", getattr(self, key), "must be in [0, 1)")
         for key in ("mixup", "cutmix"):
             check_positive(f"finetune.{key}", getattr(self, key), allow_zero=True)
+        if self.rand_aug and not RAND_AUG.fullmatch(self.rand_aug):
+            fail(
+                "finetune.rand_aug",
+                self.rand_aug,
+                "must be a timm RandAugment string: rand followed by -m<int>, -n<int>, -mstd<float>, "
+                "-mmax<int>, -inc<0|1>, -p<float> or -t<name> parts, e.g. rand-m7-n4-mstd0.5-inc1",
+            )
+        if not 0.0 <= self.reprob <= 1.0:
+            fail("finetune.reprob", self.reprob, "must be in [0, 1]")
+        check_choice("finetune.remode", self.remode, ["pixel", "rand", "const"])
+        check_positive("finetune.recount", self.recount)
 
 
 @dataclass

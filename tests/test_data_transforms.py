@@ -7,6 +7,7 @@ from mats_scale.config import IMAGENET_MEAN, IMAGENET_STD
 from mats_scale.data.inmemory import normalize
 from mats_scale.data.transforms import (
     SCALES,
+    ClipRandAugment,
     eval_views,
     finetune_augment,
     multiscale_crop_box,
@@ -119,6 +120,32 @@ def test_eval_views_short_side_resize_and_three_crops():
 def test_finetune_augment_shape():
     out = finetune_augment(torch.randint(0, 256, (8, 128, 176, 3), dtype=torch.uint8), 112, gen())
     assert out.shape == (3, 8, 112, 112) and out.dtype == torch.float32
+
+
+def test_rand_augment_is_one_draw_for_the_whole_clip():
+    """A clip of identical frames stays identical frame to frame (every frame gets the same ops and
+    magnitudes), the clip is a function of the generator, and over seeds the ops change the pixels."""
+    frame = torch.randint(0, 256, (1, 3, 72, 96), dtype=torch.uint8)
+    clip = frame.expand(8, -1, -1, -1).contiguous()
+    ra = ClipRandAugment("rand-m7-n4-mstd0.5-inc1", 64)
+    import random
+
+    import numpy as np
+
+    before = random.getstate(), np.random.get_state()[1].copy()
+    changed = 0
+    for seed in range(6):
+        out = ra(clip, gen(seed))
+        assert out.shape == clip.shape and out.dtype == torch.uint8
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 8))
+        assert torch.equal(out, ra(clip, gen(seed)))
+        changed += not torch.equal(out, clip)
+    assert changed >= 5
+    # timm's global generators are left as they were
+    assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
+    # inside the fine-tuning view (before the crop): still one draw for every frame
+    out = finetune_augment(clip.permute(0, 2, 3, 1), 64, gen(3), flip=False, normalize=False, rand_aug=ra)
+    assert out.shape == (3, 8, 64, 64) and all(torch.equal(out[:, 0], out[:, t]) for t in range(8))
 
 
 def test_multi_clip_views_spread_over_the_video():

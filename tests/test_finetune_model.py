@@ -296,3 +296,58 @@ def test_finetune_flops_follow_the_selection():
     assert (full["tokens"], half["tokens"], full["score"]) == (32, 16, 0)
     # linear parts halve, attention quarters
     assert half["score"] > 0 and 0.4 < half["encoder"] / full["encoder"] < 0.55
+
+
+def test_random_erasing_gives_each_frame_its_own_box_and_replays_from_the_generator():
+    """VideoMAE erases (T, C, H, W) with timm's RandomErasing: frames are erased independently."""
+    from mats_scale.train.finetune import ClipErasing
+
+    cfg = load_config(None, ["finetune.reprob=1.0", "finetune.remode=const"])
+    erase = ClipErasing(cfg, torch.device("cpu"))
+    video = torch.ones(2, 3, 8, 32, 32)
+    a = erase(video.clone(), torch.Generator().manual_seed(5))
+    assert torch.equal(a, erase(video.clone(), torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, erase(video.clone(), torch.Generator().manual_seed(6)))
+    boxes = a == 0  # const mode fills with 0; the input is 1 everywhere
+    assert boxes.any(dim=(1, 3, 4)).all()  # probability 1: every frame of every clip has a box
+    assert torch.equal(boxes[:, 0], boxes[:, 1]) and torch.equal(boxes[:, 0], boxes[:, 2])  # channels alike
+    per_frame = boxes[0, 0]  # (T, H, W)
+    assert any(not torch.equal(per_frame[0], per_frame[t]) for t in range(1, 8))
+
+
+def test_augmentation_keys_are_checked():
+    from mats_scale.errors import ConfigError
+
+    load_config(None, ["finetune.rand_aug=rand-m7-n4-mstd0.5-inc1"])
+    for bad in (
+        "finetune.rand_aug=augmix-m5",
+        "finetune.rand_aug=rand-x3",
+        "finetune.reprob=1.5",
+        "finetune.remode=noise",
+        "finetune.recount=0",
+    ):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
+def test_linear_probe_fits_separable_features_and_stays_near_chance_on_noise():
+    from mats_scale.train.finetune import fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g) + 50.0  # offset: the probe standardises
+    probe = fit_linear_probe(x[:120], y[:120], 4)
+    assert (probe(x[120:]).argmax(-1) == y[120:]).float().mean() == 1.0
+    noise = torch.randn(200, 16, generator=g)
+    probe = fit_linear_probe(noise[:120], y[:120], 4)
+    assert (probe(noise[120:]).argmax(-1) == y[120:]).float().mean() < 0.5
+
+
+def test_pooled_forward_is_the_head_input():
+    args = ModelArgs(size="debug", num_frames=4, img_size=32)
+    model = build_classifier(args, 5, device="cpu").eval()
+    video = torch.randn(2, 3, 4, 32, 32)
+    feats = model(video, pooled=True)
+    assert feats.shape == (2, args.arch.embed_dim)
+    assert torch.allclose(model.head(feats), model(video))

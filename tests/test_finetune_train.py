@@ -96,8 +96,10 @@ def test_short_finetune_then_evaluation_writes_consistent_results(dataset, tmp_p
     assert (tmp_path / "run" / "eval" / "confusion.png").stat().st_size > 1000
 
 
-def test_finetune_resumes_exactly_with_mixup_and_drop_path(dataset, tmp_path):
+def test_finetune_resumes_exactly_with_mixup_drop_path_randaugment_and_erasing(dataset, tmp_path):
     extra = [
+        "finetune.rand_aug=rand-m7-n4-mstd0.5-inc1",
+        "finetune.reprob=0.25",
         "train.steps=6",
         "data.batch_size=4",
         "finetune.mixup=0.8",
@@ -179,3 +181,15 @@ def test_launcher_refuses_a_checkpoint_of_another_size(dataset, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "checkpoint (384, 3, 2, 16, 16) vs model (64, 3, 2, 16, 16)" in err
+
+
+def test_linear_probe_scores_every_video_and_writes_results(dataset, tmp_path, capsys):
+    from mats_scale.train.finetune import evaluate_only
+
+    cfg = cfg_for(dataset, tmp_path / "probe", "finetune.linear_probe=true", "data.batch_size=4")
+    r = evaluate_only(cfg)  # from scratch: a random-encoder baseline
+    saved = json.loads((tmp_path / "probe" / "probe" / "results.json").read_text())
+    assert saved["videos"] == 7 and saved["train_videos"] == 24 and sum(map(sum, saved["confusion"])) == 7
+    assert saved["top1"] == r["top1"] and 0.0 <= saved["train_top1"] <= 1.0
+    assert "random initialisation" in saved["init"]
+    assert "linear probe 1x1 views" in capsys.readouterr().out

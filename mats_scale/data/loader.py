@@ -50,6 +50,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -70,7 +71,7 @@ from mats_scale.data.cuts import CutStats, cuts_between, limit_to_shot
 from mats_scale.data.errors import DataError, ListFileError, VideoReadError
 from mats_scale.data.inmemory import moving_square_clips
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
-from mats_scale.data.transforms import finetune_augment, pretrain_augment
+from mats_scale.data.transforms import ClipRandAugment, finetune_augment, pretrain_augment
 from mats_scale.data.video import clip_indices, open_video, read_frames, segment_indices
 from mats_scale.masking import candidate_frame_count, loader_motion_scores, select_frames
 
@@ -223,7 +224,10 @@ class PretrainClips(Dataset):
         if augment not in AUGMENTS:
             raise ValueError(f"augment={augment!r}: allowed {', '.join(AUGMENTS)}")
         d, m = cfg.data, cfg.model
-        self.augment = pretrain_augment if augment == "pretrain" else finetune_augment
+        self.augment = pretrain_augment
+        if augment == "finetune":
+            rand_aug = ClipRandAugment(cfg.finetune.rand_aug, m.img_size) if cfg.finetune.rand_aug else None
+            self.augment = functools.partial(finetune_augment, rand_aug=rand_aug)
         self.items = items  # None: in-memory synthetic clips
         self.seed = seed
         self.num_frames = m.num_frames

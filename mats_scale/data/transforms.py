@@ -11,10 +11,14 @@ indices at most one apart; the crop sits at one of 13 fixed offsets (corners, ce
 and quarter points); then resize to S x S and an optional horizontal flip.
 Evaluation / fine-tuning: short-side resize to S, then a centre crop or three crops along the long
 side (VideoMAE's test-time ``spatial_crop``), combined with several temporal clips.
+Fine-tuning's optional RandAugment (:class:`ClipRandAugment`) is timm's, drawn once per clip.
 """
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
@@ -120,13 +124,56 @@ def eval_views(frames: torch.Tensor, size: int, num_crops: int = 1) -> torch.Ten
     return torch.stack([to_model_input(c) for c in spatial_crops(clip, size, num_crops)])
 
 
+class ClipRandAugment:
+    """timm RandAugment applied identically to every frame of a clip (VideoMAE fine-tuning's ``--aa``).
+
+    timm draws the ops and magnitudes from Python's ``random`` and numpy's global generator; each frame
+    is transformed after re-seeding both with one seed drawn from the clip's torch generator, so every
+    frame gets the same ops with the same magnitudes (the draws do not depend on pixel values), and
+    the clip is a pure function of that generator (resumable). The global states are restored after.
+    hparams as VideoMAE's ``create_random_augment``: translate by up to 0.45 x the crop size, bicubic.
+    """
+
+    def __init__(self, config_str: str, crop_size: int) -> None:
+        from PIL import Image
+        from timm.data.auto_augment import rand_augment_transform
+
+        hparams = {"translate_const": int(crop_size * 0.45), "interpolation": Image.BICUBIC}
+        self.transform = rand_augment_transform(config_str, hparams)
+
+    def __call__(self, clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(T, 3, h, w) uint8 -> (T, 3, h, w) uint8."""
+        from PIL import Image
+
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        saved = random.getstate(), np.random.get_state()
+        out = []
+        try:
+            for frame in clip.permute(0, 2, 3, 1).numpy():
+                random.seed(seed)
+                np.random.seed(seed)
+                out.append(np.asarray(self.transform(Image.fromarray(frame))))
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
 def finetune_augment(
-    frames: torch.Tensor, size: int, generator: torch.Generator, *, flip: bool = True, normalize: bool = True
+    frames: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    *,
+    flip: bool = True,
+    normalize: bool = True,
+    rand_aug: ClipRandAugment | None = None,
 ) -> torch.Tensor:
-    """Fine-tuning training view: short-side resize to size * 256/224 (VideoMAE), a random
-    size x size crop, optional flip, normalisation -> (3, T, size, size) float32 (uint8 without
-    `normalize`)."""
+    """Fine-tuning training view: short-side resize to size * 256/224 (VideoMAE), optional RandAugment
+    of the whole resized clip (one draw for all frames), a random size x size crop, optional flip,
+    normalisation -> (3, T, size, size) float32 (uint8 without `normalize`)."""
     clip = short_side_resize(frames, round(size * 256 / 224))
+    if rand_aug is not None:
+        clip = rand_aug(clip, generator)
     h, w = clip.shape[-2:]
     y = int(torch.randint(h - size + 1, (1,), generator=generator))
     x = int(torch.randint(w - size + 1, (1,), generator=generator))

@@ -1,15 +1,17 @@
 """Fine-tuning (and evaluation) of a video classifier with MATS token selection.
 
-    deepspeed [--num_gpus N] launchers/finetune.py [--config FILE|NAME] [--eval] [key=value ...]
-    torchrun --nproc_per_node N launchers/finetune.py [--config FILE|NAME] [--eval] [key=value ...]
-    python launchers/finetune.py [--config FILE|NAME] [--eval] [key=value ...]     # one process
+    deepspeed [--num_gpus N] launchers/finetune.py [--config FILE|NAME] [--eval|--probe] [key=value ...]
+    torchrun --nproc_per_node N launchers/finetune.py [--config FILE|NAME] [--eval|--probe] [key=value ...]
+    python launchers/finetune.py [--config FILE|NAME] [--eval|--probe] [key=value ...]     # one process
 
 Installed: ``mats-finetune ...``, ``deepspeed --module mats_scale.launch.finetune ...``. Without --config
 the shipped ``finetune_default`` job runs (the bundled dataset, from scratch unless ``finetune.init``
 names a pre-training run, e.g. ``finetune.init=runs/default``). Training runs on the generic Trainer
 (every engine, exact resume, TensorBoard) and ends with the multi-view evaluation of the val split.
 ``--eval`` (= ``finetune.eval_only=true``) only evaluates ``finetune.init``: a fine-tuned run directory,
-step_* checkpoint, exported .pt or official fine-tuned checkpoint. Exit status: 0 done, 1 run error,
+step_* checkpoint, exported .pt or official fine-tuned checkpoint. ``--probe`` (=
+``finetune.linear_probe=true``) fits a linear probe on the frozen encoder of ``finetune.init`` (any
+pre-trained or fine-tuned weights; none: a random-encoder baseline). Exit status: 0 done, 1 run error,
 2 bad configuration (also a checkpoint that does not fit the model).
 """
 
@@ -27,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     from mats_scale.resources import config_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--eval" in argv:
-        argv = [a for a in argv if a != "--eval"] + ["finetune.eval_only=true"]
+    for flag, key in (("--eval", "finetune.eval_only"), ("--probe", "finetune.linear_probe")):
+        if flag in argv:
+            argv = [a for a in argv if a != flag] + [f"{key}=true"]
     prog = "launchers/finetune.py"
     cfg = load_or_exit(argv, prog=prog, description=__doc__, default_config=config_path(FINETUNE_DEFAULT))
-    if not cfg.finetune.eval_only:
+    if not (cfg.finetune.eval_only or cfg.finetune.linear_probe):
         return run_job("finetune", argv, prog=prog, description=__doc__, default_config=FINETUNE_DEFAULT)
 
     from mats_scale.data.errors import DataError

@@ -130,8 +130,13 @@ class VideoClassifier(InitMixin, nn.Module):
             x = blk(x)
         return self.fc_norm(x.mean(dim=1))
 
-    def forward(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.fc_dropout(self.features(video, ids)))
+    def forward(
+        self, video: torch.Tensor, ids: torch.Tensor | None = None, pooled: bool = False
+    ) -> torch.Tensor:
+        """Logits (B, num_classes), or with `pooled` the features before the head (B, D) (a linear
+        probe's input; through forward, so sharded engines gather every parameter as usual)."""
+        x = self.features(video, ids)
+        return x if pooled else self.head(self.fc_dropout(x))
 
 
 def classifier_spec(

@@ -1,10 +1,11 @@
 """Fine-tuning and evaluation as a task of the generic Trainer (the second task next to pre-training).
 
-Per micro-batch: clip and label to the device -> optional timm Mixup/CutMix (the same box on every
-frame) -> MATS fine-tuning selection (``finetune.select=mats``: the deterministic top
-``masking.finetune_keep_ratio`` tokens by the model's embedding motion score) -> classifier forward
-over the selected tokens only -> cross-entropy with label smoothing (soft-target cross-entropy with
-Mixup). Metrics: correct predictions (batches without mixing) and tokens through the encoder.
+Per micro-batch: clip and label to the device -> optional timm RandomErasing per frame -> optional
+timm Mixup/CutMix (the same box on every frame) -> MATS fine-tuning selection (``finetune.select=mats``:
+the deterministic top ``masking.finetune_keep_ratio`` tokens by the model's embedding motion score)
+-> classifier forward over the selected tokens only -> cross-entropy with label smoothing (soft-target
+cross-entropy with Mixup). Metrics: correct predictions (batches without mixing) and tokens through
+the encoder.
 
 Evaluation (:meth:`FinetuneTask.evaluate`, after training or alone with ``finetune.eval_only`` /
 ``--eval``): every video of the val split exactly once over all ranks, ``data.eval_clips x
@@ -12,18 +13,22 @@ data.eval_crops`` views, softmax averaged over the views; each rank adds its vid
 (num_videos, K) sum that one all-reduce combines (a count per video checks each was scored once);
 top-1, top-5, per-class accuracy, ``eval/results.json`` and ``eval/confusion.png`` in train.out_dir.
 Views see the selected tokens, or all tokens with ``masking.finetune_eval_keep_all``.
+Linear probe (:meth:`FinetuneTask.linear_probe`, ``finetune.linear_probe`` / ``--probe``): the same
+views of the train and val splits give pooled features once; a logistic regression on them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.data.device import to_model_input
@@ -76,6 +81,37 @@ class VideoMixup:
         return x.reshape(B, C, T, H, W), target
 
 
+class ClipErasing:
+    """timm ``RandomErasing`` on normalised clips as VideoMAE applies it: on (T, C, H, W), so every
+    frame is erased with probability ``finetune.reprob`` in a box of its own. timm draws from Python's
+    ``random`` and the device's global torch generator: both are seeded from the step's generator and
+    restored after, so a resumed run erases the same boxes."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        from timm.data.random_erasing import RandomErasing
+
+        f = cfg.finetune
+        self.device = device
+        self.erase = RandomErasing(
+            f.reprob, mode=f.remode, max_count=f.recount, num_splits=f.recount, device=str(device)
+        )
+
+    def __call__(self, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, C, T, H, W) normalised float -> the same tensor, erased in place."""
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device))
+        saved = random.getstate()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+                random.seed(seed)
+                torch.manual_seed(seed)
+                for clip in video:
+                    self.erase(clip.transpose(0, 1))  # (T, C, H, W) view: frames erased in place
+        finally:
+            random.setstate(saved)
+        return video
+
+
 class FinetuneTask:
     name = "finetune"
     log_format = "acc {train_acc:.3f} tokens/clip {tokens_per_clip}"
@@ -102,6 +138,7 @@ class FinetuneTask:
         if is_writer():
             print(self.init_report, flush=True)
         self.mix = VideoMixup(cfg, self.num_classes) if (f.mixup or f.cutmix) else None
+        self.erasing: ClipErasing | None = None  # built on the first step (needs the device)
 
     def _load_init(self, path: str) -> tuple[dict[str, torch.Tensor], str]:
         from mats_scale.models.load import InitError, map_state
@@ -151,6 +188,10 @@ class FinetuneTask:
         video = to_model_input(batch, engine.env.device)  # uint8 from the workers -> normalised float32
         label = batch["label"].to(engine.env.device, non_blocking=True)
         target = None
+        if self.cfg.finetune.reprob > 0:  # VideoMAE's order: dataset augmentations, then Mixup
+            if self.erasing is None:
+                self.erasing = ClipErasing(self.cfg, engine.env.device)
+            video = self.erasing(video, generator)
         if self.mix is not None:
             video, target = self.mix(video, label)
         ids = self.select(engine, video, keep_all=self.cfg.finetune.select == "all")
@@ -181,27 +222,26 @@ class FinetuneTask:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
-        """Multi-view evaluation of the val split on every rank (see the module doc); rank 0 writes
-        ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
+    def view_sums(self, engine: Engine, split: str, per_view, width: int) -> torch.Tensor:
+        """Every video of `split` exactly once over all ranks: `per_view(clips)` -> (n, width) for its
+        views, averaged over the views, all-reduced into a (num_videos, width) float64 tensor on every
+        rank. Raises when a video was scored never or twice."""
         import torch.distributed as dist
 
         from mats_scale.data.finetune import build_eval_loader
-        from mats_scale.data.loader import resolve_items
         from mats_scale.parallel.distributed import all_reduce
 
-        cfg, env = self.cfg, engine.env
-        items = resolve_items(cfg, "val")
-        K, V = self.num_classes, cfg.data.eval_clips * cfg.data.eval_crops
+        env = engine.env
+        V = self.cfg.data.eval_clips * self.cfg.data.eval_crops
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        loader = build_eval_loader(cfg, rank=rank, world_size=world)
+        loader = build_eval_loader(self.cfg, rank=rank, world_size=world, split=split)
+        num_videos = len(loader.dataset.dataset)
         # Sharded engines gather parameters in every forward: all ranks run the same number of forwards.
         n_local = torch.tensor([float(len(loader))], dtype=torch.float64, device=env.device)
         n_max = int(all_reduce(n_local.clone(), op="max").item())
-        sums = torch.zeros(len(items), K, dtype=torch.float64, device=env.device)
-        counts = torch.zeros(len(items), dtype=torch.float64, device=env.device)
-        keep_all = cfg.masking.finetune_eval_keep_all or cfg.finetune.select == "all"
+        sums = torch.zeros(num_videos, width, dtype=torch.float64, device=env.device)
+        counts = torch.zeros(num_videos, dtype=torch.float64, device=env.device)
         module = engine.module
         was_training = module.training
         module.eval()
@@ -209,38 +249,88 @@ class FinetuneTask:
         batches = iter(loader)
         for _ in range(n_max):
             batch = next(batches, None)
-            if batch is None:  # this rank is done: a dummy score + forward keeps the collectives matched
-                dummy = torch.zeros(shape, device=env.device)
-                engine.forward(dummy, self.select(engine, dummy, keep_all))
+            if batch is None:  # this rank is done: a dummy forward keeps the collectives matched
+                per_view(torch.zeros(shape, device=env.device))
                 continue
             views = batch["views"].to(env.device, non_blocking=True)  # (B, V, C, T, S, S)
             clips = views.flatten(0, 1)
             shape = (1, *clips.shape[1:])
-            probs = engine.forward(clips, self.select(engine, clips, keep_all)).float().softmax(-1)
-            probs = probs.view(views.shape[0], V, K).mean(1).double()  # softmax averaged over the views
+            out = per_view(clips).double().view(views.shape[0], V, width).mean(1)  # averaged over views
             index = batch["index"].to(env.device)
-            sums.index_add_(0, index, probs)
+            sums.index_add_(0, index, out)
             counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
         module.train(was_training)
         all_reduce(sums)
         all_reduce(counts)
         if not bool((counts == 1).all()):
             raise RuntimeError(
-                f"evaluation scored {int((counts == 0).sum())} videos never and "
+                f"{split}: scored {int((counts == 0).sum())} videos never and "
                 f"{int((counts > 1).sum())} more than once"
             )
-        labels = torch.tensor([it.label for it in items], device=env.device)
-        results = score_results(sums.cpu(), labels.cpu(), K)
+        return sums
+
+    def keep_all_at_eval(self) -> bool:
+        return self.cfg.masking.finetune_eval_keep_all or self.cfg.finetune.select == "all"
+
+    def tokens_label(self) -> str:
+        return "all" if self.keep_all_at_eval() else f"top {self.cfg.masking.finetune_keep_ratio} by motion"
+
+    @torch.no_grad()
+    def evaluate(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
+        """Multi-view evaluation of the val split on every rank (see the module doc); rank 0 writes
+        ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
+        from mats_scale.data.loader import resolve_items
+
+        cfg, keep_all = self.cfg, self.keep_all_at_eval()
+
+        def probs(clips: torch.Tensor) -> torch.Tensor:
+            return engine.forward(clips, self.select(engine, clips, keep_all)).float().softmax(-1)
+
+        sums = self.view_sums(engine, "val", probs, self.num_classes)  # softmax averaged over the views
+        labels = torch.tensor([it.label for it in resolve_items(cfg, "val")])
+        results = score_results(sums.cpu(), labels, self.num_classes)
         results.update(
             {
                 "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
-                "videos": len(items),
-                "tokens": "all" if keep_all else f"top {cfg.masking.finetune_keep_ratio} by motion",
+                "videos": len(labels),
+                "tokens": self.tokens_label(),
                 "init": self.init_report,
             }
         )
-        if out_dir and rank == 0:
+        if out_dir and is_writer():
             write_results(results, os.path.join(out_dir, "eval"))
+        return results
+
+    @torch.no_grad()
+    def linear_probe(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
+        """Linear probe of the (frozen) encoder: the classifier's pooled ``features`` of every train and
+        val video (views as in evaluation, features averaged over them), computed once; then a linear
+        classifier on the standardised train features (see :func:`fit_linear_probe`), scored on val.
+        rank 0 writes ``probe/results.json`` and ``probe/confusion.png`` under `out_dir`."""
+        from mats_scale.data.loader import resolve_items
+
+        cfg, keep_all = self.cfg, self.keep_all_at_eval()
+        dim = engine.module.embed_dim
+
+        def feats(clips: torch.Tensor) -> torch.Tensor:
+            return engine.forward(clips, self.select(engine, clips, keep_all), pooled=True).float()
+
+        x = {s: self.view_sums(engine, s, feats, dim).float().cpu() for s in ("train", "val")}
+        y = {s: torch.tensor([it.label for it in resolve_items(cfg, s)]) for s in ("train", "val")}
+        head = fit_linear_probe(x["train"], y["train"], self.num_classes, seed=cfg.train.seed)
+        results = score_results(head(x["val"]), y["val"], self.num_classes)
+        results.update(
+            {
+                "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
+                "videos": len(y["val"]),
+                "train_videos": len(y["train"]),
+                "train_top1": (head(x["train"]).argmax(-1) == y["train"]).double().mean().item(),
+                "tokens": self.tokens_label(),
+                "init": self.init_report,
+            }
+        )
+        if out_dir and is_writer():
+            write_results(results, os.path.join(out_dir, "probe"), title="linear probe")
         return results
 
     def finish(self, trainer) -> None:
@@ -273,7 +363,46 @@ def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     }
 
 
-def write_results(results: dict[str, Any], out: str) -> None:
+def fit_linear_probe(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-4, seed: int = 0
+) -> nn.Module:
+    """Multinomial logistic regression on fixed features (N, D): features standardised with the train
+    mean and std (the MAE probe's BatchNorm without affine, at its inference statistics), then a
+    linear layer fitted by full-batch L-BFGS on cross-entropy + `weight_decay` * ||W||^2 / 2. Returns
+    the probe as a module mapping raw features to logits."""
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    linear = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    z = (x - mean) / std
+    opt = torch.optim.LBFGS(
+        linear.parameters(), lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(z), y) + 0.5 * weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    probe = nn.Sequential(Standardize(mean, std), linear)
+    return probe.requires_grad_(False)
+
+
+class Standardize(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def write_results(results: dict[str, Any], out: str, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +415,12 @@ def write_results(results: dict[str, Any], out: str) -> None:
     norm = conf / conf.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(norm.numpy(), vmin=0, vmax=1, cmap="Blues")
-    ax.set(xlabel="predicted", ylabel="true", title=f"top-1 {results['top1']:.3f} ({results['views']} views)")
+    head = f"{title}: " if title else ""
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{head}top-1 {results['top1']:.3f} ({results['views']} views)",
+    )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "confusion.png"), dpi=100)
@@ -294,18 +428,22 @@ def write_results(results: dict[str, Any], out: str) -> None:
 
 
 def evaluate_only(cfg: Config) -> dict[str, Any]:
-    """``finetune.eval_only``: the classifier of finetune.init, evaluated on every rank."""
+    """``finetune.eval_only`` (the classifier of finetune.init, evaluated) or ``finetune.linear_probe``
+    (a linear probe of its encoder), on every rank; no training."""
     from mats_scale.parallel.distributed import init_distributed
     from mats_scale.parallel.engine import build_engine
 
     task = FinetuneTask(cfg)
     env = init_distributed(cfg.train, cfg.parallel)
     engine = build_engine(cfg, env, task.model_spec())
-    r = task.evaluate(engine, cfg.train.out_dir)
+    if cfg.finetune.linear_probe:
+        r, what, sub = task.linear_probe(engine, cfg.train.out_dir), "linear probe", "probe"
+    else:
+        r, what, sub = task.evaluate(engine, cfg.train.out_dir), "eval", "eval"
     if env.is_writer:
         print(
-            f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
-            f"-> {os.path.join(cfg.train.out_dir, 'eval')}",
+            f"{what} {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
+            f"-> {os.path.join(cfg.train.out_dir, sub)}",
             flush=True,
         )
     return r
