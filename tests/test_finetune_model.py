@@ -351,3 +351,46 @@ def test_pooled_forward_is_the_head_input():
     feats = model(video, pooled=True)
     assert feats.shape == (2, args.arch.embed_dim)
     assert torch.allclose(model.head(feats), model(video))
+
+
+def test_finetune_activation_memory_on_meta_matches_the_cpu_and_is_affine():
+    """The planner's classifier activations: meta (CPU attention kernel) equals a real CPU run, the line
+    through batch 1 and 2 predicts batch 3, and selection / checkpointing shrink what is saved."""
+    from mats_scale.profiling.finetune import build_meta_classifier, classifier_activations, training_inputs
+    from mats_scale.profiling.memory import measure_step
+
+    args = ModelArgs(size="debug", num_frames=4, img_size=64)  # 32 tokens
+    f32 = torch.float32
+
+    def measure(device, batch, keep, every=0):
+        if device == "meta":
+            model, inputs = (
+                build_meta_classifier(args, K, f32, every),
+                training_inputs(args, keep, batch, f32),
+            )
+        else:
+            torch.manual_seed(0)
+            model = build_classifier(args, K, device="cpu").train()
+            video = torch.randn(batch, 3, 4, 64, 64)
+            inputs = (
+                (video,) if keep is None else (video, finetune_selection(model.motion_scores(video), keep))
+            )
+        label = torch.zeros(batch, dtype=torch.int64, device=device)
+        return measure_step(
+            model,
+            inputs,
+            lambda out: torch.nn.functional.cross_entropy(out, label),
+            batch=batch,
+            dtype=f32,
+            device=device,
+            target="cpu",
+        )
+
+    for keep in (None, 0.5):
+        assert measure("meta", 2, keep).saved_bytes == measure("cpu", 2, keep).saved_bytes
+    line = classifier_activations(args, K, None, dtype=f32, target="cpu")
+    three = measure("meta", 3, None)
+    assert line.saved(3) == three.saved_bytes and line.inputs(3) == three.input_bytes
+    full, half = line.saved_per_clip, classifier_activations(args, K, 0.5, dtype=f32).saved_per_clip
+    ckpt = classifier_activations(args, K, None, dtype=f32, every=1).saved_per_clip
+    assert 0.4 < half / full < 0.6 and ckpt < 0.6 * full  # 2 blocks: their inputs and the head stay

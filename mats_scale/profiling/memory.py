@@ -190,7 +190,36 @@ def measure_activations(
     """
     model = build_model(wl, device)
     video, sel = make_inputs(wl, device)
-    args = model_inputs(video, sel)
+    return measure_step(
+        model,
+        model_inputs(video, sel),
+        lambda out: out.loss,
+        batch=wl.batch,
+        dtype=wl.dtype,
+        device=device,
+        target=target,
+        track_peak=track_peak,
+        sdpa_kernel=sdpa_kernel,
+        before=(lambda: _score_forward(model, video)) if wl.uses_embed_score else None,
+    )
+
+
+def measure_step(
+    model: nn.Module,
+    args: tuple,
+    loss_of,
+    *,
+    batch: int,
+    dtype: torch.dtype,
+    device: str = "meta",
+    target: str = "cuda",
+    track_peak: bool = True,
+    sdpa_kernel: str | None = None,
+    before=None,
+) -> ActivationMemory:
+    """Activation memory of ``loss_of(model(*args)).backward()`` for any model (the pre-training model
+    above, the fine-tuning classifier in :mod:`mats_scale.profiling.finetune`); `before` runs first
+    inside the tracker (a no-grad score forward). See the module doc for what is counted."""
     inputs = [t for t in args if isinstance(t, torch.Tensor)]
     excluded = {storage_key(t) for t in [*state_tensors(model), *inputs]}
     input_bytes = sum(t.untyped_storage().nbytes() for t in inputs)
@@ -212,24 +241,24 @@ def measure_activations(
         if p.requires_grad
     ]
     on_meta = torch.device(device).type == "meta"
-    kernel = sdpa_kernel or default_sdpa_kernel(target, wl.dtype)
+    kernel = sdpa_kernel or default_sdpa_kernel(target, dtype)
     tracker = LiveBytes(CUDA_BLOCK if on_meta and target == "cuda" else 1)
     tracker.ignore([*state_tensors(model), *inputs])
     sdpa = SdpaKernel(kernel) if on_meta else contextlib.nullcontext()
     try:
         with sdpa, tracker if track_peak else contextlib.nullcontext():
-            if wl.uses_embed_score:
-                _score_forward(model, video)
+            if before is not None:
+                before()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model(*args)  # the training loop keeps `out` (pred, target) through backward
             saved_bytes = sum(saved.values())
             keep_alive.clear()
-            out.loss.backward()
+            loss_of(out).backward()
             del out
     finally:
         for h in hooks:
             h.remove()
-    return ActivationMemory(wl.batch, saved_bytes, tracker.peak if track_peak else 0, input_bytes)
+    return ActivationMemory(batch, saved_bytes, tracker.peak if track_peak else 0, input_bytes)
 
 
 @dataclass
@@ -255,7 +284,11 @@ class ActivationModel:
 
 def activation_model(wl: Workload, *, target: str = "cuda") -> ActivationModel:
     """Measure on ``meta`` at batch 1 and 2 (tests check a third batch lands on the line)."""
-    a, b = (measure_activations(wl.with_batch(n), target=target) for n in (1, 2))
+    return affine_activations(*(measure_activations(wl.with_batch(n), target=target) for n in (1, 2)))
+
+
+def affine_activations(a: ActivationMemory, b: ActivationMemory) -> ActivationModel:
+    """The line through two measurements at batch 1 (`a`) and 2 (`b`)."""
     return ActivationModel(
         saved_per_clip=b.saved_bytes - a.saved_bytes,
         saved_const=2 * a.saved_bytes - b.saved_bytes,
