@@ -324,7 +324,8 @@ RAND_AUG = re.compile(r"rand(-(m\d+|n\d+|mstd[\d.]+|mmax\d+|inc[01]|p[\d.]+|t\w+
 class FinetuneConfig:
     init: str = ""
     """Weights to start from: a .pt file (this project's export, or an official VideoMAE / VideoMAE V2 /
-    EVEREST checkpoint), a run directory or a step_* checkpoint of this project; empty: from scratch."""
+    EVEREST checkpoint), a run directory or a step_* checkpoint of this project; empty: from scratch;
+    auto: the bundled default pre-training run (runs/default) if it has a checkpoint, else from scratch."""
     num_classes: int = 0
     """Classifier outputs; 0: from the data (bundled: its 10 classes; list/folder: largest label + 1)."""
     select: str = "mats"

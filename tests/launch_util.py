@@ -58,12 +58,15 @@ def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
 
 
 def metric_runs(run_dir: Path) -> list[dict]:
-    """metrics.jsonl split into runs: [{"start": start event, "steps": {step: record}}, ...]."""
+    """metrics.jsonl split into runs: [{"start": start event, "steps": {step: record}, "end": end event
+    or None}, ...]."""
     runs: list[dict] = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "start":
-            runs.append({"start": rec, "steps": {}})
+            runs.append({"start": rec, "steps": {}, "end": None})
+        elif rec.get("event") == "end":
+            runs[-1]["end"] = rec
         else:
             runs[-1]["steps"][rec["step"]] = rec
     return runs

@@ -168,14 +168,15 @@ def test_shipped_grids_expand_and_validate(name):
 @pytest.mark.slow
 def test_vitg_real_step_against_the_planner(tmp_path):
     """One training step of the full ViT-g on 2 CPU processes under FSDP2 (shipped grid vitg_step):
-    the process tree's peak RSS next to the planner's prediction. Needs ~24 GB of free RAM."""
+    the process tree's peak RSS next to the planner's prediction. Needs ~20 GiB of free RAM (measured:
+    18.1 GiB peak RSS for 17.6 GiB predicted, 2 min, profiling/results/ablations/vitg_step)."""
     import os
 
     from mats_scale.launch.ablate import grid_path
 
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    if available < 24:
-        pytest.skip(f"ViT-g step needs ~24 GiB of free RAM, {available:.1f} GiB available")
+    if available < 20:
+        pytest.skip(f"ViT-g step needs ~20 GiB of free RAM, {available:.1f} GiB available")
     out = tmp_path / "vitg"
     sweep(load_grid(grid_path("vitg_step")), str(out))
     (rec,) = load_results(str(out / "results.jsonl"))
@@ -186,3 +187,28 @@ def test_vitg_real_step_against_the_planner(tmp_path):
     )
     # The profiler counts tensors only; the processes also hold the interpreter and libraries.
     assert predicted <= measured <= predicted + 4.0
+
+
+def test_peak_memory_includes_the_last_optimizer_step(tmp_path):
+    """The step records' peak is read before each optimizer step; the run's "end" record (after the last
+    step, e.g. the first AdamW update of a one-step ViT-g run) is part of the measured peak."""
+    path = tmp_path / "metrics.jsonl"
+    records = [
+        {"event": "start", "step": 0, "device": "cpu", "total_batch": 2, "world_size": 2},
+        {
+            "step": 1,
+            "loss": 1.0,
+            "clips_per_s": 1.0,
+            "step_time_s": 2.0,
+            "peak_mem_gib": 3.0,
+            "peak_mem_sum_gib": 6.0,
+            "tokens_encoder": 2,
+            "tokens_decoder": 4,
+        },
+        {"event": "end", "at_step": 1, "peak_mem_gib": 5.0, "peak_mem_sum_gib": 10.0},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = sweep_mod.summarize_metrics(str(path), 0, 1)
+    assert out["steps"] == 1 and out["peak_mem_gib"] == 10.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))  # a run killed before its end
+    assert sweep_mod.summarize_metrics(str(path), 0, 1)["peak_mem_gib"] == 6.0

@@ -104,6 +104,10 @@ def test_metrics_after_a_resume_have_one_record_per_step(tmp_path):
     train(_cfg(tmp_path, "train.steps=4", "train.save_every=2", "train.keep_last=2"))
     runs = metric_runs(tmp_path)
     assert [sorted(r["steps"]) for r in runs] == [[1, 2], [3, 4]]
+    # each session closes with the peak after its last optimizer step (first session: cut, no end)
+    assert runs[0]["end"] is None or runs[0]["end"]["at_step"] == 4
+    end = runs[1]["end"]
+    assert end["at_step"] == 4 and end["peak_mem_sum_gib"] >= runs[1]["steps"][4]["peak_mem_sum_gib"]
     start = runs[1]["start"]
     assert start["resumed_from"].endswith("step_00000002") and start["dropped_steps"] == 3
     steps = [

@@ -279,13 +279,15 @@ def summarize_metrics(path: str, warmup: int, window: int) -> dict[str, Any]:
     """Medians after warm-up, peak memory and the final loss from a run's metrics.jsonl."""
     import math
 
-    start, steps = {}, []
+    start, steps, end = {}, [], {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
                 if rec.get("event") == "start":
-                    start, steps = rec, []
+                    start, steps, end = rec, [], {}
+                elif rec.get("event") == "end":  # peak after the last optimizer step
+                    end = rec
                 elif "step" in rec:
                     steps.append(rec)
     if not steps:
@@ -306,7 +308,9 @@ def summarize_metrics(path: str, warmup: int, window: int) -> dict[str, Any]:
         "step_time_s": statistics.median(s["step_time_s"] for s in timed),
         # peak_mem_sum_gib: older logs (before the Trainer summed over ranks) only have rank 0's
         "peak_mem_gib": max(
-            s.get("peak_mem_gib" if cuda else "peak_mem_sum_gib", s["peak_mem_gib"]) for s in steps
+            s.get("peak_mem_gib" if cuda else "peak_mem_sum_gib", s["peak_mem_gib"])
+            for s in [*steps, end]
+            if s
         ),
         "peak_mem_kind": "cuda max_memory_allocated, rank 0" if cuda else "peak RSS summed over ranks",
         "final_loss": sum(losses[-window:]) / len(losses[-window:]) if losses else float("nan"),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mats_scale.config import Config, ConfigError
+from mats_scale.config import Config, ConfigError, load_config
 from mats_scale.data.device import to_model_input
 from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.classifier import classifier_spec
@@ -58,6 +58,26 @@ def dataset_num_classes(cfg: Config) -> int:
 
 def is_writer() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def auto_init() -> tuple[str, str]:
+    """``finetune.init=auto`` (the bundled fine-tuning default): the bundled default pre-training run
+    (train.out_dir of the shipped ``default`` config, relative to the working directory) when it holds
+    a checkpoint that verifies, else from scratch. Returns (path or "", the report line for scratch)."""
+    from mats_scale.resources import config_path
+    from mats_scale.train.checkpoint import CheckpointError
+    from mats_scale.train.export import find_checkpoint
+
+    run = load_config(config_path("default")).train.out_dir
+    try:
+        find_checkpoint(run)
+    except (CheckpointError, FileNotFoundError) as e:
+        return "", (
+            f"finetune.init=auto: no usable pre-training run in {run} ({e}); training from scratch "
+            "(random initialisation). From scratch the bundled default does not learn the motion "
+            "classes in its budget: run `deepspeed launchers/pretrain.py` first (README 'Fine-tuning')"
+        )
+    return run, ""
 
 
 class VideoMixup:
@@ -128,8 +148,11 @@ class FinetuneTask:
         self.num_classes = dataset_num_classes(cfg)
         self.init_state: dict[str, torch.Tensor] | None = None
         self.init_report = "no finetune.init: training from scratch (random initialisation)"
-        if f.init:
-            self.init_state, self.init_report = self._load_init(f.init)
+        init = f.init
+        if init == "auto":
+            init, self.init_report = auto_init()
+        if init:
+            self.init_state, self.init_report = self._load_init(init)
         elif f.eval_only:
             raise ConfigError(
                 "finetune.eval_only: needs finetune.init (a fine-tuned run directory, step_* "

@@ -335,6 +335,11 @@ class Trainer:
                 if stopped:
                     log.info(f"stopping after step {step} on signal; resume with train.resume=auto")
                     break
+        # The step records' peak is read before each optimizer step (it rides on the step's one
+        # all-reduce); the last step's optimizer update (the first allocates AdamW's states) is in this one.
+        peak = peak_memory_gib(self.env.device)
+        peak_sum = all_reduce(torch.tensor([peak], dtype=torch.float64, device=self.env.device)).item()
+        log.end(c.step, {"peak_mem_gib": peak, "peak_mem_sum_gib": peak_sum})
         log.summary()
         barrier()
         return TrainResult(c.step, c.skipped_steps, metrics["loss"], stopped, cfg.train.out_dir)

@@ -209,6 +209,12 @@ class RunLogger:
             f"skipped files {m['skipped_files']} steps {m['skipped_steps']}"
         )
 
+    def end(self, step: int, info: dict[str, Any]) -> None:
+        """The closing record of a session in metrics.jsonl (event "end": the run's peak memory after the
+        last optimizer step, which the step records cannot include)."""
+        if self.env.is_writer:
+            self._event({"event": "end", "at_step": step, **info})
+
     def summary(self) -> None:
         """One line that shows whether the loss fell: mean of the session's first vs last steps."""
         finite = [x for x in self._losses if math.isfinite(x)]
