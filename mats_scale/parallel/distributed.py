@@ -14,6 +14,8 @@ their launcher (:func:`watch_launcher`) and stop as on SIGTERM when it is gone.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
 import signal
@@ -137,6 +139,8 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
             if notice:
                 print(notice, file=sys.stderr, flush=True)
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+            if env.device.type == "cpu":
+                atexit.register(remove_shm_buffer, env.rank)
         else:
             dist.init_process_group(
                 backend,
@@ -321,6 +325,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shm_buffer_path(rank: int) -> str:
+    """DeepSpeed's CPU all-reduce buffer of `rank` (ops/csrc/cpu/comm/shm.cpp: ``/dev/shm/
+    deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``, 66 MB, created when every rank
+    is on this node)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def remove_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer at exit. DeepSpeed 0.19 never unlinks it, so
+    every run on a new port left 66 MB in /dev/shm (RAM) behind; the peers mapped it at start-up, and
+    an unlinked segment stays valid for processes that still have it mapped."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(rank))
 
 
 def shutdown() -> None:
