@@ -364,7 +364,11 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_choice("finetune.select", self.select, ["mats", "all"])
         if self.linear_probe and self.eval_only:
-            fail("finetune.linear_probe", True, "and finetune.eval_only are two modes: choose one")
+            fail(
+                "finetune.linear_probe",
+                True,
+                "cannot be combined with finetune.eval_only (--eval); choose one",
+            )
         check_positive("finetune.num_classes", self.num_classes, allow_zero=True)
         for key in ("head_drop", "label_smoothing"):
             if not 0.0 <= getattr(self, key) < 1.0:
