@@ -394,3 +394,20 @@ def test_finetune_activation_memory_on_meta_matches_the_cpu_and_is_affine():
     full, half = line.saved_per_clip, classifier_activations(args, K, 0.5, dtype=f32).saved_per_clip
     ckpt = classifier_activations(args, K, None, dtype=f32, every=1).saved_per_clip
     assert 0.4 < half / full < 0.6 and ckpt < 0.6 * full  # 2 blocks: their inputs and the head stay
+
+
+def test_finetune_plan_fits_more_clips_with_the_selection_and_with_checkpointing():
+    from mats_scale.profiling.feasibility import ENGINE_CHOICES, NODES
+    from mats_scale.profiling.finetune import main, plan_rows
+
+    args = ModelArgs(size="S", num_frames=8, img_size=112)
+    plans = plan_rows(
+        args, K, 0.5, NODES["a100-40"], dtype=torch.bfloat16, mfu=0.3, epochs=1, train_clips=1000
+    )
+    assert len(plans) == 4 * len(ENGINE_CHOICES)
+    best = {(p.strategy, p.checkpoint, p.engine): p.max_batch for p in plans}
+    for engine in ENGINE_CHOICES:
+        assert 0 < best[("all", "none", engine)] < best[("top 0.5", "none", engine)]
+        assert best[("all", "none", engine)] < best[("all", "every 1", engine)]
+    assert all(p.row()["total_gib"] <= 40 for p in plans)
+    assert main(["--size", "debug", "--frames", "4", "--img", "32", "--plan", "--node", "a100-40"]) == 0

@@ -158,6 +158,40 @@ class Plan:
         }
 
 
+def plan_point(
+    strategy: str,
+    engine: str,
+    checkpoint: str,
+    states: ModelStates,
+    act: ActivationModel,
+    train_flops_per_clip: int,
+    node: Node,
+    *,
+    mfu: float,
+    epochs: float,
+    train_clips: int,
+    allowance: Allowance = DEFAULT_ALLOWANCE,
+) -> Plan:
+    """One point of the plan: the largest micro-batch of these states and activations on `node`, its
+    step time and days (NaN when nothing fits). Pre-training (:func:`plan`) and fine-tuning
+    (``mats_scale.profiling.finetune``) both plan through it."""
+    b = max_micro_batch(states, act, node, allowance)
+    allocated = peak_allocated(states, act, b) if b else states.total
+    tf = train_flops_per_clip
+    return Plan(
+        strategy,
+        engine,
+        checkpoint,
+        b,
+        states,
+        act,
+        tf,
+        step_seconds(tf, b, node, mfu) if b else math.nan,
+        training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
+        allowance.total(allocated),
+    )
+
+
 def plan(
     wl_by_strategy: dict[str, Workload],
     engines: list[str],
@@ -185,20 +219,19 @@ def plan(
             act = activation_model(wlp)
             tf = train_flops(wlp) + score_flops
             for label in engines:
-                b = max_micro_batch(states[label], act, node, allowance)
-                allocated = peak_allocated(states[label], act, b) if b else states[label].total
                 plans.append(
-                    Plan(
+                    plan_point(
                         strategy,
                         label,
                         pname,
-                        b,
                         states[label],
                         act,
                         tf,
-                        step_seconds(tf, b, node, mfu) if b else math.nan,
-                        training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
-                        allowance.total(allocated),
+                        node,
+                        mfu=mfu,
+                        epochs=epochs,
+                        train_clips=train_clips,
+                        allowance=allowance,
                     )
                 )
             if progress is not None:

@@ -22,7 +22,6 @@ tokens, ~98 G at rho_post = 0.6 (EVEREST paper).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -113,41 +112,34 @@ def classifier_train_flops(args: ModelArgs, num_classes: int, keep_ratio: float 
 
 
 def plan_rows(args: ModelArgs, num_classes: int, keep_ratio: float, node, *, dtype, mfu, epochs, train_clips):
-    """One row per (tokens, checkpointing, engine): memory parts in GiB, max micro-batch, step s, days."""
-    from mats_scale.profiling.feasibility import (
-        DEFAULT_ALLOWANCE,
-        ENGINE_CHOICES,
-        engine_states,
-        max_micro_batch,
-        step_seconds,
-        training_days,
-    )
-    from mats_scale.profiling.memory import GIB, param_stats, peak_allocated
+    """One :class:`~mats_scale.profiling.feasibility.Plan` per (tokens, checkpointing, engine); `strategy`
+    names the tokens (all / top rho_post)."""
+    from mats_scale.profiling.feasibility import ENGINE_CHOICES, engine_states, plan_point
+    from mats_scale.profiling.memory import param_stats
 
     stats = param_stats(build_classifier(args, num_classes, device="meta"))
-    rows = []
+    states = {label: engine_states(stats, label, node, dtype) for label in ENGINE_CHOICES}
+    plans = []
     for tokens, keep in (("all", None), (f"top {keep_ratio}", keep_ratio)):
         for ckpt, every in (("none", 0), ("every 1", 1)):
             act = classifier_activations(args, num_classes, keep, dtype=dtype, every=every)
             tf = classifier_train_flops(args, num_classes, keep, every)
             for label in ENGINE_CHOICES:
-                states = engine_states(stats, label, node, dtype)
-                b = max_micro_batch(states, act, node, DEFAULT_ALLOWANCE)
-                allocated = peak_allocated(states, act, b) if b else states.total
-                rows.append(
-                    {
-                        "tokens": tokens,
-                        "checkpoint": ckpt,
-                        "engine": label,
-                        "states_gib": states.total / GIB,
-                        "act_per_clip_gib": act.peak_per_clip / GIB,
-                        "max_batch": b,
-                        "total_gib": (allocated + DEFAULT_ALLOWANCE.total(allocated)) / GIB,
-                        "step_s": step_seconds(tf, b, node, mfu) if b else math.nan,
-                        "days": training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
-                    }
+                plans.append(
+                    plan_point(
+                        tokens,
+                        label,
+                        ckpt,
+                        states[label],
+                        act,
+                        tf,
+                        node,
+                        mfu=mfu,
+                        epochs=epochs,
+                        train_clips=train_clips,
+                    )
                 )
-    return rows
+    return plans
 
 
 def main(argv=None) -> int:
@@ -181,6 +173,8 @@ def main(argv=None) -> int:
         f"({(mats['encoder'] + mats['score']) / full['encoder']:.2f}x)"
     )
     if a.plan:
+        from mats_scale.profiling.memory import GIB
+
         node = NODES[a.node]
         rows = plan_rows(
             args,
@@ -198,10 +192,11 @@ def main(argv=None) -> int:
         )
         head = f"{'tokens':<9} {'ckpt':<8} {'engine':<13} {'states':>7} {'act/clip':>9} {'max b':>6} "
         print(head + f"{'GiB at b':>9} {'step s':>7} {'days':>6}")
-        for r in rows:
+        for plan in rows:
+            r = plan.row()
             print(
-                f"{r['tokens']:<9} {r['checkpoint']:<8} {r['engine']:<13} {r['states_gib']:7.1f} "
-                f"{r['act_per_clip_gib']:9.2f} {r['max_batch']:6d} {r['total_gib']:9.1f} "
+                f"{r['strategy']:<9} {r['checkpoint']:<8} {r['engine']:<13} {plan.states.total / GIB:7.1f} "
+                f"{plan.act.peak_per_clip / GIB:9.2f} {r['max_batch']:6d} {r['total_gib']:9.1f} "
                 f"{r['step_s']:7.2f} {r['days']:6.1f}"
             )
     return 0

@@ -245,10 +245,13 @@ class FinetuneTask:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def view_sums(self, engine: Engine, split: str, per_view, width: int) -> torch.Tensor:
+    def view_sums(
+        self, engine: Engine, split: str, per_view, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every video of `split` exactly once over all ranks: `per_view(clips)` -> (n, width) for its
         views, averaged over the views, all-reduced into a (num_videos, width) float64 tensor on every
-        rank. Raises when a video was scored never or twice."""
+        rank; returned with the videos' labels (num_videos,) on the CPU, in list order. Raises when a
+        video was scored never or twice."""
         import torch.distributed as dist
 
         from mats_scale.data.finetune import build_eval_loader
@@ -259,7 +262,8 @@ class FinetuneTask:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         loader = build_eval_loader(self.cfg, rank=rank, world_size=world, split=split)
-        num_videos = len(loader.dataset.dataset)
+        items = loader.dataset.dataset.items  # the whole split (the Subset holds this rank's share)
+        num_videos = len(items)
         # Sharded engines gather parameters in every forward: all ranks run the same number of forwards.
         n_local = torch.tensor([float(len(loader))], dtype=torch.float64, device=env.device)
         n_max = int(all_reduce(n_local.clone(), op="max").item())
@@ -290,7 +294,7 @@ class FinetuneTask:
                 f"{split}: scored {int((counts == 0).sum())} videos never and "
                 f"{int((counts > 1).sum())} more than once"
             )
-        return sums
+        return sums, torch.tensor([it.label for it in items])
 
     def keep_all_at_eval(self) -> bool:
         return self.cfg.masking.finetune_eval_keep_all or self.cfg.finetune.select == "all"
@@ -302,15 +306,12 @@ class FinetuneTask:
     def evaluate(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
         """Multi-view evaluation of the val split on every rank (see the module doc); rank 0 writes
         ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
-        from mats_scale.data.loader import resolve_items
-
         cfg, keep_all = self.cfg, self.keep_all_at_eval()
 
         def probs(clips: torch.Tensor) -> torch.Tensor:
             return engine.forward(clips, self.select(engine, clips, keep_all)).float().softmax(-1)
 
-        sums = self.view_sums(engine, "val", probs, self.num_classes)  # softmax averaged over the views
-        labels = torch.tensor([it.label for it in resolve_items(cfg, "val")])
+        sums, labels = self.view_sums(engine, "val", probs, self.num_classes)  # softmax averaged over views
         results = score_results(sums.cpu(), labels, self.num_classes)
         results.update(
             {
@@ -330,16 +331,16 @@ class FinetuneTask:
         val video (views as in evaluation, features averaged over them), computed once; then a linear
         classifier on the standardised train features (see :func:`fit_linear_probe`), scored on val.
         rank 0 writes ``probe/results.json`` and ``probe/confusion.png`` under `out_dir`."""
-        from mats_scale.data.loader import resolve_items
-
         cfg, keep_all = self.cfg, self.keep_all_at_eval()
         dim = engine.module.embed_dim
 
         def feats(clips: torch.Tensor) -> torch.Tensor:
             return engine.forward(clips, self.select(engine, clips, keep_all), pooled=True).float()
 
-        x = {s: self.view_sums(engine, s, feats, dim).float().cpu() for s in ("train", "val")}
-        y = {s: torch.tensor([it.label for it in resolve_items(cfg, s)]) for s in ("train", "val")}
+        x, y = {}, {}
+        for split in ("train", "val"):
+            sums, y[split] = self.view_sums(engine, split, feats, dim)
+            x[split] = sums.float().cpu()
         head = fit_linear_probe(x["train"], y["train"], self.num_classes, seed=cfg.train.seed)
         results = score_results(head(x["val"]), y["val"], self.num_classes)
         results.update(
