@@ -149,6 +149,9 @@ class DataConfig:
     decoder: str = "decord"
     """Video decoder: decord (default) or pyav (the same frames; decord falls back to PyAV per file
     for videos it cannot read)."""
+    cache_gib: float = 0.0
+    """Keep whole decoded videos in memory, up to this many GiB per loader process (each worker has
+    its own): for small datasets read for many epochs (the bundled one is ~1 GiB decoded); 0: off."""
     normalize_on_device: bool = True
     """Workers send uint8 clips (4x fewer bytes than float32) and the training device converts and
     normalises them (mats_scale.data.device.to_model_input); false: workers send normalised float32."""
@@ -168,6 +171,8 @@ class DataConfig:
         check_choice("data.eval_crops", self.eval_crops, [1, 3])
         check_choice("data.shot_cuts", self.shot_cuts, ["limit", "ignore"])
         check_choice("data.decoder", self.decoder, ["decord", "pyav"])
+        if not (self.cache_gib >= 0 and math.isfinite(self.cache_gib)):
+            fail("data.cache_gib", self.cache_gib, "must be a number of GiB >= 0 (0: no cache)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             fail("data.max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]")
         if self.batch_size % self.num_sample:

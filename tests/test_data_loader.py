@@ -239,6 +239,37 @@ def test_same_seed_same_clips_workers_do_not_matter(dataset):
     assert not torch.equal(_videos(a), _videos(c))
 
 
+def test_decoded_cache_gives_the_same_clips_and_stops_at_its_budget(dataset, monkeypatch):
+    from mats_scale.data import video as video_mod
+
+    def two_epochs(*overrides):
+        ld = build_pretrain_loader(cfg_for(dataset, *overrides), rank=0, world_size=1)
+        return _videos(epoch_batches(ld) + epoch_batches(ld))
+
+    reference = two_epochs()
+    opened = []
+    real_open = video_mod.DecordVideo
+    monkeypatch.setattr(
+        video_mod,
+        "_READERS",
+        {**video_mod._READERS, "decord": lambda p, **kw: opened.append(p) or real_open(p, **kw)},
+    )
+    monkeypatch.setattr(video_mod, "_CACHE", video_mod.DecodedCache())
+    assert torch.equal(two_epochs("data.cache_gib=1"), reference)  # same frames, crops and order
+    assert len(opened) == SMALL.num_train  # each file opened once: epoch 2 came from memory
+    one_video = SMALL.frames * SMALL.height * SMALL.width * 3
+    assert video_mod._CACHE.bytes == SMALL.num_train * one_video
+
+    # A budget of 2.5 videos keeps 2; the others are read from their files every time.
+    opened.clear()
+    monkeypatch.setattr(video_mod, "_CACHE", video_mod.DecodedCache())
+    assert torch.equal(two_epochs(f"data.cache_gib={2.5 * one_video / 1024**3}"), reference)
+    assert video_mod._CACHE.bytes == 2 * one_video and video_mod._CACHE.full
+    assert len(opened) == 2 * SMALL.num_train - 2
+    with pytest.raises(ConfigError, match="data.cache_gib"):
+        cfg_for(dataset, "data.cache_gib=-1")
+
+
 def test_ranks_get_different_clips_and_epochs_differ(dataset):
     cfg = cfg_for(dataset, "data.batch_size=2")
     r0, r1 = (build_pretrain_loader(cfg, rank=r, world_size=2) for r in (0, 1))

@@ -71,6 +71,7 @@ class EvalVideos(Dataset):
             segments=d.segment_sampling,
             min_frames=d.min_frames,
             decoder=d.decoder,
+            cache_bytes=int(d.cache_gib * 1024**3),
         )
 
     def __len__(self) -> int:

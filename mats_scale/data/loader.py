@@ -238,6 +238,7 @@ class PretrainClips(Dataset):
         self.num_sample = d.num_sample
         self.min_frames = d.min_frames
         self.decoder = d.decoder
+        self.cache_bytes = int(d.cache_gib * 1024**3)
         # Workers send uint8 clips unless the config asks them to normalise (float32, 4x the bytes).
         self.normalize = not d.normalize_on_device
         self.tubelet, self.patch = m.tubelet_size, m.patch
@@ -279,7 +280,12 @@ class PretrainClips(Dataset):
             return frames, list(range(self.decode_frames)), label, no_cuts, None
         item = self.items[index]
         vr = open_video(
-            item.path, min_frames=self.min_frames, start=item.start, frames=item.frames, decoder=self.decoder
+            item.path,
+            min_frames=self.min_frames,
+            start=item.start,
+            frames=item.frames,
+            decoder=self.decoder,
+            cache_bytes=self.cache_bytes,
         )
         ids = self._frame_indices(len(vr), gen)
         frames = read_frames(vr, ids, item.path)

@@ -187,6 +187,58 @@ def _source(path: str):
         return open(path, "rb")  # noqa: SIM115 - closed by the reader
 
 
+class CachedVideo:
+    """A whole decoded video held in memory, with the readers' interface (``len()``, ``decode``)."""
+
+    backend = "cache"
+
+    def __init__(self, frames: np.ndarray, path: str) -> None:
+        self.frames, self.path = frames, path  # (F, H, W, 3) uint8
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    def decode(self, frames: list[int]) -> np.ndarray:
+        return self.frames[frames]
+
+
+class DecodedCache:
+    """Whole decoded videos kept in this process up to a byte budget (``data.cache_gib``), for small
+    datasets read for many epochs: a video is decoded once, every later clip of it is sliced from memory.
+
+    Each loader process (each DataLoader worker, or the training process with ``data.num_workers=0``)
+    has its own. Once the budget is used up, further videos are read from their files as without the
+    cache; a video that does not decode whole (a corrupt tail) is read clip by clip as without it too,
+    so the cache never changes which frames a clip gets nor which videos count as bad.
+    """
+
+    def __init__(self) -> None:
+        self.videos: dict[tuple, np.ndarray] = {}
+        self.bytes = 0
+        self.full = False
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        return self.videos.get(key)
+
+    def load(self, key: tuple, vr, path: str, budget: int):
+        """`vr` decoded whole and kept when the budget allows; returns the reader to use."""
+        if self.full:
+            return vr
+        try:
+            frames = read_frames(vr, list(range(len(vr))), path).numpy()
+        except VideoReadError:
+            return vr  # read clip by clip, exactly as without the cache
+        if self.bytes + frames.nbytes > budget:
+            self.full = True
+        else:
+            self.videos[key] = frames
+            self.bytes += frames.nbytes
+        return CachedVideo(frames, path)
+
+
+_CACHE = DecodedCache()
+
+
 def open_video(
     path: str,
     *,
@@ -197,6 +249,7 @@ def open_video(
     frames: int = -1,
     decoder: str = "decord",
     threads: int = 1,
+    cache_bytes: int = 0,
 ):
     """A reader for `path` (``len()`` frames, :func:`read_frames`), or :class:`VideoReadError`
     naming the reason.
@@ -208,9 +261,27 @@ def open_video(
     A directory is a rawframe folder (:class:`mats_scale.data.rawframes.FrameFolder`, same interface;
     `start`/`frames` from the list, -1 to find them on disk). A path that is not valid UTF-8 (kept
     with surrogate escapes) is opened as a file object, as the decoders only take UTF-8 names.
+    `cache_bytes` > 0: keep whole decoded videos in this process up to that many bytes
+    (:class:`DecodedCache`); a cached video is served from memory without touching its file.
     """
     if decoder not in _READERS:
         raise ValueError(f"decoder={decoder!r}: allowed {', '.join(DECODERS)}")
+    if cache_bytes > 0:
+        key = (path, start, frames, width, height, decoder)
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return CachedVideo(cached, path)
+        vr = open_video(
+            path,
+            min_frames=min_frames,
+            width=width,
+            height=height,
+            start=start,
+            frames=frames,
+            decoder=decoder,
+            threads=threads,
+        )
+        return _CACHE.load(key, vr, path, cache_bytes)
     if not os.path.exists(path):
         raise VideoReadError(path, "missing file")
     if os.path.isdir(path):
@@ -367,13 +438,14 @@ def read_eval_views(
     segments: bool = False,
     min_frames: int = 1,
     decoder: str = "decord",
+    cache_bytes: int = 0,
 ) -> torch.Tensor:
     """All test-time views of one video: (num_clips * num_crops, 3, T, size, size) float32,
     ImageNet-normalised (short-side resize, centre or three crops; clips outer, crops inner).
     Raises :class:`VideoReadError` for an unusable file (evaluation must not silently swap videos)."""
     from mats_scale.data.transforms import eval_views
 
-    vr = open_video(path, min_frames=min_frames, decoder=decoder)
+    vr = open_video(path, min_frames=min_frames, decoder=decoder, cache_bytes=cache_bytes)
     views = [
         eval_views(read_frames(vr, ids, path), size, num_crops)
         for ids in multi_clip_indices(len(vr), length, rate, num_clips, segments)
