@@ -1,0 +1,120 @@
+"""The learning study in one command: pre-train with each masking preset, fine-tune and probe each encoder
+next to from-scratch fine-tuning, over several seeds; tables and a plot of accuracy against compute.
+
+    python launchers/study.py [--study FILE|NAME] [--out DIR] [--jobs N] [--dry-run] [key=value ...]
+    python launchers/study.py report [--study FILE|NAME] [--out DIR] [key=value ...]
+
+``--study presets`` (the default) names a shipped study (``mats_scale/configs/studies/``); see
+:mod:`mats_scale.ablate.study` for the file format. ``key=value`` overrides the study file, e.g.
+``seeds=[0] presets=[tube,mats+dual] pretrain.train.steps=200``. Runs go to ``DIR/runs`` (default
+``runs/study/<name>``); re-running the command skips finished runs and resumes an interrupted one.
+At the end (and with ``report``, from whatever has finished) it writes runs.csv, summary.csv, study.md
+and study.png into DIR. Installed: ``mats-study ...``. Run it with plain ``python``: it starts every run
+itself. Exit status: 0 every run finished, 1 a run failed (the others went on), 2 bad study file or
+arguments, 130 interrupted (finished runs are kept; re-run to go on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from importlib.resources import files
+
+from mats_scale.errors import ConfigError
+
+STUDY_DIR = "configs/studies"
+
+
+def shipped_studies() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in (files("mats_scale") / STUDY_DIR).iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def study_path(value: str) -> str:
+    """A study file as given, else a shipped study of that name."""
+    if os.path.isfile(value):
+        return value
+    name = value.removesuffix(".yaml")
+    if os.sep not in name and name in shipped_studies():
+        return str(files("mats_scale") / STUDY_DIR / f"{name}.yaml")
+    raise ConfigError(
+        f"--study={value!r}: no such file, nor a shipped study (shipped: {', '.join(shipped_studies())})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    report_only = bool(argv) and argv[0] == "report"
+    p = argparse.ArgumentParser(
+        prog="study.py report" if report_only else "study.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="'study.py report ...' only writes the tables and plot of the finished runs.",
+    )
+    p.add_argument(
+        "--study", default="presets", help="study YAML file or a shipped study name (default presets)"
+    )
+    p.add_argument("--out", default=None, help="study folder (default runs/study/<name>)")
+    if not report_only:
+        p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the study's 'jobs')")
+        p.add_argument("--dry-run", action="store_true", help="list the runs and their commands, then exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the study file")
+    args = p.parse_args(argv[1:] if report_only else argv)
+    from mats_scale.ablate import study as st
+
+    try:
+        study = st.load_study(study_path(args.study), args.overrides)
+        if getattr(args, "jobs", None) is not None:
+            if args.jobs < 1:
+                raise ConfigError(f"--jobs={args.jobs}: expected an integer >= 1")
+            study.jobs = args.jobs
+        out = args.out or os.path.join("runs", "study", study.name)
+        jobs = st.plan(study, out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "launchers/study.py", *argv])
+    if report_only:
+        for path in st.write_report(study, jobs, out, command):
+            print(path)
+        return 0
+    if args.dry_run:
+        for i, job in enumerate(jobs, 1):
+            done = " (done)" if st.job_record(job) else ""
+            after = f" after {', '.join(job.deps)}" if job.deps else ""
+            print(f"[{i}/{len(jobs)}] {job.name}{done}{after}: {shlex.join(job.command()[1:])}")
+        return 0
+    os.makedirs(out, exist_ok=True)
+    try:
+        st.prepare_data(jobs)
+    except Exception as e:  # noqa: BLE001 - a data problem is one line, before any run starts
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # unwinds through the running runs, which are killed
+
+    signal.signal(signal.SIGTERM, interrupted)
+    print(f"study {study.name}: {len(jobs)} runs, {study.jobs} at a time, into {out}", flush=True)
+    try:
+        status = st.run_jobs(jobs, study.jobs, echo=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; finished runs are kept in {out}/runs (re-run the command to go on)",
+            file=sys.stderr,
+        )
+        return 130
+    for path in st.write_report(study, jobs, out, command):
+        print(path)
+    failed = [name for name, s in status.items() if s not in ("ok", "done")]
+    if failed:
+        print(f"{len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
