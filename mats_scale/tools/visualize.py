@@ -171,8 +171,10 @@ def read_clip(
 
     d, m = cfg.data, cfg.model
     if video is None and d.dataset == "synthetic":
-        from mats_scale.data.loader import PretrainClips
+        from mats_scale.data.loader import SYNTHETIC_CLIPS, PretrainClips
 
+        if index >= SYNTHETIC_CLIPS:
+            raise UserError(f"--index {index}: data.dataset=synthetic has clips 0..{SYNTHETIC_CLIPS - 1}")
         # In-memory moving squares: item (epoch 0, pos N, index N) is a pure function of the seed.
         clip = PretrainClips(cfg, None, seed=seed)[(0, index, index)]["video"][:1]  # (1, 3, T, S, S) uint8
         return {"video": clip}, f"synthetic clip {index} (seed {seed})"
@@ -354,9 +356,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--config", help="the run's config.yaml, for an exported .pt (records no config)")
     ap.add_argument("--data-root", help="where the run's data is now (same as data.root=DIR)")
-    args = ap.parse_args(argv)
+    # `--ckpt X` is a positional X, so that the blocks follow the command line's order whichever form
+    # each checkpoint takes (argparse would collect the two kinds in separate lists).
+    flat, rest = [], list(argv)
+    while rest:
+        a = rest.pop(0)
+        if a == "--ckpt" and rest and not rest[0].startswith("-"):
+            flat.append(rest.pop(0))
+        else:
+            flat.append(a.removeprefix("--ckpt=") if a.startswith("--ckpt=") and len(a) > 7 else a)
+    args = ap.parse_intermixed_args(flat)
     args.overrides = [a for a in args.items if "=" in a]
-    args.ckpts = args.ckpt + [a for a in args.items if "=" not in a]
+    args.ckpts = [a for a in args.items if "=" not in a]
     if args.data_root:
         args.overrides.append(f"data.root={args.data_root}")
     if not args.ckpts:
