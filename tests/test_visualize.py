@@ -126,6 +126,18 @@ def test_exported_weights_and_a_video_file(runs, tmp_path, capsys):
     png = tmp_path / "pt.png"
     assert main([str(pt), "--config", config, "--video", str(mp4), "--out", str(png)]) == 0
     assert "mats step ?" in capsys.readouterr().out and png.is_file()
+    # A step_* directory directly (no --config needed: its meta records the config).
+    step_dir = sorted((runs["mats"] / "checkpoints").glob("step_*"))[-1]
+    assert main([str(step_dir), "--video", str(mp4), "--out", str(png)]) == 0
+    assert f"mats step {int(step_dir.name[5:])}:" in capsys.readouterr().out
+
+
+def test_help_documents_the_options_with_an_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "Example:" in out
+    assert all(opt in out for opt in ("--video", "--index", "--seed", "--out", "--config", "--data-root"))
 
 
 def _one_error(capsys, argv: list[str]) -> str:
