@@ -171,3 +171,22 @@ def test_no_bundled_data_is_named_before_anything_is_generated(tmp_path, capsys)
     with pytest.raises(viz.UserError, match="no bundled dataset there"):
         viz.read_clip(cfg, None, 0, "val", 0)
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("preset", ["tube+rc", "mats"])
+def test_a_perfect_prediction_reconstructs_the_input_at_the_targets(runs, preset):
+    """The de-normalisation (each target patch's own mean and std) and the painting positions: with the
+    model's prediction replaced by its normalised target, the reconstruction row equals the input there."""
+    cpu = torch.device("cpu")
+    run = viz.load(str(runs[preset]), None, [], cpu)
+    forward = run.model.forward
+    run.model.forward = lambda *a: (lambda o: o._replace(pred=o.target))(forward(*a))
+    batch, _ = viz.read_clip(run.cfg, None, 0, "val", 0)
+    pic = viz.picture(run, batch, 0, cpu)
+    assert run.model.norm_pix_loss  # the targets are normalised: the case that needs undoing
+    grid = TokenGrid.from_model(run.cfg.model)
+    inp, rec = (patches(r.permute(0, 2, 3, 1).numpy(), grid, run.cfg.model.patch) for r in pic.rows[[0, 3]])
+    on = pic.loss_ids.tolist()
+    off = [i for i in range(grid.num_tokens) if i not in on]
+    assert np.abs(rec[on] - inp[on]).max() <= 1
+    assert np.abs(rec[off] - DIM * inp[off]).max() <= 1 and inp[off].max() > 2  # dimmed, not just dark

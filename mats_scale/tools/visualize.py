@@ -252,7 +252,9 @@ def picture(run: Loaded, batch: dict[str, Any], seed: int, device: torch.device)
     pred = engine.out.pred.float()  # (1, Nt, t*p*p*C)
     t, p, C = model.tubelet_size, model.patch_size, model.in_chans
     grid = task.grid
-    loss_ids = tgt[0] if weights is None else tgt[0][weights[0] > 0]  # lean pads / seen positions: weight 0
+    # Loss positions: weight > 0 (reference mode's encoder-seen positions and lean mode's pads weigh 0).
+    keep = torch.ones_like(tgt[0], dtype=torch.bool) if weights is None else weights[0] > 0  # (Nt,)
+    loss_ids = tgt[0][keep]  # (n,)
 
     # Pixels in [0, 1]: (C, T, H, W) -> one frame per tubelet, (T', C, H, W).
     mean, std = model.pixel_mean.view(C, 1, 1, 1), model.pixel_std.view(C, 1, 1, 1)
@@ -261,22 +263,15 @@ def picture(run: Loaded, batch: dict[str, Any], seed: int, device: torch.device)
 
     # Reconstruction: targets (t p q c) -> pixels; norm_pix_loss predicts (x - mean) / (std + 1e-6) per
     # patch and channel (models.pretrain.pixel_targets), undone with the true patch's own statistics.
-    raw = (
-        gather_patches(video.float(), tgt, t, p).view(1, tgt.shape[1], C, -1) * model.pixel_std
-        + model.pixel_mean
-    )
+    raw = gather_patches(video.float(), tgt, t, p).view(1, tgt.shape[1], C, -1)  # (1, Nt, C, t*p*p)
+    raw = raw * model.pixel_std + model.pixel_mean
     rec = pred.view(1, tgt.shape[1], -1, C).transpose(-1, -2)  # (1, Nt, C, t*p*p)
     if model.norm_pix_loss:
-        rec = rec * (raw.var(dim=-1, unbiased=True, keepdim=True).sqrt() + 1e-6) + raw.mean(
-            dim=-1, keepdim=True
-        )
-    keep = (
-        torch.ones(tgt.shape[1], dtype=torch.bool, device=tgt.device) if weights is None else weights[0] > 0
-    )
+        sigma = raw.var(dim=-1, unbiased=True, keepdim=True).sqrt() + 1e-6
+        rec = rec * sigma + raw.mean(dim=-1, keepdim=True)
     canvas = (frames * DIM).contiguous()  # non-target patches: the input, dimmed
     cells = canvas.view(C, grid.t, t, grid.h, p, grid.w, p)  # a view: assigning into it paints `canvas`
-    ids = tgt[0][keep]
-    ti, hi, wi = ids // grid.spatial, (ids // grid.w) % grid.h, ids % grid.w
+    ti, hi, wi = loss_ids // grid.spatial, (loss_ids // grid.w) % grid.h, loss_ids % grid.w
     # Advanced indices on dims 1, 3, 5 (separated by slices) put the token dim first: (n, C, t, p, p).
     cells[:, ti, :, hi, :, wi, :] = rec[0][keep].view(-1, C, t, p, p).clamp(0, 1)
     recon = canvas[:, ::t].transpose(0, 1)  # (T', C, H, W)
@@ -402,7 +397,8 @@ def run(args: argparse.Namespace) -> Path:
         print(f"{path} ({source}): {text}")
         blocks.append(
             (
-                f"{ckpt.label}  loss {pic.loss:.4f}  visible {pic.visible_ids.numel()}/{n}  "
+                # " | ": PIL's default bitmap font draws spaces narrow.
+                f"{ckpt.label} | loss {pic.loss:.4f} | visible {pic.visible_ids.numel()}/{n} | "
                 f"targets {pic.loss_ids.numel()}",
                 pic.rows,
             )
