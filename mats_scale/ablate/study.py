@@ -24,7 +24,8 @@ done runs and resumes a half-finished one from its newest checkpoint (``train.re
 Pre-training compute comes from the profilers (:func:`mats_scale.ablate.sweep.profile_flops`: fvcore
 forward MACs per clip, the MATS score's MACs, FlopCounterMode training-step FLOPs per clip) times the
 clips the run saw. :func:`write_report` writes ``runs.csv`` (one row per seed), ``summary.csv``,
-``study.md`` (table and the verdicts, computed, not written by hand) and ``study.png``.
+``study.md`` (table and the verdicts, computed, not written by hand), ``study.png`` and
+``reconstruction.png`` (:mod:`mats_scale.tools.visualize` on the first seed's run of every preset).
 """
 
 from __future__ import annotations
@@ -546,8 +547,22 @@ def _plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: str) 
     plt.close(fig)
 
 
+def reconstruction_picture(study: Study, jobs: list[Job], path: str) -> bool:
+    """:mod:`mats_scale.tools.visualize` on the first seed's pre-training run of every preset (one clip,
+    one mask seed): input, visible tokens, targets and reconstruction per preset. False if none is done."""
+    from mats_scale.tools import visualize
+
+    runs = [
+        j.run_dir
+        for j in jobs
+        if j.kind == "pretrain" and j.seed == study.seeds[0] and job_record(j) is not None
+    ]
+    return bool(runs) and visualize.main([*runs, "--out", path, "--seed", "0"]) == 0
+
+
 def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "") -> list[str]:
-    """runs.csv, summary.csv, study.md and study.png in `out_dir`; returns their paths."""
+    """runs.csv, summary.csv, study.md, study.png and reconstruction.png in `out_dir`; returns their
+    paths."""
     rows = collect(study, jobs)
     summary = summarize(rows)
     paths = [os.path.join(out_dir, n) for n in ("runs.csv", "summary.csv", "study.md", "study.png")]
@@ -593,7 +608,7 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
                     s["preset"] + (" (random encoder in the probe)" if scratch else ""),
                     "-" if scratch else f"{s['fwd_gmacs_per_clip']:.4f}",
                     "-" if scratch else f"{s['train_gflops_per_clip']:.4f}",
-                    "0" if scratch else f"{s['pretrain_tflops']:.2f}",
+                    "0" if scratch else f"{s['pretrain_tflops']:.3g}",
                     f"{s['compute_vs_reference']:.2f}" if s["compute_vs_reference"] else "-",
                     _fmt(s["pretrain_loss"], 4),
                     _fmt(s["finetune_top1"]),
@@ -615,6 +630,9 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
     with open(paths[2], "w") as f:
         f.write("\n".join(lines))
     _plot(summary, rows, paths[3])
+    picture = os.path.join(out_dir, "reconstruction.png")
+    if reconstruction_picture(study, jobs, picture):
+        paths.append(picture)
     return paths
 
 

@@ -8,9 +8,10 @@ next to from-scratch fine-tuning, over several seeds; tables and a plot of accur
 :mod:`mats_scale.ablate.study` for the file format. ``key=value`` overrides the study file, e.g.
 ``seeds=[0] presets=[tube,mats+dual] pretrain.train.steps=200``. Runs go to ``DIR/runs`` (default
 ``runs/study/<name>``); re-running the command skips finished runs and resumes an interrupted one.
-At the end (and with ``report``, from whatever has finished) it writes runs.csv, summary.csv, study.md
-and study.png into DIR. Installed: ``mats-study ...``. Run it with plain ``python``: it starts every run
-itself. Exit status: 0 every run finished, 1 a run failed (the others went on), 2 bad study file or
+At the end (and with ``report``, from whatever has finished) it writes runs.csv, summary.csv, study.md,
+study.png and reconstruction.png (one clip through every preset's first-seed run) into DIR.
+Installed: ``mats-study ...``. Run it with plain ``python``: it starts every run itself.
+Exit status: 0 every run finished, 1 a run failed (the others went on), 2 bad study file or
 arguments, 130 interrupted (finished runs are kept; re-run to go on).
 """
 

@@ -1,0 +1,141 @@
+"""The learning study (launchers/study.py): its smallest configuration end to end, reuse of finished runs,
+bad study files."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+from launch_util import ROOT, env, tail
+
+from mats_scale.ablate import study as st
+from mats_scale.config import ConfigError
+from mats_scale.data import synth
+from mats_scale.launch.study import study_path
+
+STUDY = ROOT / "launchers" / "study.py"
+# Two presets x two seeds (a spread needs two), a few steps per stage, tiny clips and a tiny dataset.
+SMALLEST = [
+    "presets=[tube,mats+dual]",
+    "seeds=[0,1]",
+    "pretrain.train.steps=3",
+    "pretrain.train.save_every=3",
+    "finetune.train.steps=2",
+    "finetune.optim.warmup_steps=1",
+    "common.model.num_frames=4",
+    "common.model.img_size=64",
+    "common.data.batch_size=2",
+    "common.data.root=data",
+    "common.data.eval_clips=1",
+    "common.data.eval_crops=1",
+]
+
+
+def run_study(tmp_path, *args, timeout=400):
+    return subprocess.run(
+        [sys.executable, str(STUDY), "--out", "out", *SMALLEST, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+        env=env(),
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The smallest study, run once (16 runs, two at a time)."""
+    tmp = tmp_path_factory.mktemp("study")
+    params = synth.SynthParams(num_train=4, num_val=2, seed=3, frames=16, height=96, width=128)
+    synth.generate(str(tmp / "data"), params, workers=1, verbose=False)
+    proc = run_study(tmp)
+    return tmp, proc
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smallest_study_runs_every_stage_and_writes_its_table(finished):
+    tmp, proc = finished
+    assert proc.returncode == 0, tail(proc)
+    out = tmp / "out"
+    for name in ("runs.csv", "summary.csv", "study.md", "study.png", "reconstruction.png"):
+        assert (out / name).stat().st_size > 0
+    for name in ("study.png", "reconstruction.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The reconstruction picture: one block per preset (the first seed's pre-training run).
+    assert proc.stdout.count("(val video 0 ") == 2 and "mats+dual step 3" in proc.stdout
+    rows = read_csv(out / "runs.csv")
+    assert [(r["preset"], r["seed"]) for r in rows] == [
+        (p, s) for p in ("tube", "mats+dual", "scratch") for s in ("0", "1")
+    ]
+    for r in rows:
+        assert 0.0 <= float(r["finetune_top1"]) <= 1.0 and 0.0 <= float(r["probe_top1"]) <= 1.0
+        assert float(r["finetune_cpu_s"]) > 0
+        if r["preset"] != "scratch":
+            assert float(r["pretrain_loss"]) > 0 and float(r["pretrain_cpu_s"]) > 0
+            assert int(r["pretrain_clips"]) == 3 * 2  # steps x batch
+    by = {r["preset"]: r for r in rows}
+    # The profiler's step FLOPs: MATS + dual encodes and reconstructs fewer tokens than tube masking.
+    assert float(by["mats+dual"]["train_gflops_per_clip"]) < float(by["tube"]["train_gflops_per_clip"])
+    assert float(by["mats+dual"]["score_gmacs_per_clip"]) > 0 == float(by["tube"]["score_gmacs_per_clip"])
+    assert float(by["scratch"]["pretrain_tflops"]) == 0
+    summary = {s["preset"]: s for s in read_csv(out / "summary.csv")}
+    assert float(summary["tube"]["compute_vs_reference"]) == 1.0
+    ratio = float(by["mats+dual"]["pretrain_tflops"]) / float(by["tube"]["pretrain_tflops"])
+    assert float(summary["mats+dual"]["compute_vs_reference"]) == pytest.approx(ratio)
+    seeds = [float(r["finetune_top1"]) for r in rows if r["preset"] == "tube"]
+    assert float(summary["tube"]["finetune_top1_mean"]) == pytest.approx(sum(seeds) / 2)
+    md = (out / "study.md").read_text()
+    assert "| preset |" in md and "## Verdicts" in md
+    assert "mats+dual vs from scratch" in md and f"at {ratio:.2f}x its pre-training compute" in md
+
+
+def test_each_run_is_the_launchers_run_of_its_preset_and_seed(finished):
+    tmp, _ = finished
+    jobs = st.plan(st.load_study(study_path("presets"), SMALLEST), str(tmp / "out"))
+    assert len(jobs) == 2 * 2 * 3 + 2 * 2  # (pretrain, finetune, probe) per preset and seed; scratch x 2
+
+    for job in jobs:
+        assert st.job_record(job) is not None, job.name
+        cfg = (tmp / job.run_dir / "config.yaml").read_text() if job.kind != "probe" else ""
+        if job.kind == "pretrain":
+            strategy = "tube" if job.preset == "tube" else "mats"
+            assert f"strategy: {strategy}" in cfg and f"seed: {job.seed}" in cfg
+            assert ("decoder: none" in cfg) == (job.preset == "tube")
+        elif job.kind == "finetune" and job.preset != "scratch":
+            assert f"pretrain-{job.preset}-s{job.seed}-" in cfg  # finetune.init: its own pre-training
+
+
+def test_rerun_reuses_finished_runs_and_a_changed_stage_reruns_only_what_depends_on_it(finished):
+    tmp, _ = finished
+    again = run_study(tmp)
+    assert again.returncode == 0, tail(again)
+    assert "16 of 16 runs done before; 0 to run" in again.stdout and "started" not in again.stdout
+    changed = run_study(tmp, "finetune.train.steps=1", "probe=false", "scratch=false")
+    assert changed.returncode == 0, tail(changed)
+    # Pre-training unchanged: its 4 runs are reused; the 4 fine-tunings are new runs.
+    assert "4 of 8 runs done before; 4 to run" in changed.stdout
+    assert changed.stdout.count("started") == 4 and "finetune-" in changed.stdout
+
+
+def test_bad_study_arguments_are_one_line_and_exit_2(tmp_path):
+    for args, expect in (
+        (["presets=[tube,videomae]"], "'videomae' is not a masking preset"),
+        (["seeds=[0,0]"], "seeds=[0, 0]: expected a list of distinct integers"),
+        (["pretrain.train.stepz=3"], "train.stepz: unknown key; did you mean train.steps?"),
+        (["--study", "nope"], "--study='nope': no such file, nor a shipped study"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(STUDY), "--dry-run", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env(),
+        )
+        assert proc.returncode == 2 and expect in proc.stderr, tail(proc)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="unknown key"):
+        st.load_study(study_path("presets"), ["colour=blue"])
