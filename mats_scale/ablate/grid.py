@@ -126,16 +126,22 @@ def _matches(when: dict[str, Any], values: dict[str, Any]) -> bool:
     return True
 
 
-def load_grid(path: str) -> Grid:
-    """Read and expand a grid file; raises ConfigError naming the key on bad input."""
+def load_mapping(path: str, option: str, keys: tuple[str, ...]) -> DictConfig:
+    """A YAML file that must hold a mapping (a grid, a study); ConfigError naming `option` otherwise."""
     try:
         raw = OmegaConf.load(path)
     except FileNotFoundError:
-        raise ConfigError(f"--grid={path!r}: no such file") from None
+        raise ConfigError(f"{option}={path!r}: no such file") from None
     except Exception as e:  # noqa: BLE001 - YAML errors of any kind become one line
-        raise ConfigError(f"--grid={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{option}={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, DictConfig):
-        raise ConfigError(f"--grid={path!r}: expected a mapping with keys {', '.join(GRID_KEYS)}")
+        raise ConfigError(f"{option}={path!r}: expected a mapping with keys {', '.join(keys)}")
+    return raw
+
+
+def load_grid(path: str) -> Grid:
+    """Read and expand a grid file; raises ConfigError naming the key on bad input."""
+    raw = load_mapping(path, "--grid", GRID_KEYS)
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}: allowed: {', '.join(GRID_KEYS)}")

@@ -45,9 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from mats_scale.ablate.grid import _flat, _value
+from mats_scale.ablate.grid import _flat, _value, load_mapping
 from mats_scale.ablate.sweep import child_env, git_commit, host, summarize_metrics, versions
 from mats_scale.errors import ConfigError
 from mats_scale.tokens import PRESETS
@@ -105,14 +105,7 @@ class Job:
 def load_study(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
     """Read a study file and apply ``key=value`` overrides (e.g. ``seeds=[0] pretrain.train.steps=5``);
     raises ConfigError naming the key."""
-    try:
-        raw = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"--study={path!r}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - YAML errors of any kind become one line
-        raise ConfigError(f"--study={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"--study={path!r}: expected a mapping with keys {', '.join(STUDY_KEYS)}")
+    raw = load_mapping(path, "--study", STUDY_KEYS)
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value, e.g. seeds=[0,1,2]")
@@ -397,20 +390,12 @@ def collect(study: Study, jobs: list[Job]) -> list[dict[str, Any]]:
                     pretrain_wall_s=rec["wall_s"],
                     pretrain_cpu_s=rec["cpu_s"],
                 )
-            ft = by_key.get(("finetune", preset, seed))
-            if ft is not None and job_record(ft):
-                res = _read_json(result_path(ft)) or {}
-                rec = job_record(ft)
-                row.update(
-                    finetune_top1=res.get("top1"),
-                    finetune_top5=res.get("top5"),
-                    finetune_wall_s=rec["wall_s"],
-                    finetune_cpu_s=rec["cpu_s"],
-                )
-            probe = by_key.get(("probe", preset, seed))
-            if probe is not None and job_record(probe):
-                res = _read_json(result_path(probe)) or {}
-                row.update(probe_top1=res.get("top1"), probe_train_top1=res.get("train_top1"))
+            for kind, extra in (("finetune", ("top5", "wall_s", "cpu_s")), ("probe", ("train_top1",))):
+                job = by_key.get((kind, preset, seed))
+                rec = job_record(job) if job is not None else None
+                if rec is not None:
+                    res = {**rec, **(_read_json(result_path(job)) or {})}
+                    row.update({f"{kind}_{k}": res.get(k) for k in ("top1", *extra)})
             rows.append(row)
     return rows
 

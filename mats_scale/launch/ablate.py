@@ -23,20 +23,32 @@ from mats_scale.errors import ConfigError
 GRID_DIR = "configs/ablations"
 
 
+def shipped(folder: str) -> list[str]:
+    """Names of the YAML files shipped in the package folder `folder` (e.g. configs/ablations)."""
+    return sorted(p.name[:-5] for p in (files("mats_scale") / folder).iterdir() if p.name.endswith(".yaml"))
+
+
+def file_or_shipped(value: str, folder: str, option: str) -> str:
+    """`value` if it is a file, else the shipped YAML file of that name in `folder`; ConfigError
+    listing the shipped names otherwise."""
+    if os.path.isfile(value):
+        return value
+    name = value.removesuffix(".yaml")
+    if os.sep not in name and name in shipped(folder):
+        return str(files("mats_scale") / folder / f"{name}.yaml")
+    what = option.removeprefix("--")
+    raise ConfigError(
+        f"{option}={value!r}: no such file, nor a shipped {what} (shipped: {', '.join(shipped(folder))})"
+    )
+
+
 def shipped_grids() -> list[str]:
-    return sorted(p.name[:-5] for p in (files("mats_scale") / GRID_DIR).iterdir() if p.name.endswith(".yaml"))
+    return shipped(GRID_DIR)
 
 
 def grid_path(value: str) -> str:
     """A grid file as given, else a shipped grid of that name."""
-    if os.path.isfile(value):
-        return value
-    name = value.removesuffix(".yaml")
-    if os.sep not in name and name in shipped_grids():
-        return str(files("mats_scale") / GRID_DIR / f"{name}.yaml")
-    raise ConfigError(
-        f"--grid={value!r}: no such file, nor a shipped grid (shipped: {', '.join(shipped_grids())})"
-    )
+    return file_or_shipped(value, GRID_DIR, "--grid")
 
 
 def _report(argv: list[str]) -> int:

@@ -22,29 +22,16 @@ import os
 import shlex
 import signal
 import sys
-from importlib.resources import files
 
 from mats_scale.errors import ConfigError
+from mats_scale.launch.ablate import file_or_shipped
 
 STUDY_DIR = "configs/studies"
 
 
-def shipped_studies() -> list[str]:
-    return sorted(
-        p.name[:-5] for p in (files("mats_scale") / STUDY_DIR).iterdir() if p.name.endswith(".yaml")
-    )
-
-
 def study_path(value: str) -> str:
     """A study file as given, else a shipped study of that name."""
-    if os.path.isfile(value):
-        return value
-    name = value.removesuffix(".yaml")
-    if os.sep not in name and name in shipped_studies():
-        return str(files("mats_scale") / STUDY_DIR / f"{name}.yaml")
-    raise ConfigError(
-        f"--study={value!r}: no such file, nor a shipped study (shipped: {', '.join(shipped_studies())})"
-    )
+    return file_or_shipped(value, STUDY_DIR, "--study")
 
 
 def main(argv: list[str] | None = None) -> int:
