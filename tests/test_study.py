@@ -91,6 +91,7 @@ def test_smallest_study_runs_every_stage_and_writes_its_table(finished):
     md = (out / "study.md").read_text()
     assert "| preset |" in md and "## Verdicts" in md
     assert "mats+dual vs from scratch" in md and f"at {ratio:.2f}x its pre-training compute" in md
+    assert "mats+dual vs tube: " in md and "target met: " in md
 
 
 def test_each_run_is_the_launchers_run_of_its_preset_and_seed(finished):

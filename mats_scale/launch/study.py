@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = shlex.join(["python", "launchers/study.py", *argv])
+    # The study command the tables come from (``report`` renders the same study).
+    command = shlex.join(["python", "launchers/study.py", *(argv[1:] if report_only else argv)])
     if report_only:
         for path in st.write_report(study, jobs, out, command):
             print(path)
