@@ -610,7 +610,7 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
     lines += [f"- {v}" for v in verdicts(summary)] or ["- (not enough finished runs)"]
     lines += [
         "",
-        f"Command: `{command or 'python launchers/study.py'}`; commit {git_commit()}; "
+        f"Command: `{command or 'python launchers/study.py'}`; report written at commit {git_commit()}; "
         f"{json.dumps(host())}; {json.dumps(versions())}.",
         "",
     ]

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     report_only = bool(argv) and argv[0] == "report"
     p = argparse.ArgumentParser(
         prog="study.py report" if report_only else "study.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="'study.py report ...' only writes the tables and plot of the finished runs.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--study", default="presets", help="study YAML file or a shipped study name (default presets)"
