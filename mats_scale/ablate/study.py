@@ -580,7 +580,8 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
         f"{_dotlist(study.common)}.",
         "Compute from the profilers: forward GMACs per clip (fvcore, with the MATS score), training-step "
         "GFLOPs per clip (FlopCounterMode, forward + backward + score), times the clips a run sees. "
-        "CPU s: user + system time of the run's process (independent of how many ran at once).",
+        "CPU s: user + system time of the run's process (comparable across runs with the same "
+        "threads per run on a machine with no other load).",
         "",
         f"| preset | fwd GMACs/clip | train GFLOPs/clip | pre-train TFLOPs | x {ref or '-'} | "
         "pre-train loss | fine-tuned top-1 | probe top-1 | CPU s pre-train | CPU s fine-tune |",

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         "--study", default="presets", help="study YAML file or a shipped study name (default presets)"
     )
     p.add_argument("--out", default=None, help="study folder (default runs/study/<name>)")
+    # report takes the study's --jobs too (ignored), so a study's command line renders as it is
+    p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the study's 'jobs')")
     if not report_only:
-        p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the study's 'jobs')")
         p.add_argument("--dry-run", action="store_true", help="list the runs and their commands, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the study file")
     args = p.parse_args(argv[1:] if report_only else argv)
