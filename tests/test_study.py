@@ -138,5 +138,14 @@ def test_bad_study_arguments_are_one_line_and_exit_2(tmp_path):
         )
         assert proc.returncode == 2 and expect in proc.stderr, tail(proc)
         assert len(proc.stderr.strip().splitlines()) == 1
+    empty = subprocess.run(
+        [sys.executable, str(STUDY), "report", "--out", "nothing"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(),
+    )
+    assert empty.returncode == 1 and "no finished run of this study yet" in empty.stderr, tail(empty)
+    assert len(empty.stderr.strip().splitlines()) == 1 and not (tmp_path / "nothing").exists()
     with pytest.raises(ConfigError, match="unknown key"):
         st.load_study(study_path("presets"), ["colour=blue"])

@@ -11,8 +11,8 @@ next to from-scratch fine-tuning, over several seeds; tables and a plot of accur
 At the end (and with ``report``, from whatever has finished) it writes runs.csv, summary.csv, study.md,
 study.png and reconstruction.png (one clip through every preset's first-seed run) into DIR.
 Installed: ``mats-study ...``. Run it with plain ``python``: it starts every run itself.
-Exit status: 0 every run finished, 1 a run failed (the others went on), 2 bad study file or
-arguments, 130 interrupted (finished runs are kept; re-run to go on).
+Exit status: 0 every run finished, 1 a run failed (the others went on; with ``report``: nothing has
+finished yet), 2 bad study file or arguments, 130 interrupted (finished runs are kept; re-run to go on).
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     # The study command the tables come from (``report`` renders the same study).
     command = shlex.join(["python", "launchers/study.py", *(argv[1:] if report_only else argv)])
     if report_only:
+        if not any(st.job_record(job) for job in jobs):
+            print(
+                f"error: {out}: no finished run of this study yet (run it without 'report' first)",
+                file=sys.stderr,
+            )
+            return 1
         for path in st.write_report(study, jobs, out, command):
             print(path)
         return 0
