@@ -149,3 +149,22 @@ def test_bad_study_arguments_are_one_line_and_exit_2(tmp_path):
     assert len(empty.stderr.strip().splitlines()) == 1 and not (tmp_path / "nothing").exists()
     with pytest.raises(ConfigError, match="unknown key"):
         st.load_study(study_path("presets"), ["colour=blue"])
+
+
+def test_a_failed_run_is_reported_its_dependants_skipped_and_the_exit_status_is_1(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(STUDY), "--out", "out", "presets=[tube]", "seeds=[0]", "probe=false"]
+        + ["scratch=false", "pretrain.train.device=cuda", "common.data.dataset=synthetic"]
+        + ["common.model.num_frames=4", "common.model.img_size=64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env(CUDA_VISIBLE_DEVICES=""),
+    )
+    assert proc.returncode == 1, tail(proc)
+    assert "pretrain-tube-s0: FAILED (exit 1)" in proc.stdout
+    assert "finetune-tube-s0: skipped (pretrain-tube-s0 did not finish)" in proc.stdout
+    assert "2 run(s) did not finish" in proc.stderr and "Warning" not in proc.stderr
+    (row,) = read_csv(tmp_path / "out" / "runs.csv")  # the report is still written, without results
+    assert row["preset"] == "tube" and row["finetune_top1"] == "" and row["pretrain_loss"] == ""
