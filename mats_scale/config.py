@@ -481,8 +481,9 @@ def _load_yaml(path: str) -> Any:
         raise ConfigError(f"--config={path!r}: not a text file ({e.reason} at byte {e.start})") from None
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated. Raises :class:`ConfigError`."""
+def load_config(path: str | None = None, overrides: Sequence[str] = (), *, text: str | None = None) -> Config:
+    """Defaults <- YAML file (or the YAML `text` a run recorded) <- ``key=value`` overrides, validated.
+    Raises :class:`ConfigError`."""
     from mats_scale.config_help import check_override_keys
 
     merged = OmegaConf.structured(Config)
@@ -496,6 +497,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
                     f"(shipped: {', '.join(shipped_configs())})"
                 )
             layers.append(_load_yaml(found))
+        if text is not None:
+            layers.append(OmegaConf.create(text))
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")

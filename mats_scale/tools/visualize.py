@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -89,13 +88,9 @@ class Picture:
 def config_of(text_or_path: str, overrides: list[str], *, is_text: bool) -> Config:
     """The recorded config (YAML text, or a file) with `overrides` on top, validated like a launcher's."""
     try:
-        if not is_text:
-            return load_config(text_or_path, overrides)
-        # load_config reads files; the checkpoint's meta holds the text.
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-            f.write(text_or_path)
-            f.flush()
-            return load_config(f.name, overrides)
+        if is_text:
+            return load_config(None, overrides, text=text_or_path)
+        return load_config(text_or_path, overrides)
     except ConfigError as e:
         raise UserError(f"config: {e}") from None
 
