@@ -49,6 +49,7 @@ from omegaconf import OmegaConf
 
 from mats_scale.ablate.grid import _flat, _value, load_mapping
 from mats_scale.ablate.sweep import child_env, git_commit, host, summarize_metrics, versions
+from mats_scale.config import Config
 from mats_scale.errors import ConfigError
 from mats_scale.tokens import PRESETS
 
@@ -93,7 +94,11 @@ class Job:
     overrides: list[str]
     deps: list[str] = field(default_factory=list)
     run_dir: str = ""
-    steps: int = 0
+    cfg: Config | None = None  # the resolved config of the run (set by plan)
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.train.steps
 
     def command(self) -> list[str]:
         module = MODULES["finetune" if self.kind == "probe" else self.kind]
@@ -198,7 +203,7 @@ def plan(study: Study, out_dir: str) -> list[Job]:
             cfg = load_config(config_path(config), job.overrides)
         except ConfigError as e:
             raise ConfigError(f"{kind} run of preset {preset}, seed {seed}: {e}") from None
-        job.steps = cfg.train.steps
+        job.cfg = cfg
         digests[job.name] = ident
         jobs.append(job)
         return job
@@ -346,15 +351,13 @@ def _read_json(path: str) -> dict[str, Any] | None:
 def pretrain_compute(jobs: list[Job]) -> dict[str, dict[str, Any]]:
     """Per preset: the profilers' FLOPs per clip of its pre-training config and the clips one run sees."""
     from mats_scale.ablate.sweep import profile_flops
-    from mats_scale.config import load_config
     from mats_scale.optim import total_batch
-    from mats_scale.resources import config_path
 
     out = {}
     for job in jobs:
         if job.kind != "pretrain" or job.preset in out:
             continue
-        cfg = load_config(config_path(job.config), job.overrides)
+        cfg = job.cfg
         flops = profile_flops(cfg)
         clips = job.steps * total_batch(cfg.data.batch_size, 1, cfg.optim.grad_accum)
         out[job.preset] = {
@@ -383,9 +386,9 @@ def collect(study: Study, jobs: list[Job]) -> list[dict[str, Any]]:
                 compute.get(preset, {"pretrain_clips": 0, "pretrain_gmacs": 0.0, "pretrain_tflops": 0.0})
             )
             pre = by_key.get(("pretrain", preset, seed))
-            if pre is not None and job_record(pre):
+            rec = job_record(pre) if pre is not None else None
+            if rec is not None:
                 summary = summarize_metrics(os.path.join(pre.run_dir, "metrics.jsonl"), 0, LOSS_WINDOW)
-                rec = job_record(pre)
                 row.update(
                     pretrain_loss=summary.get("final_loss"),
                     pretrain_wall_s=rec["wall_s"],
@@ -629,14 +632,12 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
 
 def prepare_data(jobs: list[Job]) -> None:
     """Generate the bundled dataset (if a run uses it) once, before runs start side by side."""
-    from mats_scale.config import load_config
     from mats_scale.data.loader import resolve_items
-    from mats_scale.resources import config_path
 
     seen = set()
     for job in jobs:
-        cfg = load_config(config_path(job.config), job.overrides)
-        key = (cfg.data.dataset, cfg.data.root, cfg.data.train_list, cfg.data.val_list)
-        if key not in seen and cfg.data.dataset != "synthetic":
+        d = job.cfg.data
+        key = (d.dataset, d.root, d.train_list, d.val_list)
+        if key not in seen and d.dataset != "synthetic":
             seen.add(key)
-            resolve_items(cfg, "train")
+            resolve_items(job.cfg, "train")
