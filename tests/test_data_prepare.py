@@ -1,12 +1,19 @@
 """python -m mats_scale.data.prepare: re-encoding, resume, bad sources, list files."""
 
+import errno
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import av
 import numpy as np
 import pytest
 
 from mats_scale.config import load_config
+from mats_scale.data.lists import read_list_file
 from mats_scale.data.loader import build_pretrain_loader
 from mats_scale.data.prepare import REPORT, PrepareOptions, main, output_size, prepare
 from mats_scale.data.video import open_video, read_frames
@@ -134,3 +141,133 @@ def test_output_size_scales_down_only_and_keeps_sides_even():
     assert output_size(720, 1280, 256) == (256, 456)
     assert output_size(200, 150, 256) == (200, 150)  # never upscaled
     assert output_size(101, 75, 48) == (64, 48)
+
+
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("where", ["dst_in_src", "src_in_dst", "same", "dst_in_src_via_link"])
+def test_overlapping_src_and_dst_are_refused_before_anything_is_written(src, tmp_path, capsys, where):
+    (tmp_path / "link").symlink_to(src)
+    src_arg, dst_arg = {
+        "dst_in_src": (src, src / "out"),
+        "src_in_dst": (src, tmp_path),
+        "same": (src, tmp_path / "link"),
+        "dst_in_src_via_link": (src, tmp_path / "link" / "out"),
+    }[where]
+    before = files_under(tmp_path)
+    assert main([str(src_arg), str(dst_arg), "--short-side", "48", "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert f"SRC={str(src_arg)!r}" in err[0] and f"DST={str(dst_arg)!r}" in err[0]
+    assert "DST must be a directory outside SRC" in err[0]
+    assert files_under(tmp_path) == before and not (src / "out").exists()
+
+
+def test_each_output_is_listed_once(src, tmp_path):
+    write(src / "run" / "b.avi", frames=8)  # the same output run/b.mp4 as run/b.mp4
+    dst = tmp_path / "dst"
+    for _ in range(2):
+        r = prepare(str(src), str(dst), OPTS, workers=2, progress=False)
+        assert (dst / "list.txt").read_text().splitlines() == ["jump/a.mp4 0", "run/b.mp4 1", "run/c.mp4 1"]
+        assert (dst / "classes.txt").read_text().splitlines() == ["0 jump", "1 run"]
+        assert "same output" in r["failed"][str(src / "run" / "b.mp4")]
+    assert len(open_video(str(dst / "run" / "b.mp4"))) == 8  # from b.avi, the first in scan order
+    lst = tmp_path / "train.txt"
+    lst.write_text("jump/a.mp4 0\n./jump/a.mp4 0\nrun/c.mkv 1\njump/a.mp4 0\n")
+    prepare(str(src), str(tmp_path / "dst2"), OPTS, list_files=[str(lst)], workers=1, progress=False)
+    assert (tmp_path / "dst2" / "train.txt").read_text().splitlines() == ["jump/a.mp4 0", "run/c.mp4 1"]
+
+
+def test_a_file_name_that_is_not_utf8_round_trips_through_the_list(src, tmp_path, capsys):
+    good = os.fsencode(src / "run") + b"/caf\xe9.avi"
+    os.rename(write(src / "run" / "x.mp4", frames=8), good)
+    bad = os.fsencode(src / "jump") + b"/bad\xff.mp4"
+    with open(bad, "wb") as f:
+        f.write(b"not a video\n" * 30)
+    dst = tmp_path / "dst"
+    for done in ("4 encoded, 0 already done", "0 encoded, 4 already done"):  # the rerun too
+        assert main([str(src), str(dst), "--short-side", "48", "--workers", "1", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert f"6 videos: {done}, 2 failed" in out and "bad\\xff.mp4" in out
+    assert not [f for _, _, fs in os.walk(dst) for f in fs if f.endswith(".part")]
+    items = read_list_file(str(dst / "list.txt"), root=str(dst))
+    assert [os.fsencode(it.path) for it in items] == [
+        os.fsencode(dst / "jump" / "a.mp4"),
+        os.fsencode(dst / "run" / "b.mp4"),
+        os.fsencode(dst / "run") + b"/c.mp4",
+        os.fsencode(dst / "run") + b"/caf\xe9.mp4",
+    ]
+    assert all(os.path.isfile(it.path) for it in items) and [it.label for it in items] == [0, 1, 1, 1]
+    assert len(open_video(items[-1].path)) == 8
+    report = (dst / REPORT).read_bytes().splitlines()
+    assert [line.split(b"\t")[0] for line in report] == [bad, os.fsencode(src / "run" / "broken.mp4")]
+
+
+def one_error_line(capsys, dst):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: DST {dst}: ") and "DST must be a writable directory" in err[0]
+    return err[0]
+
+
+def test_an_unwritable_destination_is_one_error_line(src, tmp_path, capsys, monkeypatch):
+    args = ["--short-side", "48", "--workers", "2", "--no-progress"]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    dst = afile / "sub"  # under a regular file: NotADirectoryError
+    assert main([str(src), str(dst), *args]) == 2
+    assert "Not a directory" in one_error_line(capsys, dst)
+    dst = tmp_path / "dst"
+    (dst / "run").mkdir(parents=True)
+    (dst / "run" / "b.mp4.part").mkdir()  # an output's file cannot be written (in a worker)
+    assert main([str(src), str(dst), *args]) == 2
+    assert "b.mp4.part" in one_error_line(capsys, dst) and not (dst / "list.txt").exists()
+    os.rmdir(dst / "run" / "b.mp4.part")
+    real_replace = os.replace
+
+    def read_only(a, b):
+        if str(b).endswith("list.txt"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(a))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", read_only)  # the file system turns read-only before the lists
+    assert main([str(src), str(dst), "--short-side", "48", "--workers", "1", "--no-progress"]) == 2
+    assert "Read-only file system" in one_error_line(capsys, dst)
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # root writes through chmod 0o555
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert main([str(src), str(ro / "dst"), *args]) == 2
+        assert "Permission denied" in one_error_line(capsys, ro / "dst")
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes(tmp_path):
+    src = tmp_path / "src"
+    for i in range(8):
+        write(src / f"c{i % 2}" / f"v{i}.mp4", frames=60, height=240, width=320)
+    dst = tmp_path / "dst"
+    cmd = [sys.executable, "-m", "mats_scale.data.prepare", str(src), str(dst), "--short-side", "240"]
+    cmd += ["--preset", "medium", "--workers", "2", "--no-progress"]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not [f for _, _, fs in os.walk(dst) for f in fs if f.endswith(".mp4.part")]:  # encoding
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the parent and its workers
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert re.fullmatch(r"interrupted: \d of 8 videos done; rerun the same command to resume", err.strip())
+    assert not (dst / "list.txt").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = (dst / "list.txt").read_text().splitlines()
+    assert lines == [f"c{i % 2}/v{i}.mp4 {i % 2}" for i in (0, 2, 4, 6, 1, 3, 5, 7)]

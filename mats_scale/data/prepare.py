@@ -16,17 +16,22 @@ interrupted run leaves no half file; a rerun skips finished outputs. A source th
 listed in ``DST/prepare_failed.txt`` (``path<TAB>reason``) and left out of the list files, never
 fatal. ``DST/prepare.json`` records the options; a rerun with other options is refused. The list
 files are written last: ``DST/list.txt`` (+ ``classes.txt``) for a scanned SRC, or one file per
-``--list`` with the same name, paths relative to DST: train with ``data.dataset=list
-data.root=DST data.train_list=DST/train.txt``.
+``--list`` with the same name, paths relative to DST, each output once: train with
+``data.dataset=list data.root=DST data.train_list=DST/train.txt``.
+
+DST and SRC must not overlap; a DST that cannot be written stops the run with one error line (exit
+2); Ctrl-C stops it with one line (exit 130), and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -69,6 +74,15 @@ PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "sl
 TUNES = ("", "fastdecode", "film", "animation", "grain", "stillimage", "zerolatency")
 REPORT = "prepare_failed.txt"
 META = "prepare.json"
+_WRITE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # only writing DST raises these
+
+
+class DestinationError(OSError):
+    """DST (or a file in it) cannot be written; the message names DST, the file and the reason."""
+
+
+class PrepareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the encoding; the message says how far it got and how to resume."""
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -165,18 +179,40 @@ class _Encoder:
             self.out.mux(packet)
 
 
-def _job(job: tuple[str, str, PrepareOptions]) -> tuple[str, str | None]:
-    """Worker: (src, None) when done, (src, reason) when the source could not be re-encoded."""
+def _cannot_write(e: OSError, path: str) -> str:
+    return f"cannot write {e.filename or path}: {e.strerror or e}"
+
+
+def _job(job: tuple[str, str, PrepareOptions]) -> tuple[str, str | None, str | None]:
+    """Worker: (src, reason, write_error): reason when the source could not be re-encoded, never
+    fatal; write_error when the output could not be written (DST's fault: the run stops)."""
     src, dst, opts = job
+    tmp = dst + ".part"
     try:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(tmp, "wb").close()  # DST is writable here, so a failure below is the source's
+    except OSError as e:
+        return src, None, _cannot_write(e, tmp)
+    try:
         encode_one(src, dst, opts)
-        return src, None
+        return src, None, None
     except Exception as e:  # any unreadable source is reported, never fatal
         with contextlib.suppress(OSError):
-            os.remove(dst + ".part")
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return src, None, _cannot_write(e, tmp)
         text = str(e).strip().splitlines()
-        return src, f"{type(e).__name__}: {text[0][:200] if text else ''}"
+        return src, f"{type(e).__name__}: {text[0][:200] if text else ''}", None
+    except BaseException:  # Ctrl-C: no half file
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group; the parent alone handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def output_path(src: str, src_root: str, dst_root: str) -> str:
@@ -203,6 +239,22 @@ def _lists(src_root: str, list_files: Sequence[str]) -> dict[str, list[VideoItem
     return out
 
 
+def _check_apart(src_root: str, dst_root: str) -> None:
+    """ValueError when DST is SRC, inside it, or holds it (symbolic links resolved)."""
+    s, d = os.path.realpath(src_root), os.path.realpath(dst_root)
+
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+    if inside(d, s) or inside(s, d):
+        how = "the same directory" if s == d else "DST is inside SRC" if inside(d, s) else "SRC is inside DST"
+        real = f" (resolved: {s!r}, {d!r})" if (s, d) != (src_root, dst_root) else ""
+        raise ValueError(
+            f"SRC={src_root!r} and DST={dst_root!r} overlap: {how}{real}; "
+            "DST must be a directory outside SRC (and not a parent of it)"
+        )
+
+
 def _check_meta(dst_root: str, opts: PrepareOptions) -> None:
     path = os.path.join(dst_root, META)
     if os.path.isfile(path):
@@ -224,7 +276,8 @@ def _check_meta(dst_root: str, opts: PrepareOptions) -> None:
 
 
 def _write_atomic(path: str, lines: list[str]) -> None:
-    with open(path + ".part", "w") as f:
+    # surrogateescape: a file name that is not UTF-8 is written as its bytes (what the readers expect)
+    with open(path + ".part", "w", encoding="utf-8", errors="surrogateescape") as f:
         f.writelines(lines)
     os.replace(path + ".part", path)
 
@@ -238,66 +291,111 @@ def prepare(
     workers: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Re-encode SRC into DST (see the module doc); returns counts and the failures."""
+    """Re-encode SRC into DST (see the module doc); returns counts and the failures. Raises
+    ValueError for bad arguments, DestinationError when DST cannot be written and
+    PrepareInterrupted (a KeyboardInterrupt) on Ctrl-C."""
     opts.check()
     if not os.path.isdir(src_root):
         raise ValueError(f"SRC={src_root!r}: no such directory")
-    if os.path.abspath(src_root) == os.path.abspath(dst_root):
-        raise ValueError("DST must differ from SRC")
+    _check_apart(src_root, dst_root)
     lists = _lists(src_root, list_files)
-    os.makedirs(dst_root, exist_ok=True)
-    _check_meta(dst_root, opts)
-    jobs: dict[str, str] = {}  # src -> dst, each source once even when several lists name it
+    classes = sorted(d for d in os.listdir(src_root) if os.path.isdir(os.path.join(src_root, d)))
+    jobs: dict[str, str] = {}  # src as listed -> dst; each source once even when several lists name it
+    owner: dict[str, tuple[str, str]] = {}  # dst -> (its source as first listed, normalised)
+    failed: dict[str, str] = {}
     for items in lists.values():
         for item in items:
-            jobs.setdefault(item.path, output_path(item.path, src_root, dst_root))
-    todo = [(s, d, opts) for s, d in jobs.items() if not os.path.isfile(d)]
-    done_before = len(jobs) - len(todo)
-    failed: dict[str, str] = {}
+            if item.path in jobs or item.path in failed:
+                continue
+            dst = output_path(item.path, src_root, dst_root)
+            key = os.path.normpath(os.path.abspath(item.path))
+            first, first_key = owner.setdefault(dst, (item.path, key))
+            if first_key == key:
+                jobs[item.path] = dst
+            else:  # e.g. a.avi and a.mp4 side by side
+                failed[item.path] = f"same output {dst} as {first}: rename one of them"
+    todo = [(src, dst, opts) for dst, (src, _) in owner.items() if not os.path.isfile(dst)]
+    done = len(owner) - len(todo)
+    done_before, clashes = done, len(failed)
+    try:
+        os.makedirs(dst_root, exist_ok=True)
+        _check_meta(dst_root, opts)
+    except OSError as e:
+        raise _dst_error(dst_root, e, os.path.join(dst_root, META)) from None
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     from tqdm import tqdm
 
     with tqdm(
-        total=len(jobs),
+        total=len(owner),
         initial=done_before,
         desc="prepare",
         unit="video",
         disable=not progress,
         file=sys.stderr,
     ) as bar:
-        if workers > 1 and len(todo) > 1:
-            with get_context("fork").Pool(min(workers, len(todo))) as pool:
-                for src, reason in pool.imap_unordered(_job, todo):
-                    if reason:
-                        failed[src] = reason
-                    bar.update(1)
-        else:
-            for job in todo:
-                src, reason = _job(job)
+        pool = None
+        try:
+            if workers > 1 and len(todo) > 1:
+                # Workers are forked with Ctrl-C blocked (and then ignore it): only this process stops.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    pool = get_context("fork").Pool(min(workers, len(todo)), initializer=_ignore_sigint)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                results = pool.imap_unordered(_job, todo)
+            else:
+                results = map(_job, todo)
+            for src, reason, write_error in results:
+                if write_error:
+                    raise _dst_error(dst_root, None, write_error)
                 if reason:
                     failed[src] = reason
+                else:
+                    done += 1
                 bar.update(1)
+        except KeyboardInterrupt:
+            raise PrepareInterrupted(
+                f"{done} of {len(owner)} videos done; rerun the same command to resume"
+            ) from None
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
     # The report lists this run's failures (a rerun retries them); the lists name what exists.
-    _write_atomic(os.path.join(dst_root, REPORT), [f"{s}\t{r}\n" for s, r in sorted(failed.items())])
-    for name, items in lists.items():
-        lines = [
-            f"{os.path.relpath(jobs[it.path], dst_root)} {it.label}\n"
-            for it in items
-            if os.path.isfile(jobs[it.path])
-        ]
-        _write_atomic(os.path.join(dst_root, name), lines)
-    if not list_files:
-        classes = sorted(d for d in os.listdir(src_root) if os.path.isdir(os.path.join(src_root, d)))
-        _write_atomic(os.path.join(dst_root, "classes.txt"), [f"{i} {c}\n" for i, c in enumerate(classes)])
+    try:
+        _write_atomic(os.path.join(dst_root, REPORT), [f"{s}\t{r}\n" for s, r in sorted(failed.items())])
+        for name, items in lists.items():
+            listed: dict[str, int] = {}  # each output once, with its first label
+            for it in items:
+                if it.path in jobs:
+                    listed.setdefault(jobs[it.path], it.label)
+            lines = [
+                f"{os.path.relpath(d, dst_root)} {label}\n"
+                for d, label in listed.items()
+                if os.path.isfile(d)
+            ]
+            _write_atomic(os.path.join(dst_root, name), lines)
+        if not list_files:
+            _write_atomic(
+                os.path.join(dst_root, "classes.txt"), [f"{i} {c}\n" for i, c in enumerate(classes)]
+            )
+    except OSError as e:
+        raise _dst_error(dst_root, e, dst_root) from None
     return {
-        "videos": len(jobs),
-        "encoded": len(todo) - len(failed),
+        "videos": len(jobs) + clashes,
+        "encoded": done - done_before,
         "already_done": done_before,
         "failed": failed,
         "seconds": round(time.perf_counter() - t0, 2),
         "lists": sorted(lists),
     }
+
+
+def _dst_error(dst_root: str, e: OSError | None, what: str) -> DestinationError:
+    """DST <dst>: cannot write <file>: <reason>; what is allowed."""
+    why = _cannot_write(e, what) if e is not None else what
+    return DestinationError(f"DST {dst_root}: {why}; DST must be a writable directory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,15 +424,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = PrepareOptions(a.short_side, a.fps, a.gop, a.crf, a.preset, a.tune)
     try:
         r = prepare(a.src, a.dst, opts, list_files=a.lists, workers=a.workers, progress=not a.no_progress)
-    except (ValueError, ListFileError) as e:
+    except (ValueError, ListFileError, DestinationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or 'rerun the same command to resume'}", file=sys.stderr)
+        return 130
     print(
         f"{r['videos']} videos: {r['encoded']} encoded, {r['already_done']} already done, "
         f"{len(r['failed'])} failed, in {r['seconds']} s -> {a.dst} ({', '.join(r['lists'])})"
     )
-    for src, reason in sorted(r["failed"].items())[:10]:
-        print(f"  failed: {src}: {reason}")
+    for src, reason in sorted(r["failed"].items())[:10]:  # a name that is not UTF-8 shown with \x..
+        print(
+            f"  failed: {src}: {reason}".encode("utf-8", "surrogateescape").decode(
+                "utf-8", "backslashreplace"
+            )
+        )
     if r["failed"]:
         print(f"  all failures: {os.path.join(a.dst, REPORT)}")
     return 0
