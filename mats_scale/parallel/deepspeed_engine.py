@@ -32,6 +32,7 @@ from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_pr
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.parallel.ds_config import resolve_ds_config
+from mats_scale.safe_load import torch_load, weights_only_loads
 
 
 def _quiet_deepspeed() -> None:
@@ -210,9 +211,10 @@ class DeepSpeedEngine:
 
     def load(self, path: str) -> None:
         parent, tag = os.path.split(os.path.normpath(path))
-        loaded, _ = self.ds.load_checkpoint(
-            parent, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_loads():  # DeepSpeed's checkpoint engine loads with weights_only=False
+            loaded, _ = self.ds.load_checkpoint(
+                parent, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if loaded is None:
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
 
@@ -223,9 +225,8 @@ class DeepSpeedEngine:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             parent, tag = os.path.split(os.path.normpath(path))
-            sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+            with weights_only_loads():  # zero_to_fp32 loads with weights_only=False
+                sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
         else:
-            sd = torch.load(
-                os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
-            )["module"]
+            sd = torch_load(os.path.join(path, "mp_rank_00_model_states.pt"))["module"]
         return {k: v.float() for k, v in strip_wrapper_prefix(sd).items()}

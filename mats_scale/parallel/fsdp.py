@@ -33,6 +33,7 @@ from mats_scale.parallel.base import strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.parallel.local import LocalEngine
+from mats_scale.safe_load import check_dcp_metadata, torch_load
 
 
 @torch.no_grad()
@@ -120,6 +121,7 @@ class FSDP2Engine(LocalEngine):
         dcp.save({"optimizer": optim_sd}, checkpoint_id=os.path.join(path, "optimizer"))
 
     def load(self, path: str) -> None:
+        check_dcp_metadata(path)  # DCP unpickles .metadata with plain pickle
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd}
         dcp.load(state, checkpoint_id=os.path.join(path, "model"))
@@ -135,8 +137,9 @@ class FSDP2Engine(LocalEngine):
 
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+        check_dcp_metadata(path)  # DCP unpickles .metadata with plain pickle
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "model.pt")
             dcp_to_torch_save(os.path.join(path, "model"), out)
-            sd = torch.load(out, map_location="cpu", weights_only=True)["model"]
+            sd = torch_load(out)["model"]
         return {k: v.float() for k, v in strip_wrapper_prefix(sd).items()}

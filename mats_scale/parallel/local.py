@@ -17,6 +17,7 @@ from mats_scale.optim import build_adamw, set_lr, total_batch
 from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
 from mats_scale.parallel.distributed import DistEnv
+from mats_scale.safe_load import torch_load
 
 
 class LocalEngine:
@@ -89,12 +90,12 @@ class LocalEngine:
         )
 
     def load(self, path: str) -> None:
-        state = torch.load(os.path.join(path, "engine.pt"), map_location=self.env.device, weights_only=True)
+        state = torch_load(os.path.join(path, "engine.pt"), map_location=self.env.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     @staticmethod
     def consolidate(path: str) -> dict[str, torch.Tensor]:
         """Full fp32 weights from a checkpoint written by :meth:`save` (no process group needed)."""
-        sd = torch.load(os.path.join(path, "engine.pt"), map_location="cpu", weights_only=True)["model"]
+        sd = torch_load(os.path.join(path, "engine.pt"))["model"]
         return {k: v.float() for k, v in strip_wrapper_prefix(sd).items()}

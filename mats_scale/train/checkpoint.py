@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from mats_scale.parallel.distributed import DistEnv, all_gather_object, any_rank, barrier, broadcast_object
+from mats_scale.safe_load import torch_load
 
 POINTER = "latest"
 META = "meta.json"
@@ -204,6 +205,15 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
             return ckpt, damaged
         damaged.append(f"{ckpt.name}: {problem}")
     return None, damaged
+
+
+def resumable_checkpoint(train) -> Path | None:
+    """The checkpoint ``train.resume`` would continue from, or None (read-only: no process group)."""
+    if train.resume in ("none", "restart"):
+        return None
+    if train.resume != "auto":
+        return Path(train.resume)
+    return newest_verified(Path(train.out_dir) / "checkpoints")[0]
 
 
 def _save_failure(e: BaseException, path: Path) -> str:
@@ -467,9 +477,8 @@ class CheckpointManager:
                 )
         try:
             engine.load(str(path / "engine"))
-            # Our own file: numpy and python RNG states need the full unpickler.
-            state = torch.load(path / f"rank_{self.env.rank:05d}.pt", map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:  # a legacy (unverified) one
+            state = torch_load(path / f"rank_{self.env.rank:05d}.pt")  # numpy RNG state: allow-listed
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:  # UnsafeFileError: ValueError
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: cannot be read ({first[:200]}); it is kept on disk") from None
         return meta, state

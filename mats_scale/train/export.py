@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 from pathlib import Path
 
 import torch
 
 from mats_scale.config import load_config_text
+from mats_scale.safe_load import UnsafeFileError, torch_load
 from mats_scale.train.checkpoint import (
     CheckpointError,
     newest_verified,
@@ -91,20 +91,22 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
         except (FileNotFoundError, CheckpointError) as e:
             raise InitError(f"finetune.init={path!r}: {e}") from None
         meta = read_meta(ckpt)
-        return consolidate_checkpoint(meta["backend"], str(ckpt / "engine")), f"{ckpt} ({meta['task']})"
+        try:
+            sd = consolidate_checkpoint(meta["backend"], str(ckpt / "engine"))
+        except UnsafeFileError as e:
+            raise InitError(f"finetune.init={e}") from None
+        return sd, f"{ckpt} ({meta['task']})"
     if not os.path.isfile(path):
         raise InitError(
             f"finetune.init={path!r}: no such file or directory (a .pt file, a run directory "
             "or a step_* checkpoint)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Official checkpoints also pickle their argparse namespace; only load files you trust.
-        print(f"note: {path} holds non-tensor objects (e.g. training args); loaded with weights_only=False")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise InitError(f"finetune.init={path!r}: cannot read ({type(e).__name__}: {str(e)[:120]})") from None
+        obj = torch_load(path)  # never executes code from the file; official args are allow-listed
+    except UnsafeFileError as e:
+        raise InitError(f"finetune.init={e}") from None
+    except OSError as e:
+        raise InitError(f"finetune.init={path!r}: cannot read ({e.strerror or e})") from None
     return unwrap(obj, path), path
 
 
