@@ -97,7 +97,7 @@ def test_eval_loader_scores_every_video_once_over_the_ranks(dataset):
     assert sorted(seen) == list(range(SMALL.num_val))
 
 
-def test_eval_stops_on_an_unreadable_video_and_names_it(dataset, tmp_path):
+def test_eval_leaves_an_unreadable_video_out_and_names_it(dataset, tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video at all")
     lst = tmp_path / "val.txt"
@@ -107,6 +107,8 @@ def test_eval_stops_on_an_unreadable_video_and_names_it(dataset, tmp_path):
         [*BASE, "data.dataset=list", f"data.train_list={lst}", f"data.val_list={lst}", "data.batch_size=1"],
     )
     it = iter(build_eval_loader(cfg))
-    assert next(it)["views"].shape == (1, 1, 3, 4, 32, 32)
-    with pytest.raises(DataError, match="evaluation video .*broken.mp4"):
-        next(it)
+    first = next(it)
+    assert first["views"].shape == (1, 1, 3, 4, 32, 32) and first["skipped"] == []
+    second = next(it)
+    assert second["views"] is None and second["index"].numel() == 0
+    assert [p for p, _ in second["skipped"]] == [str(bad)]

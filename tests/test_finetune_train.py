@@ -224,3 +224,75 @@ def test_bundled_pretraining_then_finetuning_beats_chance_clearly(tmp_path, monk
     r = json.loads((tmp_path / "runs" / "finetune_default" / "eval" / "results.json").read_text())
     print(f"top-1 {r['top1']:.3f} top-5 {r['top5']:.3f} ({r['videos']} videos, {r['views']} views)")
     assert "runs/default" in r["init"] and r["videos"] == 80 and r["top1"] >= 0.4
+
+
+def test_resume_needs_only_the_run_directory_not_the_init_source(dataset, tmp_path, capsys):
+    """finetune.init moved or damaged after the run started: the run's checkpoint replaces those weights."""
+    from mats_scale.models.classifier import build_classifier
+
+    torch.manual_seed(0)
+    init = tmp_path / "clf.pt"
+    torch.save({"model": build_classifier(cfg_for(dataset, tmp_path / "x").model, 10).state_dict()}, init)
+    extra = [f"finetune.init={init}", "train.steps=4", "data.batch_size=4", "finetune.eval_at_end=false"]
+    stopped, _ = train(cfg_for(dataset, tmp_path / "run", *extra), stop_at=2)
+    assert stopped.stopped_by_signal and stopped.step == 2
+    init.write_bytes(b"damaged")
+    capsys.readouterr()
+    resumed, trainer = train(cfg_for(dataset, tmp_path / "run", *extra))
+    assert resumed.step == 4 and trainer.resume_path is not None
+    out = capsys.readouterr().out
+    assert f"finetune.init={init} not read: resuming" in out and "from scratch" not in out
+
+
+@pytest.mark.parametrize("engine", ["none", "deepspeed"])
+def test_evaluation_with_workers_leaves_an_unreadable_video_out_and_never_hangs(dataset, tmp_path, engine):
+    """One corrupt validation video, worker-backed evaluation loader: counted and reported (the
+    results say how many videos and views were lost); past data.max_bad_fraction, one line and a
+    non-zero exit. A hang fails the test through the timeout instead of blocking CI."""
+    from mats_scale.models.classifier import build_classifier
+
+    torch.manual_seed(0)
+    torch.save(
+        {"model": build_classifier(cfg_for(dataset, tmp_path / "x").model, 10).state_dict()},
+        tmp_path / "c.pt",
+    )
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    lst = tmp_path / "val.txt"
+    lst.write_text("".join(f"{dataset / synth.relpath('val', i)} {3 * i}\n" for i in range(4)) + f"{bad} 2\n")
+    common = [
+        "--eval",
+        *BASE,
+        "data.dataset=list",
+        f"data.train_list={lst}",
+        f"data.val_list={lst}",
+        f"finetune.init={tmp_path / 'c.pt'}",
+        "data.batch_size=1",
+        "data.num_workers=2",
+        f"parallel.backend={engine}",
+    ]
+    if engine == "deepspeed":
+        common.append("parallel.zero_stage=2")
+    nproc = 2 if engine == "deepspeed" else 1
+
+    def run(out: str, fraction: float):
+        return torchrun(
+            nproc,
+            [
+                ROOT / "launchers" / "finetune.py",
+                *common,
+                f"train.out_dir={tmp_path / out}",
+                f"data.max_bad_fraction={fraction}",
+            ],
+            timeout=240,
+        )
+
+    ok = run("ok", 0.5)
+    assert ok.returncode == 0, tail(ok)
+    r = json.loads((tmp_path / "ok" / "eval" / "results.json").read_text())
+    assert r["videos"] == 4 and r["skipped_videos"] == 1 and r["views_lost"] == 6
+    assert r["skipped"][0][0] == str(bad) and "1 unreadable left out, 6 views lost" in ok.stdout + ok.stderr
+    stop = run("stop", 0.1)
+    # torchrun's own agent prints a traceback of its ChildFailedError; none may come from the project
+    assert stop.returncode != 0 and f'File "{ROOT / "mats_scale"}' not in stop.stderr, tail(stop)
+    assert "1 of 5 videos cannot be read, more than data.max_bad_fraction=0.1" in stop.stderr, tail(stop)

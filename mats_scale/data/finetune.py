@@ -16,8 +16,9 @@ Training reuses :class:`mats_scale.data.loader.PretrainLoader` with the fine-tun
 its determinism, resumable position and bad-file handling. Evaluation is different on purpose: every
 rank reads videos ``rank, rank + world_size, ...`` of the list in order (no padding, so each video is
 scored exactly once over all ranks; ranks may get one batch more or less than others, so reduce the
-metrics once at the end, not per batch), and a file that cannot be read stops the run with an error
-naming it: replacing a test video with another one would change the reported accuracy unnoticed.
+metrics once at the end, not per batch). A file that cannot be read is left out, never replaced
+(replacing a test video would change the reported accuracy unnoticed): the evaluation names it and
+reports how many videos and views it lost, and stops when more than data.max_bad_fraction of them did.
 A clip's views are averaged by the caller (VideoMAE averages the softmax scores of all views).
 """
 
@@ -31,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mats_scale.config import Config
 from mats_scale.data.errors import DataError, VideoReadError
 from mats_scale.data.lists import VideoItem
-from mats_scale.data.loader import PretrainLoader, init_worker, resolve_items, wants_pinned_memory
+from mats_scale.data.loader import PretrainLoader, resolve_items, wants_pinned_memory
 from mats_scale.data.video import read_eval_views
+from mats_scale.data.workers import init_worker
 
 
 def require_labels(items: list[VideoItem], what: str) -> None:
@@ -81,19 +83,19 @@ class EvalVideos(Dataset):
         item = self.items[index]
         try:
             views = read_eval_views(item.path, **self.kw)  # (V, 3, T, S, S)
-        except VideoReadError as e:
-            raise DataError(
-                f"evaluation video {e.path}: {e.reason}; evaluation never replaces a video, "
-                "so fix the file or remove it from the list"
-            ) from None
+        except VideoReadError as e:  # left out and counted by the evaluation, never replaced
+            return {"views": None, "label": item.label, "index": index, "error": (e.path, e.reason)}
         return {"views": views, "label": item.label, "index": index}
 
 
 def eval_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the readable videos; ``skipped`` lists (path, reason) of the others (views may be empty)."""
+    good = [s for s in samples if s["views"] is not None]
     return {
-        "views": torch.stack([s["views"] for s in samples]),
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        "views": torch.stack([s["views"] for s in good]) if good else None,
+        "label": torch.tensor([s["label"] for s in good], dtype=torch.int64),
+        "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+        "skipped": [s["error"] for s in samples if s["views"] is None],
     }
 
 

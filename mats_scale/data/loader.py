@@ -46,17 +46,11 @@ and logs the first videos and then every power of two of limited windows.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
 import fcntl
 import functools
 import logging
 import math
 import os
-import random
-import signal
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -73,6 +67,7 @@ from mats_scale.data.inmemory import moving_square_clips
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
 from mats_scale.data.transforms import ClipRandAugment, finetune_augment, pretrain_augment
 from mats_scale.data.video import clip_indices, open_video, read_frames, segment_indices
+from mats_scale.data.workers import close_workers, explain_worker_failure, init_worker, kill_workers, track
 from mats_scale.masking import candidate_frame_count, loader_motion_scores, select_frames
 
 log = logging.getLogger("mats_scale.data")
@@ -427,57 +422,6 @@ class EpochBatches:
             yield [(self.epoch, p, order[p % self.num_items]) for p in positions[b * vpb : (b + 1) * vpb]]
 
 
-def init_worker(worker_id: int) -> None:
-    """Set up a DataLoader worker process.
-
-    Stop signals are left to the main process: DeepSpeed's launcher sends SIGTERM to a rank's whole
-    process tree, workers first, and a worker killed by it makes the trainer fail ("DataLoader worker
-    ... killed") before it can save its checkpoint; the trainer handles the signal and stops its
-    workers (they also exit when their parent dies). Global RNGs of each worker get their own stream
-    (our sampling never uses them, but user code or libraries might): derived from the DataLoader's
-    per-worker torch seed, itself from (seed, rank).
-
-    Since the workers ignore SIGTERM, their owner must end them some other way: :meth:`PretrainLoader.close`
-    (on any error of the trainer) and an exit hook SIGKILL what torch's own shutdown leaves running, and
-    PR_SET_PDEATHSIG kills a worker the moment its rank dies (SIGKILL of the rank, a crash).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
-    s = torch.initial_seed() % (1 << 32)
-    random.seed(s)
-    np.random.seed(s)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Not Linux (no prctl): torch's watchdog still ends an orphaned worker within seconds.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
-def explain_worker_failure(e: BaseException, rank: int = 0) -> str | None:
-    """One line for torch's "DataLoader worker (pid N) is killed by signal ..." errors (raised by its SIGCHLD
-    handler anywhere in the main process), else None."""
-    text = str(e).strip()
-    if not (isinstance(e, RuntimeError) and text.startswith("DataLoader worker")):
-        return None
-    return f"a data loader worker of rank {rank} died: {text.splitlines()[0].rstrip('. ')}; stopping"
-
-
-_LOADERS: weakref.WeakSet[PretrainLoader] = weakref.WeakSet()
-
-
-@atexit.register
-def _kill_workers_at_exit() -> None:
-    # Runs before multiprocessing's own exit hook (registered earlier, so called later), which would
-    # SIGTERM the daemonic workers (ignored, see init_worker) and then join them forever.
-    for loader in list(_LOADERS):
-        loader.kill_workers()
-
-
 # ---- the loader ---------------------------------------------------------------------------------
 class PretrainLoader:
     """Iterable over pre-training batches with epoch/position state; see the module doc."""
@@ -536,7 +480,6 @@ class PretrainLoader:
         """True: a bad-data stop does not raise; it is kept in :attr:`stop_error` and the batch is still
         returned, so the trainer can agree on the stop with the other ranks at the end of the step."""
         self.stop_error: DataError | None = None
-        _LOADERS.add(self)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -550,7 +493,7 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The remaining batches of the current epoch; at its end the loader moves to the next epoch."""
         self.sampler.epoch, self.sampler.start = self.epoch, self.batch
-        batches = iter(self.loader)
+        batches = track(iter(self.loader))  # the exit hook kills its workers if nobody else does
         while True:
             try:
                 batch = next(batches)
@@ -573,40 +516,18 @@ class PretrainLoader:
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
 
-    def _workers(self) -> list:
-        it = getattr(self.loader, "_iterator", None)
-        return list(getattr(it, "_workers", None) or [])
-
     def close(self) -> None:
-        """Shut the worker processes down now (they restart on the next iteration); a worker that does
-        not stop within torch's grace period (it ignores SIGTERM) is killed."""
+        """Shut the worker processes down now (they restart on the next iteration)."""
         it = getattr(self.loader, "_iterator", None)
-        workers = self._workers()
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            # torch's own clean shutdown of persistent workers; one may already be dead: killed below
-            with contextlib.suppress(Exception):
-                it._shutdown_workers()
+        if it is not None:
+            close_workers(it)
         self.loader._iterator = None
-        self._kill(workers)
 
     def kill_workers(self) -> None:
         """SIGKILL every worker at once (exit paths: no grace period, nothing left to read)."""
         it = getattr(self.loader, "_iterator", None)
-        if it is not None and getattr(it, "_worker_pids_set", False):
-            # torch's SIGCHLD handler would report the killed workers as an error
-            from torch.utils.data._utils import signal_handling
-
-            signal_handling._remove_worker_pids(id(it))
-            it._worker_pids_set = False
-        self._kill(self._workers())
-
-    @staticmethod
-    def _kill(workers: list) -> None:
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-        for w in workers:
-            w.join(timeout=5)
+        if it is not None:
+            kill_workers(it)
 
     def _account(self, batch: dict[str, Any]) -> None:
         self._account_cuts(batch.get("shot_cuts", ()))

@@ -20,6 +20,7 @@ views of the train and val splits give pooled features once; a logistic regressi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Mapping
@@ -32,11 +33,15 @@ from torch import nn
 
 from mats_scale.config import Config, ConfigError, load_config
 from mats_scale.data.device import to_model_input
+from mats_scale.data.errors import DataError
 from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.classifier import classifier_spec
 from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.parallel.base import Engine
+from mats_scale.train.checkpoint import resumable_checkpoint
 from mats_scale.train.task import Loader, StepOutput
+
+log = logging.getLogger("mats_scale.finetune")
 
 
 def dataset_num_classes(cfg: Config) -> int:
@@ -149,6 +154,10 @@ class FinetuneTask:
         self.init_state: dict[str, torch.Tensor] | None = None
         self.init_report = "no finetune.init: training from scratch (random initialisation)"
         init = f.init
+        resuming = None if f.eval_only or f.linear_probe else resumable_checkpoint(cfg.train)
+        if resuming is not None and init:  # its weights replace finetune.init's: no need to read them
+            self.init_report = f"finetune.init={init} not read: resuming {resuming}, whose weights replace it"
+            init = ""
         if init == "auto":
             init, self.init_report = auto_init()
         if init:
@@ -172,8 +181,10 @@ class FinetuneTask:
         try:
             sd, source = read_weights(path)
             state, report = map_state(sd, target, self.cfg.model.grid, source=source, drop_head=f.drop_head)
-        except InitError as e:
-            raise ConfigError(f"finetune.init: {e}") from None
+        except InitError as e:  # its message starts with "finetune.init=PATH: ..."
+            raise ConfigError(
+                str(e) if str(e).startswith("finetune.init") else f"finetune.init: {e}"
+            ) from None
         if f.eval_only and report.fresh:
             raise ConfigError(
                 f"finetune.init: {path} has no trained {', '.join(report.fresh)}; "
@@ -247,18 +258,19 @@ class FinetuneTask:
     @torch.no_grad()
     def view_sums(
         self, engine: Engine, split: str, per_view, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every video of `split` exactly once over all ranks: `per_view(clips)` -> (n, width) for its
-        views, averaged over the views, all-reduced into a (num_videos, width) float64 tensor on every
-        rank; returned with the videos' labels (num_videos,) on the CPU, in list order. Raises when a
-        video was scored never or twice."""
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+        """Every readable video of `split` exactly once over all ranks: `per_view(clips)` -> (n, width)
+        for its views, averaged over the views, all-reduced on every rank. Returns the sums (n_read,
+        width) float64 and labels (n_read,) on the CPU in list order, and (path, reason) of the videos
+        left out as unreadable (DataError when more than data.max_bad_fraction of them were)."""
         import torch.distributed as dist
 
         from mats_scale.data.finetune import build_eval_loader
-        from mats_scale.parallel.distributed import all_reduce
+        from mats_scale.data.workers import close_workers, track
+        from mats_scale.parallel.distributed import all_gather_object, all_reduce
 
-        env = engine.env
-        V = self.cfg.data.eval_clips * self.cfg.data.eval_crops
+        env, d = engine.env, self.cfg.data
+        V = d.eval_clips * d.eval_crops
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         loader = build_eval_loader(self.cfg, rank=rank, world_size=world, split=split)
@@ -269,32 +281,46 @@ class FinetuneTask:
         n_max = int(all_reduce(n_local.clone(), op="max").item())
         sums = torch.zeros(num_videos, width, dtype=torch.float64, device=env.device)
         counts = torch.zeros(num_videos, dtype=torch.float64, device=env.device)
+        skipped: list[tuple[str, str]] = []
         module = engine.module
         was_training = module.training
         module.eval()
-        shape = None
-        batches = iter(loader)
-        for _ in range(n_max):
-            batch = next(batches, None)
-            if batch is None:  # this rank is done: a dummy forward keeps the collectives matched
-                per_view(torch.zeros(shape, device=env.device))
-                continue
-            views = batch["views"].to(env.device, non_blocking=True)  # (B, V, C, T, S, S)
-            clips = views.flatten(0, 1)
-            shape = (1, *clips.shape[1:])
-            out = per_view(clips).double().view(views.shape[0], V, width).mean(1)  # averaged over views
-            index = batch["index"].to(env.device)
-            sums.index_add_(0, index, out)
-            counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
-        module.train(was_training)
+        dummy = (1, 3, self.cfg.model.num_frames, self.cfg.model.img_size, self.cfg.model.img_size)
+        batches = track(iter(loader))  # its workers end with the loop, whatever ends it
+        try:
+            for _ in range(n_max):
+                batch = next(batches, None)
+                for path, reason in batch["skipped"] if batch is not None else ():
+                    log.warning("%s video %s left out: %s", split, path, reason)
+                    skipped.append((path, reason))
+                if batch is None or batch["views"] is None:  # a dummy forward keeps collectives matched
+                    per_view(torch.zeros(dummy, device=env.device))
+                    continue
+                views = batch["views"].to(env.device, non_blocking=True)  # (B, V, C, T, S, S)
+                out = per_view(views.flatten(0, 1)).double().view(views.shape[0], V, width).mean(1)
+                index = batch["index"].to(env.device)
+                sums.index_add_(0, index, out)
+                counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        finally:
+            close_workers(batches)
+            module.train(was_training)
         all_reduce(sums)
         all_reduce(counts)
-        if not bool((counts == 1).all()):
+        skipped = [s for part in all_gather_object(skipped) for s in part]
+        if int((counts == 0).sum()) != len(skipped) or bool((counts > 1).any()):
             raise RuntimeError(
-                f"{split}: scored {int((counts == 0).sum())} videos never and "
+                f"{split}: scored {int((counts == 0).sum()) - len(skipped)} videos never and "
                 f"{int((counts > 1).sum())} more than once"
             )
-        return sums, torch.tensor([it.label for it in items])
+        if skipped and len(skipped) > d.max_bad_fraction * num_videos:
+            listed = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+            raise DataError(
+                f"{split}: {len(skipped)} of {num_videos} videos cannot be read, more than "
+                f"data.max_bad_fraction={d.max_bad_fraction} ({listed})"
+            )
+        kept = counts == 1
+        labels = torch.tensor([it.label for it in items])
+        return sums[kept], labels[kept.cpu()], skipped
 
     def keep_all_at_eval(self) -> bool:
         return self.cfg.masking.finetune_eval_keep_all or self.cfg.finetune.select == "all"
@@ -311,12 +337,13 @@ class FinetuneTask:
         def probs(clips: torch.Tensor) -> torch.Tensor:
             return engine.forward(clips, self.select(engine, clips, keep_all)).float().softmax(-1)
 
-        sums, labels = self.view_sums(engine, "val", probs, self.num_classes)  # softmax averaged over views
+        sums, labels, skipped = self.view_sums(engine, "val", probs, self.num_classes)  # mean softmax
         results = score_results(sums.cpu(), labels, self.num_classes)
         results.update(
             {
                 "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
                 "videos": len(labels),
+                **left_out(skipped, cfg.data.eval_clips * cfg.data.eval_crops),
                 "tokens": self.tokens_label(),
                 "init": self.init_report,
             }
@@ -337,10 +364,11 @@ class FinetuneTask:
         def feats(clips: torch.Tensor) -> torch.Tensor:
             return engine.forward(clips, self.select(engine, clips, keep_all), pooled=True).float()
 
-        x, y = {}, {}
+        x, y, skipped = {}, {}, []
         for split in ("train", "val"):
-            sums, y[split] = self.view_sums(engine, split, feats, dim)
+            sums, y[split], lost = self.view_sums(engine, split, feats, dim)
             x[split] = sums.float().cpu()
+            skipped += lost
         head = fit_linear_probe(x["train"], y["train"], self.num_classes, seed=cfg.train.seed)
         results = score_results(head(x["val"]), y["val"], self.num_classes)
         results.update(
@@ -349,6 +377,7 @@ class FinetuneTask:
                 "videos": len(y["val"]),
                 "train_videos": len(y["train"]),
                 "train_top1": (head(x["train"]).argmax(-1) == y["train"]).double().mean().item(),
+                **left_out(skipped, cfg.data.eval_clips * cfg.data.eval_crops),
                 "tokens": self.tokens_label(),
                 "init": self.init_report,
             }
@@ -363,9 +392,19 @@ class FinetuneTask:
             return
         r = self.evaluate(trainer.engine, self.cfg.train.out_dir)
         trainer.log.info(
-            f"eval {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} "
+            f"eval {r['views']} views, {r['videos']} videos{lost_note(r)}: top-1 {r['top1']:.4f} "
             f"top-5 {r['top5']:.4f} -> {os.path.join(self.cfg.train.out_dir, 'eval')}"
         )
+
+
+def left_out(skipped: list[tuple[str, str]], views: int) -> dict[str, Any]:
+    """The results' record of unreadable videos: how many, the views lost, and which (path, reason)."""
+    return {"skipped_videos": len(skipped), "views_lost": len(skipped) * views, "skipped": skipped}
+
+
+def lost_note(r: Mapping[str, Any]) -> str:
+    n = r.get("skipped_videos", 0)
+    return f" ({n} unreadable left out, {r['views_lost']} views lost)" if n else ""
 
 
 def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -466,7 +505,8 @@ def evaluate_only(cfg: Config) -> dict[str, Any]:
         r, what, sub = task.evaluate(engine, cfg.train.out_dir), "eval", "eval"
     if env.is_writer:
         print(
-            f"{what} {r['views']} views, {r['videos']} videos: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
+            f"{what} {r['views']} views, {r['videos']} videos{lost_note(r)}: top-1 {r['top1']:.4f} "
+            f"top-5 {r['top5']:.4f} "
             f"-> {os.path.join(cfg.train.out_dir, sub)}",
             flush=True,
         )
