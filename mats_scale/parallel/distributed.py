@@ -5,17 +5,17 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under ``srun`` without them they come f
 (:mod:`mats_scale.parallel.slurm`); a plain ``python`` run gets a one-process group on a free
 local port. CUDA runs use NCCL, CPU runs gloo.
 
-Faults (issue 17/18): the collective timeout is ``parallel.timeout_s`` (default 300 s on gloo, 1800 s on
+Faults: the collective timeout is ``parallel.timeout_s`` (default 300 s on gloo, 1800 s on
 NCCL), so a rank that dies or hangs is noticed by the others within it; each rank records every rank's
 pid and host at start-up, so a survivor can say which rank died and how (:func:`explain_collective_failure`);
 a busy ``MASTER_PORT`` is one line naming the port; under DeepSpeed's single-node runner the ranks watch
-their launcher (:func:`watch_launcher`) and stop as on SIGTERM when it is gone.
+their launcher (:func:`watch_launcher`) and stop as on SIGTERM when it is gone. DeepSpeed's CPU all-reduce
+segments in /dev/shm are unlinked by their rank at exit and on SIGTERM/SIGINT, and those of ended runs
+(a SIGKILLed rank) are swept at the next start (:func:`sweep_stale_shm`).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import re
 import signal
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mats_scale.config import ParallelConfig, TrainConfig
+from mats_scale.parallel.shm import register_shm_cleanup, report_swept, shm_buffer_path, sweep_stale_shm
 
 
 class LaunchError(RuntimeError):
@@ -138,9 +139,13 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
             )
             if notice:
                 print(notice, file=sys.stderr, flush=True)
-            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
             if env.device.type == "cpu":
-                atexit.register(remove_shm_buffer, env.rank)
+                # Before the rendezvous: no rank of this job creates its segment until every rank has
+                # joined, so the sweep can not meet a segment of this job.
+                if env.local_rank == 0:
+                    report_swept(sweep_stale_shm())
+                register_shm_cleanup(shm_buffer_path(env.rank))
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
             dist.init_process_group(
                 backend,
@@ -325,22 +330,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def shm_buffer_path(rank: int) -> str:
-    """DeepSpeed's CPU all-reduce buffer of `rank` (ops/csrc/cpu/comm/shm.cpp: ``/dev/shm/
-    deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``, 66 MB, created when every rank
-    is on this node)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def remove_shm_buffer(rank: int) -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer at exit. DeepSpeed 0.19 never unlinks it, so
-    every run on a new port left 66 MB in /dev/shm (RAM) behind; the peers mapped it at start-up, and
-    an unlinked segment stays valid for processes that still have it mapped."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(shm_buffer_path(rank))
 
 
 def shutdown() -> None:
