@@ -8,7 +8,7 @@ import torch
 
 from mats_scale.config import ConfigError, load_config
 from mats_scale.data import synth
-from mats_scale.data.cuts import cuts_between, detect_cuts, limit_to_shot, longest_shot
+from mats_scale.data.cuts import cuts_between, cuts_from_changes, detect_cuts, limit_to_shot, longest_shot
 from mats_scale.data.loader import build_pretrain_loader
 
 CUT = synth.SynthParams(num_train=6, num_val=0, seed=7, frames=32, height=120, width=128, cut=True)
@@ -45,6 +45,64 @@ def test_detect_cuts_finds_the_cut_and_nothing_else(camera):
             found = detect_cuts(torch.from_numpy(with_cut[ids])).nonzero()[:, 0].tolist()
             assert found == [j for j in range(len(ids) - 1) if ids[j] < spec.cut <= ids[j + 1]], (stride, i)
             assert not detect_cuts(torch.from_numpy(one_shot[ids])).any()
+
+
+def _spliced(params, index, cut_steps, steps=15):
+    """Frames alternating between the two shots of a generated cut clip, switching shot exactly at
+    `cut_steps`; each shot's frames stay in their own order (consecutive within a shot)."""
+    frames, spec = synth.render_clip(params, "train", index)
+    shots = [iter(range(spec.cut)), iter(range(spec.cut, len(frames)))]
+    shot, ids = 0, []
+    for j in range(steps + 1):
+        ids.append(next(shots[shot]))
+        shot ^= j in cut_steps
+    return torch.from_numpy(frames[ids])
+
+
+RAPID = [synth.SynthParams(cut=True), synth.SynthParams(cut=True, pan=2.0, texture=0.3)]
+
+
+@pytest.mark.parametrize("params", RAPID)
+def test_detect_cuts_in_a_video_of_nothing_but_cuts(params):
+    for i in range(3):
+        found = detect_cuts(_spliced(params, i, set(range(15))))
+        assert found.tolist() == [True] * 15, i  # a median over all steps would hide every cut
+
+
+@pytest.mark.parametrize("params", RAPID)
+def test_detect_cuts_when_most_steps_are_cuts(params):
+    steps = [1, 2, 4, 7, 8, 10, 13, 14]  # 8 of 15
+    for i in range(3):
+        assert detect_cuts(_spliced(params, i, set(steps))).nonzero()[:, 0].tolist() == steps, i
+
+
+def test_cut_rule_absolute_threshold_with_a_relative_floor():
+    d = torch.tensor([0.02] * 10 + [0.16, 0.4])
+    assert cuts_from_changes(d).nonzero()[:, 0].tolist() == [10, 11]  # above 0.15, the median is small
+    noisy = torch.tensor([0.1] * 10 + [0.2, 0.5])  # ordinary steps of 0.1: a cut needs 3 x 0.1
+    assert cuts_from_changes(noisy).nonzero()[:, 0].tolist() == [11]
+    assert cuts_from_changes(torch.full((6,), 0.3)).all()  # all above the threshold: all cuts
+    assert not cuts_from_changes(torch.full((6,), 0.14)).any()
+
+
+def test_extreme_cut_rate_is_logged_once_per_video(caplog):
+    rapid = _spliced(synth.SynthParams(cut=True), 0, set(range(15)))
+    ids = list(range(16))
+    with caplog.at_level(logging.WARNING, logger="mats_scale.data.cuts"):
+        for _ in range(2):  # the second window of the same video logs nothing
+            _, new_ids, met, left = limit_to_shot(
+                rapid, ids, lambda n: [0] * 16, lambda new: rapid[new], video="rapid/montage.mp4"
+            )
+            assert met == 15 and len(set(new_ids)) == 1 and not left.any()  # one frame of one shot
+    lines = [r for r in caplog.records if r.name == "mats_scale.data.cuts"]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "15 of 15 frame steps are shot cuts in rapid/montage.mp4" in lines[0].getMessage()
+    assert "cut handling treats each such step as a cut" in lines[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mats_scale.data.cuts"):
+        detect_cuts(_spliced(synth.SynthParams(cut=True), 0, {7}), video="one-cut.mp4")  # 1 of 15
+        detect_cuts(_spliced(synth.SynthParams(cut=True), 1, set(range(15))))  # unnamed: still logged
+    assert [r.getMessage()[:30] for r in caplog.records] == ["15 of 15 frame steps are shot "]
 
 
 def test_longest_shot_and_cuts_between_kept_frames():

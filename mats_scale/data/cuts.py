@@ -7,18 +7,23 @@ small brightness change never flips pixels across a bin edge at once. The change
 frames is the total-variation distance of their histograms, in [0, 1] (the fraction of the picture
 whose colour moved elsewhere). A colour histogram ignores where things are, so camera pans, zooms and
 moving objects barely change it (the classic shot-boundary cue), while a new shot changes it: step j
-is a cut when its distance is >= ``max(min_change, ratio * median of the clip's steps)``.
+is a cut when its distance is >= ``max(min_change, ratio * median of the clip's steps below
+min_change)``. The absolute threshold decides; the median, taken over the steps that are no cut by
+that threshold alone, only raises the bar in a clip whose ordinary steps are already large, so the
+rule still works when most steps are cuts (rapid-cut footage: a median over all steps would be a
+cut's size and hide every cut). A clip with more than half its steps cut is logged once (WARNING).
 
 Measured on the bundled generator's clips (``synth.SynthParams(cut=True, ...)``, frame strides 1, 2
 and 4): every cut step >= 0.18 (>= 0.19 over 120 still-camera cut clips, 10th percentile 0.31-0.50),
 every other step <= 0.14 even with pans of 4 px/frame over high-contrast texture, <= 0.03 with a
-still camera; hence :data:`CUT_MIN_CHANGE` 0.15 with :data:`CUT_RATIO` 3 (a clip that changes a lot
-anyway needs a bigger jump). Gradual transitions (fades, dissolves) are not cuts here, and a cut
+still camera; hence :data:`CUT_MIN_CHANGE` 0.15 with :data:`CUT_RATIO` 3 (a clip whose ordinary steps
+change a lot anyway needs a bigger jump). Gradual transitions (fades, dissolves) are not cuts here, and a cut
 between two shots of very similar colours can be missed. Not yet measured on real footage.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,7 +36,10 @@ CUT_LEVELS = 4
 CUT_MIN_CHANGE = 0.15
 """A cut moves at least this fraction of the histogram mass."""
 CUT_RATIO = 3.0
-"""... and at least this many times the clip's median step."""
+"""... and at least this many times the clip's median step among those below :data:`CUT_MIN_CHANGE`."""
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # videos whose extreme cut rate was logged (once per process)
 
 
 def colour_histograms(frames: torch.Tensor, side: int = CUT_SIDE, levels: int = CUT_LEVELS) -> torch.Tensor:
@@ -69,14 +77,42 @@ def frame_changes(frames: torch.Tensor) -> torch.Tensor:
     return 0.5 * (h[1:] - h[:-1]).abs().sum(dim=1)
 
 
-def detect_cuts(
-    frames: torch.Tensor, *, min_change: float = CUT_MIN_CHANGE, ratio: float = CUT_RATIO
+def cuts_from_changes(
+    d: torch.Tensor, *, min_change: float = CUT_MIN_CHANGE, ratio: float = CUT_RATIO
 ) -> torch.Tensor:
-    """(F, H, W, 3) uint8 decoded frames -> (F-1,) bool: True where frame j+1 starts a new shot."""
+    """(F-1,) step distances -> (F-1,) bool: ``d >= max(min_change, ratio * median(d[d < min_change]))``."""
+    quiet = d[d < min_change]  # the steps that are no cut by the absolute threshold alone
+    floor = max(min_change, ratio * float(quiet.median())) if quiet.numel() else min_change
+    return d >= floor
+
+
+def detect_cuts(
+    frames: torch.Tensor,
+    *,
+    min_change: float = CUT_MIN_CHANGE,
+    ratio: float = CUT_RATIO,
+    video: str | None = None,
+) -> torch.Tensor:
+    """(F, H, W, 3) uint8 decoded frames -> (F-1,) bool: True where frame j+1 starts a new shot.
+
+    More than half the steps cut (at least 2) logs one WARNING, once per `video` when it is named."""
     d = frame_changes(frames)
     if d.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
-    return (d >= min_change) & (d >= ratio * d.median())
+    cuts = cuts_from_changes(d, min_change=min_change, ratio=ratio)
+    n = int(cuts.sum())
+    if n >= 2 and 2 * n > d.numel() and (video is None or video not in _WARNED):
+        if video is not None:
+            _WARNED.add(video)
+        log.warning(
+            "%d of %d frame steps are shot cuts in %s (rapid-cut footage?): cut handling treats each such "
+            "step as a cut, so its windows are limited to the longest cut-free stretch "
+            "(data.shot_cuts=ignore turns that off)",
+            n,
+            d.numel(),
+            video if video is not None else "a decoded clip",
+        )
+    return cuts
 
 
 def longest_shot(cuts: torch.Tensor) -> tuple[int, int]:
@@ -100,6 +136,7 @@ def limit_to_shot(
     ids: list[int],
     pick: Callable[[int], list[int]],
     read: Callable[[list[int]], torch.Tensor],
+    video: str | None = None,
 ) -> tuple[torch.Tensor, list[int], int, torch.Tensor]:
     """Keep a clip window inside one shot.
 
@@ -112,9 +149,10 @@ def limit_to_shot(
 
     Returns (frames, ids, cuts met in the first window, cuts (F-1,) bool still found in the returned
     frames): the second is normally all False; what it holds (a cut missed between the sparse first
-    frames, a loop across shots) the scores and the frame selection must not count.
+    frames, a loop across shots) the scores and the frame selection must not count. `video` names the
+    file in the log line of :func:`detect_cuts`.
     """
-    cuts = detect_cuts(frames)
+    cuts = detect_cuts(frames, video=video)
     met = int(cuts.sum())
     if not met:
         return frames, ids, 0, cuts
@@ -122,7 +160,7 @@ def limit_to_shot(
     lo, hi = min(ids[first : last + 1]), max(ids[first : last + 1])
     new_ids = [lo + i for i in pick(hi - lo + 1)]
     frames = read(new_ids)
-    return frames, new_ids, met, detect_cuts(frames)
+    return frames, new_ids, met, detect_cuts(frames, video=video)
 
 
 class CutStats:

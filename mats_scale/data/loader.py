@@ -287,7 +287,11 @@ class PretrainClips(Dataset):
         if not self.shot_cuts:
             return frames, ids, item.label, torch.zeros(len(ids) - 1, dtype=torch.bool), None
         frames, ids, met, cuts = limit_to_shot(
-            frames, ids, lambda n: self._frame_indices(n, gen), lambda new: read_frames(vr, new, item.path)
+            frames,
+            ids,
+            lambda n: self._frame_indices(n, gen),
+            lambda new: read_frames(vr, new, item.path),
+            video=item.path,
         )
         return frames, ids, item.label, cuts, (item.path, met) if met else None
 
