@@ -334,7 +334,10 @@ def test_rerun_after_a_dead_rank_resumes_past_a_damaged_checkpoint_fsdp2(dead_ra
 
 
 # ---- too many bad files on one rank: all ranks stop together, with a checkpoint ------------------------
-def test_bad_data_stop_on_one_rank_is_agreed_saved_and_reported_once(tmp_path):
+@pytest.mark.parametrize(
+    "engine", [["parallel.backend=fsdp2"], ["parallel.backend=deepspeed", "parallel.zero_stage=2"]]
+)
+def test_bad_data_stop_on_one_rank_is_agreed_saved_and_reported_once(tmp_path, engine):
     from mats_scale.data import synth
     from mats_scale.data.loader import _ORDER, make_generator
 
@@ -353,8 +356,8 @@ def test_bad_data_stop_on_one_rank_is_agreed_saved_and_reported_once(tmp_path):
     proc = pretrain(
         2,
         TINY
+        + engine
         + [
-            "parallel.backend=fsdp2",
             "data.dataset=list",
             f"data.train_list={listing}",
             "data.batch_size=2",

@@ -210,6 +210,10 @@ class Trainer:
             skipped += len(batch.get("skipped", ()))  # the loader warns once per bad file
             out = self.task.step(engine, batch, self.mask_gen)
             loss = self.faults.loss(out.loss, step, env.rank)
+            if self.stream.stop_error is not None:
+                # A bad-data stop drops this step's update on every engine through the one skip they all
+                # honour: non-finite gradients (ZeRO 1-3 skip an update only then, not on request).
+                loss = loss * float("nan")
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach().double(), 0.0)
             nonfinite += (~finite).double()
