@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -129,6 +130,27 @@ def load_or_exit(
         print(cfg.to_yaml(), end="")
         raise SystemExit(0)
     return cfg
+
+
+def out_dir_problem(path: str) -> str | None:
+    """Make the folder `path` (when missing) and check that a file can be written into it (a temporary
+    file, gone at once): the problem as a phrase for an ``error:`` line, or None. For the results
+    folder of a long job, checked before the work."""
+    target = os.path.abspath(path)
+    probe = target
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        if probe == target:
+            return "exists and is not a folder"
+        return f"{probe} is not a folder, so no folder can be made under it"
+    try:
+        os.makedirs(target, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
 
 
 def check_data_or_exit(cfg: Config) -> None:

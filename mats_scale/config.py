@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -479,6 +479,70 @@ def _load_yaml(path: str) -> Any:
         raise ConfigError(f"--config={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"--config={path!r}: not a text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # unreadable, or (OmegaConf.load) a top level that is neither mapping nor list
+        if "Invalid loaded object type" in str(e):
+            raise ConfigError(f"--config={path!r}: {_TOP_LEVEL}, got a single value") from None
+        raise ConfigError(f"--config={path!r}: cannot read it ({e.strerror or e})") from None
+
+
+_TOP_LEVEL = (
+    "the top level must be a mapping of sections ("
+    + ", ".join(f"{f.name}:" for f in dataclasses.fields(Config))
+    + ")"
+)
+
+
+def _check_sections(layer: Any, where: str) -> None:
+    """Refuse a YAML layer that is not a mapping of sections, or a section that is not a mapping
+    (``model: debug``), naming `where` (the file) and what is expected."""
+    if not OmegaConf.is_dict(layer):
+        raise ConfigError(f"{where}: {_TOP_LEVEL}, got a list")
+    tree = OmegaConf.to_container(layer, resolve=False)
+    for section in dataclasses.fields(Config):
+        value = tree.get(section.name, {})
+        if isinstance(value, dict):
+            continue
+        keys = dataclasses.fields(section.default_factory)
+        if isinstance(value, (str, int, float, bool)):
+            key, example = keys[0].name, value  # model: debug -> model: {size: debug}
+        else:
+            key, example = next(
+                (k.name, k.default) for k in keys if k.default not in ("", dataclasses.MISSING)
+            )
+        got = (
+            "nothing (null)"
+            if value is None
+            else f"a list {value!r}"
+            if isinstance(value, list)
+            else repr(value)
+        )
+        raise ConfigError(
+            f"{where}: {section.name}: must be a mapping of {section.name}.* keys, e.g. "
+            f"'{section.name}: {{{key}: {example}}}', got {got}"
+        )
+
+
+def _field_type(key: str) -> Any:
+    """The annotated type of dotted config key `key` (``finetune.init`` -> str), None if no such key."""
+    node: Any = Config
+    for part in key.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+        node = get_type_hints(node).get(part)
+    return node
+
+
+def _dotlist(overrides: Sequence[str]) -> Any:
+    """OmegaConf.from_dotlist, except that an empty value of a ``str`` key (``finetune.init=``, which
+    is what the shell leaves of ``finetune.init=""``) is the empty string; OmegaConf reads it as None,
+    which only an Optional key accepts (and keeps)."""
+    layer = OmegaConf.from_dotlist(list(overrides))
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if not value.strip() and _field_type(key.strip()) is str:
+            OmegaConf.update(layer, key.strip(), "", merge=False)
+    _check_sections(layer, "key=value overrides")  # model=debug
+    return layer
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = (), *, text: str | None = None) -> Config:
@@ -497,13 +561,15 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, text:
                     f"(shipped: {', '.join(shipped_configs())})"
                 )
             layers.append(_load_yaml(found))
+            _check_sections(layers[-1], f"--config={path!r}")
         if text is not None:
             layers.append(OmegaConf.create(text))
+            _check_sections(layers[-1], "the recorded config")
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")
         check_override_keys(overrides, Config)  # names the whole key and the nearest ones
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_dotlist(overrides))
         # A masking preset is a layer under the file and the overrides: keys set explicitly win
         # (and MaskingConfig refuses one that contradicts the preset).
         preset = OmegaConf.select(OmegaConf.merge(*layers), "masking.preset", default="")

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from mats_scale.config import MaskingConfig, ModelConfig, OptimConfig
+from mats_scale.config import Config, ConfigError, MaskingConfig, ModelConfig, OptimConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
 from mats_scale.masking import TokenGrid, select_tokens, selection_counts
 from mats_scale.models.pretrain import build_pretrain_model
@@ -106,6 +106,32 @@ class GemmPeak:
         return 2 * self.n**3 / statistics.median(times)
 
 
+SHAPE_OPTIONS = {"model.size": "--size", "model.num_frames": "--frames", "model.img_size": "--img"}
+
+
+def shape_problem(size: str, frames: int, img: int, names: list[str]) -> str | None:
+    """One line on what is wrong with --size / --frames / --img (alone, or with a setting's masking),
+    by the project config's own checks; None when every setting can run."""
+
+    def message(e: ConfigError, where: str = "") -> str:
+        key, _, rest = str(e).partition("=")  # model.img_size=100: ... -> --img 100: ...
+        if key in SHAPE_OPTIONS:
+            rest = rest.replace("model.tubelet_size=", "the tubelet size ")
+            return f"{SHAPE_OPTIONS[key]} {rest}{where}"
+        return f"--size {size} --frames {frames} --img {img}{where}: {e}"
+
+    try:
+        model = ModelConfig(size=size, num_frames=frames, img_size=img)
+    except ConfigError as e:
+        return message(e)
+    for name in names:
+        try:
+            Config(model=model, masking=MaskingConfig(**SETTINGS[name]))
+        except ConfigError as e:
+            return message(e, f" (with --setting {name})")
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="B")
@@ -130,6 +156,11 @@ def main(argv=None) -> int:
     names = args.setting or [BASELINE, "mats+dual"]
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
         ap.error("--runs and --batch must be >= 1, --warmup >= 0")
+
+    problem = shape_problem(args.size, args.frames, args.img, names)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     model_cfg = ModelConfig(size=args.size, num_frames=args.frames, img_size=args.img)
     grid = TokenGrid.from_model(model_cfg)

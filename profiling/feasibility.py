@@ -28,7 +28,17 @@ import os
 import sys
 import time
 
-from mats_scale.profiling.cli import UsageError, choices_list, dtype_arg, policy_list, positive, run
+from mats_scale.profiling.cli import (
+    ArgumentParser,
+    UsageError,
+    bounded,
+    check_out_dir,
+    choices_list,
+    dtype_arg,
+    policy_list,
+    positive,
+    run,
+)
 
 
 def _node(args):
@@ -76,8 +86,8 @@ def _data_rate(text):
                 f"--data-rate={text!r}: not the JSON of profiling/bench_data.py --list "
                 "(no clips_per_s_per_core)"
             ) from None
-    if not rate > 0:
-        raise UsageError(f"--data-rate={text!r}: must be > 0 clips/s")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise UsageError(f"--data-rate={text!r}: must be a finite number > 0 clips/s")
     return rate
 
 
@@ -85,9 +95,7 @@ def main(argv=None) -> int:
     from mats_scale.profiling.feasibility import ENGINE_CHOICES, NODES
     from mats_scale.profiling.workload import STRATEGIES
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", help="project YAML config (model, masking ratios, parallel, data.batch_size)"
     )
@@ -96,7 +104,9 @@ def main(argv=None) -> int:
         "--node", choices=[*NODES, "custom"], default="a100-80", help="target node (default a100-80)"
     )
     parser.add_argument("--gpus", type=positive(int), help="GPUs in the node (data-parallel degree)")
-    parser.add_argument("--gpu-mem-gib", type=positive(float), help="memory per GPU in GiB")
+    parser.add_argument(
+        "--gpu-mem-gib", type=bounded(float, 0, high=1e6), help="memory per GPU in GiB (below 1e6)"
+    )
     parser.add_argument("--peak-tflops", type=positive(float), help="dense bf16 peak per GPU in TFLOPS")
     parser.add_argument(
         "--strategies",
@@ -134,10 +144,16 @@ def main(argv=None) -> int:
         "else the shipped ds_configs/zero{stage}.json)",
     )
     parser.add_argument(
-        "--context-gib", type=float, default=1.0, help="CUDA context allowance per GPU (1.0 GiB)"
+        "--context-gib",
+        type=bounded(float, 0, low_ok=True),
+        default=1.0,
+        help="CUDA context allowance per GPU (1.0 GiB)",
     )
     parser.add_argument(
-        "--fragmentation", type=float, default=0.10, help="allocator fragmentation share (0.10)"
+        "--fragmentation",
+        type=bounded(float, 0, low_ok=True, high=1),
+        default=0.10,
+        help="allocator fragmentation share (0.10)",
     )
     parser.add_argument(
         "--data-rate",
@@ -150,8 +166,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
         raise UsageError(f"--mfu={args.mfu}: must be in (0, 1]")
-    if args.context_gib < 0 or not 0 <= args.fragmentation < 1:
-        raise UsageError("--context-gib must be >= 0 and --fragmentation in [0, 1)")
     data_rate = _data_rate(args.data_rate)
 
     from tqdm import tqdm
@@ -185,6 +199,7 @@ def main(argv=None) -> int:
         for st in args.strategies
     }
     clips = args.train_clips or K400_TRAIN_CLIPS
+    check_out_dir(args.out)  # before the planning, not after it
 
     t0 = time.perf_counter()
     with tqdm(

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from mats_scale.profiling.cli import add_sweep_args, policy_list, run
+from mats_scale.profiling.cli import ArgumentParser, add_sweep_args, check_out_dir, policy_list, run
 
 # DESIGN.md "Reference figures": pre-training GMACs per 16x224 clip, tube 90% (VideoMAE V2 paper).
 DESIGN_TABLE = [  # (size, decoder ratio or None, GMACs)
@@ -82,9 +82,7 @@ def design_table(out: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(parser)
     parser.add_argument(
         "--checkpoint",
@@ -94,6 +92,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--design-table", action="store_true", help="only reproduce the DESIGN.md table")
     args = parser.parse_args(argv)
+    check_out_dir(args.out)  # before the counting, not after it
     if args.design_table:
         return design_table(args.out)
 

@@ -3,13 +3,17 @@ recorded while the sweep goes on, and resuming that skips finished points."""
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mats_scale import cli as cli_mod
 from mats_scale.ablate import sweep as sweep_mod
 from mats_scale.ablate.grid import expand, load_grid
 from mats_scale.ablate.report import render
@@ -212,3 +216,47 @@ def test_peak_memory_includes_the_last_optimizer_step(tmp_path):
     assert out["steps"] == 1 and out["peak_mem_gib"] == 10.0
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))  # a run killed before its end
     assert sweep_mod.summarize_metrics(str(path), 0, 1)["peak_mem_gib"] == 6.0
+
+
+def test_an_unwritable_out_is_one_line_before_the_sweep(tmp_path, monkeypatch, capsys):
+    # A destination under a regular file, from the command line: one line naming --out, exit 2.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "launchers" / "ablate.py"), "--grid", "mask_ratio"]
+        + ["--out", str(blocker / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: --out {blocker / 'out'}: {blocker} is not a folder"
+    )
+
+    # A read-only file system (tests run as root, where chmod does not stop writes): nothing runs.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cli_mod, "tempfile", types.SimpleNamespace(TemporaryFile=read_only))
+    monkeypatch.setattr(sweep_mod, "sweep", lambda *a, **k: pytest.fail("the sweep started"))
+    out = tmp_path / "ro"
+    assert ablate_main(["--grid", "mask_ratio", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --out {out}: cannot write there (Read-only file system); "
+        "it is the folder the results are written into"
+    ]
+
+    # The report: its --out, and by default the results' own folder.
+    results = tmp_path / "results.jsonl"
+    results.write_text("")
+    assert ablate_main(["report", str(results), "--out", str(blocker / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {blocker / 'rep'}: {blocker} is not a folder")
+    assert ablate_main(["report", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path} (the results' folder; pass --out DIR): ")

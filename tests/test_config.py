@@ -114,3 +114,78 @@ def test_shipped_vit_g_config_fits_one_node_per_the_planner():
     )
     report = check_config(wl, engine_of(cfg.parallel), NODES["a100-80"])
     assert report["fits"], report
+
+
+def _pretrain(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("- a\n- b\n", ": the top level must be a mapping of sections (model:, masking:, "),
+        ("42\n", ": the top level must be a mapping of sections"),
+        (
+            "model: debug\n",
+            ": model: must be a mapping of model.* keys, e.g. 'model: {size: debug}', got 'debug'",
+        ),
+        ("masking: tube\n", ": masking: must be a mapping of masking.* keys, e.g. 'masking: {preset: tube}'"),
+        (
+            "model:\n",
+            ": model: must be a mapping of model.* keys, e.g. 'model: {size: B}', got nothing (null)",
+        ),
+        ("data: [1, 2]\n", ": data: must be a mapping of data.* keys, e.g. 'data: {dataset: bundled}'"),
+    ],
+)
+def test_a_yaml_file_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path, text, needle):
+    path = tmp_path / "shape.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), [])
+    assert str(err.value).startswith(f"--config={str(path)!r}{needle}"), err.value
+    if text == "model: debug\n":  # the example the message gives is a config that loads
+        path.write_text("model: {size: debug}\n")
+        assert load_config(str(path), []).model.size == "debug"
+    proc = _pretrain("--config", str(path), "--print-config") if text == "- a\n- b\n" else None
+    if proc is not None:  # the launcher: one line, exit 2, no traceback (was a TypeError)
+        assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"config error: --config={str(path)!r}: the top level")
+
+
+def test_a_section_set_to_a_value_by_an_override_is_one_line():
+    with pytest.raises(
+        ConfigError, match=r"^key=value overrides: model: must be a mapping of model\.\* keys"
+    ):
+        load_config(None, ["model=debug"])
+    assert load_config(None, ["model={size: debug}"]).model.size == "debug"
+
+
+def test_an_empty_override_value_is_the_empty_string_for_str_keys():
+    # The shell turns finetune.init="" into finetune.init= , which OmegaConf reads as None.
+    cfg = load_config(None, ["finetune.init=", "finetune.rand_aug=", "parallel.ds_config="])
+    assert (cfg.finetune.init, cfg.finetune.rand_aug, cfg.parallel.ds_config) == ("", "", "")
+    assert load_config(None, ['finetune.init=""']).finetune.init == ""
+    # An Optional key keeps None; a non-str key still refuses an empty value.
+    assert load_config(None, ["train.epochs="]).train.epochs is None
+    with pytest.raises(ConfigError, match="model.num_frames"):
+        load_config(None, ["model.num_frames="])
+    # The README's random-encoder probe command line (finetune.init="" after the shell).
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "finetune.py"), "--probe", "parallel.backend=none"]
+        + ["finetune.init=", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "  init: ''\n" in proc.stdout and "  linear_probe: true\n" in proc.stdout

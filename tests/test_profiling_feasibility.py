@@ -144,7 +144,63 @@ def test_cli_bad_input(tmp_path, capsys):
     assert run(feasibility_cli.main, ["--data-rate", "fast", "--out", str(tmp_path)]) == 2
     assert "--data-rate='fast': neither a number nor a file" in capsys.readouterr().err
     assert run(feasibility_cli.main, ["--data-rate", "0", "--out", str(tmp_path)]) == 2
-    assert "must be > 0" in capsys.readouterr().err
+    assert "must be a finite number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option,value,rule",
+    [
+        ("--gpu-mem-gib", "inf", "a number in (0, 1e+06)"),
+        ("--gpu-mem-gib", "1e300", "a number in (0, 1e+06)"),
+        ("--peak-tflops", "nan", "a finite number > 0"),
+        ("--mfu", "inf", "a finite number > 0"),
+        ("--epochs", "-1", "a finite number > 0"),
+        ("--context-gib", "inf", "a finite number >= 0"),
+        ("--fragmentation", "nan", "a number in [0, 1)"),
+        ("--fragmentation", "1", "a number in [0, 1)"),
+        ("--gpus", "0", "a whole number > 0"),
+    ],
+)
+def test_cli_non_finite_numbers_are_one_line(tmp_path, capsys, option, value, rule):
+    out = tmp_path / "out"
+    assert run(feasibility_cli.main, [option, value, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: argument {option}: {value!r}: must be {rule} (see --help)"]
+    assert not out.exists()  # refused while parsing, before any planning
+
+
+def test_cli_infinite_rate_and_unwritable_out(tmp_path, capsys):
+    assert run(feasibility_cli.main, ["--data-rate", "inf", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --data-rate='inf': must be a finite number > 0 clips/s"
+    ]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert run(feasibility_cli.main, ["--out", str(blocker / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: --out={str(blocker / 'out')!r}: {blocker} is not a folder"
+    )
+
+
+def test_cli_inf_from_the_command_line_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "profiling" / "feasibility.py"), "--gpu-mem-gib", "inf"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: argument --gpu-mem-gib: 'inf': must be a number in (0, 1e+06) (see --help)"
+    ]
 
 
 def test_data_verdict_arithmetic_by_hand():

@@ -105,10 +105,10 @@ def test_cli_writes_csv_markdown_and_plot(tmp_path):
 
 
 def test_cli_bad_input_is_one_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        flops_cli.main(["--ratios", "1.5"])
-    assert e.value.code == 2
-    assert "open interval (0, 1)" in capsys.readouterr().err
+    assert run(flops_cli.main, ["--ratios", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --ratios: ratios '1.5'")
+    assert "open interval (0, 1)" in err[0]
     # MATS cannot keep fewer tokens than the encoder sees: the config's own check, one line, exit 2.
     code = run(
         flops_cli.main,
@@ -130,3 +130,34 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: masking.keep_ratio=")
+
+
+def test_cli_out_that_is_a_file_is_refused_before_counting(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mats_scale.profiling.flops as flops_mod
+
+    existing = tmp_path / "flops.csv"
+    existing.write_text("keep me\n")
+    monkeypatch.setattr(flops_mod, "count_flops", lambda *a, **k: pytest.fail("counted first"))
+    for argv in (["--out", str(existing)], ["--design-table", "--out", str(existing / "sub")]):
+        assert run(flops_cli.main, [*argv, "--sizes", "debug", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out={argv[-1]!r}: "), err
+    assert existing.read_text() == "keep me\n"
+    # The script itself: one line, exit 2, no traceback (was FileExistsError after the whole sweep).
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "profiling" / "flops_per_mask_ratio.py"), "--out", str(existing)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --out={str(existing)!r}: exists and is not a folder; "
+        "--out is the folder the results are written into"
+    ]

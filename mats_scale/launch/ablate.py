@@ -18,6 +18,7 @@ import signal
 import sys
 from importlib.resources import files
 
+from mats_scale.cli import out_dir_problem
 from mats_scale.errors import ConfigError
 
 GRID_DIR = "configs/ablations"
@@ -61,6 +62,11 @@ def _report(argv: list[str]) -> int:
     if not os.path.isfile(args.results):
         print(f"error: {args.results}: no such results file", file=sys.stderr)
         return 2
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    if problem := out_dir_problem(out):
+        where = f"--out {out}" if args.out else f"{out} (the results' folder; pass --out DIR)"
+        print(f"error: {where}: {problem}; the report is written into a folder", file=sys.stderr)
+        return 2
     from mats_scale.ablate.report import render
 
     try:
@@ -101,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{pt.run['launcher']} x {pt.run['nproc']}; {' '.join(pt.overrides)}"
             )
         return 0
+    if problem := out_dir_problem(out):
+        print(
+            f"error: --out {out}: {problem}; it is the folder the results are written into", file=sys.stderr
+        )
+        return 2
     from mats_scale.ablate.sweep import sweep
 
     def interrupted(signum, frame):

@@ -1,16 +1,19 @@
 """Shared argument parsing of the profiling CLIs (profiling/*.py): lists, validation, one-line errors.
 
-Only user errors become one ``error:`` line and exit status 2: argparse's own (exit 2 with usage), a
-:class:`UsageError` raised by a CLI's checks of its arguments, and a :class:`ConfigError` of the project
-config. Any other exception is a bug and keeps its traceback.
+Only user errors become one ``error:`` line and exit status 2: argparse's own (exit 2 with usage; one
+line with :class:`ArgumentParser`), a :class:`UsageError` raised by a CLI's checks of its arguments (an
+``--out`` folder that cannot be written is one, checked before the work), and a :class:`ConfigError` of
+the project config. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
+from mats_scale.cli import out_dir_problem
 from mats_scale.config import ConfigError
 from mats_scale.models.sizes import SIZES
 from mats_scale.profiling.workload import CHECKPOINT_POLICIES, DTYPES, STRATEGIES, parse_policy
@@ -65,17 +68,45 @@ def policy_list(text: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+def bounded(
+    kind: Callable[[str], float], low: float, *, low_ok: bool = False, high: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` above `low` (or equal with low_ok), below `high`."""
+    rule = f"{'>=' if low_ok else '>'} {low:g}"
+    if high is not None:
+        rule = f"in {'[' if low_ok else '('}{low:g}, {high:g})"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a number > 0")
+        finite = value is not None and not (isinstance(value, float) and not math.isfinite(value))
+        ok = finite and (value >= low if low_ok else value > low)
+        if not ok or (high is not None and value >= high):
+            noun = "a whole number" if kind is int else "a number" if high is not None else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {noun} {rule}")
         return value
 
     return parse
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    return bounded(kind, 0)
+
+
+def check_out_dir(path: str, option: str = "--out") -> None:
+    """UsageError unless files can be written into the folder `path` (made when missing): before the
+    work, not after it."""
+    if problem := out_dir_problem(path):
+        raise UsageError(f"{option}={path!r}: {problem}; {option} is the folder the results are written into")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line (a UsageError for :func:`run`), not the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser, *, sizes: bool = True) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from mats_scale import tokens
+from mats_scale.cli import out_dir_problem
 from mats_scale.config import Config, ConfigError, load_config
 
 ROWS = ("input", "visible", "targets", "reconstruction")
@@ -105,6 +106,7 @@ def read_checkpoint(path: str, config: str | None, overrides: list[str]) -> tupl
     """(config, fp32 state dict, step) of `path`; UserError for anything that is not a pre-training one."""
     from mats_scale.models.load import InitError, strip_prefixes
     from mats_scale.parallel.engine import consolidate_checkpoint
+    from mats_scale.safe_load import UnsafeFileError
     from mats_scale.train.checkpoint import CheckpointError, read_meta
     from mats_scale.train.export import find_checkpoint, read_weights
 
@@ -117,7 +119,11 @@ def read_checkpoint(path: str, config: str | None, overrides: list[str]) -> tupl
         if meta.get("task") != "pretrain":
             raise UserError(f"{ckpt}: a {meta.get('task')!r} checkpoint{NOT_PRETRAIN}")
         cfg = config_of(meta["config"], overrides, is_text=True)
-        return cfg, consolidate_checkpoint(meta["backend"], str(ckpt / "engine")), int(meta["step"])
+        try:
+            sd = consolidate_checkpoint(meta["backend"], str(ckpt / "engine"))
+        except UnsafeFileError as e:
+            raise UserError(str(e)) from None
+        return cfg, sd, int(meta["step"])
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or directory (a run directory, a step_* checkpoint or a .pt)")
     if config is None:
@@ -371,6 +377,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UserError(
             f"--out {args.out}: needs a file name in an existing directory ({out_dir} is not one)"
         )
+    if problem := out_dir_problem(out_dir):
+        raise UserError(f"--out {args.out}: {out_dir}: {problem}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here (use --device cpu)")
     return args
@@ -399,7 +407,10 @@ def run(args: argparse.Namespace) -> Path:
             )
         )
     scale = args.scale or max(1, 128 // blocks[0][1].shape[-1])
-    render(blocks, scale).save(args.out)
+    try:
+        render(blocks, scale).save(args.out)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot write the PNG ({e.strerror or e})") from None
     print(f"wrote {args.out}")
     return Path(args.out)
 
