@@ -157,6 +157,18 @@ def _make_bad(kind, dataset, tmp_path):
     elif kind == "too_short":  # 2 frames < data.min_frames=4
         frames = np.full((2, 96, 128, 3), 128, np.uint8)
         synth.write_video(str(path), frames, fps=8)
+    elif kind == "one_pixel_wide":  # valid H.264 (4:4:4 allows an odd width), 1 x 96 frames
+        import av
+
+        with av.open(str(path), "w", format="mp4") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.width, s.height, s.pix_fmt = 1, 96, "yuv444p"
+            for i in range(16):
+                frame = np.full((96, 1, 3), 10 * i, np.uint8)
+                for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
     return path
 
 
@@ -166,6 +178,7 @@ REASONS = {
     "truncated": "cannot open as video",
     "not_a_video": "cannot open as video",
     "too_short": "too short: 2 frames",
+    "one_pixel_wide": "1x96 frames cannot give a clip",
 }
 
 
@@ -376,3 +389,15 @@ def test_bundled_refuses_to_generate_into_foreign_data(tmp_path):
     with pytest.raises(DataError, match=r"is not a bundled dataset .*my_video\.mp4"):
         build_pretrain_loader(cfg, rank=0, world_size=1)
     assert sorted(os.listdir(tmp_path)) == ["my_video.mp4"]
+
+
+def test_a_video_too_narrow_for_frame_selection_is_skipped_with_its_reason(dataset, tmp_path):
+    """Frame selection scores whole patches of the decoded frames: a valid 1-pixel-wide video is a
+    bad input (skipped, reason named), not a crash of the worker."""
+    bad = _make_bad("one_pixel_wide", dataset, tmp_path)
+    lst = write_list(tmp_path / "list.txt", [str(bad)] + [str(dataset / p) for p in good_videos(3)])
+    extra = ["masking.score=pixel", "masking.frame_selection=true", "data.max_bad_fraction=1.0"]
+    ld = build_pretrain_loader(cfg_for("", *extra, list_file=lst), rank=0, world_size=1)
+    (b,) = epoch_batches(ld)
+    assert b["video"].shape == (4, 3, 4, 32, 32) and 0 not in b["index"].tolist()
+    assert b["skipped"] and "at least 16 pixels for frame selection" in b["skipped"][0][1]

@@ -283,7 +283,15 @@ class PretrainClips(Dataset):
             cache_bytes=self.cache_bytes,
         )
         ids = self._frame_indices(len(vr), gen)
-        frames = read_frames(vr, ids, item.path)
+        frames = read_frames(vr, ids, item.path)  # (T, H, W, 3)
+        # The multi-scale crop needs 2 pixels a side; frame selection scores whole patches of the frames.
+        need = self.patch if self.frame_selection else 2
+        if min(frames.shape[1:3]) < need:
+            raise VideoReadError(
+                item.path,
+                f"its {frames.shape[2]}x{frames.shape[1]} frames cannot give a clip (each side needs at "
+                f"least {need} pixels{' for frame selection' if self.frame_selection else ''})",
+            )
         if not self.shot_cuts:
             return frames, ids, item.label, torch.zeros(len(ids) - 1, dtype=torch.bool), None
         frames, ids, met, cuts = limit_to_shot(
