@@ -483,8 +483,8 @@ def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert _lines(err) == [
-        "interrupted: stopped at once without saving (the last checkpoint is kept); "
-        "resume with train.resume=auto"
+    assert _lines(err) == [  # stopped in step 1: there is no checkpoint to speak of
+        "interrupted: stopped at once without saving (no checkpoint was saved yet, so a rerun starts "
+        "from step 0)"
     ]
     assert not any(_alive(w) for w in workers)

@@ -65,6 +65,27 @@ def test_a_resume_refused_by_the_checkpoint_leaves_the_run_files_alone(tmp_path)
     assert _run_files(tmp_path) == before and not (tmp_path / "resumes.jsonl").exists()
 
 
+def test_the_lr_named_for_a_train_steps_change_is_one_that_changes(tmp_path):
+    """Inside the warm-up both schedules agree: the message names the first step whose lr differs."""
+    train(_cfg(tmp_path, "train.steps=20", "train.save_every=10", "optim.warmup_steps=15"))
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000020")
+    with pytest.raises(ConfigError, match=r"lr of step (\d+) would go from (\S+) to (\S+)") as e:
+        train(_cfg(tmp_path, "train.steps=40", "optim.warmup_steps=15"))
+    import re
+
+    step, a, b = re.search(r"lr of step (\d+) would go from (\S+) to (\S+)", str(e.value)).groups()
+    assert int(step) > 15 and a != b
+
+
+def test_a_finetune_into_a_pretraining_run_directory_says_so(tmp_path):
+    from mats_scale.train.finetune import FinetuneTask
+
+    train(_cfg(tmp_path, "train.steps=1"))
+    cfg = _cfg(tmp_path, "train.steps=1", "data.dataset=synthetic", "finetune.num_classes=4")
+    with pytest.raises(ConfigError, match=r"holds a pretrain run \(step_00000001\); a finetune run needs"):
+        train(cfg, FinetuneTask(cfg))
+
+
 def test_changing_train_steps_is_refused_or_allowed_explicitly_with_the_lr_jump_logged(tmp_path):
     train(
         _cfg(tmp_path, "train.steps=20", "train.save_every=10", "optim.warmup_steps=2", "train.keep_last=3")

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,13 @@ from mats_scale.parallel.distributed import (
 )
 from mats_scale.parallel.engine import build_engine
 from mats_scale.train import provenance, runlock
-from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
+from mats_scale.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng,
+    newest_verified,
+    restore_rng,
+)
 from mats_scale.train.faults import Faults
 from mats_scale.train.mfu import MfuMeter
 from mats_scale.train.preflight import preflight
@@ -122,7 +129,7 @@ class Trainer:
         batch_total = total_batch(cfg.data.batch_size, env0.world_size, cfg.optim.grad_accum)
         early = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env0).resolve(cfg.train.resume)
         if early is not None:  # a changed config is refused before any process group, op build or model
-            check_resume(cfg, early, batch_total)
+            check_resume(cfg, early, batch_total, task.name)
         self.cfg, self.task = cfg, task
         self.env = env = init_distributed(cfg.train, cfg.parallel)
         self.faults = Faults.from_env()
@@ -135,7 +142,7 @@ class Trainer:
         )
         self.resume_path = self.ckpt.resolve(cfg.train.resume)  # refuses a fresh start over old checkpoints
         # The whole config must match the checkpoint's, but for train.allow_changes (nothing written yet).
-        self.changes = check_resume(cfg, self.resume_path, batch_total) if self.resume_path else {}
+        self.changes = check_resume(cfg, self.resume_path, batch_total, task.name) if self.resume_path else {}
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps, task)
         if schedule_note:
             self.log.info(schedule_note)
@@ -386,12 +393,13 @@ def run(cfg: Config, task_factory: Callable[[Config], Task] | None = None) -> in
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (workers are already shut down)
-        print(
-            f"{prefix}interrupted: stopped at once without saving (the last checkpoint is kept); "
-            "resume with train.resume=auto",
-            file=sys.stderr,
-            flush=True,
+        last, _ = newest_verified(Path(cfg.train.out_dir) / "checkpoints")
+        kept = (
+            f"the last checkpoint, {last.name}, is kept; resume with train.resume=auto"
+            if last is not None
+            else "no checkpoint was saved yet, so a rerun starts from step 0"
         )
+        print(f"{prefix}interrupted: stopped at once without saving ({kept})", file=sys.stderr, flush=True)
         return 130
     except Exception as e:
         why = explain_worker_failure(e, int(rank)) or explain_collective_failure(e)

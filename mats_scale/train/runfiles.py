@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -75,9 +76,12 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     }
 
 
-def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, tuple[Any, Any]]:
-    """Refuse (:class:`ConfigError`) a resume whose config differs from the checkpoint's in a key not
-    allowed by ``train.allow_changes``; return the allowed changes. No file is written."""
+def check_resume(
+    cfg: Config, checkpoint: Path, total_batch: int, task: str | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse (:class:`ConfigError`) a resume of another task's run, or whose config differs from the
+    checkpoint's in a key not allowed by ``train.allow_changes``; return the allowed changes. No file
+    is written."""
     from mats_scale.config_help import config_keys, unknown_key_message
 
     known = {k.key for k in config_keys(Config)} | {k.section for k in config_keys(Config)}
@@ -86,6 +90,11 @@ def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, t
             raise ConfigError(f"train.allow_changes: {unknown_key_message(name, Config)}")
     meta_path = checkpoint / "meta.json"
     meta = json.loads(meta_path.read_text())
+    if task is not None and meta.get("task", task) != task:
+        raise ConfigError(
+            f"train.out_dir={cfg.train.out_dir!r} holds a {meta['task']} run ({checkpoint.name}); "
+            f"a {task} run needs a train.out_dir of its own"
+        )
     if "config" not in meta:
         return {}  # written before checkpoints carried their config: nothing to compare with
     changes = config_changes(stored_config(meta["config"]), config_dict(cfg))
@@ -95,10 +104,10 @@ def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, t
         why = ""
         if "train.steps" in refused:
             old, new = refused["train.steps"]
-            step = meta["step"]
+            step, a, b = first_lr_difference(cfg, int(old), int(new), meta["step"], total_batch)
             why = (
                 f"; train.steps sets the cosine lr schedule, so the lr of step {step + 1} would go from "
-                f"{_lr(cfg, old, step, total_batch):.3e} to {_lr(cfg, new, step, total_batch):.3e}"
+                f"{a:.3e} to {b:.3e}"
             )
         raise ConfigError(
             f"cannot resume {checkpoint}: this run's config differs from the checkpoint's in {listed}{why}. "
@@ -108,8 +117,16 @@ def check_resume(cfg: Config, checkpoint: Path, total_batch: int) -> dict[str, t
     return changes
 
 
-def _lr(cfg: Config, total_steps: Any, step: int, total_batch: int) -> float:
-    return lr_at(step, int(total_steps), cfg.optim, total_batch)
+def first_lr_difference(
+    cfg: Config, old: int, new: int, step: int, total_batch: int
+) -> tuple[int, float, float]:
+    """(s, lr under `old` total steps, lr under `new`) at the first step s >= `step` where they differ
+    (the warm-up is the same under both), or at `step` when none does."""
+    for s in range(step, min(old, new)):
+        a, b = lr_at(s, old, cfg.optim, total_batch), lr_at(s, new, cfg.optim, total_batch)
+        if not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0):
+            return s, a, b
+    return step, lr_at(step, old, cfg.optim, total_batch), lr_at(step, new, cfg.optim, total_batch)
 
 
 def lr_change_note(
@@ -119,10 +136,10 @@ def lr_change_note(
     if "train.steps" not in changes:
         return None
     old, new = changes["train.steps"]
+    s, a, b = first_lr_difference(cfg, int(old), int(new), step, total_batch)
     return (
         f"train.steps {old} -> {new} (allowed by train.allow_changes): the cosine lr schedule is "
-        f"recomputed for the new total, so the lr of step {step + 1} is "
-        f"{_lr(cfg, new, step, total_batch):.3e} instead of {_lr(cfg, old, step, total_batch):.3e}"
+        f"recomputed for the new total, so the lr of step {s + 1} is {b:.3e} instead of {a:.3e}"
     )
 
 
