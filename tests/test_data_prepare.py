@@ -243,6 +243,28 @@ def test_an_unwritable_destination_is_one_error_line(src, tmp_path, capsys, monk
         assert "Permission denied" in one_error_line(capsys, ro / "dst")
 
 
+def test_a_stopped_pool_ends_even_when_the_parent_handles_sigterm(src, tmp_path):
+    """Pool.terminate sends SIGTERM; a handler of the calling process (a Trainer run earlier in it) is
+    forked into the workers and must not keep them alive. A hang fails through the timeout."""
+    dst = tmp_path / "dst"
+    (dst / "run").mkdir(parents=True)
+    (dst / "run" / "b.mp4.part").mkdir()  # a worker fails: the pool is terminated early
+    code = (
+        "import signal, sys; signal.signal(signal.SIGTERM, lambda *_: None); "
+        "from mats_scale.data.prepare import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = [str(src), str(dst), "--short-side", "48", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 2 and "b.mp4.part" in err and "Traceback" not in err, err
+
+
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes(tmp_path):
     src = tmp_path / "src"
     for i in range(8):

@@ -210,8 +210,10 @@ def _job(job: tuple[str, str, PrepareOptions]) -> tuple[str, str | None, str | N
 
 
 def _ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C reaches the whole process group; the parent alone handles it."""
+    """Pool initializer: Ctrl-C reaches the whole process group; the parent alone handles it. SIGTERM
+    (Pool.terminate) must end a worker even when the parent had a handler of its own (forked along)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
