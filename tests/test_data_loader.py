@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from mats_scale.config import ConfigError, load_config
-from mats_scale.data import loader as loader_mod
-from mats_scale.data import synth
+from mats_scale.data import sources, synth
 from mats_scale.data.device import to_model_input
 from mats_scale.data.errors import DataError, ListFileError
 from mats_scale.data.loader import build_pretrain_loader
@@ -99,12 +98,12 @@ def test_default_dataset_is_bundled_under_the_working_directory(tmp_path, monkey
     cfg = load_config(None, [])
     assert cfg.data.dataset == "bundled"
     monkeypatch.chdir(tmp_path)
-    assert loader_mod.bundled_root(cfg) == os.path.join(str(tmp_path), "data", "bundled")
+    assert sources.bundled_root(cfg) == os.path.join(str(tmp_path), "data", "bundled")
 
 
 def test_bundled_dataset_generated_once_on_first_use(tmp_path, monkeypatch):
     tiny = synth.SynthParams(num_train=4, num_val=1, frames=8, height=80, width=96)
-    monkeypatch.setattr(loader_mod, "BUNDLED_PARAMS", tiny)
+    monkeypatch.setattr(sources, "BUNDLED_PARAMS", tiny)
     calls = []
     real = synth.generate
 
@@ -115,7 +114,7 @@ def test_bundled_dataset_generated_once_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "generate", counting)
     root = tmp_path / "fresh"
     # Two "ranks" race for the lock (separate open files, so flock serialises them even in one process).
-    threads = [threading.Thread(target=loader_mod.ensure_bundled, args=(str(root),)) for _ in range(2)]
+    threads = [threading.Thread(target=sources.ensure_bundled, args=(str(root),)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

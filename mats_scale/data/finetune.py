@@ -12,7 +12,7 @@
         batch["label"]              # (B,) int64
         batch["index"]              # (B,) int64 position of the video in the list
 
-Training reuses :class:`mats_scale.data.loader.PretrainLoader` with the fine-tuning view, so it keeps
+Training reuses :class:`mats_scale.data.loader.TrainLoader` with the fine-tuning view, so it keeps
 its determinism, resumable position and bad-file handling. Evaluation is different on purpose: every
 rank reads videos ``rank, rank + world_size, ...`` of the list in order (no padding, so each video is
 scored exactly once over all ranks; ranks may get one batch more or less than others, so reduce the
@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mats_scale.config import Config
 from mats_scale.data.errors import DataError, VideoReadError
 from mats_scale.data.lists import VideoItem
-from mats_scale.data.loader import PretrainLoader, resolve_items, wants_pinned_memory
+from mats_scale.data.loader import LoaderOptions, TrainLoader, wants_pinned_memory
+from mats_scale.data.sources import resolve_items, train_items
 from mats_scale.data.video import read_eval_views
 from mats_scale.data.workers import init_worker
 
@@ -47,15 +48,13 @@ def require_labels(items: list[VideoItem], what: str) -> None:
         )
 
 
-def build_finetune_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) -> PretrainLoader:
+def build_finetune_loader(cfg: Config, *, rank: int = 0, world_size: int = 1) -> TrainLoader:
     """The fine-tuning training loader of `rank` (data.dataset, split "train"); see the module doc."""
-    items = None
-    if cfg.data.dataset != "synthetic":  # in-memory clips are labelled by the square's direction
-        items = resolve_items(cfg, "train")
+    items = train_items(cfg)
+    if items is not None:  # in-memory synthetic clips are labelled by the square's direction
         require_labels(items, f"data.dataset={cfg.data.dataset} (train)")
-    return PretrainLoader(
-        cfg, items, rank=rank, world_size=world_size, pin_memory=wants_pinned_memory(cfg), augment="finetune"
-    )
+    opts = LoaderOptions.from_config(cfg, augment="finetune")
+    return TrainLoader(items, opts, rank=rank, world_size=world_size)
 
 
 class EvalVideos(Dataset):

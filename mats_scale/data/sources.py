@@ -1,0 +1,102 @@
+"""Which videos a split holds: data.dataset = bundled (generated on first use), list, folder, or
+synthetic (in-memory clips, no files). Start-up problems raise :class:`DataError` before any worker starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+
+from mats_scale.config import Config
+from mats_scale.data import synth
+from mats_scale.data.errors import DataError
+from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
+
+log = logging.getLogger("mats_scale.data")
+
+SYNTHETIC_CLIPS = 1024
+"""Clips per epoch of data.dataset=synthetic."""
+DEFAULT_BUNDLED_ROOT = os.path.join("data", "bundled")
+BUNDLED_PARAMS = synth.SynthParams()
+"""What the loader generates when the bundled dataset is missing (the generator CLI's defaults)."""
+
+# What a (possibly interrupted) generation leaves in its directory; anything else means foreign data.
+_GENERATED_NAMES = {
+    ".lock",
+    "train",
+    "val",
+    "train.txt",
+    "val.txt",
+    "classes.txt",
+    "meta.json",
+    "meta.json.part",
+}
+
+
+def bundled_root(cfg: Config) -> str:
+    return cfg.data.root or os.path.join(os.getcwd(), DEFAULT_BUNDLED_ROOT)
+
+
+def ensure_bundled(root: str, params: synth.SynthParams | None = None, workers: int = 0) -> str:
+    """Generate the bundled dataset into `root` unless it is complete; safe to call from every rank.
+
+    An exclusive ``flock`` on ``root/.lock`` serialises the callers (no torch.distributed needed):
+    the first one generates, the others wait on the lock and then find ``meta.json`` (the done-marker,
+    written last). A run that died mid-generation leaves no marker, so the next caller regenerates.
+    A non-empty `root` with other files than a generation writes is refused (DataError).
+    """
+    if synth.is_complete(root):
+        return root
+    foreign = sorted(set(os.listdir(root)) - _GENERATED_NAMES) if os.path.isdir(root) else []
+    if foreign:  # never write sample videos into somebody's data directory
+        raise DataError(
+            f"data.root={root!r} is not a bundled dataset (no meta.json, and it holds "
+            f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): point data.root "
+            "at an empty or new directory, or use data.dataset=list / folder for your videos"
+        )
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not synth.is_complete(root):
+                log.warning("bundled dataset missing in %s: generating it (first use)", root)
+                synth.generate(root, params or BUNDLED_PARAMS, workers=workers or min(4, os.cpu_count() or 1))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
+
+
+def resolve_items(cfg: Config, split: str = "train") -> list[VideoItem]:
+    """The videos of `split` for data.dataset = bundled, list or folder (start-up errors raise)."""
+    d = cfg.data
+    if d.dataset == "bundled":
+        root = ensure_bundled(bundled_root(cfg))
+        return read_list_file(os.path.join(root, f"{split}.txt"), root)
+    if d.dataset == "list":
+        path = d.train_list if split == "train" else d.val_list
+        if not path:
+            raise DataError(f"data.{split}_list is empty: data.dataset=list needs a list file")
+        items = read_list_file(path, d.root)
+        log.info("data: %d videos from %s, read as %s", len(items), path, items.source_format)
+        return items
+    if d.dataset == "folder":
+        items = scan_folder(d.root)
+        log.info("data: %d videos from %s, %s", len(items), d.root, items.source_format)
+        return items
+    raise DataError(f"data.dataset={d.dataset!r} has no file list")
+
+
+def train_items(cfg: Config) -> list[VideoItem] | None:
+    """The training videos, or None for data.dataset=synthetic (in-memory clips)."""
+    return None if cfg.data.dataset == "synthetic" else resolve_items(cfg, "train")
+
+
+__all__ = [
+    "BUNDLED_PARAMS",
+    "SYNTHETIC_CLIPS",
+    "bundled_root",
+    "ensure_bundled",
+    "resolve_items",
+    "train_items",
+]
