@@ -339,7 +339,7 @@ def test_rerun_after_a_dead_rank_resumes_past_a_damaged_checkpoint_fsdp2(dead_ra
 )
 def test_bad_data_stop_on_one_rank_is_agreed_saved_and_reported_once(tmp_path, engine):
     from mats_scale.data import synth
-    from mats_scale.data.loader import _ORDER, make_generator
+    from mats_scale.data.sampler import _ORDER, make_generator
 
     params = synth.SynthParams(num_train=8, num_val=0, seed=3, frames=8, height=80, width=80)
     synth.generate(str(tmp_path / "videos"), params, workers=1, verbose=False)

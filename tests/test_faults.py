@@ -20,11 +20,12 @@ import torch
 from launch_util import PRETRAIN, ROOT, TINY, env, metric_runs
 
 from mats_scale.config import ConfigError, load_config
+from mats_scale.launch.export import main as export_main
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.parallel.ds_config import resolve_ds_config
-from mats_scale.train.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
-from mats_scale.train.export import main as export_main
-from mats_scale.train.faults import Faults
+from mats_scale.resources import ds_template
+from mats_scale.run.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from mats_scale.run.faults import Faults
 from mats_scale.train.loop import train
 
 LOCAL = TINY + ["parallel.backend=none", "data.batch_size=2", "logging.log_every=1"]
@@ -125,7 +126,7 @@ def test_export_of_a_damaged_checkpoint_is_one_line_and_exit_1(tmp_path, capsys)
     assert not (tmp_path / "out.pt").exists()
 
 
-# ---- a missing pointer, a fresh start, and other runs' checkpoints (issue 18, item 1) -------------
+# ---- a missing pointer, a fresh start, and other runs' checkpoints -------------------------------
 def test_missing_pointer_resumes_from_the_newest_checkpoint_and_changes_nothing(tmp_path):
     cfg = lambda *o: load_config(None, LOCAL + [f"train.out_dir={tmp_path}", "train.save_every=2", *o])  # noqa: E731
     train(cfg("train.steps=4"))
@@ -236,7 +237,7 @@ def test_malformed_fault_variables_are_config_errors(monkeypatch, value):
 
 
 def _template(tmp_path: Path, edit) -> str:
-    ds = json.loads((ROOT / "mats_scale" / "ds_configs" / "zero3.json").read_text())
+    ds = json.loads(Path(ds_template("zero3.json")).read_text())
     edit(ds)
     path = tmp_path / "t.json"
     path.write_text(json.dumps(ds))
@@ -373,7 +374,7 @@ def test_busy_rendezvous_port_is_one_line_naming_it(tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-# ---- errors while data workers run: never hang (issue 18, item 2) --------------------------------
+# ---- errors while data workers run: never hang ---------------------------------------------------
 WORKERS = LOCAL[:]
 WORKERS[WORKERS.index("data.num_workers=0")] = "data.num_workers=2"
 

@@ -331,7 +331,7 @@ def test_augmentation_keys_are_checked():
 
 
 def test_linear_probe_fits_separable_features_and_stays_near_chance_on_noise():
-    from mats_scale.train.finetune import fit_linear_probe
+    from mats_scale.train.probe import fit_linear_probe
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 3
@@ -356,18 +356,16 @@ def test_pooled_forward_is_the_head_input():
 def test_finetune_activation_memory_on_meta_matches_the_cpu_and_is_affine():
     """The planner's classifier activations: meta (CPU attention kernel) equals a real CPU run, the line
     through batch 1 and 2 predicts batch 3, and selection / checkpointing shrink what is saved."""
-    from mats_scale.profiling.finetune import build_meta_classifier, classifier_activations, training_inputs
-    from mats_scale.profiling.memory import measure_step
+    from mats_scale.profiling.memory import activation_model, measure_step
+    from mats_scale.profiling.workload import FinetuneWorkload, build_model
 
     args = ModelArgs(size="debug", num_frames=4, img_size=64)  # 32 tokens
     f32 = torch.float32
 
     def measure(device, batch, keep, every=0):
         if device == "meta":
-            model, inputs = (
-                build_meta_classifier(args, K, f32, every),
-                training_inputs(args, keep, batch, f32),
-            )
+            wl = FinetuneWorkload(args, K, keep, batch, f32, (every, 0))
+            model, inputs = build_model(wl), wl.inputs("meta")
         else:
             torch.manual_seed(0)
             model = build_classifier(args, K, device="cpu").train()
@@ -388,11 +386,14 @@ def test_finetune_activation_memory_on_meta_matches_the_cpu_and_is_affine():
 
     for keep in (None, 0.5):
         assert measure("meta", 2, keep).saved_bytes == measure("cpu", 2, keep).saved_bytes
-    line = classifier_activations(args, K, None, dtype=f32, target="cpu")
+    line = activation_model(FinetuneWorkload(args, K, None, dtype=f32), target="cpu")
     three = measure("meta", 3, None)
     assert line.saved(3) == three.saved_bytes and line.inputs(3) == three.input_bytes
-    full, half = line.saved_per_clip, classifier_activations(args, K, 0.5, dtype=f32).saved_per_clip
-    ckpt = classifier_activations(args, K, None, dtype=f32, every=1).saved_per_clip
+    full, half = (
+        line.saved_per_clip,
+        activation_model(FinetuneWorkload(args, K, 0.5, dtype=f32)).saved_per_clip,
+    )
+    ckpt = activation_model(FinetuneWorkload(args, K, None, dtype=f32, checkpoint=(1, 0))).saved_per_clip
     assert 0.4 < half / full < 0.6 and ckpt < 0.6 * full  # 2 blocks: their inputs and the head stay
 
 

@@ -16,9 +16,9 @@ from launch_util import PRETRAIN, ROOT, TINY, env, free_port, metric_runs, tail
 from mats_scale.config import ConfigError, load_config
 from mats_scale.parallel.ds_ops import first_build_notice
 from mats_scale.parallel.slurm import apply_slurm_env, expand_nodelist
-from mats_scale.train.checkpoint import CheckpointError
+from mats_scale.run.checkpoint import CheckpointError
+from mats_scale.run.lock import RunDirInUse
 from mats_scale.train.loop import train
-from mats_scale.train.runlock import RunDirInUse
 from mats_scale.train.schedule import steps_per_epoch
 
 LOCAL = TINY + ["parallel.backend=none", "data.batch_size=2", "logging.log_every=1"]

@@ -14,11 +14,11 @@ import torch
 from launch_util import PRETRAIN, ROOT, TINY, env, metric_runs
 
 from mats_scale.config import ConfigError, load_config
+from mats_scale.launch.export import main as export_main
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.parallel.ds_config import resolve_ds_config
 from mats_scale.resources import ds_template
-from mats_scale.train.checkpoint import CheckpointError, CheckpointManager
-from mats_scale.train.export import main as export_main
+from mats_scale.run.checkpoint import CheckpointError, CheckpointManager
 from mats_scale.train.loop import TrainingError, train
 
 LOCAL = TINY + ["parallel.backend=none", "data.batch_size=2", "train.steps=6", "logging.log_every=1"]

@@ -1,26 +1,9 @@
-"""Fine-tuning and evaluation as a task of the generic Trainer (the second task next to pre-training).
-
-Per micro-batch: clip and label to the device -> optional timm RandomErasing per frame -> optional
-timm Mixup/CutMix (the same box on every frame) -> MATS fine-tuning selection (``finetune.select=mats``:
-the deterministic top ``masking.finetune_keep_ratio`` tokens by the model's embedding motion score)
--> classifier forward over the selected tokens only -> cross-entropy with label smoothing (soft-target
-cross-entropy with Mixup). Metrics: correct predictions (batches without mixing) and tokens through
-the encoder.
-
-Evaluation (:meth:`FinetuneTask.evaluate`, after training or alone with ``finetune.eval_only`` /
-``--eval``): every video of the val split exactly once over all ranks, ``data.eval_clips x
-data.eval_crops`` views, softmax averaged over the views; each rank adds its videos' averages into a
-(num_videos, K) sum that one all-reduce combines (a count per video checks each was scored once);
-top-1, top-5, per-class accuracy, ``eval/results.json`` and ``eval/confusion.png`` in train.out_dir.
-Views see the selected tokens, or all tokens with ``masking.finetune_eval_keep_all``.
-Linear probe (:meth:`FinetuneTask.linear_probe`, ``finetune.linear_probe`` / ``--probe``): the same
-views of the train and val splits give pooled features once; a logistic regression on them.
-"""
+"""Fine-tuning as a task of the generic Trainer: per micro-batch, optional RandomErasing and Mixup/CutMix,
+the MATS selection of the tokens the classifier sees, cross-entropy; evaluation (train/evaluate.py) after
+training, or alone with the linear probe (train/probe.py) from :func:`evaluate_only` (docs/finetuning.md)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import random
 from collections.abc import Mapping
@@ -29,19 +12,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mats_scale.config import Config, ConfigError, load_config
 from mats_scale.data.device import to_model_input
-from mats_scale.data.errors import DataError
 from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.classifier import classifier_spec
 from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.parallel.base import Engine
-from mats_scale.train.checkpoint import resumable_checkpoint
+from mats_scale.profiling.workload import FinetuneWorkload
+from mats_scale.run.checkpoint import resumable_checkpoint
+from mats_scale.train.evaluate import evaluate, is_writer, lost_note
+from mats_scale.train.probe import linear_probe
 from mats_scale.train.task import Loader, StepOutput
-
-log = logging.getLogger("mats_scale.finetune")
 
 
 def dataset_num_classes(cfg: Config) -> int:
@@ -61,16 +43,12 @@ def dataset_num_classes(cfg: Config) -> int:
     return 1 + max(it.label for it in resolve_items(cfg, "train"))
 
 
-def is_writer() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def auto_init() -> tuple[str, str]:
     """``finetune.init=auto`` (the bundled fine-tuning default): the bundled default pre-training run
     (train.out_dir of the shipped ``default`` config, relative to the working directory) when it holds
     a checkpoint that verifies, else from scratch. Returns (path or "", the report line for scratch)."""
     from mats_scale.resources import config_path
-    from mats_scale.train.checkpoint import CheckpointError
+    from mats_scale.run.checkpoint import CheckpointError
     from mats_scale.train.export import find_checkpoint
 
     run = load_config(config_path("default")).train.out_dir
@@ -254,240 +232,26 @@ class FinetuneTask:
     def checkpoint_key(self) -> dict[str, Any]:
         return {"model": asdict(self.cfg.model), "num_classes": self.num_classes}
 
-    # ---- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
-    def view_sums(
-        self, engine: Engine, split: str, per_view, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-        """Every readable video of `split` exactly once over all ranks: `per_view(clips)` -> (n, width)
-        for its views, averaged over the views, all-reduced on every rank. Returns the sums (n_read,
-        width) float64 and labels (n_read,) on the CPU in list order, and (path, reason) of the videos
-        left out as unreadable (DataError when more than data.max_bad_fraction of them were)."""
-        import torch.distributed as dist
+    def workload(self) -> FinetuneWorkload:
+        """One clip as the profilers count it: the classifier over the tokens ``finetune.select`` keeps."""
+        return FinetuneWorkload.of(self.cfg, self.num_classes)
 
-        from mats_scale.data.finetune import build_eval_loader
-        from mats_scale.data.workers import close_workers, track
-        from mats_scale.parallel.distributed import all_gather_object, all_reduce
-
-        env, d = engine.env, self.cfg.data
-        V = d.eval_clips * d.eval_crops
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        loader = build_eval_loader(self.cfg, rank=rank, world_size=world, split=split)
-        items = loader.dataset.dataset.items  # the whole split (the Subset holds this rank's share)
-        num_videos = len(items)
-        # Sharded engines gather parameters in every forward: all ranks run the same number of forwards.
-        n_local = torch.tensor([float(len(loader))], dtype=torch.float64, device=env.device)
-        n_max = int(all_reduce(n_local.clone(), op="max").item())
-        sums = torch.zeros(num_videos, width, dtype=torch.float64, device=env.device)
-        counts = torch.zeros(num_videos, dtype=torch.float64, device=env.device)
-        skipped: list[tuple[str, str]] = []
-        module = engine.module
-        was_training = module.training
-        module.eval()
-        dummy = (1, 3, self.cfg.model.num_frames, self.cfg.model.img_size, self.cfg.model.img_size)
-        batches = track(iter(loader))  # its workers end with the loop, whatever ends it
-        try:
-            for _ in range(n_max):
-                batch = next(batches, None)
-                for path, reason in batch["skipped"] if batch is not None else ():
-                    log.warning("%s video %s left out: %s", split, path, reason)
-                    skipped.append((path, reason))
-                if batch is None or batch["views"] is None:  # a dummy forward keeps collectives matched
-                    per_view(torch.zeros(dummy, device=env.device))
-                    continue
-                views = batch["views"].to(env.device, non_blocking=True)  # (B, V, C, T, S, S)
-                out = per_view(views.flatten(0, 1)).double().view(views.shape[0], V, width).mean(1)
-                index = batch["index"].to(env.device)
-                sums.index_add_(0, index, out)
-                counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
-        finally:
-            close_workers(batches)
-            module.train(was_training)
-        all_reduce(sums)
-        all_reduce(counts)
-        skipped = [s for part in all_gather_object(skipped) for s in part]
-        if int((counts == 0).sum()) != len(skipped) or bool((counts > 1).any()):
-            raise RuntimeError(
-                f"{split}: scored {int((counts == 0).sum()) - len(skipped)} videos never and "
-                f"{int((counts > 1).sum())} more than once"
-            )
-        if skipped and len(skipped) > d.max_bad_fraction * num_videos:
-            listed = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
-            raise DataError(
-                f"{split}: {len(skipped)} of {num_videos} videos cannot be read, more than "
-                f"data.max_bad_fraction={d.max_bad_fraction} ({listed})"
-            )
-        kept = counts == 1
-        labels = torch.tensor([it.label for it in items])
-        return sums[kept], labels[kept.cpu()], skipped
-
+    # ---- evaluation (train/evaluate.py, train/probe.py) ---------------------------------------
     def keep_all_at_eval(self) -> bool:
         return self.cfg.masking.finetune_eval_keep_all or self.cfg.finetune.select == "all"
 
     def tokens_label(self) -> str:
         return "all" if self.keep_all_at_eval() else f"top {self.cfg.masking.finetune_keep_ratio} by motion"
 
-    @torch.no_grad()
-    def evaluate(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
-        """Multi-view evaluation of the val split on every rank (see the module doc); rank 0 writes
-        ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
-        cfg, keep_all = self.cfg, self.keep_all_at_eval()
-
-        def probs(clips: torch.Tensor) -> torch.Tensor:
-            return engine.forward(clips, self.select(engine, clips, keep_all)).float().softmax(-1)
-
-        sums, labels, skipped = self.view_sums(engine, "val", probs, self.num_classes)  # mean softmax
-        results = score_results(sums.cpu(), labels, self.num_classes)
-        results.update(
-            {
-                "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
-                "videos": len(labels),
-                **left_out(skipped, cfg.data.eval_clips * cfg.data.eval_crops),
-                "tokens": self.tokens_label(),
-                "init": self.init_report,
-            }
-        )
-        if out_dir and is_writer():
-            write_results(results, os.path.join(out_dir, "eval"))
-        return results
-
-    @torch.no_grad()
-    def linear_probe(self, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
-        """Linear probe of the (frozen) encoder: the classifier's pooled ``features`` of every train and
-        val video (views as in evaluation, features averaged over them), computed once; then a linear
-        classifier on the standardised train features (see :func:`fit_linear_probe`), scored on val.
-        rank 0 writes ``probe/results.json`` and ``probe/confusion.png`` under `out_dir`."""
-        cfg, keep_all = self.cfg, self.keep_all_at_eval()
-        dim = engine.module.embed_dim
-
-        def feats(clips: torch.Tensor) -> torch.Tensor:
-            return engine.forward(clips, self.select(engine, clips, keep_all), pooled=True).float()
-
-        x, y, skipped = {}, {}, []
-        for split in ("train", "val"):
-            sums, y[split], lost = self.view_sums(engine, split, feats, dim)
-            x[split] = sums.float().cpu()
-            skipped += lost
-        head = fit_linear_probe(x["train"], y["train"], self.num_classes, seed=cfg.train.seed)
-        results = score_results(head(x["val"]), y["val"], self.num_classes)
-        results.update(
-            {
-                "views": f"{cfg.data.eval_clips}x{cfg.data.eval_crops}",
-                "videos": len(y["val"]),
-                "train_videos": len(y["train"]),
-                "train_top1": (head(x["train"]).argmax(-1) == y["train"]).double().mean().item(),
-                **left_out(skipped, cfg.data.eval_clips * cfg.data.eval_crops),
-                "tokens": self.tokens_label(),
-                "init": self.init_report,
-            }
-        )
-        if out_dir and is_writer():
-            write_results(results, os.path.join(out_dir, "probe"), title="linear probe")
-        return results
-
     def finish(self, trainer) -> None:
         """After training (loop.train): the evaluation, unless finetune.eval_at_end is off."""
         if not self.cfg.finetune.eval_at_end:
             return
-        r = self.evaluate(trainer.engine, self.cfg.train.out_dir)
+        r = evaluate(self, trainer.engine, self.cfg.train.out_dir)
         trainer.log.info(
             f"eval {r['views']} views, {r['videos']} videos{lost_note(r)}: top-1 {r['top1']:.4f} "
             f"top-5 {r['top5']:.4f} -> {os.path.join(self.cfg.train.out_dir, 'eval')}"
         )
-
-
-def left_out(skipped: list[tuple[str, str]], views: int) -> dict[str, Any]:
-    """The results' record of unreadable videos: how many, the views lost, and which (path, reason)."""
-    return {"skipped_videos": len(skipped), "views_lost": len(skipped) * views, "skipped": skipped}
-
-
-def lost_note(r: Mapping[str, Any]) -> str:
-    n = r.get("skipped_videos", 0)
-    return f" ({n} unreadable left out, {r['views_lost']} views lost)" if n else ""
-
-
-def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """Top-1 / top-5 / per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
-    k = min(5, num_classes)
-    top = scores.topk(k, dim=1).indices
-    pred = top[:, 0]
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    per_class = [
-        (confusion[c, c] / confusion[c].sum()).item() if confusion[c].sum() else None
-        for c in range(num_classes)
-    ]
-    return {
-        "top1": (pred == labels).double().mean().item(),
-        "top5": (top == labels[:, None]).any(1).double().mean().item(),
-        "per_class_acc": per_class,
-        "confusion": confusion.tolist(),
-    }
-
-
-def fit_linear_probe(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-4, seed: int = 0
-) -> nn.Module:
-    """Multinomial logistic regression on fixed features (N, D): features standardised with the train
-    mean and std (the MAE probe's BatchNorm without affine, at its inference statistics), then a
-    linear layer fitted by full-batch L-BFGS on cross-entropy + `weight_decay` * ||W||^2 / 2. Returns
-    the probe as a module mapping raw features to logits."""
-    torch.manual_seed(seed)
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    linear = nn.Linear(x.shape[1], num_classes)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    z = (x - mean) / std
-    opt = torch.optim.LBFGS(
-        linear.parameters(), lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(z), y) + 0.5 * weight_decay * linear.weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    probe = nn.Sequential(Standardize(mean, std), linear)
-    return probe.requires_grad_(False)
-
-
-class Standardize(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def write_results(results: dict[str, Any], out: str, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    conf = torch.tensor(results["confusion"], dtype=torch.float64)
-    norm = conf / conf.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(norm.numpy(), vmin=0, vmax=1, cmap="Blues")
-    head = f"{title}: " if title else ""
-    ax.set(
-        xlabel="predicted",
-        ylabel="true",
-        title=f"{head}top-1 {results['top1']:.3f} ({results['views']} views)",
-    )
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "confusion.png"), dpi=100)
-    plt.close(fig)
 
 
 def evaluate_only(cfg: Config) -> dict[str, Any]:
@@ -500,9 +264,9 @@ def evaluate_only(cfg: Config) -> dict[str, Any]:
     env = init_distributed(cfg.train, cfg.parallel)
     engine = build_engine(cfg, env, task.model_spec())
     if cfg.finetune.linear_probe:
-        r, what, sub = task.linear_probe(engine, cfg.train.out_dir), "linear probe", "probe"
+        r, what, sub = linear_probe(task, engine, cfg.train.out_dir), "linear probe", "probe"
     else:
-        r, what, sub = task.evaluate(engine, cfg.train.out_dir), "eval", "eval"
+        r, what, sub = evaluate(task, engine, cfg.train.out_dir), "eval", "eval"
     if env.is_writer:
         print(
             f"{what} {r['views']} views, {r['videos']} videos{lost_note(r)}: top-1 {r['top1']:.4f} "

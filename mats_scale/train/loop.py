@@ -1,13 +1,6 @@
-"""The one training loop of every task and engine (it only calls the Task and Engine protocols).
-
-One optimizer step = ``optim.grad_accum`` micro-batches per process, each: next batch -> ``task.step``
-(forward through the engine, with this rank's mask generator) -> backward; then one all-reduce of the step's
-scalars (loss, non-finite count, stop request, skipped files, and the task's named metric sums) so that every
-rank takes the same decision, then ``engine.step``. A non-finite loss on any rank (or a non-finite gradient
-norm) drops that update everywhere (``train.nan_policy``); a SIGTERM/SIGINT on any rank makes all ranks save a
-checkpoint after the current step and exit 0. Steps are numbered from 1; step s uses the learning rate
-``lr_at(s - 1)``.
-"""
+"""The one training loop of every task and engine (it only calls the Task and Engine protocols): per
+step, ``optim.grad_accum`` micro-batches through ``task.step``, one all-reduce of the step's scalars so
+every rank takes the same skip / stop decision, then ``engine.step`` (docs/design.md, docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +24,7 @@ from mats_scale.optim import lr_at, total_batch
 from mats_scale.parallel.distributed import (
     DistEnv,
     LaunchError,
+    all_gather_object,
     all_reduce,
     barrier,
     detect_env,
@@ -39,20 +33,19 @@ from mats_scale.parallel.distributed import (
     shutdown,
 )
 from mats_scale.parallel.engine import build_engine
-from mats_scale.train import provenance, runlock
-from mats_scale.train.checkpoint import (
+from mats_scale.run import lock, provenance
+from mats_scale.run.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng,
     newest_verified,
     restore_rng,
 )
-from mats_scale.train.faults import Faults
+from mats_scale.run.faults import Faults
+from mats_scale.run.files import check_resume, lr_change_note, write_run_record
+from mats_scale.run.log import RunLogger, peak_memory_gib
+from mats_scale.run.preflight import preflight
 from mats_scale.train.mfu import MfuMeter
-from mats_scale.train.preflight import preflight
-from mats_scale.train.rundir import DataStop, stop_on_bad_data
-from mats_scale.train.runfiles import check_resume, lr_change_note, write_run_record
-from mats_scale.train.runlog import RunLogger, peak_memory_gib
 from mats_scale.train.schedule import resolve_epochs
 from mats_scale.train.sources import BatchStream
 from mats_scale.train.task import Task
@@ -60,6 +53,11 @@ from mats_scale.train.task import Task
 
 class TrainingError(RuntimeError):
     """The run can not go on (non-finite losses beyond the policy); the message says why."""
+
+
+class DataStop(DataError):
+    """Too many bad videos on some rank; every rank raises it after the shared checkpoint and rank 0's
+    report (already printed: the launcher must not see a rank exit before rank 0 has said why)."""
 
 
 @dataclass
@@ -136,7 +134,7 @@ class Trainer:
         if env.is_writer:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
         barrier()
-        runlock.acquire(cfg.train.out_dir, env)  # one job per run directory
+        lock.acquire(cfg.train.out_dir, env)  # one job per run directory
         self.ckpt = CheckpointManager(
             cfg.train.out_dir, cfg.train.keep_last, env, on_save=self.faults.in_save
         )
@@ -152,9 +150,7 @@ class Trainer:
         self.engine = build_engine(cfg, env, task.model_spec())
         # Rank 0 logs MFU: FLOPs per clip counted on meta, the device peak (table, GEMM sample or config).
         self.mfu = (
-            MfuMeter.for_run(cfg, task.name, env.device, env.precision, env.world_size)
-            if env.is_writer
-            else None
+            MfuMeter.for_run(cfg, task, env.device, env.precision, env.world_size) if env.is_writer else None
         )
         self.mask_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
         self.stream = BatchStream(task.build_loader(env.rank, env.world_size))
@@ -198,6 +194,25 @@ class Trainer:
         meta = {**self.expect, "backend": self.engine.kind, "config": self.cfg.to_yaml()}
         path = self.ckpt.save(self.counters.step, self.engine, state, meta)
         self.log.info(f"saved {path}")
+
+    def stop_on_bad_data(self, step: int) -> None:
+        """All ranks agreed (in the step's all-reduce) that a rank hit the bad-file limit: save a checkpoint,
+        gather every rank's report to rank 0 and raise :class:`DataStop` on all ranks."""
+        self.save()
+        mine = self.stream.stop_error
+        reports = all_gather_object(str(mine) if mine is not None else None)
+        listed = "\n".join(
+            f"[rank {r}] {text}" if len(reports) > 1 else text for r, text in enumerate(reports) if text
+        )
+        message = (
+            f"step {step}: stopping on bad training data (update of this step skipped); saved "
+            f"{self.ckpt.latest()}; fix or remove the files, or raise data.max_bad_fraction, then "
+            f"resume with train.resume=auto\n{listed}"
+        )
+        if self.env.is_writer:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        barrier()  # no rank exits (and makes the launcher kill the others) before the report is out
+        raise DataStop(message)
 
     def step(self, step: int, stop: StopRequest) -> tuple[dict[str, Any], int, bool]:
         """One optimizer step: returns (metrics, non-finite micro-batches, stop requested on any rank)."""
@@ -318,7 +333,7 @@ class Trainer:
                 metrics, nonfinite, stopped = self.step(step, stop)
                 if self.data_stopped:  # too many bad files on some rank: all save, then stop
                     log.step(step, metrics)
-                    stop_on_bad_data(self, step)
+                    self.stop_on_bad_data(step)
                 why = None
                 if not metrics["applied"]:
                     micro = cfg.optim.grad_accum * self.env.world_size
@@ -365,16 +380,15 @@ def train(cfg: Config, task: Task | None = None) -> TrainResult:
     trainer = Trainer(cfg, task)
     try:
         result = trainer.run()
-        finish = getattr(task, "finish", None)  # optional: e.g. fine-tuning's evaluation after training
-        if finish is not None and not result.stopped_by_signal:
-            finish(trainer)
+        if not result.stopped_by_signal:
+            task.finish(trainer)  # e.g. fine-tuning's evaluation after training
         return result
     except BaseException:
         trainer.stream.close()  # whatever the error: the data workers go now, or the exit waits for them
         raise
     finally:
         trainer.log.close()
-        runlock.release(trainer.cfg.train.out_dir)
+        lock.release(trainer.cfg.train.out_dir)
 
 
 def run(cfg: Config, task_factory: Callable[[Config], Task] | None = None) -> int:

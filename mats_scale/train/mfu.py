@@ -1,15 +1,5 @@
-"""Model FLOPs utilisation (MFU) of a run: achieved model FLOP/s over the hardware's peak.
-
-    mfu = model FLOPs per clip x clips/s / (peak FLOP/s per device x devices)
-
-* Model FLOPs per clip: forward + backward of one clip as the profiler counts them on ``meta``
-  (``profiling.flops.train_flops``, FlopCounterMode, 2 FLOPs per MAC) without activation
-  recomputation (the convention of the PaLM / nanoGPT MFU: recomputed work is not useful work), plus
-  the forward of the MATS embedding score when the run computes it. Counted once at start-up.
-* Peak per device: ``logging.peak_tflops`` when set; on CUDA the dense peak of the device from
-  :data:`GPU_PEAK_TFLOPS` (bf16 tensor core, or TF32 for an fp32 run); on CPU a short GEMM sample in
-  the run's dtype (what this process's threads reach on a large matrix product, i.e. an achievable
-  rather than a datasheet peak, so CPU MFU reads higher than a GPU one would).
+"""Model FLOPs utilisation (MFU) of a run: model FLOPs per clip (the task's workload, counted once on
+``meta``) x clips/s over the peak FLOP/s of its devices; docs/profiling.md, "MFU", gives the conventions.
 """
 
 from __future__ import annotations
@@ -17,9 +7,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mats_scale.profiling.flops import model_flops
+
+if TYPE_CHECKING:
+    from mats_scale.train.task import Task
 
 # Dense peaks per device in TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor core, TF32).
 # Matched as substrings of torch.cuda.get_device_name(), first match wins (H100 PCIe before H100).
@@ -65,24 +60,6 @@ def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: 
     return 2 * n**3 / best
 
 
-def model_flops_per_clip(cfg: Any) -> int:
-    """Training FLOPs of one clip of the pre-training model of `cfg` (no recomputation), on meta."""
-    # What profiling.flops.train_flops counts, without importing fvcore there (seconds at start-up).
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs
-
-    wl = Workload(cfg.model, cfg.masking)  # batch 1, no checkpointing: model FLOPs, not hardware FLOPs
-    model = build_model(wl, "meta")
-    video, sel = make_inputs(wl, "meta")
-    with FlopCounterMode(display=False) as counter:
-        model(*model_inputs(video, sel)).loss.backward()
-        if wl.uses_embed_score:
-            with torch.no_grad():
-                model.motion_scores(video)
-    return counter.get_total_flops()
-
-
 @dataclass(frozen=True)
 class MfuMeter:
     """What a run needs to turn its clips/s into MFU (built once at start-up)."""
@@ -97,10 +74,11 @@ class MfuMeter:
 
     @classmethod
     def for_run(
-        cls, cfg: Any, task_name: str, device: torch.device, precision: str, devices: int
+        cls, cfg: Any, task: Task, device: torch.device, precision: str, devices: int
     ) -> MfuMeter | None:
-        """None for tasks the profiler does not count (only pre-training is counted)."""
-        if task_name != "pretrain":
+        """None for a task without a workload (the profilers cannot count it) or on an unknown GPU."""
+        workload = task.workload()
+        if workload is None:
             return None
         peak_tflops = cfg.logging.peak_tflops
         if peak_tflops > 0:
@@ -113,4 +91,4 @@ class MfuMeter:
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             peak, source = gemm_peak_flops(dtype), "cpu-gemm"
-        return cls(model_flops_per_clip(cfg), peak, devices, source)
+        return cls(model_flops(workload), peak, devices, source)

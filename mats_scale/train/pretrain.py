@@ -1,10 +1,6 @@
-"""Video MAE pre-training as a task of the generic Trainer: token selection, then the model's loss.
-
-Per micro-batch: clip to the device (uint8 from the workers, normalised there) -> motion scores (MATS only:
-the loader's pixel scores when it computed them, else the embedding score through the engine's model) ->
-``select_tokens`` with this rank's mask generator -> forward through the engine. The selection decides how
-many tokens the encoder and the decoder process; those counts are the task's metrics.
-"""
+"""Video MAE pre-training as a task of the generic Trainer: per micro-batch, motion scores (MATS only:
+the loader's pixel scores, else the model's embedding score), ``select_tokens`` with this rank's mask
+generator, then the model's loss; the encoder and decoder token counts are its metrics."""
 
 from __future__ import annotations
 
@@ -20,6 +16,7 @@ from mats_scale.masking import TokenGrid, select_tokens
 from mats_scale.models.pretrain import pretrain_spec
 from mats_scale.models.spec import ModelSpec
 from mats_scale.parallel.base import Engine
+from mats_scale.profiling.workload import Workload
 from mats_scale.train.task import Loader, StepOutput
 
 
@@ -68,3 +65,10 @@ class PretrainTask:
 
     def checkpoint_key(self) -> dict[str, Any]:
         return {"model": asdict(self.cfg.model)}
+
+    def workload(self) -> Workload:
+        """One clip as the profilers count it: the model, its masking and motion score."""
+        return Workload(self.cfg.model, self.cfg.masking)
+
+    def finish(self, trainer) -> None:
+        """Nothing after pre-training."""

@@ -1,29 +1,20 @@
-"""The Task seam: what one kind of training job adds to the generic Trainer (torchtitan ``TrainSpec``).
-
-A task owns its model spec, its data loader, one micro-batch step and the metrics that step yields;
-the :class:`~mats_scale.train.loop.Trainer` owns everything else: engines, gradient accumulation,
-the non-finite policy, signals, checkpoints, logging. Pre-training (:class:`~mats_scale.train.pretrain.
-PretrainTask`), fine-tuning, probing and evaluation are tasks on the same Trainer and engines.
-
-Protocol of a micro-batch step::
-
-    out = task.step(engine, batch, generator)   # forward through engine.forward(...)
-    trainer: engine.backward(out.loss); sums out.metrics over micro-batches and ranks
-
-``out.metrics`` values are per-micro-batch sums (numbers or 0-d tensors); the Trainer all-reduces
-their totals with its own counters in one collective per step and hands the totals to
-``task.summarize`` for the log.
-"""
+"""The Task seam: what one kind of training job adds to the generic Trainer (torchtitan ``TrainSpec``):
+its model spec, its loader, one micro-batch step and that step's metric sums; the Trainer owns the rest
+(docs/design.md, "One trainer, many tasks")."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from mats_scale.models.spec import ModelSpec
 from mats_scale.parallel.base import Engine
+
+if TYPE_CHECKING:
+    from mats_scale.profiling.workload import Profiled
+    from mats_scale.train.loop import Trainer
 
 
 class StepOutput(NamedTuple):
@@ -66,6 +57,13 @@ class Task(Protocol):
 
     def checkpoint_key(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this task (e.g. the model arguments)."""
+
+    def workload(self) -> Profiled | None:
+        """One clip of this task as the profilers count it (the MFU meter's model FLOPs); None when
+        they cannot (no MFU is logged)."""
+
+    def finish(self, trainer: Trainer) -> None:
+        """After :meth:`Trainer.run` unless a signal stopped it (fine-tuning evaluates here)."""
 
 
 TASKS: dict[str, str] = {

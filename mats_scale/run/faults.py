@@ -1,19 +1,6 @@
-"""Fault injection for the tests of resume, atomic saves, signals and the non-finite policy.
-
-Read once from environment variables (never from the config, so a YAML can not switch them on);
-step numbers are 1-based optimizer steps as logged:
-
-    MATS_FAULT_NAN_STEPS=3,4        rank 0 multiplies its loss by NaN in these steps
-    MATS_FAULT_KILL_AFTER_STEP=5    every rank SIGKILLs itself after step 5 (after a save due then)
-    MATS_FAULT_KILL_RANK=1          ... only this rank does (with MATS_FAULT_KILL_AFTER_STEP)
-    MATS_FAULT_CRASH_IN_SAVE=6      every rank SIGKILLs itself in the middle of saving step 6
-    MATS_FAULT_DISK_FULL_IN_SAVE=6  rank 0 fails the save of step 6 with ENOSPC ("No space left on device")
-    MATS_FAULT_SIGTERM_AT_STEP=3    at the start of step 3, rank 0 sends SIGTERM to its child processes
-                                    (data workers), then to itself, as DeepSpeed's launcher does
-    MATS_FAULT_SLEEP_IN_STEP=0.5    every step sleeps this many seconds first (slow steps for signal tests)
-
-A malformed value is a :class:`ConfigError` naming the variable (one line, exit status 2).
-"""
+"""Fault injection for the tests of resume, atomic saves, signals and the non-finite policy, read once
+from ``MATS_FAULT_*`` environment variables, never from the config (docs/distributed.md, "Fault
+injection")."""
 
 from __future__ import annotations
 

@@ -1,18 +1,32 @@
-"""Checks that need no process group, model or data worker, run first (by the launcher, before the
-trainer's heavy imports, and again by :func:`mats_scale.train.loop.prepare`): the launch layout, the
-fault-injection variables, the DeepSpeed config as DeepSpeed itself reads it, and a writable run directory.
-Only torch and DeepSpeed's config classes are imported, so a bad DeepSpeed template is reported in about
-half the time the trainer takes to start (see the issue-17 note)."""
+"""Checks that need no process group, model or data worker (launch layout, fault variables, the DeepSpeed
+config as DeepSpeed reads it, a writable run directory), run by the launcher before the heavy imports."""
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from mats_scale.config import Config, ConfigError
 from mats_scale.parallel.distributed import DistEnv, LaunchError, detect_env
-from mats_scale.train.faults import Faults
-from mats_scale.train.rundir import check_out_dir
+from mats_scale.run.faults import Faults
+
+
+def check_out_dir(path: str) -> None:
+    """Create `path` (and its parents) and write a probe file in it; one :class:`ConfigError` line when
+    that is impossible (read-only file system, a parent that is a file, no permission), so the run
+    stops before any process group, model or data worker exists."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        other = e.filename and os.path.abspath(e.filename) != os.path.abspath(path)
+        where = f" ({e.filename})" if other else ""
+        raise ConfigError(
+            f"train.out_dir={path!r}: cannot create or write it: {e.strerror}{where}; "
+            "choose a writable directory"
+        ) from None
 
 
 def preflight(cfg: Config) -> tuple[DistEnv, dict[str, dict]]:

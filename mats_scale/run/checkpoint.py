@@ -1,28 +1,6 @@
-"""Atomic, verified, resumable checkpoints of a training run.
-
-Layout under ``<out_dir>/checkpoints``::
-
-    step_00000040/            one complete checkpoint (40 optimizer steps done)
-        engine/               the engine's own files (DeepSpeed, DCP or torch.save)
-        rank_00000.pt ...     per-rank trainer state: counters, data position, RNG states
-        meta.json             step, world size, engine, model config, run id
-        manifest.json         written last: size and SHA-256 of every other file
-    latest                    the name of the newest complete checkpoint (replaced atomically)
-
-A save writes everything into ``.tmp-step_N``, fsyncs it, renames it to ``step_N`` and only then
-points ``latest`` at it with ``os.replace``; a crash at any moment leaves the previous checkpoint
-and pointer intact (the stale temp directory is removed by the next save). A save that fails (a full
-disk) removes its temp directory on every rank and stops the run with one line. All ranks must see the
-same ``out_dir`` (a shared file system on several nodes).
-
-Before a checkpoint is loaded its files are checked against the manifest (sizes, then checksums; the
-ranks share the hashing). ``train.resume=auto`` takes the newest ``step_*`` directory that verifies,
-whatever ``latest`` says (a missing or dangling pointer is reported, not fatal); a damaged one is reported
-in one line and kept on disk. Nothing here deletes or overwrites a checkpoint this run did not write:
-pruning (``train.keep_last``) only touches checkpoints of the same run (``run_id`` in meta.json, kept
-across resumes) older than the one just saved, and a ``step_N`` in the way of a new save is renamed to
-``step_N.superseded-K`` (``.damaged-K`` when it failed verification).
-"""
+"""Atomic, verified, resumable checkpoints under ``<out_dir>/checkpoints``: written to a temp directory,
+renamed, then pointed at by ``latest``; verified against their manifest before loading; never deleted
+or overwritten unless this run wrote them (docs/distributed.md, "Checkpoints and resume")."""
 
 from __future__ import annotations
 

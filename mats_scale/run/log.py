@@ -1,14 +1,5 @@
-"""What a run reports: a plain-text log, per-step metrics (JSON lines and TensorBoard), a progress bar.
-
-Rank 0 writes ``train.log`` (what it prints, appended across resumes), ``metrics.jsonl`` (one JSON
-object per step, plus ``{"event": "start", ...}`` when a run starts or resumes) and TensorBoard
-scalars under ``tb/``. A resume from step s drops what the interrupted session logged after s (its
-steps are run again): the step records of ``metrics.jsonl`` (the start event says how many, under
-``dropped_steps``) and the TensorBoard events (purged), so every step has one record. A tqdm bar with
-ETA goes to stderr only when stderr is a terminal (in a file or pipe its redraws would be one line per
-update); the log line every ``logging.log_every`` steps carries the mean loss over those steps, the
-epoch, throughput and ETA. Other ranks print warnings and errors only, prefixed with their rank.
-"""
+"""What a run reports: ``train.log``, ``metrics.jsonl``, TensorBoard scalars and a progress bar on a
+terminal, written by rank 0; a resume drops what the interrupted session logged past its checkpoint."""
 
 from __future__ import annotations
 

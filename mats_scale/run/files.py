@@ -1,17 +1,6 @@
-"""The run directory's record of what ran, and the check that a resume runs the same thing.
-
-A fresh run writes ``config.yaml`` (the resolved config), ``ds_config.json`` (DeepSpeed runs) and
-``provenance.json`` (:mod:`mats_scale.train.provenance`). They are never rewritten: a resume appends
-one line to ``resumes.jsonl`` instead (step, checkpoint, the keys it was allowed to change with both
-values, its own provenance), and only after the checkpoint was accepted.
-
-A resume compares the whole resolved config with the one stored in the checkpoint (``meta.json``).
-Keys that cannot change what is computed (:data:`FREE_KEYS`: where files go, how often to log or save,
-data-loader workers) may differ; any other difference is refused with every differing key named,
-unless the key (or its section) is listed in ``train.allow_changes``. ``train.steps`` is special: the
-cosine schedule is a function of the total, so allowing it changes the learning rate from the resumed
-step on; the log and the resume record give the lr before and after.
-"""
+"""The run directory's record of what ran (``config.yaml``, ``ds_config.json``, ``provenance.json``,
+``resumes.jsonl``) and the check that a resume runs the same config (docs/distributed.md, "A changed
+config on resume")."""
 
 from __future__ import annotations
 

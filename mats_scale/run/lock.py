@@ -1,9 +1,5 @@
 """One job per run directory: rank 0 holds an exclusive ``flock`` on ``<out_dir>/.lock`` for the whole
-run and writes its pid and host into it. A second job started into the same ``train.out_dir`` stops
-before it writes anything, with one line naming the owner. The kernel releases the lock when the
-owner exits, however it dies, so a stale file never blocks a later run (on NFS, flock is emulated
-with POSIX locks, which NFSv4 supports).
-"""
+run; a second job into the same ``train.out_dir`` stops with one line naming the owner."""
 
 from __future__ import annotations
 

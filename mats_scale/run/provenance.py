@@ -1,12 +1,5 @@
 """Where a run came from: code version, command, libraries, machine (``provenance.json`` in the run
-directory, and in every resume record).
-
-    {"git": {"commit": "7d2be87...", "dirty": true, "root": "/home/me/mats-scale"} (null outside git),
-     "argv": [...], "cwd": "...", "python": "3.11.7", "versions": {"torch": "2.5.1", "deepspeed": ...,
-     "timm": ..., "decord": ..., "cuda": "12.4", "nccl": "2.21.5", "cudnn": ...},
-     "host": "node01", "device": "NVIDIA H100 80GB HBM3" (or the CPU model), "world_size": 8,
-     "slurm_job_id": "1234" (when under Slurm), "time": "2026-11-30T17:00:00+0000"}
-"""
+directory, and in every resume record; fields in docs/distributed.md, "The run directory")."""
 
 from __future__ import annotations
 
