@@ -1,9 +1,6 @@
-"""Token selection strategies: pure functions of (grid, ratios, torch.Generator[, scores]).
-
-Each returns a :class:`Selection` of int64 index tensors with a fixed length per sample; the model
-gathers by index. The training loop calls :func:`select_tokens`; :func:`selection_counts` gives the
-shapes without drawing random numbers.
-"""
+"""Token selection strategies: pure functions of (grid, ratios, torch.Generator[, scores]) returning a
+:class:`Selection` of fixed-length int64 index tensors; the loop calls :func:`select_tokens` and
+:func:`selection_counts` gives the shapes without drawing random numbers."""
 
 from mats_scale.masking.common import Selection, TokenGrid
 from mats_scale.masking.compensated import compensated_motion_scores, global_shifts
@@ -22,7 +19,8 @@ from mats_scale.masking.running_cell import (
     lean_target_range,
     running_cell_drop,
 )
-from mats_scale.masking.select import LOADER_SCORES, loader_motion_scores, select_tokens, selection_counts
+from mats_scale.masking.scores import LOADER_SCORES, loader_motion_scores
+from mats_scale.masking.select import select_tokens, selection_counts
 from mats_scale.masking.tube import tube_masking
 
 __all__ = [

@@ -1,42 +1,26 @@
-"""The one dispatch the training loop calls: ``masking.*`` config -> :class:`Selection`.
-
-| strategy | decoder      | mode      | visible          | targets (weights)                               |
-|----------|--------------|-----------|------------------|-------------------------------------------------|
-| tube     | none         | -         | T'(H'W'-m)       | T' m, m = int(rho H'W')                         |
-| random   | none         | -         | N - int(rho N)   | int(rho N)                                      |
-| tube/rnd | running_cell | reference | as above         | K decoder-kept (0 where the encoder saw it)     |
-| tube/rnd | running_cell | lean      | as above         | loss positions, padded to the max (0 on pads)   |
-| mats     | none         | -         | int((1-rho) N)   | int(rho_pre N) - visible                        |
-| mats     | running_cell | lean      | int((1-rho) N)   | M = n_t - floor(n_t k / 4) (mats_dual_selection)|
-"""
+"""The one dispatch the training loop calls: ``masking.*`` config -> :class:`Selection` (docs/masking.md
+tabulates what each strategy and decoder mode selects)."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from mats_scale import tokens
 from mats_scale.masking.common import Selection, TokenGrid
-from mats_scale.masking.compensated import compensated_motion_scores
 from mats_scale.masking.mats import mats_dual_selection, mats_selection
-from mats_scale.masking.motion import pixel_motion_scores
 from mats_scale.masking.random_mask import random_masking
 from mats_scale.masking.running_cell import draw_phases, dual_masking, lean_target_range
 from mats_scale.masking.tube import tube_masking
 
-if TYPE_CHECKING:
-    from mats_scale.config import MaskingConfig
 
-
-def selection_counts(cfg: MaskingConfig, grid: TokenGrid) -> tuple[int, int]:
+def selection_counts(cfg: tokens.MaskingSpec, grid: TokenGrid) -> tuple[int, int]:
     """(visible ids, target ids) per clip for `cfg` on `grid`, without drawing random numbers
     (the torch-free :func:`mats_scale.tokens.selection_counts`)."""
     return tokens.selection_counts(cfg, grid)
 
 
 def select_tokens(
-    cfg: MaskingConfig,
+    cfg: tokens.MaskingSpec,
     grid: TokenGrid,
     batch_size: int,
     generator: torch.Generator,
@@ -75,20 +59,3 @@ def select_tokens(
     out = dual_masking(grid, sel.visible_ids, cfg.decoder_ratio, "lean", phases, num_targets=high)
     # Fixed loss count (tube with T' % 4 == 0): every weight is 1 by construction.
     return out._replace(target_weights=None) if low == high else out
-
-
-LOADER_SCORES = ("pixel", "compensated")
-"""``masking.score`` values the data loader computes (no model needed)."""
-
-
-def loader_motion_scores(
-    score: str, video: torch.Tensor, tubelet: int, patch: int, cuts: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """``masking.score`` computed without the model, (B, N): ``pixel_motion_scores`` (pixel) or
-    ``compensated_motion_scores`` (compensated) of `video` (B, C, T, H, W), not counting differences
-    across the shot cuts (B, T-1) if given; None for a score that needs the model (embed)."""
-    if score == "pixel":
-        return pixel_motion_scores(video, tubelet, patch, cuts)
-    if score == "compensated":
-        return compensated_motion_scores(video, tubelet, patch, cuts)
-    return None

@@ -1,19 +1,6 @@
-"""Video MAE pre-training model: encoder over selected tokens, decoder over kept + mask tokens.
-
-The model takes the clip plus index tensors that a masking strategy produced (see
-``mats_scale.masking``) and gathers by index; it never decides which tokens to use. Shapes:
-
-    video          (B, C, T, H, W)  ImageNet-normalised pixels
-    visible_ids    (B, Nv) int64    tokens the encoder sees
-    target_ids     (B, Nt) int64    positions where the decoder places mask tokens and predicts
-    target_weights (B, Nt) float    optional loss weight per target (0 = predicted, not scored)
-
-Loss = sum(w * mse_per_token) / sum(w) over the batch, on per-patch normalised pixel targets
-(DESIGN.md "Targets"), exactly as the VideoMAE V2 dual-masking loss ``(loss * mask).sum() / mask.sum()``.
-
-Building (``__init__``) is separate from initialising (``init_weights``), so the model can be built
-on the ``meta`` device or under ``deepspeed.zero.Init`` and filled afterwards, module by module.
-"""
+"""Video MAE pre-training model: encoder over the selected tokens, decoder over kept + mask tokens, loss on
+per-patch normalised pixel targets. It gathers by the index tensors a masking strategy produced and never
+decides which tokens to use; built in ``__init__``, filled by ``init_weights`` (``meta`` / ``zero.Init``)."""
 
 from __future__ import annotations
 
@@ -24,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mats_scale.masking.motion import embed_motion_scores
-from mats_scale.masking.select import loader_motion_scores
+from mats_scale.masking.scores import loader_motion_scores
 from mats_scale.models.args import IMAGENET_MEAN, IMAGENET_STD, ModelArgs
 from mats_scale.models.layers import (
     Block,
@@ -183,6 +170,13 @@ class PretrainVideoMAE(InitMixin, nn.Module):
         target_ids: torch.Tensor,
         target_weights: torch.Tensor | None = None,
     ) -> PretrainOutput:
+        """video (B, C, T, H, W) ImageNet-normalised pixels; visible_ids (B, Nv) int64, the tokens the
+        encoder sees; target_ids (B, Nt) int64, where the decoder places mask tokens and predicts;
+        target_weights (B, Nt), an optional loss weight per target (0 = predicted, not scored).
+
+        Loss = sum(w * mse_per_token) / sum(w), as VideoMAE V2's dual-masking loss
+        ``(loss * mask).sum() / mask.sum()``.
+        """
         B = video.shape[0]
         t, p = self.tubelet_size, self.patch_size
 

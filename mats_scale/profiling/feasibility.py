@@ -1,34 +1,17 @@
-"""Will it fit, and how long will it take? A planner for one node of N GPUs, before renting it.
-
-For each strategy x engine (DeepSpeed ZeRO stage / FSDP2) x activation-checkpointing policy:
-
-    per-GPU bytes(b) = (model states + comm buffers + activation peak(b) + batch(b)) * (1 + fragmentation)
-                       + CUDA context
-    max micro-batch  = the largest b with bytes(b) <= GPU memory
-
-The activation peak is measured on ``meta`` (exact for the graph, see memory.py) and is affine in b;
-the model states follow DeepSpeed's allocations (memory.model_states). The step time is the training
-FLOPs of a micro-batch (FlopCounterMode, recomputation included) at a stated MFU of the GPU's dense
-peak; days = epochs x steps per epoch x step time. Nothing here is measured on a GPU: MFU is an input.
+"""Will it fit, and how long will it take? A planner for one node of N GPUs, before renting it: per
+workload x engine x checkpointing policy, the largest micro-batch per GPU, the per-GPU breakdown, step
+time and days at a stated MFU (docs/profiling.md gives the formula; nothing is measured on a GPU).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from mats_scale.profiling.flops import count_flops, train_flops
-from mats_scale.profiling.memory import (
-    GIB,
-    ActivationModel,
-    Allowance,
-    ModelStates,
-    activation_model,
-    model_states,
-    param_stats,
-    peak_allocated,
-)
-from mats_scale.profiling.workload import Workload, build_model
+from mats_scale.profiling.flops import step_flops
+from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, activation_model, peak_allocated
+from mats_scale.profiling.states import ModelStates, model_states, param_stats
+from mats_scale.profiling.workload import Profiled, build_model
 
 
 @dataclass(frozen=True)
@@ -173,8 +156,7 @@ def plan_point(
     allowance: Allowance = DEFAULT_ALLOWANCE,
 ) -> Plan:
     """One point of the plan: the largest micro-batch of these states and activations on `node`, its
-    step time and days (NaN when nothing fits). Pre-training (:func:`plan`) and fine-tuning
-    (``mats_scale.profiling.finetune``) both plan through it."""
+    step time and days (NaN when nothing fits)."""
     b = max_micro_batch(states, act, node, allowance)
     allocated = peak_allocated(states, act, b) if b else states.total
     tf = train_flops_per_clip
@@ -193,7 +175,7 @@ def plan_point(
 
 
 def plan(
-    wl_by_strategy: dict[str, Workload],
+    wl_by_strategy: dict[str, Profiled],
     engines: list[str],
     policies: dict[str, tuple[int, int]],
     node: Node,
@@ -205,7 +187,8 @@ def plan(
     ds_config: dict | None = None,
     progress=None,
 ) -> list[Plan]:
-    """Every strategy x engine x policy. `wl_by_strategy` gives the model/masking/dtype per strategy."""
+    """Every strategy x engine x policy. `wl_by_strategy` gives the workload (pre-training or
+    fine-tuning: one model, its inputs and dtype) per strategy."""
     plans = []
     any_wl = next(iter(wl_by_strategy.values()))
     stats = param_stats(build_model(any_wl, "meta"))
@@ -213,11 +196,10 @@ def plan(
     for label in engines:
         states[label] = engine_states(stats, label, node, any_wl.dtype, ds_config)
     for strategy, wl in wl_by_strategy.items():
-        score_flops = 2 * count_flops(wl, with_train=False, with_elementwise=False).score_macs
         for pname, policy in policies.items():
-            wlp = Workload(wl.model, wl.masking, 1, wl.dtype, policy)
+            wlp = replace(wl, batch=1, checkpoint=policy)
             act = activation_model(wlp)
-            tf = train_flops(wlp) + score_flops
+            tf = step_flops(wlp)
             for label in engines:
                 plans.append(
                     plan_point(
@@ -320,7 +302,7 @@ def engine_of(parallel) -> str:
 
 
 def check_config(
-    wl: Workload,
+    wl: Profiled,
     engine: str,
     node: Node,
     *,

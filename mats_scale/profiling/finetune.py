@@ -1,22 +1,6 @@
 """Fine-tuning compute and memory: FLOPs per view, activation memory, and what fits on a node.
-
-    python -m mats_scale.profiling.finetune [--size B] [--frames 16] [--img 224] [--keep 0.6] [--classes 400]
-                                            [--plan] [--node a100-80] [--dtype bf16] [--mfu 0.35]
-                                            [--epochs 75] [--train-clips 240000]
-
-FLOPs per view (always): the classifier over all tokens and over the MATS top rho_post.
-``--plan``: for all tokens (VideoMAE) and the top rho_post (EVEREST), with and without activation
-checkpointing of every block, and every engine: the activation memory of one training clip (measured
-on ``meta`` like the pre-training profiler: the real forward + backward of the classifier with the
-target's attention kernel and allocator rounding, :func:`mats_scale.profiling.memory.measure_step`),
-the model states per GPU (the pre-training planner's DeepSpeed / FSDP2 model with the classifier's
-parameters), the largest micro-batch per GPU, and the step time and days at a stated MFU. Published
-for comparison: VideoMAE V2 fine-tunes ViT-g at 6 clips per A100-80G without ZeRO.
-
-Counts are fvcore's (one multiply-add = one "flop", the convention of the VideoMAE and EVEREST papers'
-GFLOPs), the same handles as :mod:`mats_scale.profiling.flops` (SDPA counted as Q K^T + A V); the motion
-score (one patch embedding of the clip) is counted separately. Published for ViT-B 16x224: ~180 G all
-tokens, ~98 G at rho_post = 0.6 (EVEREST paper).
+``python -m mats_scale.profiling.finetune [--plan]`` runs the profilers on a :class:`FinetuneWorkload`
+(:mod:`mats_scale.profiling.workload`); docs/profiling.md, "Fine-tuning", says what is counted.
 """
 
 from __future__ import annotations
@@ -25,121 +9,36 @@ import argparse
 
 import torch
 
-from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.args import ModelArgs
-from mats_scale.models.classifier import build_classifier, classifier_spec
-from mats_scale.parallel.checkpointing import apply_activation_checkpointing
-from mats_scale.profiling.flops import _analysis
+from mats_scale.profiling.flops import forward_macs, fvcore_analysis
+from mats_scale.profiling.workload import DTYPES, FinetuneWorkload, build_model
 
 
-@torch.no_grad()
 def classifier_flops(args: ModelArgs, num_classes: int, keep_ratio: float | None) -> dict[str, int]:
     """fvcore counts for one clip: ``encoder`` (classifier forward over the kept tokens; all with
-    `keep_ratio` None) and ``score`` (the motion score's patch embedding, 0 without selection)."""
-    torch.manual_seed(0)
-    model = build_classifier(args, num_classes, device="cpu").eval()
-    video = torch.randn(1, 3, args.num_frames, args.img_size, args.img_size)
-    if keep_ratio is None:
-        ids = torch.arange(args.num_tokens)[None]
-        score = 0
-    else:
-        ids = finetune_selection(model.motion_scores(video), keep_ratio)
-        score = int(_analysis(model.patch_embed, (video,)).total())
-    return {"encoder": int(_analysis(model, (video, ids)).total()), "score": score, "tokens": ids.shape[1]}
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def build_meta_classifier(args: ModelArgs, num_classes: int, dtype: torch.dtype, every: int):
-    """The classifier on ``meta`` (nothing allocated) in `dtype`, every `every`-th block checkpointed."""
-    model = build_classifier(args, num_classes, device="meta").to(dtype).train()
-    return apply_activation_checkpointing(model, classifier_spec(args, num_classes), {"encoder": every})
-
-
-def training_inputs(args: ModelArgs, keep_ratio: float | None, batch: int, dtype: torch.dtype) -> tuple:
-    """(video, ids) of one micro-batch on meta; ids is None for all tokens."""
-    video = torch.empty(batch, 3, args.num_frames, args.img_size, args.img_size, device="meta", dtype=dtype)
-    if keep_ratio is None:
-        return (video,)
-    n = len(finetune_selection(torch.zeros(1, args.num_tokens), keep_ratio)[0])
-    return video, torch.empty(batch, n, dtype=torch.int64, device="meta")
-
-
-def classifier_activations(
-    args: ModelArgs,
-    num_classes: int,
-    keep_ratio: float | None,
-    *,
-    dtype=torch.bfloat16,
-    every: int = 0,
-    target: str = "cuda",
-):
-    """Activation memory of one fine-tuning step as a line in the micro-batch (:class:`ActivationModel`):
-    classifier forward (+ the no-grad motion score with a selection) and cross-entropy backward."""
-    from mats_scale.profiling.memory import affine_activations, measure_step
-
-    points = []
-    for batch in (1, 2):
-        model = build_meta_classifier(args, num_classes, dtype, every)
-        inputs = training_inputs(args, keep_ratio, batch, dtype)
-        label = torch.zeros(batch, dtype=torch.int64, device="meta")
-        points.append(
-            measure_step(
-                model,
-                inputs,
-                lambda logits, label=label: torch.nn.functional.cross_entropy(logits.float(), label),
-                batch=batch,
-                dtype=dtype,
-                target=target,
-                before=(lambda m=model, v=inputs[0]: m.motion_scores(v)) if keep_ratio is not None else None,
-            )
-        )
-    return affine_activations(*points)
-
-
-def classifier_train_flops(args: ModelArgs, num_classes: int, keep_ratio: float | None, every: int) -> int:
-    """FLOPs (2 per MAC) of one clip's forward + backward (+ recomputation), FlopCounterMode on meta."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_meta_classifier(args, num_classes, torch.float32, every)
-    inputs = training_inputs(args, keep_ratio, 1, torch.float32)
-    with FlopCounterMode(display=False) as counter:
-        if keep_ratio is not None:
-            model.motion_scores(inputs[0])
-        model(*inputs).float().sum().backward()
-    return counter.get_total_flops()
+    `keep_ratio` None), ``score`` (the motion score as one patch embedding of the clip, 0 without
+    selection) and ``tokens`` (through the encoder)."""
+    wl = FinetuneWorkload(args, num_classes, keep_ratio)
+    score = 0
+    if wl.uses_embed_score:
+        with torch.no_grad():
+            score = int(fvcore_analysis(build_model(wl, "meta").patch_embed, wl.inputs("meta")[:1]).total())
+    return {"encoder": forward_macs(wl), "score": score, "tokens": wl.num_tokens}
 
 
 def plan_rows(args: ModelArgs, num_classes: int, keep_ratio: float, node, *, dtype, mfu, epochs, train_clips):
-    """One :class:`~mats_scale.profiling.feasibility.Plan` per (tokens, checkpointing, engine); `strategy`
-    names the tokens (all / top rho_post)."""
-    from mats_scale.profiling.feasibility import ENGINE_CHOICES, engine_states, plan_point
-    from mats_scale.profiling.memory import param_stats
+    """One :class:`~mats_scale.profiling.feasibility.Plan` per (tokens, checkpointing, engine): the
+    pre-training planner on the classifier over all tokens and over the top `keep_ratio`."""
+    from mats_scale.profiling.feasibility import ENGINE_CHOICES, plan
 
-    stats = param_stats(build_classifier(args, num_classes, device="meta"))
-    states = {label: engine_states(stats, label, node, dtype) for label in ENGINE_CHOICES}
-    plans = []
-    for tokens, keep in (("all", None), (f"top {keep_ratio}", keep_ratio)):
-        for ckpt, every in (("none", 0), ("every 1", 1)):
-            act = classifier_activations(args, num_classes, keep, dtype=dtype, every=every)
-            tf = classifier_train_flops(args, num_classes, keep, every)
-            for label in ENGINE_CHOICES:
-                plans.append(
-                    plan_point(
-                        tokens,
-                        label,
-                        ckpt,
-                        states[label],
-                        act,
-                        tf,
-                        node,
-                        mfu=mfu,
-                        epochs=epochs,
-                        train_clips=train_clips,
-                    )
-                )
-    return plans
+    workloads = {
+        tokens: FinetuneWorkload(args, num_classes, keep, dtype=dtype)
+        for tokens, keep in (("all", None), (f"top {keep_ratio}", keep_ratio))
+    }
+    policies = {"none": (0, 0), "every 1": (1, 0)}
+    return plan(
+        workloads, list(ENGINE_CHOICES), policies, node, mfu=mfu, epochs=epochs, train_clips=train_clips
+    )
 
 
 def main(argv=None) -> int:

@@ -1,27 +1,5 @@
-"""FLOPs per clip with fvcore, on the ``meta`` device (nothing is allocated; ViT-g counts in seconds).
-
-Conventions (the papers call MACs "FLOPs"; we report both, FLOPs = 2 x MACs):
-
-* fvcore's ``FlopCountAnalysis`` counts one multiply-add as one "flop", i.e. MACs, for the GEMM-like
-  ops (linear / addmm / matmul / bmm / conv / einsum) and 5 per element for an affine layer norm.
-  It does not know ``aten::scaled_dot_product_attention`` (it warns and drops it, a quarter of ViT-B's
-  decoder work at 1568 tokens), so :func:`sdpa_flop_jit` counts it as the two matrix products it is:
-  Q K^T and A V, ``B h Nq Nk (d + dv)`` MACs; the softmax is elementwise and, as everywhere in
-  fvcore, not counted.
-* Everything else fvcore skips (add, mul, gelu, softmax-free elementwise ops, the loss's mean/var/pow,
-  ...) is counted separately as ``elementwise_ops`` (one op per output element, reductions one per
-  input element) so a user can see it is small; it is never added to the MACs, as in the papers.
-* ``fwd_macs`` is what this code runs: the encoder embeds only its visible tokens (the tubelet conv
-  as a GEMM over gathered patches). ``ref_macs`` is the VideoMAE / VideoMAE V2 / EVEREST convention:
-  their encoders run the tubelet Conv3d over all N tokens before dropping the masked ones, so the
-  patch embedding of every token is counted once. The DESIGN.md table is reproduced in that
-  convention (see profiling/VALIDATION.md).
-* ``score_macs``: MATS with the embedding score runs the masking suite's ``embed_motion_scores``
-  under no_grad (forward only; it embeds the T'-1 tubelet differences, 7/8 of a 16-frame clip's
-  embedding); counted by FlopCounterMode as it runs. It is part of this code's training step.
-* ``train_flops``: one training step (forward + backward, with the recomputation of checkpointed
-  blocks) per clip, from ``torch.utils.flop_counter.FlopCounterMode`` on ``meta`` (GEMMs, convs and
-  attention, backward included; no layer norm), plus the forward of the MATS score.
+"""FLOP counts of a workload on ``meta``: fvcore forward MACs (the papers' "FLOPs", with an SDPA handle)
+and FlopCounterMode training-step FLOPs (2 per MAC); docs/profiling.md gives the conventions.
 """
 
 from __future__ import annotations
@@ -29,18 +7,16 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from math import prod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-with warnings.catch_warnings():  # fvcore imports torch.jit.script, deprecated in recent PyTorch
-    warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import get_shape
-
 from mats_scale.models.layers import patchify
-from mats_scale.profiling.workload import Workload, build_model, make_inputs, model_inputs
+from mats_scale.profiling.workload import Profiled, Workload, build_model, make_inputs, model_inputs
+
+if TYPE_CHECKING:
+    from fvcore.nn import FlopCountAnalysis
 
 # Ops fvcore skips that only move or index data (no arithmetic): not counted even as elementwise.
 DATA_MOVEMENT_OPS = ("aten::embedding",)
@@ -66,11 +42,21 @@ MAC_OPS = (
 )
 
 
+def _fvcore():
+    """fvcore, imported on first use (seconds; the MFU meter counts with FlopCounterMode only)."""
+    with warnings.catch_warnings():  # fvcore imports torch.jit.script, deprecated in recent PyTorch
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import get_shape
+    return FlopCountAnalysis, get_shape
+
+
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     """fvcore handle for ``aten::scaled_dot_product_attention``: MACs of Q K^T plus A V.
 
     q: (..., Nq, d), k: (..., Nk, d), v: (..., Nk, dv) -> prod(...) * Nq * Nk * (d + dv).
     """
+    get_shape = _fvcore()[1]
     q, k, v = (get_shape(x) for x in inputs[:3])
     *batch, nq, d = q
     nk, dv = k[-2], v[-1]
@@ -78,6 +64,8 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
 
 
 def _numel_handle(use_input: bool):
+    get_shape = _fvcore()[1]
+
     def handle(inputs: list[Any], outputs: list[Any]) -> int:
         shape = get_shape(inputs[0] if use_input else outputs[0])
         return prod(shape) if shape is not None else 0
@@ -85,8 +73,9 @@ def _numel_handle(use_input: bool):
     return handle
 
 
-def _analysis(model: torch.nn.Module, args: tuple) -> FlopCountAnalysis:
-    fa = FlopCountAnalysis(model, args)
+def fvcore_analysis(model: torch.nn.Module, args: tuple) -> FlopCountAnalysis:
+    """fvcore's count of ``model(*args)`` with the SDPA handle; data movement and unsupported ops silent."""
+    fa = _fvcore()[0](model, args)
     fa.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     for op in DATA_MOVEMENT_OPS:
         fa.set_op_handle(op, None)
@@ -150,7 +139,7 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
     video, sel = make_inputs(wl, "meta")
     args = model_inputs(video, sel)
 
-    fa = _analysis(model, args)
+    fa = fvcore_analysis(model, args)
     fwd = fa.total()
     by_op = fa.by_operator()
     by_module = {name: fa.total(path) for name, path in MODULE_PARTS.items()}
@@ -158,7 +147,7 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
     elementwise, skipped = 0, {}
     if with_elementwise:
         skipped = dict(fa.unsupported_ops())
-        fa_all = _analysis(model, args)
+        fa_all = fvcore_analysis(model, args)
         for op in skipped:
             fa_all.set_op_handle(op, _numel_handle(op in REDUCTION_OPS))
         elementwise = fa_all.total() - fwd
@@ -167,7 +156,7 @@ def count_flops(wl: Workload, *, with_train: bool = True, with_elementwise: bool
     # GEMM over all N patches, which is what we trace (jit tracing of a 5-D conv fails on meta); the
     # MACs are N * C*t*p*p * D either way.
     all_patches = patchify(video, wl.model.tubelet_size, wl.model.patch)  # (1, N, C*t*p*p)
-    embed_full = _analysis(model.encoder.patch_embed, (all_patches,)).total()
+    embed_full = fvcore_analysis(model.encoder.patch_embed, (all_patches,)).total()
     ref = fwd - by_module["patch_embed"] + embed_full
     score = score_macs(model, video) if wl.uses_embed_score else 0
 
@@ -193,21 +182,59 @@ def score_macs(model: torch.nn.Module, video: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def train_flops(wl: Workload, *, backward: bool = True) -> int:
+def train_flops(wl: Profiled, *, backward: bool = True) -> int:
     """FLOPs (2 per MAC) of the model's forward (+ backward and recomputation) for one clip, counted
     by PyTorch's FlopCounterMode on ``meta`` with the workload's checkpointing policy applied."""
     wl = wl.with_batch(1)
     model = build_model(wl, "meta")
-    video, sel = make_inputs(wl, "meta")
+    args, loss_of = wl.inputs("meta"), wl.loss_fn("meta")
     with FlopCounterMode(display=False) as counter:
-        out = model(*model_inputs(video, sel))
+        out = model(*args)
         if backward:
-            out.loss.backward()
+            loss_of(out).backward()
     return counter.get_total_flops()
+
+
+def score_flops(wl: Profiled) -> int:
+    """FLOPs (2 per MAC) of one clip's no-grad embedding score forward; 0 when the step has none."""
+    if not wl.uses_embed_score:
+        return 0
+    wl = replace(wl.with_batch(1), checkpoint=(0, 0))
+    return 2 * score_macs(build_model(wl, "meta"), wl.inputs("meta")[0])
+
+
+def step_flops(wl: Profiled) -> int:
+    """FLOPs of one clip's training step as it runs: forward, backward, the recomputation of
+    checkpointed blocks and the score forward (the planner's step time)."""
+    return train_flops(wl) + score_flops(wl)
+
+
+def model_flops(wl: Profiled) -> int:
+    """Model FLOPs of one clip (the MFU numerator): the step without recomputation (PaLM / nanoGPT)."""
+    return step_flops(replace(wl, checkpoint=(0, 0)))
+
+
+def forward_macs(wl: Profiled) -> int:
+    """fvcore MACs of the model's forward over one clip (the papers' "FLOPs" of a view)."""
+    wl = replace(wl.with_batch(1), checkpoint=(0, 0))
+    with torch.no_grad():
+        return int(fvcore_analysis(build_model(wl, "meta"), wl.inputs("meta")).total())
 
 
 def skipped_op_names(report: FlopReport) -> list[str]:
     return sorted(report.skipped_ops, key=lambda op: -report.skipped_ops[op])
 
 
-__all__ = ["FlopReport", "count_flops", "score_macs", "sdpa_flop_jit", "skipped_op_names", "train_flops"]
+__all__ = [
+    "FlopReport",
+    "count_flops",
+    "forward_macs",
+    "fvcore_analysis",
+    "model_flops",
+    "score_flops",
+    "score_macs",
+    "sdpa_flop_jit",
+    "skipped_op_names",
+    "step_flops",
+    "train_flops",
+]

@@ -87,7 +87,8 @@ def sweep_panels(
     return panels, by_size
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -101,7 +102,7 @@ def _save(fig, title: str, path: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -118,7 +119,7 @@ def plot_lines(
 ) -> str:
     """One subplot per panel; in each, one line per series: {panel: {series: (xs, ys)}}. xs may be
     strings (categories, e.g. model sizes); `xlabels` overrides the x label of some panels."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(panels)
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
@@ -140,7 +141,7 @@ def plot_lines(
 
 def plot_bars(path: str, panels: dict[str, dict[str, dict[str, float]]], *, ylabel: str, title: str) -> str:
     """Grouped bars, one subplot per panel: {panel: {series: {category: value}}}."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
     for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):

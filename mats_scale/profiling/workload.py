@@ -1,28 +1,27 @@
-"""What the profilers measure: one pre-training micro-batch of a model size, input and masking config.
-
-FLOPs and memory depend only on the shapes the masking produces (numbers of visible and target ids per
-clip, and whether loss weights exist), never on which tokens were picked. The selection is therefore
-drawn with the project's own masking code (``mats_scale.masking.select_tokens``) on the CPU and then
-moved, as index tensors, to the device being profiled (usually ``meta``). MATS gets random scores:
-only their shape matters here; the cost of computing the real embedding score is accounted for
-separately (see ``flops.py`` / ``memory.py``).
-
-The CLIs name masking by the project's presets (``mats_scale.tokens.PRESETS``: tube, tube+rc,
-tube+rc-lean, mats, mats+dual); decoder ratio rho_d and MATS keep ratio come from the caller.
+"""What the profilers measure: one training micro-batch of a task (:class:`Workload` for pre-training,
+:class:`FinetuneWorkload` for fine-tuning), i.e. its model, inputs, loss and no-grad score forward.
+Tasks hand theirs to the MFU meter (``Task.workload``); docs/profiling.md says how selections are drawn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mats_scale.config import Config, MaskingConfig, ModelConfig
-from mats_scale.masking import Selection, TokenGrid, select_tokens, selection_counts
-from mats_scale.models.pretrain import PretrainVideoMAE, build_pretrain_model, pretrain_spec
+from mats_scale.masking import Selection, TokenGrid, finetune_selection, select_tokens, selection_counts
+from mats_scale.models.classifier import classifier_spec
+from mats_scale.models.pretrain import pretrain_spec
+from mats_scale.models.spec import ModelSpec
+from mats_scale.models.spec import build_model as build_from_spec
 from mats_scale.parallel.checkpointing import apply_activation_checkpointing
 from mats_scale.tokens import PRESETS as STRATEGIES
+from mats_scale.tokens import finetune_count
 
 # Activation-checkpointing policies: name -> (encoder every N, decoder every N); 0 = off.
 CHECKPOINT_POLICIES: dict[str, tuple[int, int]] = {"none": (0, 0), "half": (2, 2), "full": (1, 1)}
@@ -62,9 +61,48 @@ def parse_policy(name: str) -> tuple[int, int]:
     return enc, dec
 
 
+class Profiled(Protocol):
+    """What the memory and FLOP profilers need of a workload (both workloads below implement it)."""
+
+    model: ModelConfig
+    batch: int
+    dtype: torch.dtype
+    checkpoint: tuple[int, int]
+    """Every N-th (encoder, decoder) block checkpointed, 0 = off; a group the model lacks is ignored."""
+
+    @property
+    def uses_embed_score(self) -> bool:
+        """Whether a step runs the no-grad embedding motion score (``model.motion_scores(video)``)."""
+
+    def with_batch(self, batch: int) -> Any: ...
+
+    def spec(self) -> ModelSpec: ...
+
+    def inputs(self, device: str | torch.device = "meta", seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Positional arguments of the model's forward for one micro-batch; the clip comes first."""
+
+    def loss_fn(self, device: str | torch.device = "meta") -> Callable[[Any], torch.Tensor]:
+        """The step's loss of the forward's output (its targets made now, outside any measurement)."""
+
+
+def _check_batch(batch: int) -> None:
+    if batch < 1:
+        raise ValueError(f"batch={batch}: must be >= 1")
+
+
+def _video(wl: Profiled, device: str | torch.device, seed: int) -> torch.Tensor:
+    """(B, C, T, H, W) in the workload dtype: empty on meta, Gaussian from `seed` elsewhere."""
+    m = wl.model
+    shape = (wl.batch, 3, m.num_frames, m.img_size, m.img_size)
+    device = torch.device(device)
+    if device.type == "meta":
+        return torch.empty(shape, device=device, dtype=wl.dtype)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, wl.dtype)
+
+
 @dataclass(frozen=True)
 class Workload:
-    """One micro-batch: model shape, masking, batch size, compute dtype and checkpointing policy."""
+    """One pre-training micro-batch: model shape, masking, batch size, compute dtype and checkpointing."""
 
     model: ModelConfig
     masking: MaskingConfig
@@ -73,8 +111,7 @@ class Workload:
     checkpoint: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        if self.batch < 1:
-            raise ValueError(f"batch={self.batch}: must be >= 1")
+        _check_batch(self.batch)
         Config(model=self.model, masking=self.masking)  # the config's cross-field checks (ConfigError)
 
     @property
@@ -88,6 +125,84 @@ class Workload:
     def uses_embed_score(self) -> bool:
         """MATS with the patch-embedding score runs the patch embedding over every token (no grad)."""
         return self.masking.strategy == "mats" and self.masking.score == "embed"
+
+    def spec(self) -> ModelSpec:
+        return pretrain_spec(self.model)
+
+    def inputs(self, device: str | torch.device = "meta", seed: int = 0) -> tuple[torch.Tensor, ...]:
+        return model_inputs(*make_inputs(self, device, seed))
+
+    def loss_fn(self, device: str | torch.device = "meta") -> Callable[[Any], torch.Tensor]:
+        return lambda out: out.loss
+
+
+@dataclass(frozen=True)
+class FinetuneWorkload:
+    """One fine-tuning micro-batch: the classifier over all tokens, or over the MATS top `keep_ratio`
+    by the embedding motion score, with cross-entropy."""
+
+    model: ModelConfig
+    num_classes: int
+    keep_ratio: float | None = None  # None: every token
+    batch: int = 1
+    dtype: torch.dtype = torch.float32
+    checkpoint: tuple[int, int] = (0, 0)  # the classifier has encoder blocks only
+    learned_pos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_batch(self.batch)
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio={self.keep_ratio}: must be in (0, 1]")
+
+    @classmethod
+    def of(cls, cfg: Config, num_classes: int) -> FinetuneWorkload:
+        """The workload of a fine-tuning config (``finetune.select``: mats or all tokens)."""
+        keep = None if cfg.finetune.select == "all" else cfg.masking.finetune_keep_ratio
+        return cls(cfg.model, num_classes, keep, learned_pos=cfg.finetune.learned_pos)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens through the encoder per clip."""
+        n = self.model.num_tokens
+        return n if self.keep_ratio is None else finetune_count(n, self.keep_ratio)
+
+    def with_batch(self, batch: int) -> FinetuneWorkload:
+        return replace(self, batch=batch)
+
+    @property
+    def uses_embed_score(self) -> bool:
+        return self.keep_ratio is not None
+
+    def spec(self) -> ModelSpec:
+        return classifier_spec(self.model, self.num_classes, learned_pos=self.learned_pos)
+
+    def inputs(self, device: str | torch.device = "meta", seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """(video,) or (video, ids (B, n)); off meta the ids are the top-n of random scores (the counts,
+        all that FLOPs and memory depend on, are fixed by `keep_ratio`)."""
+        video = _video(self, device, seed)
+        if self.keep_ratio is None:
+            return (video,)
+        if video.device.type == "meta":
+            return video, torch.empty(self.batch, self.num_tokens, dtype=torch.int64, device=video.device)
+        scores = torch.rand(self.batch, self.model.num_tokens, generator=torch.Generator().manual_seed(seed))
+        return video, finetune_selection(scores, self.keep_ratio).to(video.device)
+
+    def loss_fn(self, device: str | torch.device = "meta") -> Callable[[Any], torch.Tensor]:
+        label = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        return lambda logits: F.cross_entropy(logits.float(), label)
+
+
+def build_model(wl: Profiled, device: str | torch.device = "meta") -> nn.Module:
+    """The workload's model in its dtype, in training mode, with its checkpointing policy applied.
+
+    On ``meta`` nothing is allocated (ViT-g included); on a real device it is initialised.
+    """
+    spec = wl.spec()
+    model = build_from_spec(spec, device)
+    model.to(wl.dtype)
+    model.train()
+    encoder_every, decoder_every = wl.checkpoint
+    return apply_activation_checkpointing(model, spec, {"encoder": encoder_every, "decoder": decoder_every})
 
 
 def token_counts(wl: Workload) -> tuple[int, int]:
@@ -109,36 +224,19 @@ def draw_selection(wl: Workload, batch: int | None = None, seed: int = 0) -> Sel
     return select_tokens(wl.masking, wl.grid, batch, gen, scores=scores)
 
 
-def build_model(wl: Workload, device: str | torch.device = "meta") -> PretrainVideoMAE:
-    """The pre-training model in the workload's dtype with its checkpointing policy applied.
-
-    On ``meta`` nothing is allocated (ViT-g included); on a real device it is initialised.
-    """
-    model = build_pretrain_model(wl.model, device=device)
-    model.to(wl.dtype)
-    model.train()
-    encoder_every, decoder_every = wl.checkpoint
-    return apply_activation_checkpointing(
-        model, pretrain_spec(wl.model), {"encoder": encoder_every, "decoder": decoder_every}
-    )
-
-
 def make_inputs(
     wl: Workload, device: str | torch.device = "meta", seed: int = 0
 ) -> tuple[torch.Tensor, Selection]:
     """video (B, C, T, H, W) in the workload dtype and the selection, on `device`."""
-    m = wl.model
-    shape = (wl.batch, 3, m.num_frames, m.img_size, m.img_size)
-    device = torch.device(device)
-    if device.type == "meta":
-        video = torch.empty(shape, device=device, dtype=wl.dtype)
-    else:
-        video = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, wl.dtype)
+    video = _video(wl, device, seed)
     # Compact copies: a masking output may be a view of a larger (B, N) buffer, which the training
     # loop would hold too, but the figures should not depend on how the masking code slices.
     sel = draw_selection(wl, seed=seed)
     sel = Selection(
-        *(t.to(device).clone(memory_format=torch.contiguous_format) if t is not None else None for t in sel)
+        *(
+            t.to(video.device).clone(memory_format=torch.contiguous_format) if t is not None else None
+            for t in sel
+        )
     )
     return video, sel
 
