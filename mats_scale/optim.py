@@ -100,7 +100,7 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig, total_batch: int) -> fl
 def build_adamw(model: nn.Module, cfg: OptimConfig, total_batch: int) -> torch.optim.AdamW:
     # lr is set before every step from lr_at(); the initial value only matters for inspection.
     # fused=True: one kernel over all tensors (CPU and CUDA); on CPU torch's default per-parameter
-    # loop costs ~3x as much (0.16 s vs 0.05 s per ViT-B step: profiling/bench_step.py with and
+    # loop costs ~3x as much (0.16 s vs 0.05 s per ViT-B step: benchmarks/bench_step.py with and
     # without --unfused-adamw).
     return torch.optim.AdamW(
         optimizer_groups(model, cfg), lr=peak_lr(cfg, total_batch), betas=tuple(cfg.betas), fused=cfg.fused

@@ -1,4 +1,4 @@
-"""Ablation sweeps (mats_scale.ablate): a real two-point grid end to end with its report, failures
+"""Ablation sweeps (mats_scale.experiments): a real two-point grid end to end with its report, failures
 recorded while the sweep goes on, and resuming that skips finished points."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from mats_scale import cli as cli_mod
-from mats_scale.ablate import sweep as sweep_mod
-from mats_scale.ablate.grid import expand, load_grid
-from mats_scale.ablate.report import render
-from mats_scale.ablate.sweep import load_results, sweep
 from mats_scale.config import ConfigError
+from mats_scale.experiments import sweep as sweep_mod
+from mats_scale.experiments.grid import expand, load_grid
+from mats_scale.experiments.report import render
+from mats_scale.experiments.sweep import load_results, sweep
 from mats_scale.launch.ablate import main as ablate_main
 
 TINY_BASE = {
@@ -159,7 +159,7 @@ def test_grid_rules_presets_and_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["mask_ratio", "strategy", "zero_stage", "model_size", "vitg_step"])
 def test_shipped_grids_expand_and_validate(name):
-    from mats_scale.ablate.sweep import resolve
+    from mats_scale.experiments.sweep import resolve
     from mats_scale.launch.ablate import grid_path
 
     grid = load_grid(grid_path(name))

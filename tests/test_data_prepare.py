@@ -1,4 +1,4 @@
-"""python -m mats_scale.data.prepare: re-encoding, resume, bad sources, list files."""
+"""mats-prepare (mats_scale.data.prepare): re-encoding, resume, bad sources, list files."""
 
 import errno
 import os
@@ -15,8 +15,9 @@ import pytest
 from mats_scale.config import load_config
 from mats_scale.data.lists import read_list_file
 from mats_scale.data.loader import build_pretrain_loader
-from mats_scale.data.prepare import REPORT, PrepareOptions, main, output_size, prepare
+from mats_scale.data.prepare import REPORT, PrepareOptions, output_size, prepare
 from mats_scale.data.video import open_video, read_frames
+from mats_scale.launch.prepare import main
 
 OPTS = PrepareOptions(short_side=48, gop=4, crf=18)
 
@@ -251,7 +252,7 @@ def test_a_stopped_pool_ends_even_when_the_parent_handles_sigterm(src, tmp_path)
     (dst / "run" / "b.mp4.part").mkdir()  # a worker fails: the pool is terminated early
     code = (
         "import signal, sys; signal.signal(signal.SIGTERM, lambda *_: None); "
-        "from mats_scale.data.prepare import main; sys.exit(main(sys.argv[1:]))"
+        "from mats_scale.launch.prepare import main; sys.exit(main(sys.argv[1:]))"
     )
     args = [str(src), str(dst), "--short-side", "48", "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(
@@ -270,7 +271,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes(tmp_path):
     for i in range(8):
         write(src / f"c{i % 2}" / f"v{i}.mp4", frames=60, height=240, width=320)
     dst = tmp_path / "dst"
-    cmd = [sys.executable, "-m", "mats_scale.data.prepare", str(src), str(dst), "--short-side", "240"]
+    cmd = [sys.executable, "-m", "mats_scale.launch.prepare", str(src), str(dst), "--short-side", "240"]
     cmd += ["--preset", "medium", "--workers", "2", "--no-progress"]
     p = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

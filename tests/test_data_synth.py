@@ -119,7 +119,7 @@ def test_cli_writes_dataset_and_rejects_bad_arguments(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "mats_scale.data.synth",
+        "mats_scale.launch.synth",
         str(out),
         "--num-train",
         "2",

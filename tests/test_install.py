@@ -1,5 +1,6 @@
 """A non-editable install runs the default job from outside the checkout: the wheel carries the shipped
-configs and DeepSpeed templates, read through importlib.resources."""
+configs and DeepSpeed templates (the checkout's top-level ds_configs/, installed as mats_scale/ds_configs),
+read through importlib.resources, and every console script answers --help."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import zipfile
 
 import pytest
+import tomllib
 from launch_util import ROOT, env, tail
 
 pytestmark = pytest.mark.dist  # spawns processes
@@ -48,6 +50,50 @@ def test_wheel_ships_configs_and_deepspeed_templates(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "mats_scale/configs/default.yaml" in names
     assert {f"mats_scale/ds_configs/zero{s}.json" for s in range(4)} <= names
+
+
+def test_every_console_script_answers_help_outside_the_checkout(installed):
+    wheel, site, tmp = installed
+    with zipfile.ZipFile(wheel) as z:
+        (entry_points,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        shipped = {
+            line.split("=")[0].strip()
+            for line in z.read(entry_points).decode().splitlines()
+            if "=" in line and line.startswith("mats-")
+        }
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        declared = set(tomllib.load(f)["project"]["scripts"])
+    assert shipped == declared and len(declared) == 11, (shipped, declared)
+    workdir = tmp / "help"
+    workdir.mkdir()
+    for name in sorted(declared):
+        proc = subprocess.run(
+            [str(site / "bin" / name), "--help"],
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            env=_env(site),
+            timeout=300,
+        )
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (name, tail(proc))
+    assert not any(workdir.iterdir())  # --help writes nothing
+
+
+def test_installed_package_finds_its_deepspeed_templates(installed):
+    _, site, tmp = installed
+    code = (
+        "from importlib.resources import files; from mats_scale.resources import ds_template; "
+        "folder = files('mats_scale.ds_configs'); "
+        "print(sorted(p.name for p in folder.iterdir() if p.name.endswith('.json'))); "
+        "print(ds_template('zero2.json'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp, env=_env(site), timeout=120
+    )
+    assert proc.returncode == 0, tail(proc)
+    names, path = proc.stdout.strip().splitlines()
+    assert names == str([f"zero{s}.json" for s in range(4)] + ["zero3_offload.json"])
+    assert path.startswith(str(site)) and os.path.isfile(path)
 
 
 def test_installed_package_runs_the_default_job_outside_the_checkout(installed):

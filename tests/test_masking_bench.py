@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_step_runs_and_reports_counts_and_flops():
     cmd = [
         sys.executable,
-        str(ROOT / "profiling" / "bench_step.py"),
+        str(ROOT / "benchmarks" / "bench_step.py"),
         "--size",
         "debug",
         "--frames",

@@ -1,4 +1,4 @@
-"""Command-line mistakes of the tools that are not launchers (profiling/bench_step.py, the
+"""Command-line mistakes of the tools that are not launchers (benchmarks/bench_step.py, the
 reconstruction picture) are one ``error:`` line naming the option and what is allowed, exit status 2."""
 
 from __future__ import annotations
@@ -12,35 +12,33 @@ from pathlib import Path
 import pytest
 
 from mats_scale import cli as cli_mod
-from mats_scale.tools import visualize
-from profiling import bench_step
+from mats_scale.launch import visualize
+from mats_scale.profiling.bench import BASELINE, shape_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    "argv,line",
+    "shape,names,line",
     [
-        (["--size", "Q"], "error: --size 'Q': allowed: debug, S, B, L, H, g"),
-        (["--frames", "7"], "error: --frames 7: must be divisible by the tubelet size 2"),
-        (["--img", "100"], "error: --img 100: must be divisible by the patch size 16"),
+        (("Q", 16, 224), None, "--size 'Q': allowed: debug, S, B, L, H, g"),
+        (("B", 7, 224), None, "--frames 7: must be divisible by the tubelet size 2"),
+        (("B", 16, 100), None, "--img 100: must be divisible by the patch size 16"),
         (
-            ["--img", "112", "--setting", "tube+rc"],
-            "error: --img 112: the running cell needs an even token grid, got 7x7 patches "
-            "(with --setting tube+rc)",
+            ("B", 16, 112),
+            ["tube+rc"],
+            "--img 112: the running cell needs an even token grid, got 7x7 patches (with --setting tube+rc)",
         ),
     ],
 )
-def test_bench_step_shape_options_are_one_line(argv, line, monkeypatch, capsys):
-    monkeypatch.setattr(bench_step, "build_pretrain_model", lambda *a, **k: pytest.fail("built a model"))
-    assert bench_step.main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.strip().splitlines() == [line]
+def test_bench_step_shape_options_are_one_line(shape, names, line):
+    """What benchmarks/bench_step.py prints after ``error:`` (exit 2) before it builds any model."""
+    assert shape_problem(*shape, names or [BASELINE, "mats+dual"]) == line
 
 
 def test_bench_step_from_the_command_line_has_no_traceback():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "profiling" / "bench_step.py"), "--size", "Q"],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--size", "Q"],
         capture_output=True,
         text=True,
         timeout=300,

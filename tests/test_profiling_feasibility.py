@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from mats_scale.cli import run
 from mats_scale.config import ModelConfig
-from mats_scale.profiling.cli import run
+from mats_scale.launch.plan import main as plan_main
 from mats_scale.profiling.feasibility import (
     NODES,
     Node,
@@ -15,9 +16,9 @@ from mats_scale.profiling.feasibility import (
     plan,
     training_days,
 )
-from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, ModelStates, peak_allocated
+from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, peak_allocated
+from mats_scale.profiling.states import ModelStates
 from mats_scale.profiling.workload import CHECKPOINT_POLICIES, Workload, masking_config
-from profiling import feasibility as feasibility_cli
 
 
 def _states(resident_gib: float, gathered_gib: float = 0.0, step_gib: float = 0.0) -> ModelStates:
@@ -93,7 +94,7 @@ def test_plan_orders_strategies_engines_and_checkpointing():
 
 def test_cli_sweep_and_config_check(tmp_path, capsys):
     rate = tmp_path / "rate.json"
-    rate.write_text('{"clips_per_s_per_core": 12.5}')  # what profiling/bench_data.py --list writes
+    rate.write_text('{"clips_per_s_per_core": 12.5}')  # what benchmarks/bench_data.py --list writes
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         "model:\n  size: S\n  num_frames: 8\n  img_size: 128\nmasking:\n  strategy: mats\n"
@@ -119,7 +120,7 @@ def test_cli_sweep_and_config_check(tmp_path, capsys):
         "--host-cores",
         "32",
     ]
-    assert run(feasibility_cli.main, argv) == 0
+    assert plan_main(argv) == 0
     out = capsys.readouterr().out
     assert "Headline: ViT-S on 8 x 40 GiB, ZeRO-3" in out and "Your config" in out and "FITS" in out
     assert "## Data side: 8 GPUs at MFU 0.35, 32-core host" in out
@@ -133,17 +134,15 @@ def test_cli_sweep_and_config_check(tmp_path, capsys):
 
 
 def test_cli_bad_input(tmp_path, capsys):
-    assert run(feasibility_cli.main, ["--node", "custom", "--out", str(tmp_path)]) == 2
+    assert plan_main(["--node", "custom", "--out", str(tmp_path)]) == 2
     assert "--node custom needs --gpu-mem-gib and --peak-tflops" in capsys.readouterr().err
-    assert run(feasibility_cli.main, ["masking.ratio=2", "--out", str(tmp_path)]) == 2
+    assert plan_main(["masking.ratio=2", "--out", str(tmp_path)]) == 2
     assert "masking.ratio=2" in capsys.readouterr().err
-    assert (
-        run(feasibility_cli.main, ["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
-    )
+    assert plan_main(["--ds-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert run(feasibility_cli.main, ["--data-rate", "fast", "--out", str(tmp_path)]) == 2
+    assert plan_main(["--data-rate", "fast", "--out", str(tmp_path)]) == 2
     assert "--data-rate='fast': neither a number nor a file" in capsys.readouterr().err
-    assert run(feasibility_cli.main, ["--data-rate", "0", "--out", str(tmp_path)]) == 2
+    assert plan_main(["--data-rate", "0", "--out", str(tmp_path)]) == 2
     assert "must be a finite number > 0" in capsys.readouterr().err
 
 
@@ -163,20 +162,20 @@ def test_cli_bad_input(tmp_path, capsys):
 )
 def test_cli_non_finite_numbers_are_one_line(tmp_path, capsys, option, value, rule):
     out = tmp_path / "out"
-    assert run(feasibility_cli.main, [option, value, "--out", str(out), "--no-progress"]) == 2
+    assert plan_main([option, value, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: argument {option}: {value!r}: must be {rule} (see --help)"]
     assert not out.exists()  # refused while parsing, before any planning
 
 
 def test_cli_infinite_rate_and_unwritable_out(tmp_path, capsys):
-    assert run(feasibility_cli.main, ["--data-rate", "inf", "--out", str(tmp_path)]) == 2
+    assert plan_main(["--data-rate", "inf", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --data-rate='inf': must be a finite number > 0 clips/s"
     ]
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert run(feasibility_cli.main, ["--out", str(blocker / "out"), "--no-progress"]) == 2
+    assert plan_main(["--out", str(blocker / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         f"error: --out={str(blocker / 'out')!r}: {blocker} is not a folder"
@@ -225,7 +224,7 @@ def test_data_verdict_arithmetic_by_hand():
 
 
 def test_cli_only_argument_errors_become_exit_2():
-    from mats_scale.profiling.cli import UsageError
+    from mats_scale.cli import UsageError
 
     def bad_argument(argv):
         raise UsageError("--x=1: must be 2")
@@ -238,14 +237,12 @@ def test_cli_only_argument_errors_become_exit_2():
         run(bug, [])
 
 
-@pytest.mark.parametrize(
-    "script", ["feasibility", "flops_per_mask_ratio", "memory_per_mask_ratio", "validate_gpu_memory"]
-)
-def test_every_profiler_option_has_help_text(script, monkeypatch):
+@pytest.mark.parametrize("command", ["plan", "flops", "memory"])
+def test_every_profiler_option_has_help_text(command, monkeypatch):
     import argparse
     import importlib
 
-    module = importlib.import_module(f"profiling.{script}")
+    module = importlib.import_module(f"mats_scale.launch.{command}")
     seen = {}
 
     def capture(self, argv=None, namespace=None):

@@ -6,12 +6,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mats_scale.config import ModelConfig
-from mats_scale.profiling.cli import run
+from mats_scale.launch import flops as flops_cli
 from mats_scale.profiling.flops import count_flops, train_flops
 from mats_scale.profiling.workload import Workload, build_model, make_inputs, masking_config, model_inputs
-from profiling import flops_per_mask_ratio as flops_cli
 
-# DESIGN.md "Reference figures" (VideoMAE V2's GMACs per 16x224 clip, tube 90%), kept in one place.
+# VideoMAE V2's GMACs per 16x224 clip, tube 90% (benchmarks/README.md), kept in one place.
 DESIGN = flops_cli.DESIGN_TABLE
 
 
@@ -94,7 +93,7 @@ def test_cli_writes_csv_markdown_and_plot(tmp_path):
         str(tmp_path),
         "--no-progress",
     ]
-    assert run(flops_cli.main, argv) == 0
+    assert flops_cli.main(argv) == 0
     with open(tmp_path / "flops.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
@@ -105,13 +104,12 @@ def test_cli_writes_csv_markdown_and_plot(tmp_path):
 
 
 def test_cli_bad_input_is_one_clear_error(tmp_path, capsys):
-    assert run(flops_cli.main, ["--ratios", "1.5"]) == 2
+    assert flops_cli.main(["--ratios", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: argument --ratios: ratios '1.5'")
     assert "open interval (0, 1)" in err[0]
     # MATS cannot keep fewer tokens than the encoder sees: the config's own check, one line, exit 2.
-    code = run(
-        flops_cli.main,
+    code = flops_cli.main(
         [
             "--sizes",
             "debug",
@@ -143,7 +141,7 @@ def test_cli_out_that_is_a_file_is_refused_before_counting(tmp_path, monkeypatch
     existing.write_text("keep me\n")
     monkeypatch.setattr(flops_mod, "count_flops", lambda *a, **k: pytest.fail("counted first"))
     for argv in (["--out", str(existing)], ["--design-table", "--out", str(existing / "sub")]):
-        assert run(flops_cli.main, [*argv, "--sizes", "debug", "--no-progress"]) == 2
+        assert flops_cli.main([*argv, "--sizes", "debug", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --out={argv[-1]!r}: "), err
     assert existing.read_text() == "keep me\n"

@@ -52,7 +52,7 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(crafted):
 
 def test_the_finetune_launcher_and_visualize_refuse_it_in_one_line(crafted, tmp_path, capsys):
     from mats_scale.launch.finetune import main as finetune_main
-    from mats_scale.tools.visualize import main as visualize_main
+    from mats_scale.launch.visualize import main as visualize_main
 
     path, marker = crafted
     args = ["--eval", "data.dataset=bundled", f"data.root={tmp_path / 'data'}", "parallel.backend=none"]

@@ -115,3 +115,97 @@ def test_config_layer_imports_no_torch():
         "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=PKG.parent).returncode == 0
+
+
+# ---- commands and scripts -------------------------------------------------------------------------
+
+ROOT = PKG.parent
+COMMANDS = (
+    "pretrain",
+    "finetune",
+    "ablate",
+    "study",
+    "plan",
+    "flops",
+    "memory",
+    "prepare",
+    "synth",
+    "export",
+    "visualize",
+)
+SHIMS = {
+    "launchers": ("ablate.py", "finetune.py", "pretrain.py", "study.py"),
+    "profiling": ("feasibility.py", "flops_per_mask_ratio.py", "memory_per_mask_ratio.py"),
+}
+SCRIPT_FOLDERS = ("launchers", "profiling", "benchmarks")
+
+
+def test_every_command_is_a_console_script_and_a_launch_module():
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts == {f"mats-{c}": f"mats_scale.launch.{c}:main" for c in COMMANDS}
+    for command in COMMANDS:
+        tree = ast.parse((PKG / "launch" / f"{command}.py").read_text())
+        assert "main" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, command
+        runs = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        assert runs, f"python -m mats_scale.launch.{command} runs nothing"
+
+
+def test_launchers_and_profiling_scripts_are_thin_shims():
+    """A shim imports its command's main and runs it: no code of its own to test or to import."""
+    for folder, names in SHIMS.items():
+        scripts = sorted((ROOT / folder).glob("*.py"))
+        assert tuple(p.name for p in scripts) == names
+        for path in scripts:
+            tree = ast.parse(path.read_text())
+            assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], path
+            ours = [
+                n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module.startswith("mats")
+            ]
+            assert len(ours) == 1 and ours[0].startswith("mats_scale.launch."), (path, ours)
+
+
+def test_tests_import_no_script():
+    """Tests call ``mats_scale.launch.X.main``; the scripts of launchers/, profiling/ and benchmarks/ are
+    only ever run."""
+    offenders = []
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module"):
+                names = [ast.unparse(node.args[0]).strip("'\"f")] if node.args else []
+            offenders += [
+                f"{path.name}:{node.lineno}: {n}" for n in names if n.split(".")[0] in SCRIPT_FOLDERS
+            ]
+    assert offenders == []
+
+
+def test_command_help_imports_no_torch():
+    """``--help`` answers at once: torch (seconds to import) only after the command line is valid."""
+    light = [c for c in COMMANDS if c != "visualize"]
+    code = (
+        "import contextlib, importlib, io, sys\n"
+        f"for command in {light!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        importlib.import_module(f'mats_scale.launch.{command}').main(['--help'])\n"
+        "    if 'torch' in sys.modules:\n"
+        "        sys.exit(f'--help of {command} imported torch')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+OVER_LIMIT = {"config.py"}  # over 500 lines before the layout redesign; its split is pending
+
+
+def test_no_module_over_500_lines():
+    long = {
+        str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert set(long) <= OVER_LIMIT, long

@@ -8,9 +8,9 @@ import sys
 import pytest
 from launch_util import ROOT, env, tail
 
-from mats_scale.ablate import study as st
 from mats_scale.config import ConfigError
 from mats_scale.data import synth
+from mats_scale.experiments import study as st
 from mats_scale.launch.study import study_path
 
 STUDY = ROOT / "launchers" / "study.py"

@@ -1,4 +1,4 @@
-"""The reconstruction picture (python -m mats_scale.tools.visualize) on tiny pre-training runs: the rows show
+"""The reconstruction picture (mats-visualize) on tiny pre-training runs: the rows show
 exactly the tokens the masking chose, one block per checkpoint, and bad arguments are one line, exit 2."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from PIL import Image
 
 from mats_scale.config import load_config
 from mats_scale.data import synth
+from mats_scale.launch import visualize as viz
+from mats_scale.launch.export import main as export_main
+from mats_scale.launch.visualize import DIM, GAP, GREY, HEADER_H, LABEL_W, ROWS, main
 from mats_scale.masking import TokenGrid, select_tokens, selection_counts
-from mats_scale.tools import visualize as viz
-from mats_scale.tools.visualize import DIM, GAP, GREY, HEADER_H, LABEL_W, ROWS, main
-from mats_scale.train.export import main as export_main
 from mats_scale.train.loop import train
 
 LOCAL = TINY + ["parallel.backend=none", "data.batch_size=2", "train.steps=2", "train.precision=fp32"]
@@ -96,7 +96,7 @@ def test_two_checkpoints_give_two_blocks_from_the_command_line(runs, tmp_path):
     png = tmp_path / "both.png"
     args = [str(runs["tube+rc"]), "--ckpt", str(runs["mats"]), "--scale", str(SCALE), "--out", str(png)]
     proc = subprocess.run(
-        [sys.executable, "-m", "mats_scale.tools.visualize", *args],
+        [sys.executable, "-m", "mats_scale.launch.visualize", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -1,7 +1,6 @@
 """Re-encode a video dataset for fast training reads (what VideoMAE users do by hand before Kinetics).
 
-    python -m mats_scale.data.prepare SRC DST [--list train.txt --list val.txt] [--short-side 256]
-        [--fps 0] [--gop 16] [--crf 23] [--preset veryfast] [--tune fastdecode] [--workers N]
+The command is ``mats-prepare SRC DST [--list FILE ...] [options]`` (:mod:`mats_scale.launch.prepare`).
 
 Every video (SRC scanned recursively, labelled by top-level sub-folder; or the videos of each
 ``--list`` file, ``path label`` lines with paths relative to SRC) becomes ``DST/<same relative
@@ -9,7 +8,8 @@ path>.mp4``: H.264 (libx264, yuv420p, no audio), the short side scaled down to `
 (never up; even sides), the frame rate kept (or resampled to ``--fps``), a keyframe at least every
 ``--gop`` frames. Why: a strided clip (16 frames at rate 4 spans 61) is decoded from the keyframe
 before its first frame; with x264's default interval of 250 frames that is ~180 frames decoded per
-clip on a 300-frame video, with ``--gop 16`` ~70 (README "Data loader" has the measured speed-up).
+clip on a 300-frame video, with ``--gop 16`` ~70 (benchmarks/README.md, "Data loader at GPU rates",
+has the measured speed-up).
 
 Robust and resumable: each output is written to ``NAME.part`` and renamed when complete, so an
 interrupted run leaves no half file; a rerun skips finished outputs. A source that cannot be read is
@@ -25,7 +25,6 @@ DST and SRC must not overlap; a DST that cannot be written stops the run with on
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -39,7 +38,6 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from multiprocessing import get_context
 
-from mats_scale.data.errors import ListFileError
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
 
 
@@ -400,52 +398,5 @@ def _dst_error(dst_root: str, e: OSError | None, what: str) -> DestinationError:
     return DestinationError(f"DST {dst_root}: {why}; DST must be a writable directory")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    d = PrepareOptions()
-    ap = argparse.ArgumentParser(prog="python -m mats_scale.data.prepare", description=__doc__.split("\n")[0])
-    ap.add_argument("src", help="source directory (scanned, or the root of the --list paths)")
-    ap.add_argument("dst", help="output directory (created; rerun to resume)")
-    ap.add_argument(
-        "--list",
-        action="append",
-        default=[],
-        dest="lists",
-        help="VideoMAE list file of videos under SRC (repeatable); default: scan SRC",
-    )
-    ap.add_argument("--short-side", type=int, default=d.short_side, help="scale the short side down to this")
-    ap.add_argument("--fps", type=float, default=d.fps, help="output frame rate; 0 keeps the source's")
-    ap.add_argument("--gop", type=int, default=d.gop, help="keyframe at least every N frames")
-    ap.add_argument("--crf", type=int, default=d.crf, help="libx264 constant rate factor (quality)")
-    ap.add_argument("--preset", default=d.preset, help="libx264 preset")
-    ap.add_argument("--tune", default=d.tune, help="libx264 tune ('' for none)")
-    ap.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    if a.workers < 0:
-        ap.error(f"--workers={a.workers}: must be >= 0 (0: all cores)")
-    opts = PrepareOptions(a.short_side, a.fps, a.gop, a.crf, a.preset, a.tune)
-    try:
-        r = prepare(a.src, a.dst, opts, list_files=a.lists, workers=a.workers, progress=not a.no_progress)
-    except (ValueError, ListFileError, DestinationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted: {str(e) or 'rerun the same command to resume'}", file=sys.stderr)
-        return 130
-    print(
-        f"{r['videos']} videos: {r['encoded']} encoded, {r['already_done']} already done, "
-        f"{len(r['failed'])} failed, in {r['seconds']} s -> {a.dst} ({', '.join(r['lists'])})"
-    )
-    for src, reason in sorted(r["failed"].items())[:10]:  # a name that is not UTF-8 shown with \x..
-        print(
-            f"  failed: {src}: {reason}".encode("utf-8", "surrogateescape").decode(
-                "utf-8", "backslashreplace"
-            )
-        )
-    if r["failed"]:
-        print(f"  all failures: {os.path.join(a.dst, REPORT)}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("the command is mats-prepare (python -m mats_scale.launch.prepare)")

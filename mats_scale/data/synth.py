@@ -1,12 +1,9 @@
 """The bundled sample dataset: procedurally moving objects over textured static backgrounds.
 
-    python -m mats_scale.data.synth OUT_DIR [--num-train 400] [--num-val 80] [--seed 0] [--frames 32]
-                                            [--height 128] [--width 176] [--codec libx264] [--workers 2]
-                                            [--pan 0] [--zoom 0] [--texture 0] [--cut]
-
-Writes ``OUT_DIR/{train,val}/NNNNNN.mp4`` (real H.264 through PyAV/libx264, or MPEG-4 part 2), the
-list files ``train.txt`` / ``val.txt`` in the VideoMAE ``path label`` format (paths relative to
-OUT_DIR), ``classes.txt`` and last, atomically, ``meta.json`` (the done-marker the loader checks).
+The command is ``mats-synth OUT_DIR [options]`` (:mod:`mats_scale.launch.synth`). :func:`generate`
+writes ``OUT_DIR/{train,val}/NNNNNN.mp4`` (real H.264 through PyAV/libx264, or MPEG-4 part 2), the list
+files ``train.txt`` / ``val.txt`` in the VideoMAE ``path label`` format (paths relative to OUT_DIR),
+``classes.txt`` and last, atomically, ``meta.json`` (the done-marker the loader checks).
 
 Design, so that a tiny model learns something in a few minutes and labels need motion:
 - Classes are defined only by the object's motion (:data:`CLASSES`): straight lines in 4 directions
@@ -19,15 +16,15 @@ Design, so that a tiny model learns something in a few minutes and labels need m
   by +-35 degrees, strength 60-85%), which also shades the object. Structure continues across 16 px
   patches, so a masked patch is predictable after the per-patch normalisation of the targets (which
   removes colour and brightness; fine textures or flat areas would leave only codec noise). Measured:
-  the debug model's normalised loss falls from ~0.95 to ~0.65 in 150 steps (README "Data"); with
-  per-channel gradients in random directions it stayed at ~1.0.
+  the debug model's normalised loss falls from ~0.95 to ~0.65 in 150 steps (docs/data.md, "The
+  bundled dataset"); with per-channel gradients in random directions it stayed at ~1.0.
 - Objects are large (22-34 px), opaque, anti-aliased, contrasting with the base colour, and
   persist through the whole clip.
 Everything is drawn from ``numpy.random.default_rng([seed, split, index])``: the same seed gives the
 same clips; the encoder runs single-threaded so the files are byte-identical too.
 
 Camera and editing options (off by default; the default dataset is unchanged by them, file for file),
-for studying motion scores on footage that is not a still camera (README "Which motion score"):
+for studying motion scores on footage that is not a still camera (docs/masking.md, "Which motion score"):
 - ``pan`` px/frame: the camera pans over the scene in a direction drawn per clip;
 - ``zoom``: the camera zooms in or out (drawn per clip) by this relative scale change per frame;
 - ``texture``: a fine high-contrast luminance texture (value noise, 4 px cells) of this amplitude
@@ -41,13 +38,11 @@ the camera moves the scene only. These draws come from separate streams
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 
@@ -498,49 +493,5 @@ def generate(
     return meta
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    d = SynthParams()
-    ap = argparse.ArgumentParser(prog="python -m mats_scale.data.synth", description=__doc__.split("\n")[0])
-    ap.add_argument("out_dir")
-    ap.add_argument("--num-train", type=int, default=d.num_train)
-    ap.add_argument("--num-val", type=int, default=d.num_val)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--frames", type=int, default=d.frames, help="frames per clip")
-    ap.add_argument("--height", type=int, default=d.height)
-    ap.add_argument("--width", type=int, default=d.width)
-    ap.add_argument("--fps", type=int, default=d.fps)
-    ap.add_argument("--codec", choices=["libx264", "mpeg4"], default=d.codec)
-    ap.add_argument("--crf", type=int, default=d.crf, help="libx264 constant rate factor")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes")
-    ap.add_argument("--pan", type=float, default=d.pan, help="camera pan, px per frame (direction per clip)")
-    ap.add_argument("--zoom", type=float, default=d.zoom, help="camera zoom, relative scale change per frame")
-    ap.add_argument("--texture", type=float, default=d.texture, help="fine high-contrast texture amplitude")
-    ap.add_argument("--cut", action="store_true", help="one hard cut per clip, to another scene and object")
-    a = ap.parse_args(argv)
-    if a.workers < 1:
-        ap.error(f"--workers={a.workers}: must be >= 1")
-    params = SynthParams(
-        num_train=a.num_train,
-        num_val=a.num_val,
-        seed=a.seed,
-        frames=a.frames,
-        height=a.height,
-        width=a.width,
-        fps=a.fps,
-        codec=a.codec,
-        crf=a.crf,
-        pan=a.pan,
-        zoom=a.zoom,
-        texture=a.texture,
-        cut=a.cut,
-    )
-    try:
-        params.check()
-    except ValueError as e:
-        ap.error(str(e))
-    generate(a.out_dir, params, workers=a.workers)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("the command is mats-synth (python -m mats_scale.launch.synth)")

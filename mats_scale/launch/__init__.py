@@ -26,7 +26,7 @@ def run_job(
     default = config_path(default_config) if default_config else None
     cfg = load_or_exit(argv, prog=prog, description=description, default_config=default)
     check_data_or_exit(cfg)  # a bad list file fails now, not after the model is built
-    from mats_scale.train.preflight import preflight_or_exit
+    from mats_scale.run.preflight import preflight_or_exit
 
     preflight_or_exit(cfg)  # DeepSpeed config, run directory, launch layout: before the heavy imports
     from mats_scale.train.loop import run  # heavy imports only after the config is known to be valid

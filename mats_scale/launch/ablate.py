@@ -4,7 +4,7 @@
     python launchers/ablate.py report RESULTS.jsonl [--out DIR]
 
 ``--grid mask_ratio`` names a shipped grid (``mats_scale/configs/ablations/``); see
-:mod:`mats_scale.ablate.grid` for the file format. Results go to ``DIR/results.jsonl`` (default
+:mod:`mats_scale.experiments.grid` for the file format. Results go to ``DIR/results.jsonl`` (default
 ``runs/ablate/<grid name>``), one JSON record per point; re-running skips finished points. ``report``
 writes ``<name>_report.md`` and PNG plots next to the results. Installed: ``mats-ablate ...``.
 Exit status: 0 done (failed points are recorded, not fatal), 2 bad grid or arguments.
@@ -16,40 +16,15 @@ import argparse
 import os
 import signal
 import sys
-from importlib.resources import files
 
 from mats_scale.cli import out_dir_problem
 from mats_scale.errors import ConfigError
-
-GRID_DIR = "configs/ablations"
-
-
-def shipped(folder: str) -> list[str]:
-    """Names of the YAML files shipped in the package folder `folder` (e.g. configs/ablations)."""
-    return sorted(p.name[:-5] for p in (files("mats_scale") / folder).iterdir() if p.name.endswith(".yaml"))
-
-
-def file_or_shipped(value: str, folder: str, option: str) -> str:
-    """`value` if it is a file, else the shipped YAML file of that name in `folder`; ConfigError
-    listing the shipped names otherwise."""
-    if os.path.isfile(value):
-        return value
-    name = value.removesuffix(".yaml")
-    if os.sep not in name and name in shipped(folder):
-        return str(files("mats_scale") / folder / f"{name}.yaml")
-    what = option.removeprefix("--")
-    raise ConfigError(
-        f"{option}={value!r}: no such file, nor a shipped {what} (shipped: {', '.join(shipped(folder))})"
-    )
-
-
-def shipped_grids() -> list[str]:
-    return shipped(GRID_DIR)
+from mats_scale.resources import GRID_DIR, require_config
 
 
 def grid_path(value: str) -> str:
-    """A grid file as given, else a shipped grid of that name."""
-    return file_or_shipped(value, GRID_DIR, "--grid")
+    """A grid file as given, else a shipped grid of that name (ConfigError listing them otherwise)."""
+    return require_config(value, GRID_DIR, "--grid")
 
 
 def _report(argv: list[str]) -> int:
@@ -67,7 +42,7 @@ def _report(argv: list[str]) -> int:
         where = f"--out {out}" if args.out else f"{out} (the results' folder; pass --out DIR)"
         print(f"error: {where}: {problem}; the report is written into a folder", file=sys.stderr)
         return 2
-    from mats_scale.ablate.report import render
+    from mats_scale.experiments.report import render
 
     try:
         for path in render(args.results, args.out):
@@ -92,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry-failed", action="store_true", help="re-run points recorded as failed")
     p.add_argument("--dry-run", action="store_true", help="list the points and exit")
     args = p.parse_args(argv)
-    from mats_scale.ablate.grid import load_grid
+    from mats_scale.experiments.grid import load_grid
 
     try:
         grid = load_grid(grid_path(args.grid))
@@ -112,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --out {out}: {problem}; it is the folder the results are written into", file=sys.stderr
         )
         return 2
-    from mats_scale.ablate.sweep import sweep
+    from mats_scale.experiments.sweep import sweep
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt  # unwinds through the running point, which kills its process group

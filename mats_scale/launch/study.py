@@ -5,7 +5,7 @@ next to from-scratch fine-tuning, over several seeds; tables and a plot of accur
     python launchers/study.py report [--study FILE|NAME] [--out DIR] [key=value ...]
 
 ``--study presets`` (the default) names a shipped study (``mats_scale/configs/studies/``); see
-:mod:`mats_scale.ablate.study` for the file format. ``key=value`` overrides the study file, e.g.
+:mod:`mats_scale.experiments.study` for the file format. ``key=value`` overrides the study file, e.g.
 ``seeds=[0] presets=[tube,mats+dual] pretrain.train.steps=200``. Runs go to ``DIR/runs`` (default
 ``runs/study/<name>``); re-running the command skips finished runs and resumes an interrupted one.
 At the end (and with ``report``, from whatever has finished) it writes runs.csv, summary.csv, study.md,
@@ -24,14 +24,12 @@ import signal
 import sys
 
 from mats_scale.errors import ConfigError
-from mats_scale.launch.ablate import file_or_shipped
-
-STUDY_DIR = "configs/studies"
+from mats_scale.resources import STUDY_DIR, require_config
 
 
 def study_path(value: str) -> str:
-    """A study file as given, else a shipped study of that name."""
-    return file_or_shipped(value, STUDY_DIR, "--study")
+    """A study file as given, else a shipped study of that name (ConfigError listing them otherwise)."""
+    return require_config(value, STUDY_DIR, "--study")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dry-run", action="store_true", help="list the runs and their commands, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the study file")
     args = p.parse_args(argv[1:] if report_only else argv)
-    from mats_scale.ablate import study as st
+    from mats_scale.experiments import study as st
+    from mats_scale.experiments.study_report import write_report
 
     try:
         study = st.load_study(study_path(args.study), args.overrides)
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        for path in st.write_report(study, jobs, out, command):
+        for path in write_report(study, jobs, out, command):
             print(path)
         return 0
     if args.dry_run:
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    for path in st.write_report(study, jobs, out, command):
+    for path in write_report(study, jobs, out, command):
         print(path)
     failed = [name for name, s in status.items() if s not in ("ok", "done")]
     if failed:

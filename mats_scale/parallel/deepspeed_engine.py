@@ -46,7 +46,7 @@ def mark_zero3_leaf_modules(model: nn.Module, block_types: tuple[type[nn.Module]
     """ZeRO-3 fetches each transformer block's parameters at once (DeepSpeed "leaf" modules) instead
     of one module at a time: 4 fetches fewer per ViT block, each a synchronisation point between the
     ranks (ZeRO-3 / ZeRO-0 step time 1.61x -> 1.46x for ViT-S on 2 CPU processes,
-    profiling/bench_engines.py). The gathered window grows to one block (modelled by the profiler)."""
+    benchmarks/bench_engines.py). The gathered window grows to one block (modelled by the profiler)."""
     from deepspeed.utils import set_z3_leaf_modules
 
     set_z3_leaf_modules(model, list(block_types))

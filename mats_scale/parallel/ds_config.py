@@ -1,4 +1,4 @@
-"""DeepSpeed JSON: a template (shipped in ``mats_scale/ds_configs/``, or the user's) whose batch,
+"""DeepSpeed JSON: a template (shipped in ``ds_configs/``, or the user's) whose batch,
 clipping, precision and ZeRO fields are filled from the typed config (STYLE.md 8: a batch size lives in one
 place).
 

@@ -1,12 +1,13 @@
-"""Clips/s of the pre-training loader (decode + augment + collate) per worker, before and after issue 14.
+"""Clips/s of the pre-training loader (decode + augment + collate) per worker, with the float32 worker
+output of the earlier loader and with the uint8 path.
 
-    PYTHONPATH=. python profiling/bench_data.py                     # every dataset below, 3 pipelines
-    PYTHONPATH=. python profiling/bench_data.py --dataset k400 --dataset k400-prepared
-    PYTHONPATH=. python profiling/bench_data.py --step              # plus the ViT-B MATS step, same run
-    PYTHONPATH=. python profiling/bench_data.py --quick             # 1 round of 2 batches, a smoke run
-    PYTHONPATH=. python profiling/bench_data.py --prepare-sweep     # decode cost of prepare's options
-    PYTHONPATH=. python profiling/bench_data.py --list train.txt --root /data/k400 \\
-        --config configs/k400_vit_b_mats_dual.yaml --out rate.json  # your files: clips/s per core
+    PYTHONPATH=. python benchmarks/bench_data.py                     # every dataset below, 3 pipelines
+    PYTHONPATH=. python benchmarks/bench_data.py --dataset k400 --dataset k400-prepared
+    PYTHONPATH=. python benchmarks/bench_data.py --step              # plus the ViT-B MATS step, same run
+    PYTHONPATH=. python benchmarks/bench_data.py --quick             # 1 round of 2 batches, a smoke run
+    PYTHONPATH=. python benchmarks/bench_data.py --prepare-sweep     # decode cost of prepare's options
+    PYTHONPATH=. python benchmarks/bench_data.py --list train.txt --root /data/k400 \\
+        --config k400_vit_b_mats_dual --out rate.json  # your files: clips/s per core
 
 Datasets (generated once into --cache, reused afterwards):
   bundled        the bundled format: 32 frames of 128x176 -> 8 frames at 112x112 (the default job)
@@ -14,11 +15,11 @@ Datasets (generated once into --cache, reused afterwards):
   k400           K400-like: 300 frames of 340x256 at 30 fps, PyAV's libx264 defaults (CRF 23, preset
                  medium, a keyframe every 250 frames), a panning textured scene with a moving disc and
                  sensor noise -> 16 frames at 224, rate 4
-  k400-prepared  the k400 files after ``python -m mats_scale.data.prepare`` with its defaults (short
+  k400-prepared  the k400 files after ``mats-prepare`` with its defaults (short
                  side 256, keyframe every 16 frames, CRF 23, preset veryfast, tune fastdecode)
 Pipelines, all with one worker process feeding the caller:
   before         decord, the worker normalises to float32 (data.normalize_on_device=false): the loader
-                 as it was before issue 14
+                 as it was before the uint8 path
   uint8          decord, the worker sends uint8 (the default now; normalised on the training device)
   uint8+pyav     the same with data.decoder=pyav
 For each dataset, num_sample 1 and 2. The configurations take turns within a round (so machine load
@@ -35,7 +36,7 @@ preset medium, and the source's own 250) and times decoding alone (both decoders
 taking turns), with the file sizes: how prepare's defaults were chosen.
 
 ``--list FILE`` measures your own files with your config instead (``data.dataset=list``): clips/s of
-one worker = one CPU core, written with --out as JSON for ``profiling/feasibility.py --data-rate``.
+one worker = one CPU core, written with --out as JSON for ``mats-plan --data-rate``.
 Wrap timing runs in ``flock /tmp/mats-bench.lock`` on a shared machine.
 """
 
@@ -243,7 +244,7 @@ def worker_profile(root: str, lst: str, cfg, videos: int, decoder: str) -> dict:
 
 
 def bench_step(runs: int) -> dict:
-    """The ViT-B MATS + dual-masking (lean) step of profiling/bench_step.py, batch 2, 16x224."""
+    """The ViT-B MATS + dual-masking (lean) step of benchmarks/bench_step.py, batch 2, 16x224."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_step.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(

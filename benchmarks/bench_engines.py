@@ -1,8 +1,8 @@
 """Step time of every distributed engine on 2 CPU processes: ZeRO-0/1/2/3, FSDP2, and activation
 checkpointing, for MATS + dual masking pre-training.
 
-    flock /tmp/mats-bench.lock python profiling/bench_engines.py            # S, 2 clips/rank, 16x224
-    flock /tmp/mats-bench.lock python profiling/bench_engines.py --size debug --frames 8 --img 128 --rounds 2
+    flock /tmp/mats-bench.lock python benchmarks/bench_engines.py            # S, 2 clips/rank, 16x224
+    flock /tmp/mats-bench.lock python benchmarks/bench_engines.py --size debug --frames 8 --img 128 --rounds 2
 
 The script re-launches itself under ``torchrun --standalone --nproc_per_node 2`` (gloo, fp32, one
 thread per process). Every engine is built once from the same config the training loop uses, then

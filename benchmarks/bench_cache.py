@@ -1,6 +1,6 @@
 """CPU ms per training clip of the loader with and without the decoded-video cache (``data.cache_gib``).
 
-    PYTHONPATH=. python profiling/bench_cache.py [--root DIR] [--videos 64] [--rounds 5] [--config NAME]
+    PYTHONPATH=. python benchmarks/bench_cache.py [--root DIR] [--videos 64] [--rounds 5] [--config NAME]
 
 One process, no workers: the dataset's ``__getitem__`` (decode or slice from memory, shot-cut check,
 augmentation, for MATS pre-training the loader's motion score) over the first --videos training videos
@@ -18,7 +18,8 @@ import time
 
 from mats_scale.config import load_config
 from mats_scale.data import video as video_mod
-from mats_scale.data.loader import PretrainClips, resolve_items
+from mats_scale.data.clips import TrainClips
+from mats_scale.data.sources import resolve_items
 from mats_scale.resources import config_path
 
 SETTINGS = {
@@ -29,7 +30,7 @@ SETTINGS = {
 }
 
 
-def per_clip_ms(ds: PretrainClips, videos: int, epoch: int) -> float:
+def per_clip_ms(ds: TrainClips, videos: int, epoch: int) -> float:
     t0 = time.process_time()
     for i in range(videos):
         ds[(epoch, i, i)]
@@ -49,7 +50,7 @@ def main() -> None:
         cfg = load_config(
             config_path(args.config), [f"data.root={args.root}", "data.num_workers=0", *overrides]
         )
-        datasets[name] = PretrainClips(cfg, resolve_items(cfg, "train"), seed=0, augment=augment)
+        datasets[name] = TrainClips.from_config(cfg, resolve_items(cfg, "train"), seed=0, augment=augment)
     times: dict[str, list[float]] = {n: [] for n in SETTINGS}
     ratios: dict[str, list[float]] = {n: [] for n in SETTINGS}
     for r in range(args.rounds + 1):  # round 0: warm-up (first decode, imports), not counted

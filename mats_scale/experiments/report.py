@@ -15,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from mats_scale.ablate.sweep import OK_STATUS, load_results
+from mats_scale.experiments.sweep import OK_STATUS, load_results
 from mats_scale.models.sizes import SIZES
-from mats_scale.profiling.report import _pyplot, markdown_table
+from mats_scale.profiling.report import markdown_table, pyplot
 
 # Keys shown in captions when they are the same for every point (the configuration of the figure).
 CAPTION_KEYS = (
@@ -132,7 +132,7 @@ def _size_order(size: Any) -> int:
 
 
 def _figure(npanels: int):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, npanels, figsize=(5.2 * npanels, 4.2), squeeze=False)
     return fig, list(axes.flat)
 
@@ -148,7 +148,7 @@ def _finish(fig, title: str, text: str, path: str) -> str:
     fig.tight_layout(rect=(0, (0.14 * lines + 0.1) / (height + 0.14 * lines), 1, 1))
     fig.text(0.01, 0.01, wrapped, fontsize=7, va="bottom", ha="left")
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 

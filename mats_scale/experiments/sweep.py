@@ -22,72 +22,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from mats_scale.ablate.grid import Grid, Point
 from mats_scale.config import Config, ConfigError, load_config
+from mats_scale.experiments.grid import Grid, Point
+from mats_scale.experiments.runner import Process, child_env, provenance
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Settings every real point gets: its own run directory, a fresh start, no bar, no TensorBoard.
 FORCED = ["logging.progress_bar=false", "logging.tensorboard=false", "train.save_every=0"]
 OK_STATUS = ("ok", "profiled")
-LIBRARIES = ("torch", "deepspeed", "numpy", "fvcore", "omegaconf", "mats_scale")
+STOP_GRACE_S = 20  # a point past its time limit: SIGTERM (the trainer stops after its step), then SIGKILL
 GIB = 1024**3
-
-
-# ---- provenance -----------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    """HEAD of the checkout the package runs from (``+dirty`` with uncommitted changes), or unknown."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PACKAGE_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def host() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "machine": platform.machine()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpus"] = torch.cuda.device_count()
-    return info
 
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -143,8 +96,7 @@ def _workload(cfg: Config, dtype_name: str):
 
 def profile_flops(cfg: Config) -> dict[str, Any]:
     """FLOPs per clip: fvcore forward MACs (+ the papers' convention), FlopCounterMode step FLOPs."""
-    from mats_scale.profiling.flops import count_flops
-    from mats_scale.train.mfu import model_flops_per_clip
+    from mats_scale.profiling.flops import count_flops, model_flops
 
     rep = count_flops(_workload(cfg, "fp32"), with_elementwise=False)
     return {
@@ -152,7 +104,7 @@ def profile_flops(cfg: Config) -> dict[str, Any]:
         "ref_gmacs": rep.ref_macs / 1e9,
         "score_gmacs": rep.score_macs / 1e9,
         "train_gflops": rep.train_flops / 1e9,
-        "model_gflops": model_flops_per_clip(cfg) / 1e9,
+        "model_gflops": model_flops(_workload(cfg, "fp32")) / 1e9,
         "tokens_encoder": rep.n_visible,
         "tokens_decoder": rep.decoder_tokens,
     }
@@ -168,7 +120,8 @@ def profile_memory(cfg: Config, nproc: int, target: str) -> dict[str, Any]:
     """The memory profiler's peak per rank for the run's micro-batch on `target` (cpu: fp32 unless
     train.precision=bf16; cuda: bf16 unless fp32), and that times the processes."""
     from mats_scale.profiling.feasibility import Node, engine_states
-    from mats_scale.profiling.memory import activation_model, param_stats, peak_allocated
+    from mats_scale.profiling.memory import activation_model, peak_allocated
+    from mats_scale.profiling.states import param_stats
     from mats_scale.profiling.workload import build_model
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and target == "cuda")
@@ -242,29 +195,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(nproc: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the run's process group (the trainer stops after its step), SIGKILL after 20 s."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def error_message(text: str) -> str:
     """The most telling line of a failed run's output: the last error line, else the last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -330,36 +260,21 @@ def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None,
     os.makedirs(run_dir)
     args = [f"--config={point.config}"] + point.overrides + FORCED + [f"train.out_dir={run_dir}"]
     cmd = launch_command(point.run, args)
-    t0 = time.perf_counter()
-    with open(os.path.join(run_dir, "launcher.log"), "w+") as log:
-        log.write(" ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env(int(point.run["nproc"])),
-            start_new_session=True,
-        )  # own process group: a timeout kills every rank
-        timed_out = False
-        try:
-            proc.wait(timeout=point.run["time_limit_s"])
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-        except BaseException:  # the sweep itself is interrupted: take the run's processes with it
-            _kill_group(proc)
-            raise
-        wall = time.perf_counter() - t0
-        log.seek(0)
-        output = log.read()
+    job = Process(cmd, os.path.join(run_dir, "launcher.log"), child_env(int(point.run["nproc"])))
+    try:
+        rc = job.wait(point.run["time_limit_s"])
+        if rc is None:  # past its time limit: stop every rank
+            job.stop(STOP_GRACE_S)
+    except BaseException:  # the sweep itself is interrupted: take the run's processes with it
+        job.stop(STOP_GRACE_S)
+        raise
+    timed_out, wall, output = rc is None, job.wall_s, job.output()
     measured = summarize_metrics(
         os.path.join(run_dir, "metrics.jsonl"), int(point.run["warmup_steps"]), int(point.run["loss_window"])
     )
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # weights are not results
     if timed_out:
         return "timeout", f"killed after run.time_limit_s={point.run['time_limit_s']} s", measured, wall
-    rc = proc.returncode
     if rc == 0:
         return "ok", None, measured, wall
     low = output.lower()
@@ -377,7 +292,7 @@ def sweep(
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
     done = {r["key"]: r["status"] for r in load_results(results)}
-    provenance = {"git_commit": git_commit(), "versions": versions(), "host": host()}
+    origin = provenance()
     flops_cache: dict[str, dict[str, Any]] = {}
     import torch
 
@@ -400,7 +315,7 @@ def sweep(
                 echo(f"{head}: done before ({done[key]}), skipped")
                 continue
             record.update(key=key, status="config", error=str(e))
-            _append(results, {**record, **provenance, "finished_at": _now()})
+            _append(results, {**record, **origin, "finished_at": _now()})
             echo(f"{head}: config error: {e}")
             continue
         cdict = config_dict(cfg)
@@ -427,7 +342,7 @@ def sweep(
                 )
         except (ConfigError, ValueError, RuntimeError) as e:
             record.update(status="error", error=f"profiler: {e}")
-            _append(results, {**record, **provenance, "finished_at": _now()})
+            _append(results, {**record, **origin, "finished_at": _now()})
             echo(f"{head}: profiler error: {e}")
             continue
         if real:
@@ -443,7 +358,7 @@ def sweep(
         else:
             record.update(status="profiled", error=None)
             echo(f"{head}: profiled")
-        _append(results, {**record, **provenance, "finished_at": _now()})
+        _append(results, {**record, **origin, "finished_at": _now()})
     return results
 
 

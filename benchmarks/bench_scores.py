@@ -1,7 +1,7 @@
 """Cost of the loader's motion scores and shot-cut handling, per clip, against the loader's own rate.
 
-    PYTHONPATH=. python profiling/bench_scores.py            # micro-benchmark + loader rates
-    PYTHONPATH=. python profiling/bench_scores.py --quick    # fewer runs, for a smoke test
+    PYTHONPATH=. python benchmarks/bench_scores.py            # micro-benchmark + loader rates
+    PYTHONPATH=. python benchmarks/bench_scores.py --quick    # fewer runs, for a smoke test
 
 1. Per-clip milliseconds of each function on a 16x224x224 clip (the ViT-B input, one clip as the
    loader scores it): ``pixel_motion_scores``; ``compensated_motion_scores`` on a still-camera clip

@@ -1,6 +1,6 @@
 """Validate the ZeRO-3 model-state model against a real 2-process DeepSpeed ZeRO-3 run on the CPU.
 
-    TORCH_EXTENSIONS_DIR=... PYTHONPATH=$PWD python profiling/validate_zero3_cpu.py [--size S]
+    TORCH_EXTENSIONS_DIR=... PYTHONPATH=$PWD python benchmarks/validate_zero3_cpu.py [--size S]
         [--steps 2] [--reduce-bucket 2e6] [--out DIR]
 
 Spawns 2 gloo processes; each builds the model under ``deepspeed.zero.Init(config_dict_or_path=...)``
@@ -145,12 +145,8 @@ def main(argv=None) -> int:
     import torch.multiprocessing as mp
 
     from mats_scale.config import ModelConfig
-    from mats_scale.profiling.memory import (
-        deepspeed_zero3_estimate,
-        measure_activations,
-        model_states,
-        param_stats,
-    )
+    from mats_scale.profiling.memory import measure_activations
+    from mats_scale.profiling.states import deepspeed_zero3_estimate, model_states, param_stats
     from mats_scale.profiling.workload import Workload, build_model, masking_config
 
     world = 2

@@ -1,7 +1,7 @@
 """What each motion score selects on the generator's camera options: the share of MATS's kept tokens
 that lie on the moving object, for the pixel and the compensated score.
 
-    PYTHONPATH=. python profiling/study_scores.py [--clips 12]
+    PYTHONPATH=. python benchmarks/study_scores.py [--clips 12]
 
 Clips from ``mats_scale.data.synth`` (rendered, no codec; 128x176, 16 frames 2 apart, tubelets of
 2 x 16 x 16 = 88 tokens per tubelet), the camera still or panning (px/frame) over the default coarse

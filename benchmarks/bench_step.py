@@ -1,7 +1,7 @@
 """Time one pre-training step (selection, forward, backward, optimizer) per masking setting.
 
-    python profiling/bench_step.py                       # ViT-B, batch 2, 16x224, fp32
-    python profiling/bench_step.py --size S --runs 3 --setting mats+dual --setting tube
+    python benchmarks/bench_step.py                       # ViT-B, batch 2, 16x224, fp32
+    python benchmarks/bench_step.py --size S --runs 3 --setting mats+dual --setting tube
 
 Default settings, measured in the same run with their steps interleaved (so machine load hits both):
   tube+rc     tube 0.9 + running cell 0.5, reference mode (the VideoMAE V2 setting; baseline)
@@ -31,19 +31,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from mats_scale.config import Config, ConfigError, MaskingConfig, ModelConfig, OptimConfig
+from mats_scale.config import MaskingConfig, ModelConfig, OptimConfig
 from mats_scale.data.inmemory import moving_square_clips, normalize
 from mats_scale.masking import TokenGrid, select_tokens, selection_counts
 from mats_scale.models.pretrain import build_pretrain_model
 from mats_scale.optim import build_adamw
-from mats_scale.tokens import PRESETS
-
-# The project's masking presets (mats_scale.tokens.PRESETS), plus MATS + dual with the pixel score.
-SETTINGS = {
-    **{name: dict(preset=name, **fields) for name, fields in PRESETS.items()},
-    "mats+dual-pixel": dict(preset="mats+dual", score="pixel", **PRESETS["mats+dual"]),
-}
-BASELINE = "tube+rc"
+from mats_scale.profiling.bench import BASELINE, SETTINGS, shape_problem
 
 
 @dataclass
@@ -104,32 +97,6 @@ class GemmPeak:
             torch.mm(self.a, self.b)
             times.append(time.perf_counter() - t)
         return 2 * self.n**3 / statistics.median(times)
-
-
-SHAPE_OPTIONS = {"model.size": "--size", "model.num_frames": "--frames", "model.img_size": "--img"}
-
-
-def shape_problem(size: str, frames: int, img: int, names: list[str]) -> str | None:
-    """One line on what is wrong with --size / --frames / --img (alone, or with a setting's masking),
-    by the project config's own checks; None when every setting can run."""
-
-    def message(e: ConfigError, where: str = "") -> str:
-        key, _, rest = str(e).partition("=")  # model.img_size=100: ... -> --img 100: ...
-        if key in SHAPE_OPTIONS:
-            rest = rest.replace("model.tubelet_size=", "the tubelet size ")
-            return f"{SHAPE_OPTIONS[key]} {rest}{where}"
-        return f"--size {size} --frames {frames} --img {img}{where}: {e}"
-
-    try:
-        model = ModelConfig(size=size, num_frames=frames, img_size=img)
-    except ConfigError as e:
-        return message(e)
-    for name in names:
-        try:
-            Config(model=model, masking=MaskingConfig(**SETTINGS[name]))
-        except ConfigError as e:
-            return message(e, f" (with --setting {name})")
-    return None
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,12 @@
 """Reconstruction picture of pre-trained video MAEs: input, visible tokens, targets, reconstruction.
 
-    python -m mats_scale.tools.visualize RUN_OR_CHECKPOINT [RUN_OR_CHECKPOINT ...] [--video FILE | --index N]
+    mats-visualize RUN_OR_CHECKPOINT [RUN_OR_CHECKPOINT ...] [--video FILE | --index N]
         [--split val|train] [--seed 0] [--out visualize.png] [--device auto|cpu|cuda] [--scale K]
         [--config FILE] [--data-root DIR] [key=value ...]
 
-Each checkpoint (a run directory: its newest verified checkpoint; a ``step_*`` checkpoint directory; or
-a ``.pt`` written by ``python -m mats_scale.train.export``, which needs ``--config RUN/config.yaml``) gets
-one block of four rows, one column per tubelet (its first frame):
+Also ``python -m mats_scale.launch.visualize``. Each checkpoint (a run directory: its newest verified
+checkpoint; a ``step_*`` checkpoint directory; or a ``.pt`` written by ``mats-export``, which needs
+``--config RUN/config.yaml``) gets one block of four rows, one column per tubelet (its first frame):
 
     input           the clip as the model sees it (ImageNet normalisation undone)
     visible         the tokens the encoder sees; the others grey
@@ -27,7 +27,7 @@ block, then the path of the PNG. A bad argument is one ``error:`` line on stderr
 
 Example:
 
-    python -m mats_scale.tools.visualize runs/tube runs/mats_dual --index 3 --out recon.png
+    mats-visualize runs/tube runs/mats_dual --index 3 --out recon.png
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def read_checkpoint(path: str, config: str | None, overrides: list[str]) -> tupl
     """(config, fp32 state dict, step) of `path`; UserError for anything that is not a pre-training one."""
     from mats_scale.models.load import InitError, strip_prefixes
     from mats_scale.parallel.engine import consolidate_checkpoint
+    from mats_scale.run.checkpoint import CheckpointError, read_meta
     from mats_scale.safe_load import UnsafeFileError
-    from mats_scale.train.checkpoint import CheckpointError, read_meta
     from mats_scale.train.export import find_checkpoint, read_weights
 
     if os.path.isdir(path):
@@ -167,17 +167,18 @@ def read_clip(
     """A batch of one clip for `cfg`'s model ({"video": (1, 3, T, S, S)}) and where it came from."""
     from mats_scale.data import synth
     from mats_scale.data.errors import DataError, VideoReadError
-    from mats_scale.data.loader import bundled_root, resolve_items
+    from mats_scale.data.sources import SYNTHETIC_CLIPS, bundled_root, resolve_items
     from mats_scale.data.video import read_eval_views
 
     d, m = cfg.data, cfg.model
     if video is None and d.dataset == "synthetic":
-        from mats_scale.data.loader import SYNTHETIC_CLIPS, PretrainClips
+        from mats_scale.data.clips import TrainClips
 
         if index >= SYNTHETIC_CLIPS:
             raise UserError(f"--index {index}: data.dataset=synthetic has clips 0..{SYNTHETIC_CLIPS - 1}")
         # In-memory moving squares: item (epoch 0, pos N, index N) is a pure function of the seed.
-        clip = PretrainClips(cfg, None, seed=seed)[(0, index, index)]["video"][:1]  # (1, 3, T, S, S) uint8
+        clips = TrainClips.from_config(cfg, None, seed=seed)
+        clip = clips[(0, index, index)]["video"][:1]  # (1, 3, T, S, S) uint8
         return {"video": clip}, f"synthetic clip {index} (seed {seed})"
     if video is None:
         if d.dataset == "bundled" and not synth.is_complete(bundled_root(cfg)):
@@ -323,7 +324,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = _Parser(
-        prog="python -m mats_scale.tools.visualize",
+        prog="mats-visualize",
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,

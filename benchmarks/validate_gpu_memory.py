@@ -1,6 +1,6 @@
-"""Predicted vs measured activation memory on a CUDA GPU (fills the GPU rows of VALIDATION.md).
+"""Predicted vs measured activation memory on a CUDA GPU (fills the GPU rows of benchmarks/README.md).
 
-    PYTHONPATH=$PWD python profiling/validate_gpu_memory.py [--sizes B,L] [--batches 4,8,16]
+    PYTHONPATH=$PWD python benchmarks/validate_gpu_memory.py [--sizes B,L] [--batches 4,8,16]
         [--strategies tube+rc,mats+dual] [--checkpoint none,full] [--out DIR]
 
 For each configuration: the bf16 model on the GPU, one warm-up step (cuBLAS / attention workspaces
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from mats_scale.profiling.cli import UsageError, choices_list, policy_list, run
+from mats_scale.cli import UsageError, choices_list, policy_list, run
 
 
 def measure_on_gpu(wl) -> int:
