@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -15,8 +15,20 @@ from mats_scale.config import Config
 from mats_scale.data.errors import DataError
 from mats_scale.parallel.base import Engine
 
-if TYPE_CHECKING:
-    from mats_scale.train.finetune import FinetuneTask
+
+class Classifying(Protocol):
+    """What evaluation and the probe use of a classification task (FinetuneTask)."""
+
+    cfg: Config
+    num_classes: int
+    init_report: str
+
+    def select(self, engine: Engine, video: torch.Tensor, keep_all: bool) -> torch.Tensor | None: ...
+
+    def keep_all_at_eval(self) -> bool: ...
+
+    def tokens_label(self) -> str: ...
+
 
 log = logging.getLogger("mats_scale.finetune")
 
@@ -94,7 +106,7 @@ def view_sums(
 
 
 @torch.no_grad()
-def evaluate(task: FinetuneTask, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
+def evaluate(task: Classifying, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
     """The classifier's softmax averaged over the views of every val video; rank 0 writes
     ``eval/results.json`` and ``eval/confusion.png`` under `out_dir`; every rank returns the results."""
     cfg, keep_all = task.cfg, task.keep_all_at_eval()

@@ -23,7 +23,7 @@ from mats_scale.profiling.workload import FinetuneWorkload
 from mats_scale.run.checkpoint import resumable_checkpoint
 from mats_scale.train.evaluate import evaluate, is_writer, lost_note
 from mats_scale.train.probe import linear_probe
-from mats_scale.train.task import Loader, StepOutput
+from mats_scale.train.task import Finished, Loader, StepOutput
 
 
 def dataset_num_classes(cfg: Config) -> int:
@@ -243,7 +243,7 @@ class FinetuneTask:
     def tokens_label(self) -> str:
         return "all" if self.keep_all_at_eval() else f"top {self.cfg.masking.finetune_keep_ratio} by motion"
 
-    def finish(self, trainer) -> None:
+    def finish(self, trainer: Finished) -> None:
         """After training (loop.train): the evaluation, unless finetune.eval_at_end is off."""
         if not self.cfg.finetune.eval_at_end:
             return

@@ -17,7 +17,7 @@ from mats_scale.models.pretrain import pretrain_spec
 from mats_scale.models.spec import ModelSpec
 from mats_scale.parallel.base import Engine
 from mats_scale.profiling.workload import Workload
-from mats_scale.train.task import Loader, StepOutput
+from mats_scale.train.task import Finished, Loader, StepOutput
 
 
 class PretrainTask:
@@ -70,5 +70,5 @@ class PretrainTask:
         """One clip as the profilers count it: the model, its masking and motion score."""
         return Workload(self.cfg.model, self.cfg.masking)
 
-    def finish(self, trainer) -> None:
+    def finish(self, trainer: Finished) -> None:
         """Nothing after pre-training."""

@@ -5,21 +5,25 @@ video, then a logistic regression on the standardised train features, scored on 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mats_scale.parallel.base import Engine
-from mats_scale.train.evaluate import is_writer, left_out, score_results, view_sums, write_results
-
-if TYPE_CHECKING:
-    from mats_scale.train.finetune import FinetuneTask
+from mats_scale.train.evaluate import (
+    Classifying,
+    is_writer,
+    left_out,
+    score_results,
+    view_sums,
+    write_results,
+)
 
 
 @torch.no_grad()
-def linear_probe(task: FinetuneTask, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
+def linear_probe(task: Classifying, engine: Engine, out_dir: str | None = None) -> dict[str, Any]:
     """The classifier's pooled ``features`` of every train and val video (views as in evaluation,
     averaged over them), computed once; a linear classifier (:func:`fit_linear_probe`) fitted on train,
     scored on val. rank 0 writes ``probe/results.json`` and ``probe/confusion.png`` under `out_dir`."""

@@ -14,7 +14,16 @@ from mats_scale.parallel.base import Engine
 
 if TYPE_CHECKING:
     from mats_scale.profiling.workload import Profiled
-    from mats_scale.train.loop import Trainer
+
+
+class Finished(Protocol):
+    """What :meth:`Task.finish` may use of the Trainer that ran it (the loop is not imported here)."""
+
+    engine: Engine
+
+    @property
+    def log(self) -> Any:
+        """The run's logger (``.info(message)`` writes to the console and train.log)."""
 
 
 class StepOutput(NamedTuple):
@@ -62,7 +71,7 @@ class Task(Protocol):
         """One clip of this task as the profilers count it (the MFU meter's model FLOPs); None when
         they cannot (no MFU is logged)."""
 
-    def finish(self, trainer: Trainer) -> None:
+    def finish(self, trainer: Finished) -> None:
         """After :meth:`Trainer.run` unless a signal stopped it (fine-tuning evaluates here)."""
 
 
