@@ -55,6 +55,7 @@ def two_point(tmp_path_factory):
     return grid, out
 
 
+@pytest.mark.integration
 def test_two_point_grid_runs_end_to_end_and_the_report_renders(two_point, capsys):
     grid, out = two_point
     records = load_results(str(out / "results.jsonl"))
@@ -86,6 +87,7 @@ def test_two_point_grid_runs_end_to_end_and_the_report_renders(two_point, capsys
     assert len(load_results(str(out / "results.jsonl"))) == 2
 
 
+@pytest.mark.integration
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     # Stand-in runs (no torch start-up): exit 1 with an error line, a hang past the time limit, a
     # process killed by SIGKILL (what the kernel's OOM killer does); then a profiler-only point.

@@ -24,10 +24,8 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def cut_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuts")
-    synth.generate(str(root), CUT, workers=1, verbose=False)
-    return root
+def cut_dataset(make_dataset):
+    return make_dataset(CUT)
 
 
 def cfg_for(root, *overrides):
@@ -35,6 +33,7 @@ def cfg_for(root, *overrides):
 
 
 # ---- detection ----------------------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.parametrize("camera", [{}, {"pan": 2.0, "texture": 0.3}, {"zoom": 0.02, "texture": 0.3}])
 def test_detect_cuts_finds_the_cut_and_nothing_else(camera):
     for i in range(4):

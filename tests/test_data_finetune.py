@@ -22,10 +22,8 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundled")
-    synth.generate(str(root), SMALL, workers=1, verbose=False)
-    return root
+def dataset(make_dataset):
+    return make_dataset(SMALL)
 
 
 def cfg_for(root, *overrides):

@@ -28,10 +28,8 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundled")
-    synth.generate(str(root), SMALL, workers=1, verbose=False)
-    return root
+def dataset(make_dataset):
+    return make_dataset(SMALL)
 
 
 def cfg_for(dataset_root, *overrides, list_file=None):

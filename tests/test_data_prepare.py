@@ -266,6 +266,7 @@ def test_a_stopped_pool_ends_even_when_the_parent_handles_sigterm(src, tmp_path)
     assert proc.returncode == 2 and "b.mp4.part" in err and "Traceback" not in err, err
 
 
+@pytest.mark.integration
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes(tmp_path):
     src = tmp_path / "src"
     for i in range(8):

@@ -409,6 +409,7 @@ def _small_tmpfs(tmp_path: Path, size: str):
     return mnt
 
 
+@pytest.mark.integration
 def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     # A 6 MiB tmpfs holds one checkpoint of the tiny model (about 3.5 MiB) but not two; without the
     # privilege to mount, the same failure is injected (ENOSPC raised in the middle of the save).
@@ -435,6 +436,7 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
     assert not [n for n in names if n.startswith(".tmp-")] and pointer in names and verified is None
 
 
+@pytest.mark.integration
 def test_a_killed_data_worker_is_an_error_naming_it_not_a_hang(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50", f"train.out_dir={tmp_path}"],
@@ -463,6 +465,7 @@ def test_a_killed_data_worker_is_an_error_naming_it_not_a_hang(tmp_path):
     assert not any(_alive(w) for w in workers)
 
 
+@pytest.mark.integration
 def test_ctrl_c_twice_stops_at_once_with_one_line(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(PRETRAIN), *WORKERS, "train.steps=50", f"train.out_dir={tmp_path}"],

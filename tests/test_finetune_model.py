@@ -397,6 +397,7 @@ def test_finetune_activation_memory_on_meta_matches_the_cpu_and_is_affine():
     assert 0.4 < half / full < 0.6 and ckpt < 0.6 * full  # 2 blocks: their inputs and the head stay
 
 
+@pytest.mark.integration
 def test_finetune_plan_fits_more_clips_with_the_selection_and_with_checkpointing():
     from mats_scale.profiling.feasibility import ENGINE_CHOICES, NODES
     from mats_scale.profiling.finetune import main, plan_rows

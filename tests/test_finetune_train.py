@@ -38,10 +38,8 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundled")
-    synth.generate(str(root), SMALL, workers=1, verbose=False)
-    return root
+def dataset(make_dataset):
+    return make_dataset(SMALL)
 
 
 def cfg_for(root, out, *overrides):
@@ -66,6 +64,7 @@ def train(cfg, stop_at=None):
         trainer.log.close()
 
 
+@pytest.mark.integration
 def test_short_finetune_then_evaluation_writes_consistent_results(dataset, tmp_path):
     """Training, then the multi-view evaluation the Trainer runs at the end (FinetuneTask.finish).
 
@@ -96,6 +95,7 @@ def test_short_finetune_then_evaluation_writes_consistent_results(dataset, tmp_p
     assert (tmp_path / "run" / "eval" / "confusion.png").stat().st_size > 1000
 
 
+@pytest.mark.integration
 def test_finetune_resumes_exactly_with_mixup_drop_path_randaugment_and_erasing(dataset, tmp_path):
     extra = [
         "finetune.rand_aug=rand-m7-n4-mstd0.5-inc1",
@@ -117,6 +117,7 @@ def test_finetune_resumes_exactly_with_mixup_drop_path_randaugment_and_erasing(d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.integration
 @pytest.mark.dist
 def test_evaluation_on_two_processes_scores_every_video_once_as_one_process(dataset, tmp_path, capsys):
     """A classifier saved to a .pt file, evaluated with --eval on 1 process and on 2 ZeRO-3 processes
@@ -244,6 +245,7 @@ def test_resume_needs_only_the_run_directory_not_the_init_source(dataset, tmp_pa
     assert f"finetune.init={init} not read: resuming" in out and "from scratch" not in out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("engine", ["none", "deepspeed"])
 def test_evaluation_with_workers_leaves_an_unreadable_video_out_and_never_hangs(dataset, tmp_path, engine):
     """One corrupt validation video, worker-backed evaluation loader: counted and reported (the

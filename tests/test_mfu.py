@@ -65,6 +65,7 @@ def test_model_flops_match_the_profiler():
     assert model_flops(ckpt) == model_flops(wl) < count_flops(ckpt).train_flops
 
 
+@pytest.mark.integration
 def test_fine_tuning_is_counted_by_the_same_workload_path():
     from mats_scale.profiling.finetune import plan_rows
     from mats_scale.profiling.flops import model_flops, score_flops, train_flops

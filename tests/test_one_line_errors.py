@@ -36,6 +36,7 @@ def test_bench_step_shape_options_are_one_line(shape, names, line):
     assert shape_problem(*shape, names or [BASELINE, "mats+dual"]) == line
 
 
+@pytest.mark.integration
 def test_bench_step_from_the_command_line_has_no_traceback():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--size", "Q"],

@@ -64,6 +64,7 @@ def test_training_days_arithmetic():
     assert days == pytest.approx(1.0)
 
 
+@pytest.mark.integration
 def test_plan_orders_strategies_engines_and_checkpointing():
     model = ModelConfig(size="S")
     wls = {
@@ -92,6 +93,7 @@ def test_plan_orders_strategies_engines_and_checkpointing():
     assert math.isclose(p0.step_s, p0.train_flops_per_clip * p0.max_batch / (312e12 * 0.35))
 
 
+@pytest.mark.integration
 def test_cli_sweep_and_config_check(tmp_path, capsys):
     rate = tmp_path / "rate.json"
     rate.write_text('{"clips_per_s_per_core": 12.5}')  # what benchmarks/bench_data.py --list writes

@@ -14,6 +14,7 @@ from mats_scale.profiling.workload import Workload, build_model, make_inputs, ma
 DESIGN = flops_cli.DESIGN_TABLE
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("size,rho_d,paper", DESIGN)
 def test_reproduces_videomae_v2_table_within_1_percent(size, rho_d, paper):
     masking = masking_config("tube" if rho_d is None else "tube+rc", 0.9, decoder_ratio=rho_d or 0.5)
@@ -23,6 +24,7 @@ def test_reproduces_videomae_v2_table_within_1_percent(size, rho_d, paper):
     assert r.fwd_macs < r.ref_macs
 
 
+@pytest.mark.integration
 def test_mats_plus_dual_is_cheaper_than_mats_and_than_dual():
     model = ModelConfig(size="B")
     reports = {
@@ -51,6 +53,7 @@ def test_sdpa_handle_equals_explicit_attention_count():
     assert fused.by_module == math.by_module
 
 
+@pytest.mark.integration
 def test_fvcore_agrees_with_flop_counter_mode_and_step_is_three_forwards():
     wl = Workload(ModelConfig(size="S"), masking_config("tube+rc", 0.9))
     r = count_flops(wl)
@@ -75,6 +78,7 @@ def test_skipped_ops_are_reported_and_small():
     assert 0 < r.elementwise_ops < 0.01 * r.fwd_macs
 
 
+@pytest.mark.integration
 def test_cli_writes_csv_markdown_and_plot(tmp_path):
     argv = [
         "--sizes",
@@ -130,6 +134,7 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and err[0].startswith("error: masking.keep_ratio=")
 
 
+@pytest.mark.integration
 def test_cli_out_that_is_a_file_is_refused_before_counting(tmp_path, monkeypatch, capsys):
     import subprocess
     import sys

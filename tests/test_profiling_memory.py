@@ -30,6 +30,7 @@ from mats_scale.profiling.workload import (
 )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "size,frames,img,strategy,batch",
     [
@@ -51,6 +52,7 @@ def test_meta_figures_equal_a_real_cpu_run(size, frames, img, strategy, batch):
     assert meta.saved_bytes > 0 and meta.peak_bytes > meta.saved_bytes
 
 
+@pytest.mark.integration
 def test_activations_are_affine_in_the_micro_batch():
     wl = Workload(ModelConfig(size="B"), masking_config("mats+dual", 0.9), dtype=torch.bfloat16)
     model = activation_model(wl)  # from batch 1 and 2
@@ -96,6 +98,7 @@ def test_checkpointing_keeps_only_block_inputs():
     assert none - half == depth // 2 * (block - block_input)
 
 
+@pytest.mark.integration
 def test_live_bytes_peak_equals_torch_mem_tracker():
     wl = Workload(ModelConfig(size="S", num_frames=8, img_size=128), masking_config("tube+rc", 0.9), batch=2)
 
@@ -205,6 +208,7 @@ def test_states_follow_the_ds_config_and_offload():
         model_states(stats, zero_stage=2, offload_optimizer=True)
 
 
+@pytest.mark.integration
 @pytest.mark.dist
 def test_zero3_cpu_run_matches_prediction(tmp_path):
     """2-process DeepSpeed ZeRO-3 of ViT-S on the CPU (~30 s): resident states, the

@@ -86,6 +86,7 @@ def test_a_finetune_into_a_pretraining_run_directory_says_so(tmp_path):
         train(cfg, FinetuneTask(cfg))
 
 
+@pytest.mark.integration
 def test_changing_train_steps_is_refused_or_allowed_explicitly_with_the_lr_jump_logged(tmp_path):
     train(
         _cfg(tmp_path, "train.steps=20", "train.save_every=10", "optim.warmup_steps=2", "train.keep_last=3")
@@ -236,6 +237,7 @@ def test_slurm_variables_give_rank_world_and_master_only_without_a_launcher():
     assert not apply_slurm_env(launched) and launched["RANK"] == "3"  # torchrun / deepspeed inside Slurm
 
 
+@pytest.mark.integration
 @pytest.mark.dist
 def test_srun_style_tasks_form_one_job(tmp_path):
     # What `srun -n 2 python launchers/pretrain.py` gives each task: Slurm's variables, no torch ones.

@@ -109,6 +109,7 @@ def test_dcp_metadata_with_a_foreign_global_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_real_dcp_metadata_passes_the_check(tmp_path):
     """A metadata file written by torch.distributed.checkpoint itself (one process, no group)."""
     code = (

@@ -148,6 +148,11 @@ RANK = textwrap.dedent(
     import os, signal, sys, time
     from mats_scale.parallel.shm import register_shm_cleanup
     seg, how = sys.argv[1], sys.argv[2]
+    # A rank starts from its launcher with default dispositions; not whatever the test process has
+    # ignored or blocked (inherited across exec).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if how == "handler":  # a handler installed before: it still runs, after the unlink
         def previous(signum, frame):
             print("previous handler sees", os.path.exists(seg), flush=True)

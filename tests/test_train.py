@@ -29,6 +29,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 # ---- exact resume, SIGTERM, export (one process) -----------------------------------------------
+@pytest.mark.integration
 def test_sigterm_then_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     # Dual masking with loss weights, drop path (torch RNG), accumulation and a data worker process.
     extra = [
@@ -261,6 +262,7 @@ def test_template_values_that_contradict_the_typed_config_are_refused(tmp_path):
     assert resolve_ds_config(ok, world_size=2, bf16=False, cuda=False)[0]["train_batch_size"] == 8
 
 
+@pytest.mark.integration
 def test_launcher_refuses_a_contradicting_template_with_one_line(tmp_path):
     template = _template(tmp_path, gradient_clipping=2.0)
     proc = subprocess.run(

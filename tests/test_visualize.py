@@ -92,6 +92,7 @@ def test_rows_show_exactly_the_tokens_the_masking_chose(runs, tmp_path, capsys):
     assert np.isfinite(float(m[1])) and f"wrote {png}" in stdout
 
 
+@pytest.mark.integration
 def test_two_checkpoints_give_two_blocks_from_the_command_line(runs, tmp_path):
     png = tmp_path / "both.png"
     args = [str(runs["tube+rc"]), "--ckpt", str(runs["mats"]), "--scale", str(SCALE), "--out", str(png)]

@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted(signum, frame):
         raise KeyboardInterrupt  # unwinds through the running point, which kills its process group
 
-    signal.signal(signal.SIGTERM, interrupted)
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         results = sweep(grid, out, retry_failed=args.retry_failed, echo=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print(f"interrupted; finished points are in {out}/results.jsonl (re-run to go on)", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside a caller's process
     print(f"results: {results}\nreport:  python launchers/ablate.py report {results}")
     return 0
 

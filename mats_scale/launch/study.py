@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted(signum, frame):
         raise KeyboardInterrupt  # unwinds through the running runs, which are killed
 
-    signal.signal(signal.SIGTERM, interrupted)
+    previous = signal.signal(signal.SIGTERM, interrupted)
     print(f"study {study.name}: {len(jobs)} runs, {study.jobs} at a time, into {out}", flush=True)
     try:
         status = st.run_jobs(jobs, study.jobs, echo=lambda s: print(s, flush=True))
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside a caller's process
     for path in write_report(study, jobs, out, command):
         print(path)
     failed = [name for name, s in status.items() if s not in ("ok", "done")]
