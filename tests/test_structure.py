@@ -114,6 +114,7 @@ COMMANDS = (
     "ablate",
     "study",
     "plan",
+    "plan_finetune",
     "flops",
     "memory",
     "prepare",
@@ -133,7 +134,7 @@ def test_every_command_is_a_console_script_and_a_launch_module():
 
     with open(ROOT / "pyproject.toml", "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert scripts == {f"mats-{c}": f"mats_scale.launch.{c}:main" for c in COMMANDS}
+    assert scripts == {f"mats-{c.replace('_', '-')}": f"mats_scale.launch.{c}:main" for c in COMMANDS}
     for command in COMMANDS:
         tree = ast.parse((PKG / "launch" / f"{command}.py").read_text())
         assert "main" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, command
