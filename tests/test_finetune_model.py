@@ -399,8 +399,8 @@ def test_finetune_activation_memory_on_meta_matches_the_cpu_and_is_affine():
 
 @pytest.mark.integration
 def test_finetune_plan_fits_more_clips_with_the_selection_and_with_checkpointing():
-    from mats_scale.profiling.feasibility import ENGINE_CHOICES, NODES
     from mats_scale.launch.plan_finetune import main
+    from mats_scale.profiling.feasibility import ENGINE_CHOICES, NODES
     from mats_scale.profiling.finetune import plan_rows
 
     args = ModelArgs(size="S", num_frames=8, img_size=112)
