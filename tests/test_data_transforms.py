@@ -117,6 +117,38 @@ def test_eval_views_short_side_resize_and_three_crops():
         spatial_crops(tall, 96, 2)
 
 
+@pytest.mark.parametrize(
+    "height,width", [(256, 340), (240, 320), (340, 256), (128, 171), (257, 383), (224, 300)]
+)
+@pytest.mark.parametrize("size", [224, 112])
+def test_eval_views_are_videomae_test_views(height, width, size):
+    """The short-side resize and three crops of VideoMAE V2's test mode (VideoClsDataset, "test"),
+    transcribed: video_transforms.Resize(short_side_size) gives (size, int(size * long / short)) without
+    antialiasing, then spatial_step = (max(h, w) - size) / (test_num_crop - 1) and crop k starts at
+    int(k * spatial_step) along the long side, the full short side kept."""
+    from mats_scale.data.transforms import resize_clip
+
+    gen = torch.Generator().manual_seed(height * width + size)
+    frames = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8, generator=gen)
+    if width < height:
+        oh, ow = int(size * height / width), size
+    else:
+        oh, ow = size, int(size * width / height)
+    buffer = resize_clip(frames.permute(0, 3, 1, 2).contiguous(), (oh, ow), antialias=False)
+    spatial_step = 1.0 * (max(oh, ow) - size) / (3 - 1)
+    expected = []
+    for split_nb in range(3):
+        start = int(split_nb * spatial_step)
+        if oh >= ow:
+            expected.append(buffer[:, :, start : start + size, :])
+        else:
+            expected.append(buffer[:, :, :, start : start + size])
+    views = eval_views(frames, size, num_crops=3)
+    assert views.shape == (3, 3, 2, size, size)
+    for got, want in zip(views, expected, strict=True):
+        assert torch.equal(got, to_model_input(want))
+
+
 def test_finetune_augment_shape():
     out = finetune_augment(torch.randint(0, 256, (8, 128, 176, 3), dtype=torch.uint8), 112, gen())
     assert out.shape == (3, 8, 112, 112) and out.dtype == torch.float32
@@ -168,7 +200,27 @@ def test_multi_clip_views_spread_over_the_video():
     assert [v[0] for v in multi_clip_indices(100, 8, 4, 5)] == [0, 16, 32, 48, 68]  # the issue's case
     seg = multi_clip_indices(40, 8, 4, 2, segments=True)
     assert seg[0] != seg[1] and all(i // 5 == k for v in seg for k, i in enumerate(v))
-    assert multi_clip_indices(5, 8, 4, 3) == [[0, 1, 2, 3, 4, 0, 1, 2]] * 3  # looped: one distinct view
+
+    def videomae_test_clips(n: int, clip_len: int, rate: int, num_segment: int) -> list[list[int]]:
+        # VideoMAE V2 loadvideo_decord (test): a short buffer is padded with its last index,
+        #   while len(all_index) < self.clip_len: all_index.append(all_index[-1])
+        # then the clip is buffer[temporal_start : temporal_start + clip_len].
+        all_index = list(range(0, n, rate))
+        while len(all_index) < clip_len:
+            all_index.append(all_index[-1])
+        temporal_step = max(1.0 * (len(all_index) - clip_len) / (num_segment - 1), 0)
+        starts = [int(chunk_nb * temporal_step) for chunk_nb in range(num_segment)]
+        return [all_index[t : t + clip_len] for t in starts]
+
+    for n, length, rate, clips in [
+        (5, 8, 4, 3),
+        (40, 16, 4, 5),
+        (60, 16, 4, 2),
+        (61, 16, 4, 5),
+        (1, 4, 2, 2),
+    ]:
+        assert multi_clip_indices(n, length, rate, clips) == videomae_test_clips(n, length, rate, clips), n
+    assert multi_clip_indices(5, 8, 4, 3) == [[0, 4, 4, 4, 4, 4, 4, 4]] * 3  # the last frame repeated
 
 
 def test_read_eval_views_shapes(tmp_path):

@@ -66,11 +66,12 @@ def to_model_input(clip: torch.Tensor) -> torch.Tensor:
     return (clip.permute(1, 0, 2, 3).float() - mean) / std
 
 
-def resize_clip(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(T, 3, h, w) uint8 -> (T, 3, *size) uint8, bilinear with antialiasing (torchvision's uint8 kernel)."""
+def resize_clip(clip: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
+    """(T, 3, h, w) uint8 -> (T, 3, *size) uint8, bilinear (torchvision's uint8 kernel), antialiased
+    unless `antialias` is off (cv2.resize's INTER_LINEAR, VideoMAE's test transform, has none)."""
     if tuple(clip.shape[-2:]) == tuple(size):
         return clip
-    return TF.resize(clip, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.resize(clip, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=antialias)
 
 
 def pretrain_augment(
@@ -92,11 +93,17 @@ def pretrain_augment(
     return to_model_input(clip) if normalize else clip.permute(1, 0, 2, 3)
 
 
-def short_side_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, h, w) uint8 with min(h, w) = size, aspect ratio kept."""
+def short_side_resize(frames: torch.Tensor, size: int, *, test_mode: bool = False) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, h, w) uint8 with min(h, w) = size, aspect ratio kept. With `test_mode`
+    as VideoMAE's test transform (``video_transforms.Resize``, cv2): the long side truncated to
+    ``int(size * long / short)`` (it decides the last pixel of the third crop) and no antialiasing;
+    otherwise the long side is rounded and the kernel antialiased (training views)."""
     T, H, W, _ = frames.shape
-    h, w = (size, max(size, round(W * size / H))) if H <= W else (max(size, round(H * size / W)), size)
-    return resize_clip(frames.permute(0, 3, 1, 2).contiguous(), (h, w))
+    long_side = int if test_mode else round
+    h, w = (
+        (size, max(size, long_side(size * W / H))) if H <= W else (max(size, long_side(size * H / W)), size)
+    )
+    return resize_clip(frames.permute(0, 3, 1, 2).contiguous(), (h, w), antialias=not test_mode)
 
 
 def spatial_crops(clip: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
@@ -118,9 +125,9 @@ def spatial_crops(clip: torch.Tensor, size: int, num_crops: int) -> list[torch.T
 
 
 def eval_views(frames: torch.Tensor, size: int, num_crops: int = 1) -> torch.Tensor:
-    """Short-side resize + centre/three crops + normalisation: (T, H, W, 3) uint8 ->
-    (num_crops, 3, T, size, size) float32."""
-    clip = short_side_resize(frames, size)
+    """VideoMAE's test views: short-side resize (its test transform) + centre/three crops +
+    normalisation: (T, H, W, 3) uint8 -> (num_crops, 3, T, size, size) float32."""
+    clip = short_side_resize(frames, size, test_mode=True)
     return torch.stack([to_model_input(c) for c in spatial_crops(clip, size, num_crops)])
 
 

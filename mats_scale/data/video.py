@@ -401,10 +401,11 @@ def multi_clip_indices(
 
     Strided clips follow VideoMAE's test mode (``datasets/kinetics.py``, ``VideoClsDataset``): the buffer
     is every `rate`-th frame, ``0, rate, 2 rate, ...``; clip ``c`` is `length` consecutive buffer entries
-    from ``int(c * step)``, ``step = (len(buffer) - length) / (num_clips - 1)``. One clip (where VideoMAE
-    divides by zero) is centred in the buffer. A buffer shorter than `length` keeps this module's
-    short-video fallback (smaller stride, then looping; VideoMAE repeats the last frame) as one view.
-    With `segments` each view takes a different evenly spaced position inside every segment.
+    from ``int(c * step)``, ``step = max((len(buffer) - length) / (num_clips - 1), 0)``. One clip (where
+    VideoMAE divides by zero) is centred in the buffer. A buffer shorter than `length` is padded by
+    repeating its last frame, as VideoMAE does (every view is then the same clip; training's
+    short-video fallback, a smaller stride, is not used here). With `segments` each view takes a
+    different evenly spaced position inside every segment.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips={num_clips}: must be >= 1")
@@ -416,8 +417,7 @@ def multi_clip_indices(
             for c in range(num_clips)
         ]
     buffer = list(range(0, num_frames, rate))
-    if len(buffer) < length:
-        return [clip_indices(num_frames, length, rate, None)] * num_clips
+    buffer += buffer[-1:] * (length - len(buffer))  # a short video: its last frame repeated
     room = len(buffer) - length
     if num_clips == 1:
         starts = [room // 2]
