@@ -330,10 +330,9 @@ def plan_command(argv=None) -> int:
             f"largest micro-batch that fits: {r['max_batch']}",
         ]
         if data_rate:
-            from mats_scale.profiling.flops import count_flops, train_flops
+            from mats_scale.profiling.flops import step_flops
 
-            one = Workload(wl.model, wl.masking, 1, wl.dtype, wl.checkpoint)
-            tf = train_flops(one) + 2 * count_flops(one, with_train=False, with_elementwise=False).score_macs
+            tf = step_flops(wl)  # one clip's step: forward, backward, recomputation and the score
             lines.append(f"- data: {data_verdict(tf, node, args.mfu, data_rate, args.host_cores).text()}")
     text += "\n".join(lines) + "\n"
     write_markdown(text, os.path.join(out, "feasibility.md"))
