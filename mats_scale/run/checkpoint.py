@@ -186,12 +186,15 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
 
 
 def resumable_checkpoint(train) -> Path | None:
-    """The checkpoint ``train.resume`` would continue from, or None (read-only: no process group)."""
+    """The checkpoint ``train.resume`` points at (``auto``: the newest step_* of train.out_dir), or None
+    for a fresh start. Read-only and cheap (no digests): with step_* present the Trainer either resumes
+    one that verifies or refuses to start, so the answer "this run resumes" holds either way."""
     if train.resume in ("none", "restart"):
         return None
     if train.resume != "auto":
         return Path(train.resume)
-    return newest_verified(Path(train.out_dir) / "checkpoints")[0]
+    dirs = step_dirs(Path(train.out_dir) / "checkpoints")
+    return dirs[0] if dirs else None
 
 
 def _save_failure(e: BaseException, path: Path) -> str:

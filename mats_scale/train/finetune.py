@@ -134,7 +134,9 @@ class FinetuneTask:
         init = f.init
         resuming = None if f.eval_only or f.linear_probe else resumable_checkpoint(cfg.train)
         if resuming is not None and init:  # its weights replace finetune.init's: no need to read them
-            self.init_report = f"finetune.init={init} not read: resuming {resuming}, whose weights replace it"
+            self.init_report = (
+                f"finetune.init={init} not read: resuming from {resuming.parent}, whose weights replace it"
+            )
             init = ""
         if init == "auto":
             init, self.init_report = auto_init()

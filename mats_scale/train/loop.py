@@ -38,8 +38,8 @@ from mats_scale.run.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng,
-    newest_verified,
     restore_rng,
+    step_dirs,
 )
 from mats_scale.run.faults import Faults
 from mats_scale.run.files import check_resume, lr_change_note, write_run_record
@@ -407,7 +407,8 @@ def run(cfg: Config, task_factory: Callable[[Config], Task] | None = None) -> in
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (workers are already shut down)
-        last, _ = newest_verified(Path(cfg.train.out_dir) / "checkpoints")
+        newest = step_dirs(Path(cfg.train.out_dir) / "checkpoints")  # no digests: this stops at once
+        last = newest[0] if newest else None
         kept = (
             f"the last checkpoint, {last.name}, is kept; resume with train.resume=auto"
             if last is not None
