@@ -106,11 +106,12 @@ _DCP_OTHER = {
 
 class _DcpUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        obj = super().find_class(module, name) if module in _DCP_MODULES else None
-        if isinstance(obj, type) or (module, name) in _DCP_OTHER:
-            return obj if obj is not None else super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        # DCP's metadata classes (not its functions), a few plain types, and torch dtypes.
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_OTHER or dtype:
+            return super().find_class(module, name)
+        if module in _DCP_MODULES and isinstance(obj := super().find_class(module, name), type):
+            return obj
         raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
 
 
