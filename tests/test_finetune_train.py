@@ -227,7 +227,7 @@ def test_bundled_pretraining_then_finetuning_beats_chance_clearly(tmp_path, monk
     assert "runs/default" in r["init"] and r["videos"] == 80 and r["top1"] >= 0.4
 
 
-def test_resume_needs_only_the_run_directory_not_the_init_source(dataset, tmp_path, capsys):
+def test_resume_and_export_need_only_the_run_directory_not_the_init_source(dataset, tmp_path, capsys):
     """finetune.init moved or damaged after the run started: the run's checkpoint replaces those weights."""
     from mats_scale.models.classifier import build_classifier
 
@@ -243,6 +243,13 @@ def test_resume_needs_only_the_run_directory_not_the_init_source(dataset, tmp_pa
     assert resumed.step == 4 and trainer.resume_path is not None
     out = capsys.readouterr().out
     assert f"finetune.init={init} not read: resuming" in out and "from scratch" not in out
+    # Export needs only the run directory too, wherever it is now: the init file is gone.
+    from mats_scale.train.export import export
+
+    init.unlink()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    sd = export(str(tmp_path / "moved"), str(tmp_path / "out.pt"))
+    assert sd["head.weight"].shape[0] == 10 and (tmp_path / "out.pt").is_file()
 
 
 @pytest.mark.integration

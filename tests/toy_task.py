@@ -84,6 +84,12 @@ class ToyClassifierTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
+    @classmethod
+    def for_checkpoint(cls, config_text: str, meta) -> ToyClassifierTask:
+        from mats_scale.config import load_config_text
+
+        return cls(load_config_text(config_text))
+
     def model_spec(self) -> ModelSpec:
         return ModelSpec(
             name="toy",

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from mats_scale.config import load_config_text
 from mats_scale.run.checkpoint import (
     CheckpointError,
     newest_verified,
@@ -50,7 +49,7 @@ def export(path: str, out: str, layout: str = "mats") -> dict[str, torch.Tensor]
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     sd = consolidate_checkpoint(meta["backend"], str(ckpt / "engine"))
-    task = task_class(meta["task"])(load_config_text(meta["config"]))
+    task = task_class(meta["task"]).for_checkpoint(meta["config"], meta)  # reads only the run directory
     model = build_model(task.model_spec(), "meta")
     model.load_state_dict(sd, strict=True, assign=True)  # names and shapes match the run's model
     if layout == "videomae":  # VideoMAE's fine-tuning key layout (models/load.py: export_videomae)

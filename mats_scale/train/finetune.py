@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mats_scale.config import Config, ConfigError, load_config
+from mats_scale.config import Config, ConfigError, load_config, load_config_text
 from mats_scale.data.device import to_model_input
 from mats_scale.masking.mats import finetune_selection
 from mats_scale.models.classifier import classifier_spec
@@ -151,6 +151,16 @@ class FinetuneTask:
             print(self.init_report, flush=True)
         self.mix = VideoMixup(cfg, self.num_classes) if (f.mixup or f.cutmix) else None
         self.erasing: ClipErasing | None = None  # built on the first step (needs the device)
+
+    @classmethod
+    def for_checkpoint(cls, config_text: str, meta: Mapping[str, Any]) -> FinetuneTask:
+        """Without reading ``finetune.init`` (the checkpoint holds the trained weights; the file may have
+        moved) or the data lists (the class count is recorded in the metadata)."""
+        cfg = load_config_text(config_text)
+        cfg.finetune.init = ""
+        cfg.finetune.eval_only = cfg.finetune.linear_probe = False
+        cfg.finetune.num_classes = int(meta["num_classes"])
+        return cls(cfg)
 
     def _load_init(self, path: str) -> tuple[dict[str, torch.Tensor], str]:
         from mats_scale.models.load import InitError, map_state

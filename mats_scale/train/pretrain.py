@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mats_scale.config import Config
+from mats_scale.config import Config, load_config_text
 from mats_scale.data.device import to_model_input
 from mats_scale.masking import TokenGrid, select_tokens
 from mats_scale.models.pretrain import pretrain_spec
@@ -28,6 +28,10 @@ class PretrainTask:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.grid = TokenGrid.from_model(cfg.model)
+
+    @classmethod
+    def for_checkpoint(cls, config_text: str, meta: Mapping[str, Any]) -> PretrainTask:
+        return cls(load_config_text(config_text))
 
     def model_spec(self) -> ModelSpec:
         return pretrain_spec(self.cfg.model)

@@ -55,6 +55,12 @@ class Task(Protocol):
     tb_tags: Mapping[str, str]
     """TensorBoard tag of each summarized metric (unlisted ones go under ``task/``)."""
 
+    @classmethod
+    def for_checkpoint(cls, config_text: str, meta: Mapping[str, Any]) -> Task:
+        """The task that wrote a checkpoint, rebuilt from its recorded config and ``meta.json`` alone:
+        it reads nothing outside the run directory (no data lists, no init weights), so it only
+        describes the model (``mats-export``, tools)."""
+
     def model_spec(self) -> ModelSpec: ...
 
     def build_loader(self, rank: int, world_size: int) -> Loader: ...
