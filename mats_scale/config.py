@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mats_scale import tokens
@@ -236,12 +236,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, text:
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. model.size=S")
         check_override_keys(overrides, Config)  # names the whole key and the nearest ones
         layers.append(_dotlist(overrides))
-        # A masking preset is a layer under the file and the overrides: keys set explicitly win
-        # (and MaskingConfig refuses one that contradicts the preset).
-        preset = OmegaConf.select(OmegaConf.merge(*layers), "masking.preset", default="")
-        if preset in tokens.PRESETS:
-            merged = OmegaConf.merge(merged, {"masking": tokens.PRESETS[preset]})
-        merged = OmegaConf.merge(merged, *layers)
+        for layer in layers:
+            merged = _merge_layer(merged, layer)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         from mats_scale.config_help import unknown_key_message
@@ -250,6 +246,25 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, text:
     except (ValidationError, OmegaConfBaseException) as e:  # wrong type, bad YAML structure, ...
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e.msg).splitlines()[0]}") from None
+
+
+def _merge_layer(merged: DictConfig, layer: DictConfig) -> DictConfig:
+    """`layer` (the file, then the overrides) over `merged`, with masking presets resolved per layer: a
+    layer's ``masking.preset`` replaces the strategy/decoder keys of the layers below it (its own keys
+    of the same names must agree: MaskingConfig refuses a contradiction within one layer), and a layer
+    that sets one of those keys to another value than a lower layer's preset drops that preset."""
+    preset = OmegaConf.select(layer, "masking.preset", default=None)
+    if preset:
+        if preset in tokens.PRESETS:
+            merged = OmegaConf.merge(merged, {"masking": tokens.PRESETS[preset]})
+        return OmegaConf.merge(merged, layer)
+    below = OmegaConf.select(merged, "masking.preset", default="")
+    merged = OmegaConf.merge(merged, layer)
+    if below in tokens.PRESETS and preset is None:
+        fields = tokens.PRESETS[below]
+        if any(OmegaConf.select(merged, f"masking.{k}") != v for k, v in fields.items()):
+            merged.masking.preset = ""
+    return merged
 
 
 def load_config_text(text: str) -> Config:

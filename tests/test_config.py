@@ -108,6 +108,30 @@ def test_every_shipped_config_loads_with_every_value_it_sets(path):
     assert load_config_text(cfg.to_yaml()) == cfg
 
 
+@pytest.mark.parametrize("preset", ["tube", "tube+rc", "mats"])
+def test_a_preset_on_the_command_line_replaces_the_files_masking_keys(preset):
+    """default.yaml sets masking.strategy/decoder/decoder_mode; a preset given as an override is a
+    later layer and wins over them (was: exit 2, "drop one of the two")."""
+    from mats_scale.tokens import PRESETS
+
+    m = load_config("default", [f"masking.preset={preset}"]).masking
+    assert m.preset == preset
+    assert {k: getattr(m, k) for k in PRESETS[preset]} == PRESETS[preset]
+    assert m.ratio == 0.9  # keys the preset does not name stay as the file says
+
+
+def test_a_key_over_a_lower_layers_preset_wins_and_drops_the_preset(tmp_path):
+    from mats_scale.config import ConfigError
+
+    f = tmp_path / "c.yaml"
+    f.write_text("masking:\n  preset: mats+dual\n")
+    m = load_config(str(f), ["masking.decoder=none"]).masking
+    assert (m.strategy, m.decoder, m.preset) == ("mats", "none", "")
+    assert load_config(str(f), ["masking.strategy=mats"]).masking.preset == "mats+dual"
+    with pytest.raises(ConfigError, match="masking.preset=tube sets strategy=tube; drop one of the two"):
+        load_config(None, ["masking.preset=tube", "masking.strategy=mats"])  # one layer contradicts
+
+
 @pytest.mark.integration
 def test_shipped_vit_g_config_fits_one_node_per_the_planner():
     import torch
