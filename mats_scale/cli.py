@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -86,15 +87,54 @@ def _unknown_option(arg: str) -> str:
     return f"{name}: unknown option{what}; usage: {USAGE}{hint}"
 
 
-def help_text(prog: str, description: str, default_config: str | None) -> str:
-    first = description.strip().split("\n\n")
+def prog_name(module: str, argv0: str | None = None) -> str:
+    """How this command was started, for its usage line: the console script (``mats-pretrain``), the
+    checkout's script as typed (``launchers/pretrain.py``), or ``python -m mats_scale.launch.pretrain``.
+    `module` is the command's module (``mats_scale.launch.pretrain``)."""
+    argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
+    if not argv0 or argv0 in ("-c", "-m"):
+        return f"python -m {module}"
+    if argv0.replace(os.sep, "/").endswith(module.replace(".", "/") + ".py"):
+        return f"python -m {module}"  # python -m / deepspeed --module / torchrun -m
+    if argv0.endswith(".py"):  # launchers/pretrain.py, relative to the working directory when under it
+        rel = os.path.relpath(argv0) if os.path.isabs(argv0) else argv0
+        return argv0 if rel.startswith(os.pardir) else rel
+    return os.path.basename(argv0)  # a console script: mats-pretrain
+
+
+def plain_doc(text: str) -> str:
+    """A docstring as a terminal shows it: reST roles and inline-literal backticks removed
+    (``:mod:`mats_scale.x``` -> ``mats_scale.x``)."""
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
+def usage_with(options: Sequence[tuple[str, str]]) -> str:
+    """:data:`USAGE` with a command's own flags before the overrides."""
+    flags = " ".join(f"[{flag}]" for flag, _ in options if flag)
+    return USAGE.replace(" [key=value", f" {flags} [key=value") if flags else USAGE
+
+
+def print_to_stdout(text: str, end: str = "\n") -> None:
+    """Print for a reader that may stop early (``--help | head``): a closed pipe ends the output
+    quietly instead of a BrokenPipeError traceback."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
+def help_text(
+    prog: str, description: str, default_config: str | None, options: Sequence[tuple[str, str]] = ()
+) -> str:
+    """The job commands' help; `options` are (flag, what it does) rows besides the common ones."""
+    first = plain_doc(description).strip().split("\n\n")
     shown = default_config and os.path.relpath(default_config)
     if shown and shown.startswith(".."):
         shown = default_config
     default = f" (default: {shown})" if shown else ""
     return "\n".join(
         [
-            f"usage: {prog} {USAGE}",
+            f"usage: {prog} {usage_with(options)}",
             "",
             "\n\n".join(first[:2]),
             "",
@@ -102,6 +142,7 @@ def help_text(prog: str, description: str, default_config: str | None) -> str:
             "  -h, --help        show this help (every config key) and exit",
             f"  --config FILE     YAML file merged over the defaults below{default}",
             "  --print-config    print the resolved config (defaults <- FILE <- key=value) as YAML and exit",
+            *(f"  {flag:<16}  {what}" for flag, what in options),
             "  key=value         override one key, e.g. optim.base_lr=1e-4 masking.strategy=tube",
             "",
             "Exit status: 0 done, 1 run error, 2 bad command line or config.",
@@ -118,24 +159,25 @@ def help_text(prog: str, description: str, default_config: str | None) -> str:
 def load_or_exit(
     argv: Sequence[str] | None = None,
     *,
-    prog: str = "launchers/pretrain.py",
+    prog: str = "mats-pretrain",
     description: str = "",
     default_config: str | None = None,
+    options: Sequence[tuple[str, str]] = (),
 ) -> Config:
     """The validated Config of a command line; prints help / the config and exits 0, or prints one
-    ``config error:`` line and exits 2."""
+    ``config error:`` line and exits 2. `options`: the command's own flags for the help."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse(argv)
         if args.help:
-            print(help_text(prog, description, default_config))
+            print_to_stdout(help_text(prog, description, default_config, options))
             raise SystemExit(0)
         cfg = load_config(args.config or default_config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        print_to_stdout(cfg.to_yaml(), end="")
         raise SystemExit(0)
     return cfg
 
@@ -317,7 +359,11 @@ def add_sweep_args(parser: argparse.ArgumentParser, *, sizes: bool = True) -> No
     parser.add_argument("--num-frames", type=positive(int), default=16, help="frames per clip (default 16)")
     parser.add_argument("--img-size", type=positive(int), default=224, help="input resolution (default 224)")
     parser.add_argument("--out", default="profiling/out", help="output folder (default profiling/out)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (none is drawn when stderr is not a terminal)",
+    )
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

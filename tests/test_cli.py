@@ -75,3 +75,40 @@ def test_suggestions():
     assert (
         unknown_key_message("model.colour", Config) == "model.colour: unknown key; see --help for every key"
     )
+
+
+@pytest.mark.parametrize(
+    "argv0, shown",
+    [
+        ("/venv/bin/mats-pretrain", "mats-pretrain"),  # console script (was: launchers/pretrain.py)
+        ("launchers/pretrain.py", "launchers/pretrain.py"),
+        ("/site/mats_scale/launch/pretrain.py", "python -m mats_scale.launch.pretrain"),  # -m, --module
+        ("", "python -m mats_scale.launch.pretrain"),
+    ],
+)
+def test_usage_names_the_command_as_it_was_started(argv0, shown):
+    from mats_scale.cli import prog_name
+
+    assert prog_name("mats_scale.launch.pretrain", argv0) == shown
+
+
+def test_help_shows_no_rest_markup_and_finetune_lists_its_own_flags():
+    from mats_scale.cli import plain_doc
+
+    assert plain_doc("see :mod:`mats_scale.x` and ``key=value``") == "see mats_scale.x and key=value"
+    study = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "study.py"), "--help"], capture_output=True, text=True
+    )
+    assert study.returncode == 0 and ":mod:" not in study.stdout and "``" not in study.stdout
+    ft = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "finetune.py"), "--help"], capture_output=True, text=True
+    )
+    usage, options = ft.stdout.splitlines()[0], ft.stdout.split("options:")[1].split("Exit status")[0]
+    assert "[--eval] [--probe]" in usage and "--eval " in options and "--probe " in options
+
+
+def test_help_into_a_pipe_that_closes_early_is_quiet():
+    r = subprocess.run(
+        f"{sys.executable} {PRETRAIN} --help | head -1", shell=True, capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.stdout.startswith("usage: ") and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr

@@ -181,6 +181,41 @@ def test_each_output_is_listed_once(src, tmp_path):
     assert (tmp_path / "dst2" / "train.txt").read_text().splitlines() == ["jump/a.mp4 0", "run/c.mp4 1"]
 
 
+def test_list_mode_keeps_the_v2_format_and_writes_class_names(src, tmp_path):
+    """A VideoMAE V2 pre-training list ('path 0 -1') stays one (was: rewritten as 'path -1'), and
+    labelled lists in the class-folder layout get classes.txt (was: none in list mode)."""
+    v2, train, val = tmp_path / "pre.txt", tmp_path / "train.txt", tmp_path / "val.txt"
+    v2.write_text("jump/a.mp4 0 -1\nrun/c.mkv 0 -1\n")
+    train.write_text("jump/a.mp4 0\nrun/b.mp4 1\n")
+    val.write_text("run/c.mkv 1\n")
+    dst = tmp_path / "dst"
+    prepare(str(src), str(dst), OPTS, list_files=[str(v2), str(train), str(val)], workers=1, progress=False)
+    assert (dst / "pre.txt").read_text().splitlines() == ["jump/a.mp4 0 -1", "run/c.mp4 0 -1"]
+    assert read_list_file(str(dst / "pre.txt")).source_format == read_list_file(str(v2)).source_format
+    assert (dst / "train.txt").read_text().splitlines() == ["jump/a.mp4 0", "run/b.mp4 1"]
+    assert (dst / "classes.txt").read_text().splitlines() == ["0 jump", "1 run"]
+    # Labels that do not follow the folders: no class names are invented.
+    (tmp_path / "odd.txt").write_text("jump/a.mp4 1\nrun/b.mp4 0\nrun/c.mkv 0\njump/a.mp4 1\n")
+    dst2 = tmp_path / "dst2"
+    prepare(str(src), str(dst2), OPTS, list_files=[str(tmp_path / "odd.txt")], workers=1, progress=False)
+    assert (dst2 / "classes.txt").read_text().splitlines() == ["0 run", "1 jump"]
+    (tmp_path / "mixed.txt").write_text("jump/a.mp4 0\nrun/b.mp4 0\n")
+    dst3 = tmp_path / "dst3"
+    prepare(str(src), str(dst3), OPTS, list_files=[str(tmp_path / "mixed.txt")], workers=1, progress=False)
+    assert not (dst3 / "classes.txt").exists()
+
+
+def test_progress_is_not_redrawn_into_a_pipe(src, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "mats_scale.launch.prepare", str(src), str(tmp_path / "dst")]
+        + ["--short-side", "48", "--workers", "1"],
+        capture_output=True,  # bytes: text mode would turn each \r into a newline
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert b"\r" not in r.stderr + r.stdout and b"3 encoded" in r.stdout
+
+
 def test_a_file_name_that_is_not_utf8_round_trips_through_the_list(src, tmp_path, capsys):
     good = os.fsencode(src / "run") + b"/caf\xe9.avi"
     os.rename(write(src / "run" / "x.mp4", frames=8), good)

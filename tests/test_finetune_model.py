@@ -414,3 +414,35 @@ def test_finetune_plan_fits_more_clips_with_the_selection_and_with_checkpointing
         assert best[("all", "none", engine)] < best[("all", "every 1", engine)]
     assert all(p.row()["total_gib"] <= 40 for p in plans)
     assert main(["--size", "debug", "--frames", "4", "--img", "32", "--plan", "--node", "a100-40"]) == 0
+
+
+def test_top5_only_with_more_than_five_classes_and_the_confusion_plot_names_classes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mats_scale.train.evaluate import accuracy_note, confusion_figure, score_results
+
+    two = score_results(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]), 2)
+    assert two["top5"] is None and accuracy_note(two) == "top-1 0.6667"
+    scores = torch.cat([torch.eye(7), torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.03, 0.01, 0.01]])])
+    seven = score_results(scores, torch.tensor([0, 1, 2, 3, 4, 5, 6, 1]), 7)
+    assert seven["top5"] == 1.0 and accuracy_note(seven) == "top-1 0.8750 top-5 1.0000"
+    fig = confusion_figure({**two, "views": "1x1", "classes": ["left", "right"]})
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [0, 1] and [t.get_text() for t in ax.get_xticklabels()] == [
+        "left",
+        "right",
+    ]
+    fig = confusion_figure({**seven, "views": "1x1"})  # no names known: the class indices
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [str(i) for i in range(7)]
+
+
+def test_evaluation_results_go_next_to_the_weights(tmp_path):
+    from mats_scale.train.finetune import results_home
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    assert results_home(str(tmp_path / "run"), "runs/x") == str(tmp_path / "run")
+    assert results_home(str(step), "runs/x") == str(tmp_path / "run")
+    assert results_home(str(tmp_path / "w" / "vit_b.pt"), "runs/x") == str(tmp_path / "w" / "vit_b")
+    assert results_home("", "runs/x") == "runs/x"  # no weights: train.out_dir

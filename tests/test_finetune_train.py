@@ -227,7 +227,9 @@ def test_bundled_pretraining_then_finetuning_beats_chance_clearly(tmp_path, monk
     assert "runs/default" in r["init"] and r["videos"] == 80 and r["top1"] >= 0.4
 
 
-def test_resume_and_export_need_only_the_run_directory_not_the_init_source(dataset, tmp_path, capsys):
+def test_resume_export_and_eval_need_only_the_run_directory_not_the_init_source(
+    dataset, tmp_path, capsys, monkeypatch
+):
     """finetune.init moved or damaged after the run started: the run's checkpoint replaces those weights."""
     from mats_scale.models.classifier import build_classifier
 
@@ -250,6 +252,18 @@ def test_resume_and_export_need_only_the_run_directory_not_the_init_source(datas
     (tmp_path / "run").rename(tmp_path / "moved")
     sd = export(str(tmp_path / "moved"), str(tmp_path / "out.pt"))
     assert sd["head.weight"].shape[0] == 10 and (tmp_path / "out.pt").is_file()
+    # --eval of the run writes next to it (was: into train.out_dir of finetune_default, under the cwd).
+    from mats_scale.launch.finetune import main
+
+    monkeypatch.chdir(tmp_path)
+    common = [*BASE, "data.dataset=bundled", f"data.root={dataset}", "finetune.eval_at_end=false"]
+    assert main(["--eval", *common, f"finetune.init={tmp_path / 'moved'}"]) == 0
+    r = json.loads((tmp_path / "moved" / "eval" / "results.json").read_text())
+    assert r["classes"] == list(synth.CLASSES) and r["videos"] == 7
+    assert not (tmp_path / "runs").exists()
+    assert main(["--eval", *common, f"finetune.init={tmp_path / 'out.pt'}", "train.out_dir=elsewhere"]) == 0
+    assert (tmp_path / "elsewhere" / "eval" / "results.json").is_file()  # an explicit out_dir wins
+    assert f"-> {tmp_path / 'moved' / 'eval'}" in capsys.readouterr().out
 
 
 @pytest.mark.integration

@@ -16,7 +16,9 @@ interrupted run leaves no half file; a rerun skips finished outputs. A source th
 listed in ``DST/prepare_failed.txt`` (``path<TAB>reason``) and left out of the list files, never
 fatal. ``DST/prepare.json`` records the options; a rerun with other options is refused. The list
 files are written last: ``DST/list.txt`` (+ ``classes.txt``) for a scanned SRC, or one file per
-``--list`` with the same name, paths relative to DST, each output once: train with
+``--list`` with the same name, paths relative to DST, each output once, in the source list's format
+(a VideoMAE V2 ``path 0 -1`` list stays one; rawframe lists become ``path label``), plus
+``classes.txt`` when each label's videos sit in one folder named after the class: train with
 ``data.dataset=list data.root=DST data.train_list=DST/train.txt``.
 
 DST and SRC must not overlap; a DST that cannot be written stops the run with one error line (exit
@@ -38,7 +40,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from multiprocessing import get_context
 
-from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
+from mats_scale.data.lists import FORMATS, VideoItem, VideoList, read_list_file, scan_folder
 
 
 @dataclass(frozen=True)
@@ -232,11 +234,39 @@ def _lists(src_root: str, list_files: Sequence[str]) -> dict[str, list[VideoItem
         name = os.path.basename(lf)
         if name in out or name in (REPORT, META):
             raise ValueError(f"--list {lf!r}: two list files named {name!r} (or a reserved name)")
-        out[name] = [
-            VideoItem(it.path if os.path.isabs(it.path) else os.path.join(src_root, it.path), it.label)
-            for it in read_list_file(lf)
-        ]
+        listed = read_list_file(lf)
+        out[name] = VideoList(
+            (
+                VideoItem(it.path if os.path.isabs(it.path) else os.path.join(src_root, it.path), it.label)
+                for it in listed
+            ),
+            source_format=listed.source_format,
+        )
     return out
+
+
+def list_line(rel: str, label: int, source_format: str) -> str:
+    """One line of an output list, in its source list's format: a VideoMAE V2 pre-training list stays
+    ``path 0 -1`` (a video file), every other list becomes ``path label`` (rawframe folders are videos
+    now, so their frame counts no longer apply)."""
+    if source_format == FORMATS["path_start_total"]:
+        return f"{rel} 0 -1\n"
+    return f"{rel} {label}\n"
+
+
+def class_names_of(lists: dict[str, list[VideoItem]]) -> list[str] | None:
+    """Class names for ``classes.txt`` from labelled lists: the name of the folder holding the videos of
+    each label (the Kinetics / UCF101 layout ``class_name/video.mp4``), when every label has exactly one
+    such folder name and no two labels share one, and the labels are 0..N-1; else None."""
+    names: dict[int, set[str]] = {}
+    for items in lists.values():
+        for it in items:
+            if it.label >= 0:
+                names.setdefault(it.label, set()).add(os.path.basename(os.path.dirname(it.path)))
+    if not names or sorted(names) != list(range(len(names))) or any(len(v) != 1 for v in names.values()):
+        return None
+    flat = [next(iter(names[i])) for i in range(len(names))]
+    return flat if len(set(flat)) == len(flat) else None
 
 
 def _check_apart(src_root: str, dst_root: str) -> None:
@@ -331,7 +361,7 @@ def prepare(
         initial=done_before,
         desc="prepare",
         unit="video",
-        disable=not progress,
+        disable=None if progress else True,  # None: drawn only on a terminal, never \r into a pipe
         file=sys.stderr,
     ) as bar:
         pool = None
@@ -370,16 +400,16 @@ def prepare(
             for it in items:
                 if it.path in jobs:
                     listed.setdefault(jobs[it.path], it.label)
+            fmt = getattr(items, "source_format", "")
             lines = [
-                f"{os.path.relpath(d, dst_root)} {label}\n"
+                list_line(os.path.relpath(d, dst_root), label, fmt)
                 for d, label in listed.items()
                 if os.path.isfile(d)
             ]
             _write_atomic(os.path.join(dst_root, name), lines)
-        if not list_files:
-            _write_atomic(
-                os.path.join(dst_root, "classes.txt"), [f"{i} {c}\n" for i, c in enumerate(classes)]
-            )
+        names = class_names_of(lists) if list_files else classes
+        if names:
+            _write_atomic(os.path.join(dst_root, "classes.txt"), [f"{i} {c}\n" for i, c in enumerate(names)])
     except OSError as e:
         raise _dst_error(dst_root, e, dst_root) from None
     return {

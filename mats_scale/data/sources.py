@@ -87,6 +87,30 @@ def resolve_items(cfg: Config, split: str = "train") -> list[VideoItem]:
     raise DataError(f"data.dataset={d.dataset!r} has no file list")
 
 
+def class_names(cfg: Config) -> dict[int, str]:
+    """Label -> class name where the data says it: the bundled set's classes, a folder scan's
+    sub-folders, or a ``classes.txt`` (``label name`` lines, as ``mats-prepare`` and ``mats-synth`` write
+    it) beside the val list or in data.root; empty when none is found or it cannot be read."""
+    d = cfg.data
+    if d.dataset == "bundled":
+        return dict(enumerate(synth.CLASSES))
+    if d.dataset == "folder" and os.path.isdir(d.root):
+        return dict(
+            enumerate(sorted(e for e in os.listdir(d.root) if os.path.isdir(os.path.join(d.root, e))))
+        )
+    if d.dataset != "list":
+        return {}
+    for folder in dict.fromkeys([os.path.dirname(d.val_list or d.train_list), d.root]):
+        path = os.path.join(folder, "classes.txt")
+        try:
+            with open(path, encoding="utf-8") as f:
+                pairs = [line.split(maxsplit=1) for line in f if line.strip()]
+            return {int(p[0]): p[1].strip() for p in pairs if len(p) == 2}
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+    return {}
+
+
 def train_items(cfg: Config) -> list[VideoItem] | None:
     """The training videos, or None for data.dataset=synthetic (in-memory clips)."""
     return None if cfg.data.dataset == "synthetic" else resolve_items(cfg, "train")
@@ -94,6 +118,7 @@ def train_items(cfg: Config) -> list[VideoItem] | None:
 
 __all__ = [
     "BUNDLED_PARAMS",
+    "class_names",
     "SYNTHETIC_CLIPS",
     "bundled_root",
     "ensure_bundled",

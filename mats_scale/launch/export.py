@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mats_scale.cli import prog_name
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mats-export", description=__doc__.split("\n\n")[0].replace("\n", " ")
+        prog=prog_name("mats_scale.launch.export"), description=__doc__.split("\n\n")[0].replace("\n", " ")
     )
     parser.add_argument("checkpoint", help="step_* checkpoint directory or run directory")
     parser.add_argument("out", help="output .pt file (a plain fp32 state dict)")

@@ -20,10 +20,16 @@ from __future__ import annotations
 import sys
 
 FINETUNE_DEFAULT = "finetune_default"
+OPTIONS = (
+    ("--eval", "only evaluate finetune.init (= finetune.eval_only=true)"),
+    ("--probe", "fit a linear probe on the frozen encoder of finetune.init (= finetune.linear_probe=true)"),
+    ("", "  with either, the results go next to finetune.init (a run: RUN/eval; NAME.pt: NAME/eval)"),
+    ("", "  unless train.out_dir=DIR is given on the command line"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mats_scale.cli import load_or_exit
+    from mats_scale.cli import load_or_exit, prog_name
     from mats_scale.config import ConfigError
     from mats_scale.launch import run_job
     from mats_scale.resources import config_path
@@ -32,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, key in (("--eval", "finetune.eval_only"), ("--probe", "finetune.linear_probe")):
         if flag in argv:
             argv = [a for a in argv if a != flag] + [f"{key}=true"]
-    prog = "launchers/finetune.py"
-    cfg = load_or_exit(argv, prog=prog, description=__doc__, default_config=config_path(FINETUNE_DEFAULT))
+    prog = prog_name("mats_scale.launch.finetune")
+    cfg = load_or_exit(
+        argv, prog=prog, description=__doc__, default_config=config_path(FINETUNE_DEFAULT), options=OPTIONS
+    )
     if not (cfg.finetune.eval_only or cfg.finetune.linear_probe):
         return run_job("finetune", argv, prog=prog, description=__doc__, default_config=FINETUNE_DEFAULT)
 
@@ -41,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from mats_scale.parallel.distributed import LaunchError, shutdown
     from mats_scale.train.finetune import evaluate_only
 
+    explicit_out = any(a.startswith("train.out_dir=") for a in argv)
     try:
-        evaluate_only(cfg)
+        evaluate_only(cfg, cfg.train.out_dir if explicit_out else None)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2

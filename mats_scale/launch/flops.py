@@ -117,7 +117,7 @@ def flops_command(argv=None) -> int:
 
     jobs = [(s, st, r) for s in args.sizes for st in args.strategies for r in args.ratios]
     rows, t0 = [], time.perf_counter()
-    for size, strategy, ratio in tqdm(jobs, desc="flops", disable=args.no_progress, file=sys.stderr):
+    for size, strategy, ratio in tqdm(jobs, desc="flops", disable=args.no_progress or None, file=sys.stderr):
         model = ModelConfig(size=size, num_frames=args.num_frames, img_size=args.img_size)
         masking = masking_config(strategy, ratio, args.decoder_ratio, args.keep_ratio)
         wl = Workload(model, masking)

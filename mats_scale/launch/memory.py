@@ -75,7 +75,9 @@ def memory_command(argv=None) -> int:
     ]
     states = {}
     rows, t0 = [], time.perf_counter()
-    for size, strategy, ratio, pname in tqdm(jobs, desc="memory", disable=args.no_progress, file=sys.stderr):
+    for size, strategy, ratio, pname in tqdm(
+        jobs, desc="memory", disable=args.no_progress or None, file=sys.stderr
+    ):
         model = ModelConfig(size=size, num_frames=args.num_frames, img_size=args.img_size)
         masking = masking_config(strategy, ratio, args.decoder_ratio, args.keep_ratio)
         wl = Workload(model, masking, args.batch, args.dtype, args.checkpoint[pname])

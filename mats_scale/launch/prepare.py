@@ -19,13 +19,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mats_scale.cli import prog_name
 from mats_scale.data.errors import ListFileError
 from mats_scale.data.prepare import REPORT, DestinationError, PrepareOptions, prepare
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     d = PrepareOptions()
-    ap = argparse.ArgumentParser(prog="mats-prepare", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap = argparse.ArgumentParser(
+        prog=prog_name("mats_scale.launch.prepare"), description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     ap.add_argument("src", help="source directory (scanned, or the root of the --list paths)")
     ap.add_argument("dst", help="output directory (created; rerun to resume)")
     ap.add_argument(
@@ -35,14 +38,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest="lists",
         help="VideoMAE list file of videos under SRC (repeatable); default: scan SRC",
     )
-    ap.add_argument("--short-side", type=int, default=d.short_side, help="scale the short side down to this")
-    ap.add_argument("--fps", type=float, default=d.fps, help="output frame rate; 0 keeps the source's")
-    ap.add_argument("--gop", type=int, default=d.gop, help="keyframe at least every N frames")
-    ap.add_argument("--crf", type=int, default=d.crf, help="libx264 constant rate factor (quality)")
-    ap.add_argument("--preset", default=d.preset, help="libx264 preset")
-    ap.add_argument("--tune", default=d.tune, help="libx264 tune ('' for none)")
+    ap.add_argument(
+        "--short-side",
+        type=int,
+        default=d.short_side,
+        help="scale the short side down to this (default %(default)s)",
+    )
+    ap.add_argument(
+        "--fps",
+        type=float,
+        default=d.fps,
+        help="output frame rate; 0 keeps the source's (default %(default)s)",
+    )
+    ap.add_argument(
+        "--gop", type=int, default=d.gop, help="keyframe at least every N frames (default %(default)s)"
+    )
+    ap.add_argument(
+        "--crf",
+        type=int,
+        default=d.crf,
+        help="libx264 constant rate factor, lower is better (default %(default)s)",
+    )
+    ap.add_argument("--preset", default=d.preset, help="libx264 preset (default %(default)s)")
+    ap.add_argument("--tune", default=d.tune, help="libx264 tune, '' for none (default %(default)s)")
     ap.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (also when output is not a terminal)"
+    )
     a = ap.parse_args(argv)
     if a.workers < 0:
         ap.error(f"--workers={a.workers}: must be >= 0 (0: all cores)")

@@ -18,11 +18,12 @@ configuration.
 
 from __future__ import annotations
 
+from mats_scale.cli import prog_name
 from mats_scale.launch import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("pretrain", argv, prog="launchers/pretrain.py", description=__doc__)
+    return run_job("pretrain", argv, prog=prog_name("mats_scale.launch.pretrain"), description=__doc__)
 
 
 if __name__ == "__main__":

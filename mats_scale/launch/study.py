@@ -23,6 +23,7 @@ import shlex
 import signal
 import sys
 
+from mats_scale.cli import plain_doc, prog_name
 from mats_scale.errors import ConfigError
 from mats_scale.resources import STUDY_DIR, require_config
 
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     report_only = bool(argv) and argv[0] == "report"
     p = argparse.ArgumentParser(
-        prog="study.py report" if report_only else "study.py",
-        description=__doc__,
+        prog=prog_name("mats_scale.launch.study") + (" report" if report_only else ""),
+        description=plain_doc(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

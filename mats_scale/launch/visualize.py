@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from mats_scale import tokens
-from mats_scale.cli import out_dir_problem
+from mats_scale.cli import out_dir_problem, prog_name
 from mats_scale.config import Config, ConfigError, load_config
 
 ROWS = ("input", "visible", "targets", "reconstruction")
@@ -324,7 +324,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = _Parser(
-        prog="mats-visualize",
+        prog=prog_name("mats_scale.launch.visualize"),
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -123,11 +123,22 @@ def evaluate(task: Classifying, engine: Engine, out_dir: str | None = None) -> d
             **left_out(skipped, cfg.data.eval_clips * cfg.data.eval_crops),
             "tokens": task.tokens_label(),
             "init": task.init_report,
+            "classes": class_names(cfg, task.num_classes),
         }
     )
     if out_dir and is_writer():
         write_results(results, os.path.join(out_dir, "eval"))
     return results
+
+
+def class_names(cfg: Config, num_classes: int) -> list[str] | None:
+    """The classes' names for the results and the confusion plot, where the data names them."""
+    from mats_scale.data.sources import class_names as names_of
+
+    names = names_of(cfg)
+    if not names:
+        return None
+    return [names.get(i, str(i)) for i in range(num_classes)]
 
 
 def left_out(skipped: list[tuple[str, str]], views: int) -> dict[str, Any]:
@@ -140,8 +151,15 @@ def lost_note(r: Mapping[str, Any]) -> str:
     return f" ({n} unreadable left out, {r['views_lost']} views lost)" if n else ""
 
 
+def accuracy_note(r: Mapping[str, Any]) -> str:
+    """``top-1 0.8125 top-5 0.9750``; top-5 only where it says something (more than five classes)."""
+    top5 = f" top-5 {r['top5']:.4f}" if r.get("top5") is not None else ""
+    return f"top-1 {r['top1']:.4f}{top5}"
+
+
 def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """Top-1 / top-5 / per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
+    """Top-1 / top-5 / per-class accuracy and the confusion matrix (rows: true, columns: predicted).
+    Top-5 is None with five classes or fewer (it would be 1.0 whatever the model does)."""
     k = min(5, num_classes)
     top = scores.topk(k, dim=1).indices
     pred = top[:, 0]
@@ -153,7 +171,7 @@ def score_results(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     ]
     return {
         "top1": (pred == labels).double().mean().item(),
-        "top5": (top == labels[:, None]).any(1).double().mean().item(),
+        "top5": (top == labels[:, None]).any(1).double().mean().item() if num_classes > 5 else None,
         "per_class_acc": per_class,
         "confusion": confusion.tolist(),
     }
@@ -168,10 +186,34 @@ def write_results(results: dict[str, Any], out: str, title: str = "") -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    fig = confusion_figure(results, title)
+    fig.savefig(os.path.join(out, "confusion.png"), dpi=100)
+    plt.close(fig)
+
+
+MAX_NAMED_TICKS = 40
+"""Up to this many classes, every row and column of the confusion plot is labelled."""
+
+
+def confusion_figure(results: Mapping[str, Any], title: str = ""):
+    """The row-normalised confusion matrix: one tick per class (its name from ``results["classes"]``
+    where known, else its index), every class up to :data:`MAX_NAMED_TICKS`, whole numbers beyond."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     conf = torch.tensor(results["confusion"], dtype=torch.float64)
+    n = conf.shape[0]
     norm = conf / conf.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    side = min(12.0, 5.0 + 0.15 * n)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(norm.numpy(), vmin=0, vmax=1, cmap="Blues")
+    names = results.get("classes") or [str(i) for i in range(n)]
+    if n <= MAX_NAMED_TICKS:
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+    else:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
     head = f"{title}: " if title else ""
     ax.set(
         xlabel="predicted",
@@ -180,5 +222,4 @@ def write_results(results: dict[str, Any], out: str, title: str = "") -> None:
     )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "confusion.png"), dpi=100)
-    plt.close(fig)
+    return fig

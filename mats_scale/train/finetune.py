@@ -21,7 +21,7 @@ from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.parallel.base import Engine
 from mats_scale.profiling.workload import FinetuneWorkload
 from mats_scale.run.checkpoint import resumable_checkpoint
-from mats_scale.train.evaluate import evaluate, is_writer, lost_note
+from mats_scale.train.evaluate import accuracy_note, evaluate, is_writer, lost_note
 from mats_scale.train.probe import linear_probe
 from mats_scale.train.task import Finished, Loader, StepOutput
 
@@ -140,6 +140,8 @@ class FinetuneTask:
             init = ""
         if init == "auto":
             init, self.init_report = auto_init()
+        self.init_path = init
+        """The weights this task starts from (finetune.init, ``auto`` resolved; "" for none)."""
         if init:
             self.init_state, self.init_report = self._load_init(init)
         elif f.eval_only:
@@ -261,29 +263,47 @@ class FinetuneTask:
             return
         r = evaluate(self, trainer.engine, self.cfg.train.out_dir)
         trainer.log.info(
-            f"eval {r['views']} views, {r['videos']} videos{lost_note(r)}: top-1 {r['top1']:.4f} "
-            f"top-5 {r['top5']:.4f} -> {os.path.join(self.cfg.train.out_dir, 'eval')}"
+            f"eval {r['views']} views, {r['videos']} videos{lost_note(r)}: {accuracy_note(r)} "
+            f"-> {os.path.join(self.cfg.train.out_dir, 'eval')}"
         )
 
 
-def evaluate_only(cfg: Config) -> dict[str, Any]:
+def results_home(init: str, default: str) -> str:
+    """Where evaluating or probing `init` writes its ``eval/`` or ``probe/`` folder: next to the weights
+    (a run directory itself; a step_* checkpoint's run directory; for a file ``NAME.pt``, the folder
+    ``NAME`` beside it), or `default` (train.out_dir) without init weights."""
+    if not init:
+        return default
+    path = os.path.normpath(init)
+    if os.path.isdir(path):
+        if (
+            os.path.basename(path).startswith("step_")
+            and os.path.basename(os.path.dirname(path)) == "checkpoints"
+        ):
+            return os.path.dirname(os.path.dirname(path))
+        return path
+    return os.path.splitext(path)[0]
+
+
+def evaluate_only(cfg: Config, out_dir: str | None = None) -> dict[str, Any]:
     """``finetune.eval_only`` (the classifier of finetune.init, evaluated) or ``finetune.linear_probe``
-    (a linear probe of its encoder), on every rank; no training."""
+    (a linear probe of its encoder), on every rank; no training. The results go under `out_dir`, by
+    default next to the evaluated weights (:func:`results_home`)."""
     from mats_scale.parallel.distributed import init_distributed
     from mats_scale.parallel.engine import build_engine
 
     task = FinetuneTask(cfg)
+    out = out_dir or results_home(task.init_path, cfg.train.out_dir)
     env = init_distributed(cfg.train, cfg.parallel)
     engine = build_engine(cfg, env, task.model_spec())
     if cfg.finetune.linear_probe:
-        r, what, sub = linear_probe(task, engine, cfg.train.out_dir), "linear probe", "probe"
+        r, what, sub = linear_probe(task, engine, out), "linear probe", "probe"
     else:
-        r, what, sub = evaluate(task, engine, cfg.train.out_dir), "eval", "eval"
+        r, what, sub = evaluate(task, engine, out), "eval", "eval"
     if env.is_writer:
         print(
-            f"{what} {r['views']} views, {r['videos']} videos{lost_note(r)}: top-1 {r['top1']:.4f} "
-            f"top-5 {r['top5']:.4f} "
-            f"-> {os.path.join(cfg.train.out_dir, sub)}",
+            f"{what} {r['views']} views, {r['videos']} videos{lost_note(r)}: {accuracy_note(r)} "
+            f"-> {os.path.join(out, sub)}",
             flush=True,
         )
     return r

@@ -14,6 +14,7 @@ from torch import nn
 from mats_scale.parallel.base import Engine
 from mats_scale.train.evaluate import (
     Classifying,
+    class_names,
     is_writer,
     left_out,
     score_results,
@@ -49,6 +50,7 @@ def linear_probe(task: Classifying, engine: Engine, out_dir: str | None = None) 
             **left_out(skipped, cfg.data.eval_clips * cfg.data.eval_crops),
             "tokens": task.tokens_label(),
             "init": task.init_report,
+            "classes": class_names(cfg, task.num_classes),
         }
     )
     if out_dir and is_writer():
