@@ -374,6 +374,26 @@ def test_busy_rendezvous_port_is_one_line_naming_it(tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_a_busy_port_is_found_before_any_op_build_or_model(tmp_path, monkeypatch):
+    """The launcher's preflight (no process group, no DeepSpeed import) names it on rank 0 of a
+    2-process launch (was: only when rank 0 joined the group, after the op builds)."""
+    from mats_scale.parallel.distributed import LaunchError
+    from mats_scale.run.preflight import preflight
+
+    other_job = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(other_job.port), "RANK": "0", "WORLD_SIZE": "2"}
+    for key, value in {**env, "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(None, LOCAL + ["parallel.backend=deepspeed", f"train.out_dir={tmp_path}"])
+    with pytest.raises(LaunchError, match=rf"^MASTER_PORT={other_job.port} on 127.0.0.1 is already in use"):
+        preflight(cfg)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun: its agent holds the port
+    preflight(cfg)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    monkeypatch.setenv("RANK", "1")  # only rank 0 binds it
+    preflight(cfg)
+
+
 # ---- errors while data workers run: never hang ---------------------------------------------------
 WORKERS = LOCAL[:]
 WORKERS[WORKERS.index("data.num_workers=0")] = "data.num_workers=2"

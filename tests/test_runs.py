@@ -172,6 +172,9 @@ def test_provenance_names_code_command_libraries_and_machine(tmp_path):
 
     assert prov["versions"]["torch"] and prov["versions"]["torch"].split("+")[0] in torch.__version__
     assert {"deepspeed", "timm", "decord", "cuda", "nccl"} <= set(prov["versions"])
+    from importlib import metadata
+
+    assert prov["versions"]["mats_scale"] == metadata.version("mats_scale")  # also without a git checkout
     assert prov["host"] == socket.gethostname() and prov["device"] and prov["argv"] == sys.argv
 
 

@@ -16,6 +16,7 @@ segments in /dev/shm are unlinked by their rank at exit and on SIGTERM/SIGINT, a
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -100,6 +101,34 @@ def collective_timeout(parallel: ParallelConfig, device: torch.device) -> timede
     return timedelta(seconds=seconds)
 
 
+def port_in_use_message(port: str, addr: str) -> str:
+    return (
+        f"MASTER_PORT={port} on {addr} is already in use (another job on this node?): "
+        f"choose a free port, e.g. deepspeed --master_port {int(port) + 1} ... or "
+        f"torchrun --master_port {int(port) + 1} ..."
+    )
+
+
+def master_port_problem() -> str | None:
+    """On global rank 0 of a multi-process launch whose MASTER_PORT someone on this machine already
+    listens on: the message, before minutes of DeepSpeed op builds (rank 0 binds the port only when it
+    joins the group). None otherwise, also under torchrun, whose agent holds the port itself, and when
+    MASTER_ADDR is not an address of this machine."""
+    env = os.environ
+    port, addr = env.get("MASTER_PORT", ""), env.get("MASTER_ADDR", "127.0.0.1")
+    if env.get("RANK", "0") != "0" or int(env.get("WORLD_SIZE", "1") or 1) <= 1 or not port.isdigit():
+        return None
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does: TIME_WAIT is fine
+        try:
+            s.bind((addr, int(port)))
+        except OSError as e:
+            return port_in_use_message(port, addr) if e.errno == errno.EADDRINUSE else None
+    return None
+
+
 def _port_in_use(e: BaseException) -> bool:
     text = str(e)
     return "EADDRINUSE" in text or "address already in use" in text.lower()
@@ -157,12 +186,7 @@ def init_distributed(train: TrainConfig, parallel: ParallelConfig) -> DistEnv:
     except (dist.DistError, RuntimeError, OSError) as e:
         if not _port_in_use(e):
             raise
-        port, addr = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
-        raise LaunchError(
-            f"MASTER_PORT={port} on {addr} is already in use (another job on this node?): "
-            f"choose a free port, e.g. deepspeed --master_port {int(port) + 1} ... or "
-            f"torchrun --master_port {int(port) + 1} ..."
-        ) from None
+        raise LaunchError(port_in_use_message(os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"])) from None
     _record_peers(env)
     if launched:
         watch_launcher()

@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 from mats_scale.config import Config, ConfigError
-from mats_scale.parallel.distributed import DistEnv, LaunchError, detect_env
+from mats_scale.parallel.distributed import DistEnv, LaunchError, detect_env, master_port_problem
 from mats_scale.run.faults import Faults
 
 
@@ -35,6 +35,8 @@ def preflight(cfg: Config) -> tuple[DistEnv, dict[str, dict]]:
     from mats_scale.parallel.engine import engine_run_files
 
     env = detect_env(cfg.train, cfg.parallel)
+    if problem := master_port_problem():
+        raise LaunchError(problem)
     Faults.from_env()  # a malformed MATS_FAULT_* variable is a config error, now
     engine_files = engine_run_files(cfg, env)
     check_out_dir(cfg.train.out_dir)  # read-only or impossible train.out_dir: one line, before any model

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("torch", "deepspeed", "timm", "decord", "torchvision", "numpy", "omegaconf", "av")
+PACKAGES = ("mats_scale", "torch", "deepspeed", "timm", "decord", "torchvision", "numpy", "omegaconf", "av")
 
 
 def git_state(path: Path) -> dict[str, Any] | None:
