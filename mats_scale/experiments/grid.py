@@ -13,7 +13,8 @@
       nproc: 1
       warmup_steps: 2                # steps left out of the medians
       loss_window: 3                 # final loss = mean of the last N steps
-      time_limit_s: 600
+      time_limit_s: 600              # per run
+      repeats: 3                     # runs per real point: clips/s is their median, with min-max
     measure: [train, flops, memory]  # train = a real run; flops, memory, feasibility = profilers only
     points:                          # extra points after the product (e.g. an engine with no stage)
       - {parallel.backend: fsdp2}
@@ -49,6 +50,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 2,
     "loss_window": 3,
     "time_limit_s": 600,
+    "repeats": 3,  # runs per real point (median and min-max of throughput); profiler-only points run none
 }
 GRID_KEYS = ("name", "config", "base", "axes", "points", "run", "measure", "rules", "feasibility")
 
@@ -114,6 +116,9 @@ def _check_run(run: dict[str, Any], where: str) -> None:
     for key in ("nproc", "loss_window", "time_limit_s"):
         if not isinstance(run[key], (int, float)) or run[key] < 1:
             raise ConfigError(f"{where}.{key}={run[key]!r}: must be a number >= 1")
+    repeats = run["repeats"]
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"{where}.repeats={repeats!r}: must be a whole number >= 1 (runs per point)")
     if run["launcher"] == "python" and run["nproc"] != 1:
         raise ConfigError(f"{where}: launcher=python runs one process, got nproc={run['nproc']}")
 

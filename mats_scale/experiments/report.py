@@ -5,17 +5,23 @@ and memory vs rho, one line per preset and any other varied key), the model size
 throughput vs size), the engine (ZeRO stage / FSDP2: throughput and memory side by side) and, for every
 real run, measured against predicted memory. Axes are linear and carry units; the keys that are the same
 for every point go into the caption under the figure (and into the Markdown).
+
+One row per grid point, its newest record (older rows counted and named by commit; a "commit" column
+when the rows shown span commits). Throughput: median over the point's runs with their min-max (error
+bars), the device it was timed on next to the FLOPs, and notes on CPU timings, single runs and pairs
+of points that differ by less than their spread.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from mats_scale.experiments.sweep import OK_STATUS, load_results
+from mats_scale.experiments.sweep import OK_STATUS, flatten, load_results, point_id, short_commit
 from mats_scale.models.sizes import SIZES
 from mats_scale.profiling.report import markdown_table, pyplot
 
@@ -42,22 +48,12 @@ CAPTION_KEYS = (
 IGNORED_KEYS = ("train.out_dir",)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if not isinstance(v, list) else tuple(v)
-    return out
-
-
 class Row:
     """One record with its flattened config (``run.*`` included) and convenient numbers."""
 
     def __init__(self, rec: dict[str, Any]) -> None:
         self.rec = rec
-        self.cfg = _flatten(rec.get("config") or {})
+        self.cfg = flatten(rec.get("config") or {})
         self.cfg.update({f"run.{k}": v for k, v in (rec.get("run") or {}).items()})
         self.cfg.update({k: v for k, v in (rec.get("point") or {}).items() if k not in self.cfg})
         m = rec.get("measured") or {}
@@ -78,13 +74,76 @@ class Row:
     def get(self, key: str, default: Any = None) -> Any:
         return self.cfg.get(key, default)
 
+    @property
+    def cpu(self) -> bool:
+        """Timed on a CPU (a real run whose device is not CUDA)."""
+        return self.ran and not str(self.measured.get("device", "cpu")).startswith("cuda")
+
+    @property
+    def timed_on(self) -> str:
+        host = self.rec.get("host") or {}
+        if not self.ran:
+            return "-"
+        return f"CPU ({host.get('cpus', '?')} cores)" if self.cpu else str(host.get("gpu") or "GPU")
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        """(min, max) of clips/s over the point's runs; None for a single run."""
+        m = self.measured
+        return (m["clips_per_s_min"], m["clips_per_s_max"]) if m.get("repeats", 1) > 1 else None
+
+    def throughput(self) -> tuple[float, float, float, float]:
+        """(median clips/s, median, min, max): a bar's height, or a line's point, and its error bar."""
+        c = self.measured["clips_per_s"]
+        return (c, c, *(self.spread or (c, c)))
+
 
 def latest(records: Sequence[dict[str, Any]]) -> list[Row]:
-    """The last record of every key, in first-seen order (a retried point replaces its failure)."""
-    by_key: dict[str, dict[str, Any]] = {}
+    """The newest record of every grid point, in first-seen order (a retried or re-run point replaces
+    its older rows)."""
+    by_point: dict[str, dict[str, Any]] = {}
     for rec in records:
-        by_key[rec.get("key", str(len(by_key)))] = rec
-    return [Row(r) for r in by_key.values()]
+        by_point[point_id(rec)] = rec
+    return [Row(r) for r in by_point.values()]
+
+
+def throughput_label(rows: Sequence[Row]) -> str:
+    """The throughput axis: median over runs, min-max bars, and CPU when it was timed on one."""
+    bars = "median; bars: min-max of runs" if any(r.spread for r in rows) else "one run each"
+    return f"clips/s{' on CPU' if any(r.cpu for r in rows) else ''} ({bars})"
+
+
+def timing_notes(rows: Sequence[Row]) -> list[str]:
+    """What the throughput numbers can and cannot say: CPU timings, points without spread, and the
+    pairs of points whose difference is inside their runs' spread."""
+    ran = [r for r in rows if r.ran]
+    notes = []
+    cpu = [r for r in ran if r.cpu]
+    if cpu:
+        notes.append(
+            f"**CPU timings.** {len(cpu)} of {len(ran)} timed points ran on a CPU: their clips/s, step "
+            "time and MFU move with the machine's load and clock more than with the work and need not "
+            "follow the FLOPs per clip (FLOPs, tokens and memory are deterministic). Compare cost by "
+            "FLOPs; time speed on a GPU."
+        )
+    single = [r for r in ran if r.spread is None]
+    if single:
+        notes.append(
+            f"**No spread** for {len(single)} of {len(ran)} timed points: one run each (run.repeats=1, "
+            "or recorded before repeats), so their differences in clips/s may be noise."
+        )
+    spread = [r for r in ran if r.spread is not None]
+    pairs = list(itertools.combinations(spread, 2))
+    if pairs:
+        inside = sum(a.spread[0] <= b.spread[1] and b.spread[0] <= a.spread[1] for a, b in pairs)
+        widest = max((r.spread[1] - r.spread[0]) / r.measured["clips_per_s"] for r in spread)
+        verdict = "their order is not resolved by these timings" if inside else "every order is resolved"
+        notes.append(
+            f"**Spread.** {inside} of {len(pairs)} pairs of timed points differ by less than their runs' "
+            f"spread (overlapping min-max of clips/s): {verdict}; the widest spread is "
+            f"{100 * widest:.0f}% of its median."
+        )
+    return notes
 
 
 def varying(rows: Sequence[Row]) -> list[str]:
@@ -152,10 +211,14 @@ def _finish(fig, title: str, text: str, path: str) -> str:
     return path
 
 
-def _lines(ax, groups: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str) -> None:
+def _lines(ax, groups: dict[str, list[tuple[float, ...]]], xlabel: str, ylabel: str, title: str) -> None:
+    """A line per group of (x, y) or (x, y, low, high) points; the latter with error bars."""
     for label, pts in groups.items():
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        bars = len(pts[0]) == 4 and any(p[2] != p[3] for p in pts)  # no bars without a spread
+        err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]] if bars else None
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -174,10 +237,10 @@ def plot_mask_ratio(rows: list[Row], var: list[str], path: str) -> str | None:
     thr, mem = defaultdict(list), defaultdict(list)
     for r in ran:
         label = _series_label(r, series)
-        thr[label].append((r.get("masking.ratio"), r.measured["clips_per_s"]))
+        thr[label].append((r.get("masking.ratio"), *r.throughput()[1:]))
         mem[label].append((r.get("masking.ratio"), r.measured["peak_mem_gib"]))
     fig, (a, b) = _figure(2)
-    _lines(a, thr, "encoder mask ratio rho", "throughput (clips/s, median after warm-up)", "Throughput")
+    _lines(a, thr, "encoder mask ratio rho", throughput_label(ran), "Throughput")
     kind = ran[0].measured.get("peak_mem_kind", "peak memory")
     _lines(b, mem, "encoder mask ratio rho", f"peak memory (GiB, {kind})", "Peak memory")
     text = caption(rows, ["masking.ratio", *series])
@@ -202,7 +265,7 @@ def plot_model_size(rows: list[Row], var: list[str], path: str) -> str | None:
         elif r.pred:
             mem[label].append((x, r.pred["per_rank_gib"]))
         if r.ran:
-            thr[label].append((x, r.measured["clips_per_s"]))
+            thr[label].append((x, *r.throughput()[1:]))
     panels = [
         (flops, "training TFLOPs per clip (fwd + bwd)", "FLOPs per clip"),
         (
@@ -214,7 +277,7 @@ def plot_model_size(rows: list[Row], var: list[str], path: str) -> str | None:
         ),
     ]
     if thr:
-        panels.append((thr, "throughput (clips/s, measured)", "Throughput (real runs)"))
+        panels.append((thr, throughput_label([r for r in rows if r.ran]), "Throughput (real runs)"))
     panels = [p for p in panels if p[0]]
     fig, axes = _figure(len(panels))
     for ax, (groups, ylabel, title) in zip(axes, panels, strict=True):
@@ -241,10 +304,12 @@ def plot_engines(rows: list[Row], var: list[str], path: str) -> str | None:
     for r in ran:
         groups[r.engine] = r
     xs = range(len(engines))
-    bars = a.bar(xs, [groups[e].measured["clips_per_s"] for e in engines], 0.6)
+    thr = [groups[e].throughput() for e in engines]
+    err = [[t[0] - t[2] for t in thr], [t[3] - t[0] for t in thr]] if any(t[2] != t[3] for t in thr) else None
+    bars = a.bar(xs, [t[0] for t in thr], 0.6, yerr=err, capsize=3)
     a.bar_label(bars, fmt="%.2f", fontsize=7)
     a.set_xticks(xs, engines)
-    a.set_ylabel("throughput (clips/s, median after warm-up)")
+    a.set_ylabel(throughput_label(ran))
     a.set_title("Throughput", fontsize=10)
     w = 0.38
     m = b.bar(
@@ -282,19 +347,21 @@ def plot_categories(rows: list[Row], var: list[str], path: str) -> str | None:
     series = list(dict.fromkeys(_series_label(r, rest) for r in ran))
     fig, (a, b) = _figure(2)
     w = 0.8 / len(series)
-    thr_label = "throughput (clips/s, median after warm-up)"
     for ax, value, ylabel in (
-        (a, lambda r: r.measured["clips_per_s"], thr_label),
+        (a, Row.throughput, throughput_label(ran)),
         (
             b,
-            lambda r: r.flops.get("train_gflops", float("nan")),
+            lambda r: (r.flops.get("train_gflops", float("nan")),) * 4,
             "training GFLOPs per clip (incl. recomputation)",
         ),
     ):
         for i, label in enumerate(series):
             got = {str(r.get(first)): value(r) for r in ran if _series_label(r, rest) == label}
             xs = [j + (i - (len(series) - 1) / 2) * w for j in range(len(cats))]
-            bars = ax.bar(xs, [got.get(c, float("nan")) for c in cats], w, label=label)
+            vals = [got.get(c, (float("nan"),) * 4) for c in cats]
+            spread = ax is a and any(r.spread for r in ran)  # no error bars on FLOPs, nor without spread
+            err = [[v[0] - v[2] for v in vals], [v[3] - v[0] for v in vals]] if spread else None
+            bars = ax.bar(xs, [v[0] for v in vals], w, yerr=err, capsize=2, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=6)
         ax.set_xticks(range(len(cats)), cats, fontsize=8)
         ax.set_xlabel(first)
@@ -334,21 +401,32 @@ def plot_memory_check(rows: list[Row], path: str) -> str | None:
 # ---- tables ---------------------------------------------------------------------------------------
 
 
-def table_rows(rows: Sequence[Row], var: Sequence[str]) -> list[dict[str, str]]:
+def table_rows(rows: Sequence[Row], var: Sequence[str], commit: bool = False) -> list[dict[str, str]]:
+    """The table: the varied keys, then per point its status, throughput (median of runs, min-max, the
+    number of runs and the device it was timed on, next to the FLOPs), memory, loss and tokens."""
     out = []
     for r in rows:
         m, p, f = r.measured, r.pred, r.flops
         row = {k: _fmt(r.get(k)) for k in var}
+        if commit:
+            row["commit"] = short_commit(r.rec.get("git_commit"))
         row.update(
             {
                 "status": r.status,
                 "clips/s": _fmt(m.get("clips_per_s")),
+                "min-max (runs)": (
+                    (f"{r.spread[0]:.2f}-{r.spread[1]:.2f}" if r.spread else "-")
+                    + f" ({m.get('repeats', 1)} run{'s' if m.get('repeats', 1) > 1 else ''})"
+                    if r.ran
+                    else "-"
+                ),
+                "timed on": r.timed_on,
+                "train GFLOPs/clip": f"{f['train_gflops']:.4g}" if f else "-",
                 "step (s)": _fmt(m.get("step_time_s"), 3),
                 "MFU (%)": _fmt(100 * m["mfu"] if "mfu" in m else None, 1),
                 "peak TFLOP/s": _fmt(m.get("mfu_peak_tflops"), 3),  # per device, MFU's denominator
                 "peak (GiB)": _fmt(m.get("peak_mem_gib")),
                 "predicted (GiB)": _fmt(p.get("total_gib")),  # this point's processes on its own device
-                "train GFLOPs/clip": f"{f['train_gflops']:.4g}" if f else "-",
                 "final loss": _fmt(m.get("final_loss"), 4),
                 "tokens enc/dec": (
                     f"{m['tokens_encoder_per_clip']:.0f}/{m['tokens_decoder_per_clip']:.0f}"
@@ -375,38 +453,34 @@ def render(results: str, out_dir: str | None = None) -> list[str]:
     out_dir = out_dir or os.path.dirname(os.path.abspath(results))
     os.makedirs(out_dir, exist_ok=True)
     rows = latest(records)
+    shown = {id(r.rec) for r in rows}
+    older = sorted({short_commit(r.get("git_commit")) for r in records if id(r) not in shown})
+    n_older = len(records) - len(rows)
     var = varying(rows)
     var_shown = [k for k in var if k not in ("run.time_limit_s",)]
     name = rows[0].rec.get("grid", "sweep")
-    written, figures = [], []
-    for fn, stem in (
-        (plot_mask_ratio, "mask_ratio"),
-        (plot_model_size, "model_size"),
-        (plot_engines, "engines"),
-    ):
-        got = fn(rows, var_shown, os.path.join(out_dir, f"{name}_{stem}.png"))
-        if got:
-            figures.append(os.path.basename(got))
-            written.append(got)
-    if not figures:  # none of the standard axes varies: bars over the grid's own keys
-        got = plot_categories(rows, var_shown, os.path.join(out_dir, f"{name}_bars.png"))
-        if got:
-            figures.append(os.path.basename(got))
-            written.append(got)
-    got = plot_memory_check(rows, os.path.join(out_dir, f"{name}_memory_check.png"))
-    if got:
-        figures.append(os.path.basename(got))
-        written.append(got)
-    table = table_rows(rows, var_shown)
-    columns = [(k, k, str) for k in table[0]]
+    stems = ("mask_ratio", "model_size", "engines", "bars", "memory_check")
+    path = {stem: os.path.join(out_dir, f"{name}_{stem}.png") for stem in stems}
+    plots = ((plot_mask_ratio, "mask_ratio"), (plot_model_size, "model_size"), (plot_engines, "engines"))
+    written = [got for fn, stem in plots if (got := fn(rows, var_shown, path[stem]))]
+    if not written:  # none of the standard axes varies: bars over the grid's own keys
+        written += [got for got in [plot_categories(rows, var_shown, path["bars"])] if got]
+    written += [got for got in [plot_memory_check(rows, path["memory_check"])] if got]
+    commit_column = len({short_commit(r.rec.get("git_commit")) for r in rows}) > 1
+    table = table_rows(rows, var_shown, commit=commit_column)
     n_ok = sum(r.status in OK_STATUS for r in rows)
+    left_out = (
+        f"; {n_older} older row{'s' * (n_older > 1)} of these points left out, made at commit "
+        + ", ".join(older)
+    )
     text = [
         f"# Ablation: {name}",
         "",
-        f"{len(rows)} points ({n_ok} finished, {len(rows) - n_ok} failed), "
-        f"from `{os.path.basename(results)}`. "
-        "clips/s, step time and MFU are medians over the steps after warm-up; peak memory is the "
-        "process tree's peak RSS on CPU (summed over ranks) or the CUDA allocator's peak on GPU; "
+        f"{len(rows)} points ({n_ok} finished, {len(rows) - n_ok} failed), the newest row of each from "
+        f"`{os.path.basename(results)}`{left_out if n_older else ''}. "
+        "clips/s, step time and MFU are medians over the steps after warm-up, then over the point's "
+        "runs (min-max and the number of runs beside them); peak memory is the process tree's peak RSS "
+        "on CPU (summed over ranks) or the CUDA allocator's peak on GPU; "
         "predicted is the memory profiler for the same configuration (x processes); FLOPs per clip are "
         "the profiler's (forward + backward, recomputation included); MFU = model FLOPs per clip x "
         "clips/s / (peak TFLOP/s per device x devices), the peak from the GPU table, a CPU GEMM sample "
@@ -414,10 +488,10 @@ def render(results: str, out_dir: str | None = None) -> list[str]:
         "",
         f"Configuration: {caption(rows, var)}",
         "",
-        markdown_table(table, columns),
+        *[line for note in timing_notes(rows) for line in (note, "")],
+        markdown_table(table, [(k, k, str) for k in table[0]]),
     ]
-    for fig in figures:
-        text += [f"![{fig}]({fig})", ""]
+    text += [f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in written]
     md = os.path.join(out_dir, f"{name}_report.md")
     with open(md, "w") as f:
         f.write("\n".join(text))

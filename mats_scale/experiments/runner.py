@@ -5,7 +5,7 @@ every rank with it, with its output appended to a log file after a line with the
 (:mod:`mats_scale.experiments.sweep`) runs its points one at a time under a time limit; the study
 (:mod:`mats_scale.experiments.study`) runs several at once in dependency order. :func:`provenance` is
 the training provenance (:mod:`mats_scale.run.provenance`) in the fields a sweep record and a study
-report carry.
+report carry. :func:`launch_command` is the launcher command line of a sweep's training run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import contextlib
 import os
 import platform
 import signal
+import socket
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -31,6 +33,52 @@ def child_env(jobs_at_once: int) -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+def launch_command(run: dict[str, Any], args: list[str]) -> list[str]:
+    """The launcher command line of ``python -m mats_scale.launch.pretrain ARGS`` on run.nproc processes."""
+    n, py = int(run["nproc"]), sys.executable
+    if run["launcher"] == "torchrun":
+        return [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "mats_scale.launch.pretrain",
+            *args,
+        ]
+    if run["launcher"] == "deepspeed":
+        return [
+            py,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(n),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "mats_scale.launch.pretrain",
+            *args,
+        ]
+    return [py, "-m", "mats_scale.launch.pretrain", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_message(text: str) -> str:
+    """The most telling line of a failed run's output: the last error line, else the last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        low = ln.lower()
+        if "error" in low or "out of memory" in low or "killed" in low:
+            return ln[:500]
+    return lines[-1][:500] if lines else "no output"
 
 
 class Process:

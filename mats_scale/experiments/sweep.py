@@ -15,6 +15,13 @@ per clip (fvcore forward MACs, FlopCounterMode training FLOPs), the memory profi
 a GPU node. A failure (config error, non-zero exit, timeout, OOM) is recorded with its message and
 the sweep goes on. Records are keyed by a hash of the resolved config, run settings and measures: a
 key already in the results file is skipped (``retry_failed`` re-runs the failed ones).
+
+A real point runs ``run.repeats`` times, one after the other, each in a fresh run directory: its
+clips/s, step time, MFU and loss are the medians over the runs, with the runs' clips/s and their min
+and max (the spread the report shows), its peak memory the highest. A sweep never mixes its rows into
+results made at another commit or with another configuration of the same points without being told:
+it stops before running anything (:class:`SweepConflict`) unless ``append`` is set, and then labels
+the rows it adds (``appended``; every record carries its ``git_commit`` and the sweep's ``session``).
 """
 
 from __future__ import annotations
@@ -23,24 +30,29 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from mats_scale.config import Config, ConfigError, load_config
 from mats_scale.experiments.grid import Grid, Point
-from mats_scale.experiments.runner import Process, child_env, provenance
+from mats_scale.experiments.runner import Process, child_env, error_message, launch_command, provenance
 
 # Settings every real point gets: its own run directory, a fresh start, no bar, no TensorBoard.
 FORCED = ["logging.progress_bar=false", "logging.tensorboard=false", "train.save_every=0"]
 OK_STATUS = ("ok", "profiled")
 STOP_GRACE_S = 20  # a point past its time limit: SIGTERM (the trainer stops after its step), then SIGKILL
 GIB = 1024**3
+MEDIANS = ("clips_per_s", "step_time_s", "mfu", "mfu_peak_tflops", "final_loss")  # over a point's runs
+
+
+class SweepConflict(ConfigError):
+    """The results folder holds rows made at another commit or with another configuration of the
+    points, which the sweep would append to; one line saying what and how to go on."""
 
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -65,6 +77,28 @@ def point_key(cfg_dict: dict[str, Any], point: Point, feasibility: dict[str, Any
         ident["feasibility"] = feasibility or {}
     blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted key: value} (lists as tuples)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, list) else tuple(v)
+    return out
+
+
+def point_id(record: dict[str, Any]) -> str:
+    """Which grid point a record is, whatever its configuration: the grid's name and the axes' values."""
+    return json.dumps([record.get("grid"), record.get("point") or {}], sort_keys=True)
+
+
+def short_commit(commit: Any) -> str:
+    """A record's git_commit as shown: 12 hex digits, ``+dirty`` kept (uncommitted changes)."""
+    commit = str(commit or "unknown")
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def load_results(path: str) -> list[dict[str, Any]]:
@@ -159,52 +193,6 @@ def profile_feasibility(cfg: Config, node_name: str, engine: str | None = None) 
 # ---- real runs ------------------------------------------------------------------------------------
 
 
-def launch_command(run: dict[str, Any], args: list[str]) -> list[str]:
-    """The launcher command line of ``python -m mats_scale.launch.pretrain ARGS`` on run.nproc processes."""
-    n, py = int(run["nproc"]), sys.executable
-    if run["launcher"] == "torchrun":
-        return [
-            py,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={n}",
-            "-m",
-            "mats_scale.launch.pretrain",
-            *args,
-        ]
-    if run["launcher"] == "deepspeed":
-        return [
-            py,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(n),
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "mats_scale.launch.pretrain",
-            *args,
-        ]
-    return [py, "-m", "mats_scale.launch.pretrain", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def error_message(text: str) -> str:
-    """The most telling line of a failed run's output: the last error line, else the last line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        low = ln.lower()
-        if "error" in low or "out of memory" in low or "killed" in low:
-            return ln[:500]
-    return lines[-1][:500] if lines else "no output"
-
-
 def summarize_metrics(path: str, warmup: int, window: int) -> dict[str, Any]:
     """Medians after warm-up, peak memory and the final loss from a run's metrics.jsonl."""
     import math
@@ -254,7 +242,7 @@ def summarize_metrics(path: str, warmup: int, window: int) -> dict[str, Any]:
     return out
 
 
-def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None, dict[str, Any], float]:
+def run_once(point: Point, run_dir: str) -> tuple[str, str | None, dict[str, Any], float]:
     """One real run: (status, error message, measured metrics, wall seconds)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start: never resume a half-run point
     os.makedirs(run_dir)
@@ -282,23 +270,59 @@ def run_point(cfg: Config, point: Point, run_dir: str) -> tuple[str, str | None,
     return ("oom" if oom else "error"), f"exit {rc}: {error_message(output)}", measured, wall
 
 
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A point's measured numbers over its runs (each a :func:`summarize_metrics`): the MEDIANS over the
+    runs that finished a step, the runs' clips/s with their min and max, the highest peak memory."""
+    done = [m for m in runs if m.get("steps")]
+    if not done:
+        return runs[-1] if runs else {"steps": 0}
+    out = dict(done[0])
+    for key in MEDIANS:
+        values = [m[key] for m in done if m.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    out["peak_mem_gib"] = max(m["peak_mem_gib"] for m in done)
+    out["repeats"] = len(done)
+    out["clips_per_s_runs"] = [m["clips_per_s"] for m in done]
+    out["clips_per_s_min"] = min(out["clips_per_s_runs"])
+    out["clips_per_s_max"] = max(out["clips_per_s_runs"])
+    return out
+
+
+def run_point(point: Point, run_dir: str) -> tuple[str, str | None, dict[str, Any], float]:
+    """``run.repeats`` real runs of the point (``run_dir/run<i>``), one after the other, stopping at the
+    first failure: (status, error message, :func:`combine_runs` of the runs, wall seconds in all)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    repeats, runs, wall = int(point.run.get("repeats", 1)), [], 0.0
+    status, error = "ok", None
+    for i in range(1, repeats + 1):
+        status, error, measured, seconds = run_once(point, os.path.join(run_dir, f"run{i}"))
+        runs.append(measured)
+        wall += seconds
+        if status != "ok":
+            error = f"run {i} of {repeats}: {error}" if repeats > 1 else error
+            break
+    return status, error, combine_runs(runs), wall
+
+
 # ---- the sweep ------------------------------------------------------------------------------------
 
 
-def sweep(
-    grid: Grid, out_dir: str, *, retry_failed: bool = False, echo: Callable[[str], None] = print
-) -> str:
-    """Run every point of `grid` not yet in ``out_dir/results.jsonl``; returns that path."""
-    os.makedirs(out_dir, exist_ok=True)
-    results = os.path.join(out_dir, "results.jsonl")
-    done = {r["key"]: r["status"] for r in load_results(results)}
-    origin = provenance()
-    flops_cache: dict[str, dict[str, Any]] = {}
-    import torch
+@dataclass
+class Planned:
+    """A grid point before it runs: its record so far, its config (None after a config error), its key."""
 
-    cuda = torch.cuda.is_available()
-    for i, point in enumerate(grid.points, 1):
-        head = f"[{i}/{len(grid.points)}] {point.label}"
+    point: Point
+    record: dict[str, Any]
+    key: str
+    cfg: Config | None = None
+    error: str | None = None
+
+
+def plan(grid: Grid) -> list[Planned]:
+    """Every point's resolved config and key (a config error is keyed by the point's record)."""
+    out = []
+    for point in grid.points:
         record: dict[str, Any] = {
             "grid": grid.name,
             "point": point.axes,
@@ -311,19 +335,96 @@ def sweep(
             cfg = resolve(point)
         except ConfigError as e:
             key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-            if key in done and not (retry_failed and done[key] not in OK_STATUS):
-                echo(f"{head}: done before ({done[key]}), skipped")
-                continue
-            record.update(key=key, status="config", error=str(e))
-            _append(results, {**record, **origin, "finished_at": _now()})
-            echo(f"{head}: config error: {e}")
+            out.append(Planned(point, record, key, error=str(e)))
             continue
         cdict = config_dict(cfg)
-        key = point_key(cdict, point, grid.feasibility)
+        record["config"] = cdict
+        out.append(Planned(point, record, point_key(cdict, point, grid.feasibility), cfg))
+    return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The config keys, run settings and measures in which two records of the same point differ."""
+
+    def ident(rec):
+        return {
+            **flatten(rec.get("config") or {}),
+            **{f"run.{k}": v for k, v in (rec.get("run") or {}).items()},
+            "measure": tuple(rec.get("measure") or ()),
+        }
+
+    a, b = ident(old), ident(new)
+    return sorted(k for k in a.keys() | b.keys() if k != "train.out_dir" and a.get(k) != b.get(k))
+
+
+def mixing_problem(
+    existing: list[dict[str, Any]], planned: list[Planned], todo: int, commit: str
+) -> str | None:
+    """Why appending `todo` new rows to the `existing` records would mix results, or None: rows of these
+    points with another configuration, rows of other points (another grid), rows from another commit."""
+    if not existing or not todo:
+        return None
+    now = {point_id(p.record): p for p in planned}
+    keys = {p.key for p in planned}
+    changed = [r for r in existing if point_id(r) in now and r.get("key") not in keys]
+    other = [r for r in existing if point_id(r) not in now]
+    commits = sorted({short_commit(r.get("git_commit")) for r in existing} - {short_commit(commit)})
+    made = f"made at commit {', '.join(commits)}" if commits else "made at this commit"
+    if changed:
+        diff = _differences(changed[-1], now[point_id(changed[-1])].record)
+        shown = ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+        what = f"{len(changed)} rows of these points {made} with another configuration (differs in {shown})"
+    elif other:
+        what = f"{len(other)} rows of points that are not in grid {planned[0].record['grid']!r}, {made}"
+    elif commits:
+        what = f"{len(existing)} rows {made} (this is {short_commit(commit)})"
+    else:
+        return None
+    return f"holds {what}; the {todo} points to run would be appended to them"
+
+
+def sweep(
+    grid: Grid,
+    out_dir: str,
+    *,
+    retry_failed: bool = False,
+    append: bool = False,
+    echo: Callable[[str], None] = print,
+) -> str:
+    """Run every point of `grid` not yet in ``out_dir/results.jsonl``; returns that path. Raises
+    SweepConflict, before running anything, when that file holds rows made at another commit or with
+    another configuration of the points and `append` is not set."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = os.path.join(out_dir, "results.jsonl")
+    existing = load_results(results)
+    done = {r["key"]: r["status"] for r in existing}
+    planned = plan(grid)
+    todo = [p for p in planned if p.key not in done or (retry_failed and done[p.key] not in OK_STATUS)]
+    origin = provenance()
+    problem = mixing_problem(existing, planned, len(todo), origin["git_commit"])
+    if problem and not append:
+        raise SweepConflict(
+            f"{results}: {problem}: choose a new --out folder, or pass --append to add them (labelled "
+            "by commit; the report shows the newest row of each point)"
+        )
+    origin.update(session=_now(), **({"appended": True} if problem else {}))
+    flops_cache: dict[str, dict[str, Any]] = {}
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for i, item in enumerate(planned, 1):
+        point, record, key, cfg = item.point, dict(item.record), item.key, item.cfg
+        head = f"[{i}/{len(planned)}] {point.label}"
         if key in done and not (retry_failed and done[key] not in OK_STATUS):
             echo(f"{head}: done before ({done[key]}), skipped")
             continue
-        record.update(key=key, config=cdict)
+        record["key"] = key
+        if cfg is None:
+            record.update(status="config", error=item.error)
+            _append(results, {**record, **origin, "finished_at": _now()})
+            echo(f"{head}: config error: {item.error}")
+            continue
+        cdict = record["config"]
         real = "train" in point.measure
         # Real runs are predicted for the device they run on; profiler-only points for a GPU.
         target = "cuda" if not real or (cuda and cfg.train.device != "cpu") else "cpu"
@@ -346,14 +447,17 @@ def sweep(
             echo(f"{head}: profiler error: {e}")
             continue
         if real:
-            echo(f"{head}: running {point.run['launcher']} x {point.run['nproc']} ...")
-            status, error, measured, wall = run_point(cfg, point, os.path.join(out_dir, "runs", key))
+            n = int(point.run.get("repeats", 1))
+            echo(f"{head}: running {point.run['launcher']} x {point.run['nproc']}, {n} run(s) ...")
+            status, error, measured, wall = run_point(point, os.path.join(out_dir, "runs", key))
             record.update(status=status, error=error, measured=measured, wall_s=wall)
-            summary = (
-                f"{measured['clips_per_s']:.2f} clips/s, peak {measured['peak_mem_gib']:.2f} GiB"
-                if measured.get("steps")
-                else "no step finished"
-            )
+            summary = "no step finished"
+            if measured.get("steps"):
+                spread = f" ({measured['clips_per_s_min']:.2f}-{measured['clips_per_s_max']:.2f})"
+                summary = (
+                    f"{measured['clips_per_s']:.2f}{spread if measured['repeats'] > 1 else ''} clips/s, "
+                    f"peak {measured['peak_mem_gib']:.2f} GiB"
+                )
             echo(f"{head}: {status} in {wall:.0f} s ({summary})" + (f": {error}" if error else ""))
         else:
             record.update(status="profiled", error=None)
