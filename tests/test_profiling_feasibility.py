@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 
 import pytest
@@ -13,7 +14,9 @@ from mats_scale.profiling.feasibility import (
     data_verdict,
     gpu_clips_per_s,
     max_micro_batch,
+    measured_mfu,
     plan,
+    run_steps,
     training_days,
 )
 from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, peak_allocated
@@ -58,10 +61,120 @@ def test_max_micro_batch_is_the_boundary():
 
 def test_training_days_arithmetic():
     node = Node(gpus=8, mem_gib=80, peak_tflops=100.0)
-    # 1 TFLOP per clip at 50% of 100 TFLOPS: 0.02 s per clip per GPU; 1000 clips / (10 x 8) -> 13 steps
-    # of 10 clips: 13 x 0.2 s = 2.6 s per epoch.
-    days = training_days(10**12, 10, node, 0.5, epochs=86400 / 2.6, train_clips=1000)
-    assert days == pytest.approx(1.0)
+    # 1 TFLOP per clip at 50% of 100 TFLOPS: 0.02 s per clip per GPU; 10 clips per micro-batch, 3
+    # micro-batches per optimizer step: 0.6 s per step; 144000 steps = 1 day.
+    assert training_days(10**12, 10, node, 0.5, steps=144_000, grad_accum=3) == pytest.approx(1.0)
+    # 1000 videos, 2 clips each, on 8 GPUs at micro-batch 10: ceil(1000 / 8) // 5 = 25 steps per epoch.
+    assert run_steps(4, 1000, 8, 10, num_sample=2) == 100
+
+
+def test_h200_and_b200_nodes_and_every_node_in_the_help(capsys):
+    assert NODES["h200-141"] == Node(8, 141.0, 989.0, "8x H200-SXM-141GB")
+    assert NODES["b200-192"] == Node(8, 192.0, 2250.0, "8x B200-192GB")
+    with pytest.raises(SystemExit) as e:
+        plan_main(["--help"])
+    assert e.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in NODES), [n for n in NODES if n not in usage]
+
+
+def _metrics(path, sessions):
+    """A metrics.jsonl as the Trainer writes it: per session a start event, then step records."""
+    lines = []
+    for world, mfus in sessions:
+        lines.append({"event": "start", "step": 0, "world_size": world, "mfu_peak_source": "NVIDIA H100"})
+        lines += [{"step": i + 1, "loss": 1.0, "mfu": m} for i, m in enumerate(mfus)]
+    path.write_text("\n".join(json.dumps(rec) for rec in lines) + '\n{"step": 9, "mf')  # cut short
+
+
+def test_measured_mfu_of_a_run_is_the_median_of_its_last_session(tmp_path):
+    _metrics(tmp_path / "metrics.jsonl", [(4, [0.9, 0.9, 0.9]), (8, [0.05, 0.9, 0.40, 0.44, 0.42])])
+    for where in (tmp_path, tmp_path / "metrics.jsonl"):
+        got = measured_mfu(str(where), "g")
+        assert got.mfu == pytest.approx(0.42)  # the first 2 steps (warm-up) left out
+        assert "median of 3 steps" in got.source and "8 x NVIDIA H100" in got.source
+    _metrics(tmp_path / "metrics.jsonl", [(1, [])])
+    with pytest.raises(ValueError, match="no step record with an mfu"):
+        measured_mfu(str(tmp_path), "g")
+
+
+def test_measured_mfu_of_gpucheck_takes_the_planned_model_and_preset(tmp_path):
+    path = tmp_path / "results.json"
+    results = [("ViT-B mats+dual", 0.50), ("ViT-g mats+dual", 0.47), ("vit_g tube+rc", 0.39), ("ViT-g", 0.45)]
+    doc = {
+        "device": "NVIDIA H200",
+        "results": [{"name": n, "mfu": m, "clips_per_s": 1.0} for n, m in results],
+    }
+    doc["results"].append({"name": "ViT-g mats+dual no mfu", "mfu": None})  # a run that gave none
+    path.write_text(json.dumps(doc))
+    got = measured_mfu(str(path), "g", "mats+dual")
+    assert got.mfu == 0.47 and "entry 'ViT-g mats+dual'" in got.source and "NVIDIA H200" in got.source
+    assert measured_mfu(str(path), "g", "mats").mfu == 0.45  # no entry names mats alone: all ViT-g ones
+    assert measured_mfu(str(path), "g").mfu == 0.45
+    other = measured_mfu(str(path), "L", "mats+dual")  # no ViT-L entry: the median of all
+    assert other.mfu == pytest.approx(0.46) and "no entry is ViT-L" in other.source
+    # mats-gpucheck's own rows name the model and preset in fields (a depth-reduced ViT-g is "g-8blk").
+    rows = [
+        {"name": "B mats+dual", "model": "B", "preset": "mats+dual", "mfu": 0.5},
+        {"name": "g-8blk tube+rc", "model": "g-8blk", "preset": "tube+rc", "mfu": 0.3},
+        {"name": "g-8blk mats+dual", "model": "g-8blk", "preset": "mats+dual", "mfu": 0.36},
+        {"name": "g-8blk mats+dual compile", "model": "g-8blk", "preset": "mats+dual", "mfu": 0.4},
+        {"name": "mem zero3 b32", "model": "B", "preset": "tube+rc", "mfu": float("nan")},
+    ]
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "results": rows}))
+    assert measured_mfu(str(path), "g", "mats+dual").mfu == pytest.approx(0.38)
+    assert measured_mfu(str(path), "B", "tube+rc").mfu == 0.5  # the NaN row does not count
+    for text, message in (
+        ("[1, 2]", "expected a JSON object"),
+        ('{"results": [{"mfu": 0.3}]}', 'expected "results"'),
+        ('{"results": []}', "finite"),
+        ('{"results": [{"name": "ViT-g", "mfu": 35}]}', "must be in \\(0, 1\\]"),
+        ("{nope", "not valid JSON"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            measured_mfu(str(path), "g")
+    with pytest.raises(ValueError, match="no such file"):
+        measured_mfu(str(tmp_path / "missing.json"), "g")
+
+
+def test_cli_configured_batch_schedule_and_measured_mfu(tmp_path, capsys):
+    """With --config: the schedule as the trainer derives it, s/step and days at the configured
+    micro-batch, the measured MFU named as such, and the configured checkpointing set against the
+    table's policies (here 'half' also checkpoints the decoder, the config does not)."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "model:\n  size: debug\n  num_frames: 8\n  img_size: 64\nmasking:\n  preset: mats+dual\n"
+        "data:\n  dataset: list\n  train_list: none.txt\n  num_sample: 2\n  batch_size: 8\n"
+        "optim:\n  grad_accum: 2\n  warmup_epochs: 1\ntrain:\n  epochs: 3\n"
+        "parallel:\n  backend: deepspeed\n  zero_stage: 3\n  checkpoint_encoder_every: 2\n"
+    )
+    check = tmp_path / "gpucheck.json"
+    check.write_text(json.dumps({"device": "NVIDIA B200", "results": [{"name": "ViT-debug", "mfu": 0.25}]}))
+    common = ["--config", str(cfg), "--engines", "zero3", "--strategies", "mats+dual", "--no-progress"]
+    argv = [*common, "--checkpoint", "none,half", "--node", "b200-192", "--train-videos", "1000"]
+    assert plan_main([*argv, "--mfu-from", str(check), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    # ceil(1000 / 8) = 125 videos per GPU, 4 per micro-batch: 31 micro-batches, 15 steps per epoch.
+    assert "train.epochs=3 -> train.steps=45, warm-up 15 steps (15 steps per epoch" in out
+    assert "checkpointing (E,D) = (2,0): every 2nd encoder block, no decoder block" in out
+    assert "not a policy of the table: none = (0,0), half = (2,2)" in out
+    line = next(x for x in out.splitlines() if x.startswith("- time at the configured micro-batch 8: "))
+    step_s = float(line.split(": ")[1].split(" s/step")[0])
+    assert f"{45 * step_s / 86400:.1f} days for 45 steps (MFU 0.25, measured: mats-gpucheck" in line
+    assert "entry 'ViT-debug'" in line
+    assert "on 8 x 192 GiB (8x B200-192GB)" in (tmp_path / "o" / "feasibility.md").read_text()
+    assert plan_main([*common, "--mfu", "0.3", "--mfu-from", str(check), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --mfu and --mfu-from: give one of the two"
+    assert plan_main([*common, "--train-clips", "5", "--out", str(tmp_path)]) == 2
+    assert "--train-clips: renamed --train-videos" in capsys.readouterr().err
+    nowhere = tmp_path / "never"
+    assert plan_main([*common, "--train-videos", "30", "--out", str(nowhere)]) == 2  # 4 videos per GPU
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: train.epochs: 30 videos over 8 processes give no full optimizer step per epoch "
+        "(data.batch_size=8, optim.grad_accum=2)"
+    ]
+    assert not nowhere.exists()  # refused before any planning
 
 
 @pytest.mark.integration

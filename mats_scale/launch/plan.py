@@ -3,18 +3,33 @@ breakdown, and the step time and days for a number of epochs, per strategy x eng
 policy.
 
     mats-plan [--config FILE] [key=value ...]
-        [--node a100-80|a100-40|h100-80|custom] [--gpus 8] [--gpu-mem-gib G] [--peak-tflops T]
-        [--strategies tube+rc,mats,mats+dual] [--engines zero0,zero1,zero2,zero3,zero3-offload,fsdp2]
-        [--checkpoint none,half,full] [--dtype bf16] [--mfu 0.35] [--epochs 800] [--train-clips 240000]
-        [--ds-config ds.json] [--context-gib 1.0] [--fragmentation 0.1] [--out DIR]
-        [--data-rate CLIPS_PER_S_OR_JSON] [--host-cores 64]
+        [--node a100-80|a100-40|h100-80|h200-141|b200-192|custom] [--gpus 8] [--gpu-mem-gib G]
+        [--peak-tflops T] [--strategies tube+rc,mats,mats+dual]
+        [--engines zero0,zero1,zero2,zero3,zero3-offload,fsdp2] [--checkpoint none,half,full]
+        [--dtype bf16] [--mfu 0.35 | --mfu-from RUN_DIR|metrics.jsonl|gpucheck.json]
+        [--epochs 800] [--train-videos 240000] [--ds-config ds.json] [--context-gib 1.0]
+        [--fragmentation 0.1] [--out DIR] [--data-rate CLIPS_PER_S_OR_JSON] [--host-cores 64]
 
 Also ``python -m mats_scale.launch.plan``, and ``python profiling/feasibility.py`` in a checkout. Model
 shape and ratios come from the project config (defaults, --config FILE, key=value overrides); without
 --config and without a model.size override the model is ViT-g. With --config the configured job itself
-(its strategy, parallel.* engine and checkpointing, data.batch_size) is checked too. Writes
+(its strategy, parallel.* engine and checkpointing, data.batch_size, schedule) is checked too: memory,
+s/step and days at its own micro-batch, and its train.steps as the trainer derives them. Writes
 DIR/feasibility.csv, feasibility.md and feasibility.png; prints the headline. The planner itself is
 :mod:`mats_scale.profiling.feasibility`.
+
+Epochs: one epoch visits every training video once, each visit yielding data.num_sample clips (the
+trainer's train.epochs and VideoMAE V2's --epochs); steps per epoch = videos / GPUs / (micro-batch /
+num_sample) / grad_accum, rounded down as the trainer does.
+
+MFU: assumed (--mfu, default 0.35) or measured (--mfu-from): a run directory or its metrics.jsonl (the
+median of its step records' mfu after the first 2), or a mats-gpucheck results file, a JSON object
+{"device": str, "results": [{"name": str, "mfu": float, ...}, ...]}: the median over the entries of the
+planned model (a "model" field, g or a depth-reduced g-8blk, else a name starting with ViT-g, vit_g or
+g), narrowed to the masking preset (a "preset" field or a word of the name) when some give it; with no
+entry of the model, the median of all entries. A run's MFU counts model FLOPs, without recomputation;
+the planner applies it to the step's FLOPs with recomputation, so a checkpointed plan comes out slower,
+never faster, than such a run.
 
 Data side: each GPU consumes peak x MFU / training FLOPs per clip clips per second; with --data-rate
 (clips/s one CPU core delivers on your files: a number, or the JSON of
@@ -113,21 +128,20 @@ def _engine_list(text: str) -> list[str]:
     return choices_list(list(ENGINE_CHOICES), "engines")(text)
 
 
-def plan_command(argv=None) -> int:
-    """The command; a bad argument raises UsageError / ConfigError (see :func:`main`)."""
+def _parser():
     from mats_scale.tokens import PRESETS as STRATEGIES
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--config", help="project YAML config (model, masking ratios, parallel, data.batch_size)"
+        "--config", help="project YAML config (model, masking ratios, parallel, data.batch_size, schedule)"
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.size=L")
     parser.add_argument(
         "--node",
         type=_node_choice,
         default="a100-80",
-        help="target node, one of the usage above; custom takes --gpu-mem-gib and --peak-tflops "
-        "(default a100-80)",
+        help="target node of 8 GPUs, one of the usage above (dense bf16 peak and memory from NVIDIA's "
+        "datasheets); custom takes --gpu-mem-gib and --peak-tflops (default a100-80)",
     )
     parser.add_argument("--gpus", type=positive(int), help="GPUs in the node (data-parallel degree)")
     parser.add_argument(
@@ -150,20 +164,35 @@ def plan_command(argv=None) -> int:
         "--checkpoint",
         type=policy_list,
         default="none,half,full",
-        help="checkpointing policies: none, half (every 2nd block), full; or 'E,D' pairs split by ';'",
+        help="checkpointing policies: none, half (every 2nd encoder AND decoder block), full; or 'E,D' "
+        "pairs split by ';' (every E-th encoder, D-th decoder block, 0 = none)",
     )
     parser.add_argument(
         "--dtype", type=dtype_arg, default="bf16", help="compute dtype: fp32, bf16, fp16 (default bf16)"
     )
     parser.add_argument(
-        "--mfu", type=positive(float), default=0.35, help="assumed model FLOP utilisation (0.35)"
+        "--mfu", type=positive(float), default=None, help="assumed model FLOP utilisation (default 0.35)"
     )
     parser.add_argument(
-        "--epochs", type=positive(float), default=800, help="epochs over the training set (800)"
+        "--mfu-from",
+        metavar="PATH",
+        help="use a measured MFU instead: a run directory, its metrics.jsonl, or a mats-gpucheck JSON "
+        "(see MFU above)",
     )
     parser.add_argument(
-        "--train-clips", type=positive(int), default=None, help="training clips (K400: 240000)"
+        "--epochs",
+        type=positive(float),
+        default=None,
+        help="epochs of the table's days, each a visit of every video (num_sample clips each), as the "
+        "trainer counts (default: the config's train.epochs, else 800)",
     )
+    parser.add_argument(
+        "--train-videos",
+        type=positive(int),
+        default=None,
+        help="training videos (default: K400's ~240000; data.dataset=synthetic: its clip count)",
+    )
+    parser.add_argument("--train-clips", help=argparse.SUPPRESS)  # renamed: refused with a pointer
     parser.add_argument(
         "--ds-config",
         help="DeepSpeed JSON whose zero_optimization buckets to use (else the config's parallel.ds_config, "
@@ -189,8 +218,36 @@ def plan_command(argv=None) -> int:
     parser.add_argument("--host-cores", type=positive(int), default=64, help="CPU cores of the node (64)")
     parser.add_argument("--out", default="profiling/out", help="output folder (default profiling/out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if not 0 < args.mfu <= 1:
+    return parser
+
+
+def _mfu(args, size: str, preset: str | None):
+    """(MFU, how it was obtained) from --mfu / --mfu-from."""
+    if args.mfu_from is not None and args.mfu is not None:
+        raise UsageError("--mfu and --mfu-from: give one of the two")
+    if args.mfu_from is None:
+        mfu = 0.35 if args.mfu is None else args.mfu
+        if not 0 < mfu <= 1:
+            raise UsageError(f"--mfu={mfu}: must be in (0, 1]")
+        return mfu, "assumed"
+    from mats_scale.profiling.feasibility import measured_mfu
+
+    try:
+        got = measured_mfu(args.mfu_from, size, preset)
+    except ValueError as e:
+        raise UsageError(f"--mfu-from={args.mfu_from!r}: {e}") from None
+    return got.mfu, f"measured: {got.source}"
+
+
+def plan_command(argv=None) -> int:
+    """The command; a bad argument raises UsageError / ConfigError (see :func:`main`)."""
+    args = _parser().parse_args(argv)
+    if args.train_clips is not None:
+        raise UsageError(
+            "--train-clips: renamed --train-videos (an epoch visits every video once, data.num_sample "
+            "clips each)"
+        )
+    if args.mfu is not None and not 0 < args.mfu <= 1:
         raise UsageError(f"--mfu={args.mfu}: must be in (0, 1]")
     data_rate = _data_rate(args.data_rate)
 
@@ -199,15 +256,20 @@ def plan_command(argv=None) -> int:
     from mats_scale.config import load_config
     from mats_scale.profiling.feasibility import (
         ENGINE_CHOICES,
-        K400_TRAIN_CLIPS,
-        check_config,
+        K400_TRAIN_VIDEOS,
         data_verdict,
-        engine_of,
         gpu_clips_per_s,
         plan,
     )
     from mats_scale.profiling.memory import Allowance
-    from mats_scale.profiling.report import markdown_table, plain, plot_bars, write_csv, write_markdown
+    from mats_scale.profiling.report import (
+        markdown_table,
+        plain,
+        plot_bars,
+        policy_text,
+        write_csv,
+        write_markdown,
+    )
     from mats_scale.profiling.workload import Workload, masking_config
 
     engines = args.engines or list(ENGINE_CHOICES)
@@ -219,28 +281,51 @@ def plan_command(argv=None) -> int:
     if ds_config is None and cfg.parallel.ds_config:  # the config's own template, as the launcher uses
         ds_config = _ds_config(cfg.parallel.ds_config)
     allowance = Allowance(args.context_gib, args.fragmentation)
-    m = cfg.masking
+    m, d = cfg.masking, cfg.data
+    from mats_scale.tokens import PRESETS
+
+    preset = m.preset or next(
+        (n for n, keys in PRESETS.items() if all(getattr(m, k) == v for k, v in keys.items())), None
+    )
+    mfu, mfu_how = _mfu(args, cfg.model.size, preset if args.config else None)
     wls = {
         st: Workload(
             cfg.model, masking_config(st, m.ratio, m.decoder_ratio, m.keep_ratio, m.score), 1, args.dtype
         )
         for st in args.strategies
     }
-    clips = args.train_clips or K400_TRAIN_CLIPS
+    if args.train_videos:
+        videos, videos_how = args.train_videos, "--train-videos"
+    elif d.dataset == "synthetic":
+        from mats_scale.data.loader import SYNTHETIC_CLIPS
+
+        videos, videos_how = SYNTHETIC_CLIPS, "data.dataset=synthetic"
+    else:
+        videos, videos_how = K400_TRAIN_VIDEOS, "K400's ~240k; --train-videos for your copy"
+    epochs = args.epochs or cfg.train.epochs or 800
+    if args.config:
+        from mats_scale.profiling.feasibility import config_schedule
+
+        config_schedule(cfg, node.gpus, videos)  # a schedule without a whole step: refused before planning
     check_out_dir(args.out)  # before the planning, not after it
 
     t0 = time.perf_counter()
     with tqdm(
-        total=len(wls) * len(args.checkpoint), desc="feasibility", disable=args.no_progress, file=sys.stderr
+        total=len(wls) * len(args.checkpoint),
+        desc="feasibility",
+        disable=args.no_progress or None,
+        file=sys.stderr,
     ) as bar:
         plans = plan(
             wls,
             engines,
             args.checkpoint,
             node,
-            mfu=args.mfu,
-            epochs=args.epochs,
-            train_clips=clips,
+            mfu=mfu,
+            epochs=epochs,
+            videos=videos,
+            num_sample=d.num_sample,
+            grad_accum=cfg.optim.grad_accum,
             allowance=allowance,
             ds_config=ds_config,
             progress=bar,
@@ -257,10 +342,14 @@ def plan_command(argv=None) -> int:
     def f1(x):
         return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.1f}"
 
+    def policy(name):
+        e, dd = args.checkpoint[name]
+        return name if "," in name else f"{name} ({e},{dd})"
+
     cols = [
         ("strategy", "strategy", plain),
         ("engine", "engine", plain),
-        ("checkpoint", "ckpt", plain),
+        ("checkpoint", "ckpt (enc,dec)", policy),
         ("max_batch", "max micro-batch", plain),
         ("params_gib", "params", f2),
         ("grads_gib", "grads", f2),
@@ -271,16 +360,20 @@ def plan_command(argv=None) -> int:
         ("activations_gib", "activations", f2),
         ("allowance_gib", "allowance", f2),
         ("total_gib", "total GiB", f2),
-        ("step_s", "step s", f2),
-        ("days", f"days / {args.epochs:g} ep", f1),
+        ("step_s", "s/step", f2),
+        ("steps", "steps", plain),
+        ("days", f"days / {epochs:g} ep", f1),
     ]
     size = cfg.model.size
+    per_visit = f"{d.num_sample} clips per visit" if d.num_sample > 1 else "1 clip per visit"
     head = (
         f"# Feasibility: ViT-{size}, {cfg.model.num_frames}x{cfg.model.img_size}, rho={m.ratio}, "
         f"rho_d={m.decoder_ratio}, on {node.gpus} x {node.mem_gib:g} GiB ({node.name})\n\n"
-        f"Per-GPU memory at the largest micro-batch that fits (GiB); step time at MFU {args.mfu} of "
-        f"{node.peak_tflops:g} TFLOPS; days for {args.epochs:g} epochs of {clips} clips. Allowance = "
-        f"{args.context_gib} GiB CUDA context + {args.fragmentation:.0%} fragmentation.\n\n"
+        f"Per-GPU memory at the largest micro-batch that fits (GiB); step time at MFU {mfu:.3g} "
+        f"({mfu_how}) of {node.peak_tflops:g} TFLOPS; steps and days for {epochs:g} epochs, each a visit "
+        f"of every one of {videos} videos ({videos_how}; {per_visit}), grad_accum "
+        f"{cfg.optim.grad_accum}. Checkpointing (E,D): every E-th encoder and D-th decoder block, 0 = none. "
+        f"Allowance = {args.context_gib} GiB CUDA context + {args.fragmentation:.0%} fragmentation.\n\n"
     )
     text = head + markdown_table(rows, cols)
 
@@ -291,10 +384,11 @@ def plan_command(argv=None) -> int:
             if hit:
                 p = hit[0]
                 lines.append(
-                    f"- {st}, checkpointing {pname}: max micro-batch {p.max_batch} per GPU "
-                    f"({p.max_batch * node.gpus} clips per step), {f2(p.step_s)} s/step, {f1(p.days)} days"
+                    f"- {st}, checkpointing {pname} ({policy_text(*args.checkpoint[pname])}): max "
+                    f"micro-batch {p.max_batch} per GPU ({p.max_batch * node.gpus} clips per step), "
+                    f"{f2(p.step_s)} s/step, {f1(p.days)} days for {epochs:g} epochs"
                 )
-    lines += ["", f"## Data side: {node.gpus} GPUs at MFU {args.mfu}, {args.host_cores}-core host", ""]
+    lines += ["", f"## Data side: {node.gpus} GPUs at MFU {mfu:.3g}, {args.host_cores}-core host", ""]
     for st in ("mats+dual", "tube+rc"):
         for pname in args.checkpoint:
             hit = [p for p in plans if p.strategy == st and p.checkpoint == pname]
@@ -302,38 +396,16 @@ def plan_command(argv=None) -> int:
                 continue
             tf = hit[0].train_flops_per_clip
             if data_rate:
-                v = data_verdict(tf, node, args.mfu, data_rate, args.host_cores)
+                v = data_verdict(tf, node, mfu, data_rate, args.host_cores)
                 lines.append(f"- {st}, checkpointing {pname}: {v.text()}")
             else:
                 lines.append(
                     f"- {st}, checkpointing {pname}: each GPU consumes "
-                    f"{gpu_clips_per_s(tf, node, args.mfu):.0f} clips/s "
+                    f"{gpu_clips_per_s(tf, node, mfu):.0f} clips/s "
                     "(pass --data-rate for the verdict)"
                 )
     if args.config:
-        wl = Workload(
-            cfg.model,
-            cfg.masking,
-            cfg.data.batch_size,
-            args.dtype,
-            (cfg.parallel.checkpoint_encoder_every, cfg.parallel.checkpoint_decoder_every),
-        )
-        r = check_config(wl, engine_of(cfg.parallel), node, allowance=allowance, ds_config=ds_config)
-        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-        lines += [
-            "",
-            f"## Your config ({args.config}): {verdict}",
-            "",
-            f"- {r['engine']}, micro-batch {r['batch']}: {r['total_gib']:.2f} GiB of "
-            f"{r['capacity_gib']:g} GiB (states {r['states_gib']:.2f}, "
-            f"activations {r['activations_gib']:.2f}); "
-            f"largest micro-batch that fits: {r['max_batch']}",
-        ]
-        if data_rate:
-            from mats_scale.profiling.flops import step_flops
-
-            tf = step_flops(wl)  # one clip's step: forward, backward, recomputation and the score
-            lines.append(f"- data: {data_verdict(tf, node, args.mfu, data_rate, args.host_cores).text()}")
+        lines += _config_section(args, cfg, node, allowance, ds_config, mfu, mfu_how, videos, data_rate)
     text += "\n".join(lines) + "\n"
     write_markdown(text, os.path.join(out, "feasibility.md"))
 
@@ -358,6 +430,63 @@ def plan_command(argv=None) -> int:
     print("\n".join(lines))
     print(f"\n{len(rows)} rows in {elapsed:.1f}s -> {out}/feasibility.csv, feasibility.md, feasibility.png")
     return 0
+
+
+def _config_section(args, cfg, node, allowance, ds_config, mfu, mfu_how, videos, data_rate) -> list[str]:
+    """The printout's "Your config" lines: memory, schedule, s/step and days at the configured batch."""
+    from mats_scale.profiling.feasibility import (
+        check_config,
+        config_schedule,
+        data_verdict,
+        engine_of,
+        step_seconds,
+    )
+    from mats_scale.profiling.flops import step_flops
+    from mats_scale.profiling.report import policy_text
+    from mats_scale.profiling.workload import Workload
+
+    d, o, par = cfg.data, cfg.optim, cfg.parallel
+    ckpt = (par.checkpoint_encoder_every, par.checkpoint_decoder_every)
+    wl = Workload(cfg.model, cfg.masking, d.batch_size, args.dtype, ckpt)
+    r = check_config(wl, engine_of(par), node, allowance=allowance, ds_config=ds_config)
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    same = [n for n, pol in args.checkpoint.items() if tuple(pol) == ckpt]
+    table = ", ".join(f"{n} = ({e},{dd})" for n, (e, dd) in args.checkpoint.items() if "," not in n)
+    note = f"the table's '{same[0]}'" if same else f"not a policy of the table: {table}"
+    lines = [
+        "",
+        f"## Your config ({args.config}): {verdict}",
+        "",
+        f"- {r['engine']}, micro-batch {r['batch']}, checkpointing (E,D) = ({ckpt[0]},{ckpt[1]}): "
+        f"{policy_text(*ckpt)} ({note}): "
+        f"{r['total_gib']:.2f} GiB of {r['capacity_gib']:g} GiB (states {r['states_gib']:.2f}, "
+        f"activations {r['activations_gib']:.2f}); largest micro-batch that fits: {r['max_batch']}",
+    ]
+    s = config_schedule(cfg, node.gpus, videos)
+    per = (
+        f"{s.steps_per_epoch} steps per epoch = {videos} videos / {node.gpus} GPUs / "
+        f"({d.batch_size} clips / {d.num_sample} per video) / grad_accum {o.grad_accum}"
+    )
+    if s.from_epochs:
+        lines.append(
+            f"- schedule: train.epochs={cfg.train.epochs:g} -> train.steps={s.steps}, warm-up "
+            f"{s.warmup_steps} steps ({per}; the trainer derives the same at start from {videos} videos "
+            f"on {node.gpus} processes)"
+        )
+    else:
+        lines.append(
+            f"- schedule: train.steps={s.steps}, warm-up {s.warmup_steps} steps: {s.epochs:.2f} epochs "
+            f"({per})"
+        )
+    tf = step_flops(wl)  # one clip's step: forward, backward, recomputation and the score
+    step_s = o.grad_accum * step_seconds(tf, d.batch_size, node, mfu)
+    lines.append(
+        f"- time at the configured micro-batch {d.batch_size}: {step_s:.2f} s/step, "
+        f"{s.steps * step_s / 86400:.1f} days for {s.steps} steps (MFU {mfu:.3g}, {mfu_how})"
+    )
+    if data_rate:
+        lines.append(f"- data: {data_verdict(tf, node, mfu, data_rate, args.host_cores).text()}")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -17,10 +17,17 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=0.6)
     p.add_argument("--classes", type=int, default=400)
     p.add_argument("--plan", action="store_true", help="activation memory, max micro-batch per engine, days")
-    p.add_argument("--node", default="a100-80", help="a100-80, a100-40 or h100-80 (8 GPUs each)")
+    p.add_argument(
+        "--node", default="a100-80", help="a100-80, a100-40, h100-80, h200-141 or b200-192 (8 GPUs each)"
+    )
     p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES)
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation (an input)")
-    p.add_argument("--epochs", type=float, default=75, help="fine-tuning epochs (VideoMAE ViT-B K400: 75)")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=75,
+        help="fine-tuning epochs, each a visit of every video (VideoMAE ViT-B K400: 75)",
+    )
     p.add_argument("--train-clips", type=int, default=240_000, help="training videos (K400: ~240k)")
     a = p.parse_args(argv)
     from mats_scale.models.args import ModelArgs
@@ -58,7 +65,8 @@ def main(argv=None) -> int:
         )
         print(
             f"\nfine-tuning on {node.name}, {a.dtype}, MFU {a.mfu} (assumed), {a.epochs:g} epochs of "
-            f"{a.train_clips} clips; activations measured on meta, states modelled (see --help):"
+            f"{a.train_clips} videos (one clip each); activations measured on meta, states modelled "
+            "(see --help):"
         )
         head = f"{'tokens':<9} {'ckpt':<8} {'engine':<13} {'states':>7} {'act/clip':>9} {'max b':>6} "
         print(head + f"{'GiB at b':>9} {'step s':>7} {'days':>6}")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from statistics import median
 
+from mats_scale.config import ConfigError
 from mats_scale.profiling.flops import step_flops
 from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, activation_model, peak_allocated
 from mats_scale.profiling.states import ModelStates, model_states, param_stats
@@ -22,11 +24,17 @@ class Node:
     name: str = "custom"
 
 
-# Dense bf16 peaks from NVIDIA's A100 (312 TFLOPS) and H100 SXM (989 TFLOPS) datasheets.
+# Dense (no sparsity) bf16 tensor-core peak and memory per GPU, from NVIDIA's datasheets: A100 SXM
+# (312 TFLOPS; 40 / 80 GB), H100 SXM (989; 80 GB), H200 SXM (989; 141 GB HBM3e), B200 (HGX / DGX B200:
+# 4.5 PFLOPS FP16/BF16 with 2:4 sparsity, so 2250 dense; 192 GB HBM3e at launch, 180 GB usable per GPU
+# in the DGX B200 datasheet: pass --gpu-mem-gib 180 for that). The planner takes datasheet GB as GiB
+# (HBM sizes are binary: an "80GB" A100 reports 80 GiB); --gpu-mem-gib sets what nvidia-smi shows.
 NODES: dict[str, Node] = {
     "a100-80": Node(8, 80.0, 312.0, "8x A100-80GB"),
     "a100-40": Node(8, 40.0, 312.0, "8x A100-40GB"),
     "h100-80": Node(8, 80.0, 989.0, "8x H100-SXM-80GB"),
+    "h200-141": Node(8, 141.0, 989.0, "8x H200-SXM-141GB"),
+    "b200-192": Node(8, 192.0, 2250.0, "8x B200-192GB"),
 }
 
 # Engines: label -> (engine, zero stage, optimizer offload)
@@ -39,9 +47,10 @@ ENGINE_CHOICES: dict[str, tuple[str, int, bool]] = {
     "fsdp2": ("fsdp2", 3, False),
 }
 
-# K400 training clips: about 240k videos, the size the VideoMAE papers quote (the Kinetics paper: 400
-# classes of at least 400 clips each). Override for the copy you actually have.
-K400_TRAIN_CLIPS = 240_000
+# K400 training videos: about 240k, the size the VideoMAE papers quote (the Kinetics paper: 400 classes
+# of at least 400 clips each). Override for the copy you actually have. An epoch visits every video
+# once and each visit yields data.num_sample clips, as the trainer and VideoMAE V2 count.
+K400_TRAIN_VIDEOS = 240_000
 
 
 DEFAULT_ALLOWANCE = Allowance()  # frozen: safe as a shared default
@@ -93,11 +102,56 @@ def step_seconds(train_flops_per_clip: int, batch: int, node: Node, mfu: float) 
     return train_flops_per_clip * batch / (node.peak_tflops * 1e12 * mfu)
 
 
+def run_steps(
+    epochs: float, videos: int, gpus: int, batch: int, num_sample: int = 1, grad_accum: int = 1
+) -> int:
+    """Optimizer steps of `epochs` visits of every one of `videos` videos at micro-batch `batch` (clips per
+    GPU, `num_sample` per video), counted as the trainer counts
+    (:func:`mats_scale.train.schedule.steps_per_epoch`, rounded as ``train.epochs`` is); 0 when an
+    epoch holds no full optimizer step (the trainer refuses such a schedule)."""
+    from mats_scale.train.schedule import steps_per_epoch
+
+    if batch < num_sample:
+        return 0
+    per_epoch = steps_per_epoch(videos, gpus, batch, num_sample, grad_accum)
+    return max(1, round(epochs * per_epoch)) if per_epoch >= 1 else 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A configured run's length as the trainer derives it (mats_scale/train/schedule.py)."""
+
+    steps: int
+    warmup_steps: int
+    steps_per_epoch: int  # 0: no full optimizer step per epoch
+    epochs: float  # steps / steps_per_epoch (NaN when an epoch has no step)
+    from_epochs: bool  # train.epochs set (steps derived) rather than train.steps
+
+
+def config_schedule(cfg, world_size: int, videos: int) -> Schedule:
+    """train.steps and optim.warmup_steps of `cfg` on `world_size` processes over `videos` training
+    videos, the numbers the trainer's ``resolve_epochs`` derives at start (it counts the list file;
+    here `videos` is given)."""
+    from mats_scale.train.schedule import steps_per_epoch
+
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    per_epoch = steps_per_epoch(videos, world_size, d.batch_size, d.num_sample, o.grad_accum)
+    if (t.epochs is not None or o.warmup_epochs is not None) and per_epoch < 1:
+        raise ConfigError(
+            f"train.epochs: {videos} videos over {world_size} processes give no full optimizer step "
+            f"per epoch (data.batch_size={d.batch_size}, optim.grad_accum={o.grad_accum})"
+        )
+    steps = t.steps if t.epochs is None else max(1, round(t.epochs * per_epoch))
+    warmup = o.warmup_steps if o.warmup_epochs is None else round(o.warmup_epochs * per_epoch)
+    epochs = steps / per_epoch if per_epoch >= 1 else math.nan
+    return Schedule(steps, warmup, per_epoch, epochs, t.epochs is not None)
+
+
 def training_days(
-    train_flops_per_clip: int, batch: int, node: Node, mfu: float, epochs: float, train_clips: int
+    train_flops_per_clip: int, batch: int, node: Node, mfu: float, steps: int, grad_accum: int = 1
 ) -> float:
-    steps = math.ceil(train_clips / (batch * node.gpus))
-    return epochs * steps * step_seconds(train_flops_per_clip, batch, node, mfu) / 86400
+    """Days of `steps` optimizer steps of `grad_accum` micro-batches of `batch` clips per GPU."""
+    return steps * grad_accum * step_seconds(train_flops_per_clip, batch, node, mfu) / 86400
 
 
 @dataclass
@@ -109,7 +163,8 @@ class Plan:
     states: ModelStates
     act: ActivationModel
     train_flops_per_clip: int
-    step_s: float
+    step_s: float  # one optimizer step: grad_accum micro-batches of max_batch
+    steps: int  # optimizer steps of the planned epochs at max_batch (0 when nothing fits)
     days: float
     allowance_bytes: int
 
@@ -137,6 +192,7 @@ class Plan:
             "act_per_clip_mib": self.act.peak_per_clip / 2**20,
             "train_tflops_per_clip": self.train_flops_per_clip / 1e12,
             "step_s": self.step_s,
+            "steps": self.steps,
             "days": self.days,
         }
 
@@ -152,14 +208,18 @@ def plan_point(
     *,
     mfu: float,
     epochs: float,
-    train_clips: int,
+    videos: int,
+    num_sample: int = 1,
+    grad_accum: int = 1,
     allowance: Allowance = DEFAULT_ALLOWANCE,
 ) -> Plan:
     """One point of the plan: the largest micro-batch of these states and activations on `node`, its
-    step time and days (NaN when nothing fits)."""
+    step time, and the steps and days of `epochs` visits of `videos` videos (each visit
+    `num_sample` clips) at that micro-batch (NaN days when nothing fits)."""
     b = max_micro_batch(states, act, node, allowance)
     allocated = peak_allocated(states, act, b) if b else states.total
     tf = train_flops_per_clip
+    steps = run_steps(epochs, videos, node.gpus, b, num_sample, grad_accum) if b else 0
     return Plan(
         strategy,
         engine,
@@ -168,8 +228,9 @@ def plan_point(
         states,
         act,
         tf,
-        step_seconds(tf, b, node, mfu) if b else math.nan,
-        training_days(tf, b, node, mfu, epochs, train_clips) if b else math.nan,
+        grad_accum * step_seconds(tf, b, node, mfu) if b else math.nan,
+        steps,
+        training_days(tf, b, node, mfu, steps, grad_accum) if steps else math.nan,
         allowance.total(allocated),
     )
 
@@ -182,13 +243,16 @@ def plan(
     *,
     mfu: float = 0.35,
     epochs: float = 800,
-    train_clips: int = K400_TRAIN_CLIPS,
+    videos: int = K400_TRAIN_VIDEOS,
+    num_sample: int = 1,
+    grad_accum: int = 1,
     allowance: Allowance = DEFAULT_ALLOWANCE,
     ds_config: dict | None = None,
     progress=None,
 ) -> list[Plan]:
     """Every strategy x engine x policy. `wl_by_strategy` gives the workload (pre-training or
-    fine-tuning: one model, its inputs and dtype) per strategy."""
+    fine-tuning: one model, its inputs and dtype) per strategy; days are for `epochs` visits of every
+    one of `videos` videos, `num_sample` clips per visit (the trainer's epoch)."""
     plans = []
     any_wl = next(iter(wl_by_strategy.values()))
     stats = param_stats(build_model(any_wl, "meta"))
@@ -212,7 +276,9 @@ def plan(
                         node,
                         mfu=mfu,
                         epochs=epochs,
-                        train_clips=train_clips,
+                        videos=videos,
+                        num_sample=num_sample,
+                        grad_accum=grad_accum,
                         allowance=allowance,
                     )
                 )
@@ -326,3 +392,98 @@ def check_config(
         "fits": total <= node.mem_gib * GIB,
         "max_batch": max_micro_batch(states, act, node, allowance),
     }
+
+
+MFU_WARMUP_STEPS = 2  # step records of a run left out of its median MFU (as the sweeps' run.warmup_steps)
+
+
+@dataclass(frozen=True)
+class MeasuredMfu:
+    mfu: float
+    source: str  # where it was measured, as a phrase for the printout
+
+
+def _run_mfu(path: str) -> MeasuredMfu:
+    """Median MFU of a run's metrics.jsonl (its last session, after MFU_WARMUP_STEPS step records)."""
+    import json
+
+    start, steps = {}, []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed run
+            if rec.get("event") == "start":
+                start, steps = rec, []
+            elif (
+                "event" not in rec and isinstance(rec.get("mfu"), (int, float)) and math.isfinite(rec["mfu"])
+            ):
+                steps.append(rec["mfu"])
+    if not steps:
+        raise ValueError(
+            "no step record with an mfu (a run logs it on CUDA and on CPU; not on an unknown GPU)"
+        )
+    timed = steps[MFU_WARMUP_STEPS:] or steps
+    where = f"{start.get('world_size', '?')} x {start.get('mfu_peak_source') or start.get('device', '?')}"
+    return MeasuredMfu(median(timed), f"median of {len(timed)} steps of {path} ({where})")
+
+
+def _gpucheck_mfu(data: dict, path: str, size: str, preset: str | None) -> MeasuredMfu:
+    """MFU of a mats-gpucheck result: the median over the entries of ViT-`size` (their "model" field,
+    ``g`` or a depth-reduced ``g-8blk``, else a name that starts with ``ViT-g`` / ``g``), narrowed to the
+    preset (a "preset" field or a word of the name) when some name it; else over all entries."""
+    import re
+
+    results = data.get("results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "name" in r for r in results):
+        raise ValueError('expected "results": [{"name": ..., "mfu": number, ...}, ...]')
+    rows = [r for r in results if isinstance(r.get("mfu"), (int, float)) and math.isfinite(r["mfu"])]
+    if not rows:
+        raise ValueError('no entry of "results" has a finite "mfu"')
+
+    def of_model(r: dict) -> bool:
+        if isinstance(r.get("model"), str):
+            return re.fullmatch(rf"{re.escape(size)}(-\d+blk)?", r["model"], re.I) is not None
+        return re.match(rf"(vit[-_ /]?)?{re.escape(size)}(?![a-z])", str(r["name"]), re.I) is not None
+
+    def of_preset(r: dict) -> bool:
+        if isinstance(r.get("preset"), str):
+            return r["preset"] == preset
+        return re.search(rf"(?<![\w+]){re.escape(preset)}(?![\w+])", str(r["name"])) is not None
+
+    model = [r for r in rows if of_model(r)]
+    chosen = [r for r in model if preset and of_preset(r)] or model or rows
+    names = ", ".join(repr(r["name"]) for r in chosen)
+    what = f"entry {names}" if len(chosen) == 1 else f"median of {names}"
+    if not model:
+        what = f"no entry is ViT-{size}: median of all {len(rows)}"
+    mfu = median([float(r["mfu"]) for r in chosen])
+    return MeasuredMfu(mfu, f"mats-gpucheck {path} on {data.get('device', '?')}, {what}")
+
+
+def measured_mfu(path: str, size: str, preset: str | None = None) -> MeasuredMfu:
+    """The MFU measured by a run (its directory or its metrics.jsonl) or by mats-gpucheck (a JSON file
+    ``{"device": str, "results": [{"name": str, "mfu": float, ...}, ...]}``). ValueError (one line) on
+    anything else."""
+    import json
+    import os
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError("no such file (a run directory, its metrics.jsonl, or a mats-gpucheck JSON)")
+    if path.endswith(".jsonl"):
+        got = _run_mfu(path)
+    else:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError('expected a JSON object with "device" and "results"')
+        got = _gpucheck_mfu(data, path, size, preset)
+    if not 0 < got.mfu <= 1:
+        raise ValueError(f"MFU {got.mfu:g} ({got.source}): must be in (0, 1]")
+    return got

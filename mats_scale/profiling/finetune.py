@@ -26,7 +26,8 @@ def classifier_flops(args: ModelArgs, num_classes: int, keep_ratio: float | None
 
 def plan_rows(args: ModelArgs, num_classes: int, keep_ratio: float, node, *, dtype, mfu, epochs, train_clips):
     """One :class:`~mats_scale.profiling.feasibility.Plan` per (tokens, checkpointing, engine): the
-    pre-training planner on the classifier over all tokens and over the top `keep_ratio`."""
+    pre-training planner on the classifier over all tokens and over the top `keep_ratio`; days for
+    `epochs` visits of each of `train_clips` videos (one clip per visit)."""
     from mats_scale.profiling.feasibility import ENGINE_CHOICES, plan
 
     workloads = {
@@ -34,6 +35,4 @@ def plan_rows(args: ModelArgs, num_classes: int, keep_ratio: float, node, *, dty
         for tokens, keep in (("all", None), (f"top {keep_ratio}", keep_ratio))
     }
     policies = {"none": (0, 0), "every 1": (1, 0)}
-    return plan(
-        workloads, list(ENGINE_CHOICES), policies, node, mfu=mfu, epochs=epochs, train_clips=train_clips
-    )
+    return plan(workloads, list(ENGINE_CHOICES), policies, node, mfu=mfu, epochs=epochs, videos=train_clips)

@@ -59,6 +59,21 @@ def plain(x: Any) -> str:
     return str(x)
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def policy_text(enc: int, dec: int) -> str:
+    """What an (encoder, decoder) checkpointing policy checkpoints, in words."""
+
+    def part(n: int, what: str) -> str:
+        if n == 0:
+            return f"no {what} block"
+        return f"every {what} block" if n == 1 else f"every {_ordinal(n)} {what} block"
+
+    return f"{part(enc, 'encoder')}, {part(dec, 'decoder')}"
+
+
 def sweep_panels(
     rows: Sequence[dict[str, Any]],
     sizes: Sequence[str],
