@@ -31,9 +31,14 @@ class MaskingConfig:
     """reference: mask tokens at every decoder-kept position (VideoMAE V2); lean: only at loss positions."""
     keep_ratio: float = 0.3
     """MATS rho_pre: fraction of tokens (highest motion) that are encoded or reconstructed."""
+    context_ratio: float = 0.0
+    """MATS context tokens: this share of the kept tokens (encoder-visible and targets alike) is drawn at
+    random from outside the motion top set, so static appearance is encoded and reconstructed too; 0 is
+    MATS exactly (docs/masking.md, "Context tokens")."""
     score: str = "embed"
-    """MATS motion score: embed (patch-embedding L2, the paper), pixel (cheap, in the loader) or
-    compensated (pixel residual after the camera's global translation, in the loader)."""
+    """MATS motion score: embed (patch-embedding L2, the paper), pixel (cheap, in the loader),
+    compensated (pixel residual after the camera's global translation, in the loader) or
+    compensated_zoom (and after its zoom: costlier, docs/masking.md)."""
     finetune_keep_ratio: float = 0.6
     """MATS rho_post for fine-tuning: deterministic top tokens by motion."""
     finetune_eval_keep_all: bool = False
@@ -58,7 +63,7 @@ class MaskingConfig:
         check_choice("masking.strategy", self.strategy, ["tube", "random", "mats"])
         check_choice("masking.decoder", self.decoder, ["none", "running_cell"])
         check_choice("masking.decoder_mode", self.decoder_mode, ["reference", "lean"])
-        check_choice("masking.score", self.score, ["embed", "pixel", "compensated"])
+        check_choice("masking.score", self.score, ["embed", "pixel", "compensated", "compensated_zoom"])
         for key in ("ratio", "decoder_ratio", "keep_ratio", "finetune_keep_ratio", "frame_keep_ratio"):
             check_open_unit(f"masking.{key}", getattr(self, key))
         if self.strategy == "mats" and self.decoder == "running_cell" and self.decoder_mode != "lean":
@@ -76,6 +81,10 @@ class MaskingConfig:
             )
         if self.frame_alpha < 1.0:
             fail("masking.frame_alpha", self.frame_alpha, "must be >= 1")
+        if not 0.0 <= self.context_ratio < 1.0:
+            fail("masking.context_ratio", self.context_ratio, "must be in [0, 1)")
+        if self.context_ratio and self.strategy != "mats":
+            fail("masking.context_ratio", self.context_ratio, "applies to masking.strategy=mats only")
 
 
 @dataclass
@@ -116,7 +125,8 @@ class DataConfig:
     """Evaluation: spatial views per clip, 1 (centre) or 3 (along the long side; test_num_crop)."""
     decoder: str = "decord"
     """Video decoder: decord (default) or pyav (the same frames; decord falls back to PyAV per file
-    for videos it cannot read)."""
+    for videos it cannot read), or nvdec (NVIDIA GPU decoding into device memory, PyNvVideoCodec;
+    docs/gpu.md: in the training process, data.num_workers=0)."""
     cache_gib: float = 0.0
     """Keep whole decoded videos in memory, up to this many GiB per loader process (each worker has
     its own): for small datasets read for many epochs (the bundled one is ~1 GiB decoded); 0: off."""
@@ -138,7 +148,14 @@ class DataConfig:
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
         check_choice("data.eval_crops", self.eval_crops, [1, 3])
         check_choice("data.shot_cuts", self.shot_cuts, ["limit", "ignore"])
-        check_choice("data.decoder", self.decoder, ["decord", "pyav"])
+        check_choice("data.decoder", self.decoder, ["decord", "pyav", "nvdec"])
+        if self.decoder == "nvdec" and (self.num_workers or self.cache_gib):
+            fail(
+                "data.decoder",
+                self.decoder,
+                "decodes on the training GPU in the training process: needs data.num_workers=0 and "
+                f"data.cache_gib=0 (got {self.num_workers} and {self.cache_gib})",
+            )
         if not (self.cache_gib >= 0 and math.isfinite(self.cache_gib)):
             fail("data.cache_gib", self.cache_gib, "must be a number of GiB >= 0 (0: no cache)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -226,6 +243,9 @@ class TrainConfig:
     allow_changes: list[str] = field(default_factory=list)
     """Keys a resume may change from the checkpoint's config, e.g. [train.steps,optim.clip_grad]
     (a section name allows all its keys); any other difference is refused."""
+    compile: bool = False
+    """torch.compile each transformer block (after activation checkpointing, before sharding); the first
+    steps compile, later ones reuse the graphs (token counts are fixed per config)."""
 
     def __post_init__(self) -> None:
         check_positive("train.steps", self.steps)

@@ -116,6 +116,9 @@ def test_tensorboard_text_log_and_progress_bar(tmp_path, capsys, monkeypatch):
         "train/grad_norm",
         "perf/clips_per_s",
         "perf/step_time_s",
+        "perf/data_wait",
+        "perf/data_wait_mean_over_ranks",
+        "perf/data_wait_rank/0",
         "tokens/encoder_per_step",
         "tokens/decoder_per_step",
         "memory/peak_gib",
@@ -287,3 +290,25 @@ def test_launcher_refuses_a_contradicting_template_with_one_line(tmp_path):
         '(optim.clip_grad=0.5 gives 0.5); remove it or write "auto"'
     ]
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ---- schedule warnings ---------------------------------------------------------------------------
+def test_schedule_warns_of_a_warmup_as_long_as_the_run_and_of_videos_no_batch_holds():
+    from mats_scale.train.schedule import schedule_warnings
+
+    cfg = load_config(None, ["train.steps=100", "optim.warmup_steps=10", "data.batch_size=4"])
+    assert schedule_warnings(cfg, 1, 8) == []  # 8 videos in 2 whole batches
+    (w,) = schedule_warnings(cfg, 1, 6)  # 6 videos at batch 4: one batch, 2 left out each epoch
+    assert w.startswith("data: 6 videos on 1 process(es) at 4 videos per batch: 2 of them are left out")
+    assert schedule_warnings(cfg, 2, 8) == []  # 4 per process: one whole batch each
+    assert "4 of them" in schedule_warnings(cfg, 2, 12)[0]  # 6 per process: 4 used, 2 x 2 left out
+    repeated = load_config(None, ["data.batch_size=4", "data.num_sample=2"])  # 2 videos per batch
+    assert schedule_warnings(repeated, 1, 6) == []
+    long = load_config(None, ["train.steps=10", "optim.warmup_steps=10"])
+    assert schedule_warnings(long, 1, 8)[0].startswith("optim.warmup_steps=10 >= train.steps=10: ")
+
+
+def test_the_trainer_logs_the_schedule_warnings(tmp_path):
+    train(_cfg(tmp_path, "train.steps=3", "optim.warmup_steps=5"))
+    log = (tmp_path / "train.log").read_text()
+    assert "optim.warmup_steps=5 >= train.steps=3: the learning rate only ramps up" in log

@@ -30,6 +30,7 @@ from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.optim import build_adamw, optimizer_groups, peak_lr, set_lr, total_batch
 from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
+from mats_scale.parallel.compile import apply_compile
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.parallel.ds_config import resolve_ds_config
 from mats_scale.safe_load import torch_load, weights_only_loads
@@ -114,6 +115,8 @@ class DeepSpeedEngine:
         ds_config = resolved_ds_config(cfg, env)
         model = build_zero3_model(spec, env, ds_config) if self.stage == 3 else build_model(spec, env.device)
         apply_checkpoint_policy(model, spec, cfg.parallel)
+        # ZeRO-3's fetch hooks sit on the blocks (leaf modules below): compile inside them.
+        apply_compile(model, spec, cfg.train.compile, inside_wrapper=self.stage == 3)
         if self.stage == 3:
             mark_zero3_leaf_modules(model, spec.block_types)
         batch = total_batch(cfg.data.batch_size, env.world_size, cfg.optim.grad_accum)

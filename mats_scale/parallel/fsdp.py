@@ -1,11 +1,12 @@
 """FSDP2 engine: ``torch.distributed.fsdp.fully_shard`` applied from outside, meta-device init, DCP.
 
-Order (torchtitan ``parallelize``): activation checkpointing, then ``fully_shard`` on the spec's units
-(extra units such as the patch embedding, then every transformer block), then on the root, whose
-extra forward methods (``motion_scores``) are registered with ``register_fsdp_forward_method`` so they
-unshard parameters like ``forward``; ``to_empty`` materialises the shards and :func:`init_sharded`
-fills them. bf16 runs use FSDP2's mixed precision (no autocast): bf16 parameter
-all-gathers and compute, fp32 gradient reduce-scatter and fp32 master shards.
+Order (torchtitan ``parallelize``): activation checkpointing, compile (``train.compile``), then
+``fully_shard`` on the spec's units (extra units such as the patch embedding, then every transformer
+block), then on the root, whose extra forward methods (``motion_scores``) are registered with
+``register_fsdp_forward_method`` so they unshard parameters like ``forward``; ``to_empty``
+materialises the shards and :func:`init_sharded` fills them. bf16 runs use FSDP2's mixed precision
+(no autocast): bf16 parameter all-gathers and compute, fp32 gradient reduce-scatter and fp32 master
+shards.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mats_scale.config import Config, ParallelConfig
 from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.parallel.base import strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
+from mats_scale.parallel.compile import apply_compile
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.parallel.local import LocalEngine
 from mats_scale.safe_load import check_dcp_metadata, torch_load
@@ -75,6 +77,7 @@ class FSDP2Engine(LocalEngine):
     @classmethod
     def build(cls, cfg: Config, env: DistEnv, spec: ModelSpec) -> FSDP2Engine:
         model = apply_checkpoint_policy(build_model(spec, "meta"), spec, cfg.parallel)
+        apply_compile(model, spec, cfg.train.compile)  # compiled lazily, at the first call
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         root_mp = unit_mp = MixedPrecisionPolicy()
         if env.amp_dtype is not None:

@@ -16,6 +16,7 @@ from mats_scale.models.spec import ModelSpec, build_model
 from mats_scale.optim import build_adamw, set_lr, total_batch
 from mats_scale.parallel.base import StepResult, clip_and_norm, strip_wrapper_prefix
 from mats_scale.parallel.checkpointing import apply_checkpoint_policy
+from mats_scale.parallel.compile import apply_compile
 from mats_scale.parallel.distributed import DistEnv
 from mats_scale.safe_load import torch_load
 
@@ -51,7 +52,7 @@ class LocalEngine:
     @classmethod
     def build(cls, cfg: Config, env: DistEnv, spec: ModelSpec) -> LocalEngine:
         model = apply_checkpoint_policy(build_model(spec, env.device), spec, cfg.parallel)
-        return cls(model, cfg, env)
+        return cls(apply_compile(model, spec, cfg.train.compile), cfg, env)
 
     # ---- Engine protocol ------------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager:

@@ -26,6 +26,10 @@ TB_TAGS = {
     "clips_per_s": "perf/clips_per_s",
     "step_time_s": "perf/step_time_s",
     "data_time_s": "perf/data_time_s",
+    "data_wait": "perf/data_wait",  # max over ranks
+    "data_wait_mean": "perf/data_wait_mean_over_ranks",
+    "data_wait_ranks": "perf/data_wait_rank",  # one scalar per rank: perf/data_wait_rank/<rank>
+    "compiled_frames": "perf/compiled_frames",
     "peak_mem_gib": "memory/peak_gib",
     "skipped_files": "data/skipped_files",
     "skipped_steps": "train/skipped_steps",
@@ -169,8 +173,12 @@ class RunLogger:
         self._window.append(m)
         if self.tb is not None:
             for key, value in m.items():
+                tag = self.tags.get(key, f"task/{key}")
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(self.tags.get(key, f"task/{key}"), value, step)
+                    self.tb.add_scalar(tag, value, step)
+                elif isinstance(value, list):  # per-rank values
+                    for i, v in enumerate(value):
+                        self.tb.add_scalar(f"{tag}/{i}", v, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
             self.bar.update(1)
@@ -187,13 +195,15 @@ class RunLogger:
         step_time = sum(x["step_time_s"] for x in w) / len(w)
         busy = sum(x["step_time_s"] for x in w)
         clips = sum(x["clips_per_s"] * x["step_time_s"] for x in w) / max(busy, 1e-12)  # clips / seconds
+        wait = sum(x.get("data_wait", 0.0) * x["step_time_s"] for x in w) / max(busy, 1e-12)  # slowest rank
         grad = "nan" if not math.isfinite(m["grad_norm"]) else f"{m['grad_norm']:.3f}"
         epoch = f"  epoch {step / self._steps_per_epoch:.2f}" if self._steps_per_epoch else ""
         done = step - self._step_start
         eta = (time.perf_counter() - self._t_start) / done * (self.total - step) if done else 0.0
         return (
             f"step {step:6d}/{self.total}{epoch}  loss {loss} (mean of {len(w)})  lr {m['lr']:.3e}  "
-            f"grad_norm {grad}  {clips:.2f} clips/s  {step_time:.3f} s/step  ETA {_duration(eta)}  "
+            f"grad_norm {grad}  {clips:.2f} clips/s  data wait {wait:.0%}  {step_time:.3f} s/step  "
+            f"ETA {_duration(eta)}  "
             + (f"mfu {m['mfu']:.1%}  " if "mfu" in m else "")
             + (self.task_format.format(**m) + "  " if self.task_format else "")
             + f"peak {m['peak_mem_gib']:.2f} GiB  "
@@ -202,9 +212,16 @@ class RunLogger:
 
     def end(self, step: int, info: dict[str, Any]) -> None:
         """The closing record of a session in metrics.jsonl (event "end": the run's peak memory after the
-        last optimizer step, which the step records cannot include)."""
+        last optimizer step, which the step records cannot include; the session's clip rates and data
+        wait, also logged as one line)."""
         if self.env.is_writer:
             self._event({"event": "end", "at_step": step, **info})
+            if info.get("clips_per_s_delivered"):
+                self.info(
+                    f"data: {info['clips_per_s_delivered']:.2f} clips/s delivered, "
+                    f"{info['clips_per_s_consumed']:.2f} clips/s consumed "
+                    f"(data wait {info['data_wait']:.0%} of the steps' time, slowest rank)"
+                )
 
     def summary(self) -> None:
         """One line that shows whether the loss fell: mean of the session's first vs last steps."""

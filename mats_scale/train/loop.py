@@ -45,9 +45,11 @@ from mats_scale.run.faults import Faults
 from mats_scale.run.files import check_resume, lr_change_note, write_run_record
 from mats_scale.run.log import RunLogger, peak_memory_gib
 from mats_scale.run.preflight import preflight
+from mats_scale.train.compile import RecompileWatch, compiled_frames
 from mats_scale.train.mfu import MfuMeter
-from mats_scale.train.schedule import resolve_epochs
+from mats_scale.train.schedule import resolve_schedule
 from mats_scale.train.sources import BatchStream
+from mats_scale.train.stall import StallMeter
 from mats_scale.train.task import Task
 
 
@@ -122,7 +124,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, task: Task) -> None:
         # train.epochs / optim.warmup_epochs -> steps, from the dataset size (before anything is built).
-        cfg, schedule_note = resolve_epochs(cfg, detect_env(cfg.train, cfg.parallel).world_size)
+        cfg, schedule_note, schedule_warnings = resolve_schedule(
+            cfg, detect_env(cfg.train, cfg.parallel).world_size
+        )
         env0, engine_files = prepare(cfg)
         batch_total = total_batch(cfg.data.batch_size, env0.world_size, cfg.optim.grad_accum)
         early = CheckpointManager(cfg.train.out_dir, cfg.train.keep_last, env0).resolve(cfg.train.resume)
@@ -144,6 +148,8 @@ class Trainer:
         self.log = RunLogger(cfg.train.out_dir, env, cfg.logging, cfg.train.steps, task)
         if schedule_note:
             self.log.info(schedule_note)
+        for warning in schedule_warnings:
+            self.log.warning(warning)
         for note in self.ckpt.notes:  # damaged checkpoints skipped, a missing pointer, a restart
             self.log.warning(note)
 
@@ -158,6 +164,7 @@ class Trainer:
             True  # bad-data stops are agreed across ranks (in the step's all-reduce)
         )
         self.data_stopped = False
+        self.stall, self.recompiles = StallMeter(env.rank, env.world_size), RecompileWatch()
         self.counters = Counters()
         # What a checkpoint must agree on to be resumed by this run.
         self.expect = {
@@ -243,7 +250,8 @@ class Trainer:
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
         # One collective: [loss sum, non-finite micro-batches, stop requests, skipped files, bad-data stops,
-        # peak memory (summed over ranks: the process tree's peak RSS on CPU), task metrics...]
+        # peak memory (summed over ranks: the process tree's peak RSS on CPU), task metrics..., compiled
+        # frames, each rank's data wait in its own slot]
         names = sorted(totals)
         peak_mem = peak_memory_gib(env.device)
         scalars = torch.tensor(
@@ -257,6 +265,9 @@ class Trainer:
                 nonfinite.view(1),
                 scalars,
                 *(torch.as_tensor(totals[k], dtype=torch.float64, device=env.device).view(1) for k in names),
+                torch.tensor(
+                    [compiled_frames(), *self.stall.slots(data_time)], dtype=torch.float64, device=env.device
+                ),
             ]
         )
         all_reduce(stats)  # every rank takes the same skip / stop decision
@@ -282,7 +293,8 @@ class Trainer:
             "clips_per_s": self.batch_total / dt,
             "step_time_s": dt,
             "data_time_s": data_time,
-            **self.task.summarize(dict(zip(names, values[6:], strict=False)), micro_total),
+            **self.stall.step(values[7 + len(names) :], dt, self.batch_total),
+            **self.task.summarize(dict(zip(names, values[6 : 6 + len(names)], strict=True)), micro_total),
             "peak_mem_gib": peak_mem,
             "peak_mem_sum_gib": peak_mem_sum,
             "skipped_files": c.skipped_files,
@@ -290,6 +302,11 @@ class Trainer:
         }
         if self.mfu is not None:
             metrics["mfu"] = self.mfu(metrics["clips_per_s"])
+        if cfg.train.compile:  # summed over ranks; constant after warm-up unless something recompiled
+            metrics["compiled_frames"] = int(values[6 + len(names)])
+            note = self.recompiles.check(step, metrics["compiled_frames"])
+            if note:
+                self.log.warning(note)
         return metrics, int(n_nonfinite), stop_votes > 0
 
     def run(self) -> TrainResult:
@@ -365,7 +382,7 @@ class Trainer:
         # all-reduce); the last step's optimizer update (the first allocates AdamW's states) is in this one.
         peak = peak_memory_gib(self.env.device)
         peak_sum = all_reduce(torch.tensor([peak], dtype=torch.float64, device=self.env.device)).item()
-        log.end(c.step, {"peak_mem_gib": peak, "peak_mem_sum_gib": peak_sum})
+        log.end(c.step, {"peak_mem_gib": peak, "peak_mem_sum_gib": peak_sum, **self.stall.summary()})
         log.summary()
         barrier()
         return TrainResult(c.step, c.skipped_steps, metrics["loss"], stopped, cfg.train.out_dir)

@@ -28,12 +28,41 @@ def num_videos(cfg: Config) -> int:
     return SYNTHETIC_CLIPS if cfg.data.dataset == "synthetic" else len(resolve_items(cfg, "train"))
 
 
-def resolve_epochs(cfg: Config, world_size: int) -> tuple[Config, str | None]:
-    """`cfg` with train.steps / optim.warmup_steps derived from epochs (when set), and a log line."""
+def resolve_schedule(cfg: Config, world_size: int) -> tuple[Config, str | None, list[str]]:
+    """:func:`resolve_epochs` (counting the videos once) and :func:`schedule_warnings`."""
+    videos = num_videos(cfg)
+    cfg, note = resolve_epochs(cfg, world_size, videos)
+    return cfg, note, schedule_warnings(cfg, world_size, videos)
+
+
+def schedule_warnings(cfg: Config, world_size: int, videos: int) -> list[str]:
+    """What a run would do that its author probably did not mean: a warm-up as long as the run, and
+    videos that no batch of an epoch holds (whole batches only, as VideoMAE's ``drop_last``)."""
+    out = []
+    steps, warmup = cfg.train.steps, cfg.optim.warmup_steps
+    if warmup >= steps:
+        out.append(
+            f"optim.warmup_steps={warmup} >= train.steps={steps}: the learning rate only ramps up and "
+            f"never reaches its peak ({cfg.optim.base_lr:g} x batch / 256) or decays; shorten the warm-up"
+        )
+    per_batch = max(1, cfg.data.batch_size // cfg.data.num_sample)  # videos per micro-batch
+    used = math.ceil(videos / world_size) // per_batch * per_batch * world_size
+    if 0 < used < videos:
+        out.append(
+            f"data: {videos} videos on {world_size} process(es) at {per_batch} videos per batch: "
+            f"{videos - used} of them are left out of every epoch (whole batches only, a different "
+            f"{videos - used} each epoch); a batch size that divides the videos per process uses them all"
+        )
+    return out
+
+
+def resolve_epochs(cfg: Config, world_size: int, videos: int | None = None) -> tuple[Config, str | None]:
+    """`cfg` with train.steps / optim.warmup_steps derived from epochs (when set), and a log line.
+    `videos`: the training set's size when already counted."""
     t, o = cfg.train, cfg.optim
     if t.epochs is None and o.warmup_epochs is None:
         return cfg, None
-    videos = num_videos(cfg)
+    videos = num_videos(cfg) if videos is None else videos
     per_epoch = steps_per_epoch(videos, world_size, cfg.data.batch_size, cfg.data.num_sample, o.grad_accum)
     if per_epoch < 1:
         raise ConfigError(
