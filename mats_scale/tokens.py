@@ -65,6 +65,7 @@ class MaskingSpec(Protocol):
     decoder_ratio: float
     decoder_mode: str
     keep_ratio: float
+    context_ratio: float
 
 
 def preset_fields(name: str) -> dict[str, str]:
@@ -155,6 +156,11 @@ def mats_counts(num_tokens: int, ratio: float, keep_ratio: float) -> tuple[int, 
             f"vs int((1 - ratio) * N) = {n_vis} visible (N={num_tokens}), and at least 1 visible"
         )
     return n_vis, n_keep - n_vis
+
+
+def mats_context_count(num_kept: int, context_ratio: float) -> int:
+    """How many of MATS's `num_kept` tokens are context tokens drawn from outside the motion top set."""
+    return int(context_ratio * num_kept)
 
 
 def mats_dual_target_count(num_targets: int, decoder_ratio: float) -> int:

@@ -136,3 +136,63 @@ def test_finetune_selection_is_deterministic_top_k():
     ids = finetune_selection(big, 0.6)
     assert ids.shape == (2, 940)
     assert (big.gather(1, ids).min(dim=1).values >= big.topk(940, dim=1).values[:, -1]).all()
+
+
+# ---- context tokens --------------------------------------------------------------------------------
+def _mats_before_context_tokens(scores, ratio, keep_ratio, generator):
+    """MATS selection as it was written before context tokens existed (a transcription)."""
+    from mats_scale.masking.common import rand, sorted_ids
+    from mats_scale.tokens import mats_counts
+
+    B, N = scores.shape
+    n_vis, n_tgt = mats_counts(N, ratio, keep_ratio)
+    perm = rand((B, N), generator, scores.device).argsort(dim=1)
+    order = scores.gather(1, perm).argsort(dim=1, descending=True, stable=True)[:, : n_vis + n_tgt]
+    kept = perm.gather(1, order)
+    kept = kept.gather(1, rand(kept.shape, generator, scores.device).argsort(dim=1))
+    return sorted_ids(kept[:, :n_vis]), sorted_ids(kept[:, n_vis:])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_context_ratio_zero_is_mats_exactly(seed):
+    scores = torch.randint(0, 5, (3, 288), generator=torch.Generator().manual_seed(seed)).float()  # ties
+    vis, tgt = _mats_before_context_tokens(scores, 0.9, 0.3, torch.Generator().manual_seed(seed))
+    sel = mats_selection(scores, 0.9, 0.3, torch.Generator().manual_seed(seed), context_ratio=0.0)
+    assert torch.equal(sel.visible_ids, vis) and torch.equal(sel.target_ids, tgt)
+    dual = mats_dual_selection(GRID, scores, 0.9, 0.3, 0.5, torch.Generator().manual_seed(seed))
+    dual0 = mats_dual_selection(GRID, scores, 0.9, 0.3, 0.5, torch.Generator().manual_seed(seed), 0.0)
+    assert torch.equal(dual.visible_ids, dual0.visible_ids) and torch.equal(dual.target_ids, dual0.target_ids)
+
+
+def test_context_tokens_come_from_outside_the_top_set_uniformly_and_keep_the_counts():
+    N, n_keep = 288, int(0.3 * 288)  # 86 kept, int(0.25 * 86) = 21 of them context
+    scores = torch.arange(N, dtype=torch.float32).flip(0).expand(4, N)  # token i ranks i-th
+    plain = mats_selection(scores, 0.9, 0.3, torch.Generator().manual_seed(0))
+    hits = torch.zeros(N)
+    for seed in range(200):
+        sel = mats_selection(scores, 0.9, 0.3, torch.Generator().manual_seed(seed), context_ratio=0.25)
+        assert (
+            sel.visible_ids.shape == plain.visible_ids.shape
+            and sel.target_ids.shape == plain.target_ids.shape
+        )
+        kept = torch.cat([sel.visible_ids, sel.target_ids], 1)
+        assert (kept < n_keep - 21).sum(1).tolist() == [n_keep - 21] * 4  # the top 65 always
+        assert (kept >= n_keep - 21).sum(1).tolist() == [21] * 4
+        hits += torch.bincount(kept.flatten(), minlength=N).float()
+        vis_context = (sel.visible_ids >= n_keep - 21).sum().item()
+        assert 0 <= vis_context <= 21 * 4
+    rest = hits[n_keep - 21 :] / (200 * 4)  # each of the 223 other tokens: 21/223 = 0.094 expected
+    assert abs(rest.mean().item() - 21 / 223) < 1e-6 and rest.min() > 0.05 and rest.max() < 0.15
+
+
+def test_context_ratio_is_validated():
+    from mats_scale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"masking.context_ratio.*applies to masking.strategy=mats only"):
+        load_config(None, ["masking.preset=tube", "masking.context_ratio=0.2"])
+    with pytest.raises(ConfigError, match=r"masking.context_ratio.*must be in \[0, 1\)"):
+        load_config(None, ["masking.preset=mats", "masking.context_ratio=1.0"])
+    assert (
+        load_config(None, ["masking.preset=mats+dual", "masking.context_ratio=0.2"]).masking.context_ratio
+        == 0.2
+    )

@@ -42,8 +42,10 @@ def select_tokens(
                 f"({batch_size}, {grid.num_tokens}) for the grid {grid}"
             )
         if cfg.decoder == "running_cell":
-            return mats_dual_selection(grid, scores, cfg.ratio, cfg.keep_ratio, cfg.decoder_ratio, generator)
-        return mats_selection(scores, cfg.ratio, cfg.keep_ratio, generator)
+            return mats_dual_selection(
+                grid, scores, cfg.ratio, cfg.keep_ratio, cfg.decoder_ratio, generator, cfg.context_ratio
+            )
+        return mats_selection(scores, cfg.ratio, cfg.keep_ratio, generator, cfg.context_ratio)
     if cfg.strategy == "tube":
         sel = tube_masking(grid, cfg.ratio, batch_size, generator)
     elif cfg.strategy == "random":
