@@ -121,6 +121,7 @@ COMMANDS = (
     "synth",
     "export",
     "visualize",
+    "gpucheck",
 )
 SHIMS = {
     "launchers": ("ablate.py", "finetune.py", "pretrain.py", "study.py"),
