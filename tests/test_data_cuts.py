@@ -1,5 +1,6 @@
 """Shot cuts: detection on decoded frames, windows limited to one shot in the loader, generator options."""
 
+import functools
 import logging
 
 import numpy as np
@@ -8,8 +9,16 @@ import torch
 
 from mats_scale.config import ConfigError, load_config
 from mats_scale.data import synth
-from mats_scale.data.cuts import cuts_between, cuts_from_changes, detect_cuts, limit_to_shot, longest_shot
+from mats_scale.data.cuts import (
+    cuts_between,
+    cuts_from_changes,
+    detect_cuts,
+    limit_to_shot,
+    loop_seams,
+)
 from mats_scale.data.loader import build_pretrain_loader
+from mats_scale.data.sampler import _TEMPORAL, make_generator
+from mats_scale.data.video import clip_indices
 
 CUT = synth.SynthParams(num_train=6, num_val=0, seed=7, frames=32, height=120, width=128, cut=True)
 BASE = [
@@ -75,13 +84,19 @@ def test_detect_cuts_when_most_steps_are_cuts(params):
         assert detect_cuts(_spliced(params, i, set(steps))).nonzero()[:, 0].tolist() == steps, i
 
 
-def test_cut_rule_absolute_threshold_with_a_relative_floor():
-    d = torch.tensor([0.02] * 10 + [0.16, 0.4])
-    assert cuts_from_changes(d).nonzero()[:, 0].tolist() == [10, 11]  # above 0.15, the median is small
-    noisy = torch.tensor([0.1] * 10 + [0.2, 0.5])  # ordinary steps of 0.1: a cut needs 3 x 0.1
+def test_cut_rule_needs_colour_and_area():
+    d = torch.tensor([0.02] * 10 + [0.12, 0.4])
+    assert cuts_from_changes(d).nonzero()[:, 0].tolist() == [10, 11]  # >= 0.10, the median is small
+    noisy = torch.tensor([0.06] * 10 + [0.15, 0.5])  # ordinary steps of 0.06: a cut needs 3 x 0.06
     assert cuts_from_changes(noisy).nonzero()[:, 0].tolist() == [11]
     assert cuts_from_changes(torch.full((6,), 0.3)).all()  # all above the threshold: all cuts
-    assert not cuts_from_changes(torch.full((6,), 0.14)).any()
+    assert not cuts_from_changes(torch.full((6,), 0.09)).any()
+    # A weak cut (colours alike, the whole picture new) is one; a strong colour step that changes
+    # a third of the picture (a large object entering) is not.
+    both = cuts_from_changes(
+        torch.tensor([0.01, 0.12, 0.01, 0.19, 0.01]), torch.tensor([0.0, 0.8, 0.0, 0.3, 0.0])
+    )
+    assert both.tolist() == [False, True, False, False, False]
 
 
 def test_extreme_cut_rate_is_logged_once_per_video(caplog):
@@ -90,7 +105,7 @@ def test_extreme_cut_rate_is_logged_once_per_video(caplog):
     with caplog.at_level(logging.WARNING, logger="mats_scale.data.cuts"):
         for _ in range(2):  # the second window of the same video logs nothing
             _, new_ids, met, left = limit_to_shot(
-                rapid, ids, lambda n: [0] * 16, lambda new: rapid[new], video="rapid/montage.mp4"
+                rapid, ids, lambda n: [0] * 16, lambda new: rapid[new], 16, video="rapid/montage.mp4"
             )
             assert met == 15 and len(set(new_ids)) == 1 and not left.any()  # one frame of one shot
     lines = [r for r in caplog.records if r.name == "mats_scale.data.cuts"]
@@ -104,31 +119,80 @@ def test_extreme_cut_rate_is_logged_once_per_video(caplog):
     assert [r.getMessage()[:30] for r in caplog.records] == ["15 of 15 frame steps are shot "]
 
 
-def test_longest_shot_and_cuts_between_kept_frames():
+def test_cuts_between_kept_frames_and_loop_seams():
     cuts = torch.tensor([False, True, False, False, True, False])  # 7 frames: shots 0-1, 2-4, 5-6
-    assert longest_shot(cuts) == (2, 4)
-    assert longest_shot(torch.zeros(3, dtype=torch.bool)) == (0, 3)
-    assert longest_shot(torch.tensor([True, False, True])) == (1, 2)  # the earliest of equal runs
     assert cuts_between(cuts, torch.tensor([0, 1, 3, 4, 6])).tolist() == [False, True, False, True]
+    assert loop_seams([0, 1, 2, 0, 1, 2, 0]).tolist() == [False, False, True, False, False, True]
+    assert not loop_seams([3, 3, 4, 9]).any()  # repeats (segments of a short video) are no seam
 
 
-def test_limit_to_shot_redraws_inside_the_longest_shot():
-    frames, spec = synth.render_clip(synth.SynthParams(cut=True), "train", 0)
-    video = torch.from_numpy(frames)
-    ids = list(range(0, 32, 4))  # crosses the cut
+def _two_shots(lengths=(32, 32)):
+    """A video of two shots: frames of two default generated clips one after the other."""
+    a, _ = synth.render_clip(synth.SynthParams(), "train", 0)
+    b, _ = synth.render_clip(synth.SynthParams(), "train", 1)
+    return torch.from_numpy(np.concatenate([a[: lengths[0]], b[: lengths[1]]]))
+
+
+def _limit(video, ids, rate, gen=None):
     reads = []
 
     def read(new):
+        assert new == sorted(set(new))
         reads.append(new)
         return video[new]
 
-    out, new_ids, met, left = limit_to_shot(video[ids], ids, lambda n: list(range(min(n, 8))), read)
-    assert met == 1 and len(reads) == 1 and len(new_ids) == 8 and not left.any()
-    assert all(i < spec.cut for i in new_ids) or all(i >= spec.cut for i in new_ids)
-    assert torch.equal(out, video[new_ids])
-    head = list(range(8))  # inside the first shot (the cut comes at frame 8 or later)
-    same, same_ids, met, left = limit_to_shot(video[head], head, None, None)  # nothing to pick or read
-    assert met == 0 and same_ids == head and torch.equal(same, video[head]) and not left.any()
+    out = limit_to_shot(video[ids], ids, lambda n: clip_indices(n, len(ids), rate, gen), read, len(video))
+    assert torch.equal(out[0], video[out[1]])
+    return (*out, reads)
+
+
+def test_redraw_keeps_the_stride_inside_the_whole_shot():
+    video = _two_shots()  # cut at frame 32
+    ids = list(range(8, 37, 4))  # 8 frames 4 apart, the last after the cut
+    _, new_ids, met, left, reads = _limit(video, ids, 4)
+    # The first shot (0-31) holds a clip 4 apart (29 frames); the decoded frames alone (8-28) do not.
+    assert met == 1 and not left.any()
+    assert max(new_ids) < 32 and all(b - a == 4 for a, b in zip(new_ids, new_ids[1:], strict=False))
+    head = list(range(0, 29, 4))  # inside the first shot: unchanged, nothing read
+    same, same_ids, met, left, reads = _limit(video, head, 4)
+    assert met == 0 and same_ids == head and not reads and not left.any()
+
+
+def test_redraw_that_must_loop_marks_the_seam():
+    video = _two_shots((10, 10))  # two shots of 10 frames, a clip of 16 at rate 1 needs a loop
+    for start in (0, 2, 4):
+        ids = list(range(start, start + 16))
+        _, new_ids, met, left, _ = _limit(video, ids, 1)
+        assert met == 1
+        assert max(new_ids) < 10 or min(new_ids) >= 10  # one shot, looped
+        seams = [j for j in range(15) if new_ids[j + 1] < new_ids[j]]
+        assert seams and all(left[j] for j in seams)  # every jump back is a cut for the scores
+
+
+def test_redraw_of_segments_covers_the_whole_shot():
+    from mats_scale.data.video import segment_indices
+
+    video = _two_shots()  # cut at frame 32
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        ids = segment_indices(64, 8, gen)  # one frame from each of 8 segments of 64: crosses the cut
+        pick = functools.partial(segment_indices, length=8, generator=gen)
+        _, new_ids, met, left = limit_to_shot(video[ids], ids, pick, lambda new: video[new], 64)
+        lo, hi = (0, 31) if max(new_ids) < 32 else (32, 63)
+        assert met == 1 and not left.any() and min(new_ids) >= lo
+        assert min(new_ids) - lo < 4 and hi - max(new_ids) < 4  # segments over all of the shot
+
+
+def test_flash_and_fast_object_are_no_cuts():
+    for kw in (dict(flash=True), dict(fast_object=16.0), dict(fast_object=16.0, pan=2.0, texture=0.3)):
+        params = synth.SynthParams(**kw)
+        for i in range(3):
+            video = torch.from_numpy(synth.render_clip(params, "train", i)[0])
+            for rate in (1, 2, 4):
+                for phase in range(rate):
+                    ids = list(range(phase, 32, rate))[:8]
+                    out, new_ids, met, left, _ = _limit(video, ids, rate)
+                    assert met == 0 and new_ids == ids and not left.any(), (kw, i, rate, phase)
 
 
 # ---- the loader -----------------------------------------------------------------------------------
@@ -163,6 +227,50 @@ def test_no_window_crosses_a_cut(cut_dataset, caplog):
     assert again.cut_stats.windows == crossing
     del sd["cut_stats"]  # a checkpoint from before shot-cut handling still loads
     build_pretrain_loader(cfg_for(cut_dataset), rank=0, world_size=1).load_state_dict(sd)
+
+
+SHORT_SHOTS = synth.SynthParams(num_train=4, num_val=0, seed=5, frames=24, height=120, width=128, cut=True)
+
+
+def test_training_clips_never_loop_across_a_cut_and_mark_every_seam(make_dataset):
+    root = make_dataset(SHORT_SHOTS)  # shots of 6-18 frames: a clip of 16 must often loop
+    cut_at = [synth.clip_spec(SHORT_SHOTS, "train", i)[0].cut for i in range(SHORT_SHOTS.num_train)]
+    loops = 0
+    for mode in ("limit", "ignore"):
+        ds = build_pretrain_loader(
+            cfg_for(root, "model.num_frames=16", "data.sampling_rate=1", f"data.shot_cuts={mode}"),
+            rank=0,
+            world_size=1,
+        ).dataset
+        for i in range(len(ds) if mode == "limit" else 2):
+            for pos in range(2):
+                _, ids, _, cuts, _ = ds._decode(i, make_generator(_TEMPORAL, 0, 0, pos, 0))
+                seams = [j for j in range(len(ids) - 1) if ids[j + 1] < ids[j]]
+                assert all(cuts[j] for j in seams), (mode, i, ids)  # a seam is never left unmarked
+                if mode == "limit":
+                    assert max(ids) < cut_at[i] or min(ids) >= cut_at[i], (i, ids)
+                loops += bool(seams)
+    assert loops  # the case was met
+
+
+def test_loop_seams_are_cuts_for_the_loader_scores(make_dataset):
+    from mats_scale.data.device import to_model_input
+    from mats_scale.masking import loader_motion_scores
+
+    root = make_dataset(SHORT_SHOTS)
+    cfg = cfg_for(
+        root, "model.num_frames=16", "data.sampling_rate=1", "masking.strategy=mats", "masking.score=pixel"
+    )
+    ds = build_pretrain_loader(cfg, rank=0, world_size=1).dataset
+    masked = 0
+    for i in range(len(ds)):
+        b = ds[(0, 0, i)]
+        video = to_model_input(b, "cpu")
+        seams = loop_seams(b["frame_index"][0].tolist())
+        want = loader_motion_scores("pixel", video, 2, 16, seams.expand(len(video), -1))
+        torch.testing.assert_close(b["scores"], want, rtol=1e-4, atol=1e-4)
+        masked += seams.any() and not torch.allclose(want, loader_motion_scores("pixel", video, 2, 16))
+    assert masked  # a looped clip whose seam changes the scores was met
 
 
 @pytest.mark.parametrize("score", ["pixel", "compensated"])

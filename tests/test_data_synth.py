@@ -144,3 +144,39 @@ def test_cli_writes_dataset_and_rejects_bad_arguments(tmp_path):
     assert len(decord.VideoReader(str(out / "val" / "000000.mp4"))) == 8
     bad = subprocess.run(cmd[:4] + ["--height", "81"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "--height=81" in bad.stderr
+
+
+def test_fast_object_and_flash_options():
+    plain, _ = synth.render_clip(synth.SynthParams(), "train", 2)
+    fast, _ = synth.render_clip(synth.SynthParams(fast_object=12.0), "train", 2)
+    again, _ = synth.render_clip(synth.SynthParams(fast_object=12.0), "train", 2)
+    assert np.array_equal(fast, again)  # drawn from the clip's own stream
+    covered = np.abs(fast.astype(int) - plain).max(axis=3) > 0  # (L, H, W) where the box is
+    cols = [np.nonzero(c.any(axis=0))[0] for c in covered]
+    seen = [i for i, c in enumerate(cols) if len(c) and c.min() > 0 and c.max() < plain.shape[2] - 1]
+    assert len(seen) >= 2  # fully on screen in some frames: its edges move 12 px per frame
+    a, b = seen[0], seen[1]
+    assert abs(abs(int(cols[b].min()) - int(cols[a].min())) - 12 * (b - a)) <= 1
+    assert covered[seen[0]].mean() >= 0.5 * 0.4 - 0.02  # at least 50% x 40% of the frame
+    flash, _ = synth.render_clip(synth.SynthParams(flash=True), "train", 2)
+    brighter = [i for i in range(len(flash)) if not np.array_equal(flash[i], plain[i])]
+    assert len(brighter) == 1 and 0 < brighter[0] < len(flash) - 1
+    k = brighter[0]
+    assert (flash[k].astype(int) >= plain[k]).all() and flash[k].mean() - plain[k].mean() > 40
+    assert synth.params_dict(synth.SynthParams(flash=True, fast_object=3.0))["fast_object"] == 3.0
+    with pytest.raises(ValueError, match="--fast-object"):
+        synth.SynthParams(fast_object=-1.0).check()
+
+
+def test_cli_takes_the_fast_object_and_flash_options(tmp_path, capsys):
+    from mats_scale.launch.synth import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "x"), "--fast-object", "99"])
+    assert e.value.code == 2 and "--fast-object=99.0: must be in [0, 24.0]" in capsys.readouterr().err
+    out = tmp_path / "ok"
+    size = ["--frames", "8", "--height", "80", "--width", "96"]
+    argv = [str(out), "--num-train", "1", "--num-val", "0", *size, "--workers", "1"]
+    assert main([*argv, "--fast-object", "6", "--flash"]) == 0
+    meta = (out / "meta.json").read_text()
+    assert '"fast_object": 6.0' in meta and '"flash": true' in meta

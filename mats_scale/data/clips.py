@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mats_scale.config import IMAGENET_STD, Config
-from mats_scale.data.cuts import cuts_between, limit_to_shot
+from mats_scale.data.cuts import cuts_between, limit_to_shot, loop_seams
 from mats_scale.data.errors import VideoReadError
 from mats_scale.data.inmemory import moving_square_clips
 from mats_scale.data.lists import VideoItem
@@ -125,9 +125,9 @@ class TrainClips(Dataset):
         self, index: int, gen: torch.Generator
     ) -> tuple[torch.Tensor, list[int], int, torch.Tensor, tuple[str, int] | None]:
         """(F, H, W, 3) uint8 frames of video `index` (F = T, or the frame-selection candidates), their
-        frame numbers in the video, its label, the shot cuts (F-1,) bool left among the frames and the
-        (path, cuts) event of a window limited to one shot (or None); VideoReadError if the video is
-        unusable."""
+        frame numbers in the video, its label, the shot cuts and loop seams (F-1,) bool left among the
+        frames and the (path, cuts) event of a window limited to one shot (or None); VideoReadError if
+        the video is unusable."""
         o = self.opts
         if self.items is None:
             # In-memory clip rendered a bit larger than the input so the multi-scale crop has room.
@@ -156,13 +156,14 @@ class TrainClips(Dataset):
                 f"its {frames.shape[2]}x{frames.shape[1]} frames cannot give a clip (each side needs at "
                 f"least {need} pixels{' for frame selection' if o.frame_selection else ''})",
             )
-        if not o.shot_cuts:
-            return frames, ids, item.label, torch.zeros(len(ids) - 1, dtype=torch.bool), None
+        if not o.shot_cuts:  # a short video's loop seam is still no motion
+            return frames, ids, item.label, loop_seams(ids), None
         frames, ids, met, cuts = limit_to_shot(
             frames,
             ids,
             lambda n: self._frame_indices(n, gen),
             lambda new: read_frames(vr, new, item.path),
+            len(vr),
             video=item.path,
         )
         return frames, ids, item.label, cuts, (item.path, met) if met else None
@@ -253,7 +254,8 @@ def _score_units(video: torch.Tensor) -> torch.Tensor:
     rounding) and the top-k choice does not depend on data.normalize_on_device."""
     if video.dtype != torch.uint8:
         return video
-    return video.float() / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255.0)
+    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)  # the GPU with nvdec
+    return video.float() / (std * 255.0)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

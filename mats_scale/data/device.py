@@ -12,7 +12,8 @@ Nothing random happens here: crop, flip and frame choice were drawn in the worke
 seeds, so a run is as deterministic and resumable as before. Augmentation stays in the workers because
 what is left there after decoding (crop, antialiased resize, flip of uint8 clips) shrinks the data or
 costs a few ms per clip (README "Data loader"). A float batch (``normalize_on_device=false``) is only
-moved.
+moved. With ``data.decoder=nvdec`` (:mod:`mats_scale.data.gpu_decode`) the uint8 clips were decoded,
+cropped and resized on the device already: the copy is a no-op and only the normalisation runs here.
 """
 
 from __future__ import annotations

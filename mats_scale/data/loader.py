@@ -76,7 +76,10 @@ class LoaderOptions:
 
 
 def wants_pinned_memory(cfg: Config) -> bool:
-    """Pinned host memory for the batches when the run trains on CUDA."""
+    """Pinned host memory for the batches when the run trains on CUDA (not when they are decoded on the
+    GPU already, data.decoder=nvdec)."""
+    if cfg.data.decoder == "nvdec":
+        return False
     return cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
 
 

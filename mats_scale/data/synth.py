@@ -30,10 +30,15 @@ for studying motion scores on footage that is not a still camera (docs/masking.m
 - ``texture``: a fine high-contrast luminance texture (value noise, 4 px cells) of this amplitude
   on the scene, which a moving camera turns into frame differences everywhere;
 - ``cut``: one hard cut per clip, at a frame drawn in the middle half; from it on the clip shows
-  another scene with another object (:attr:`ClipSpec.cut`).
+  another scene with another object (:attr:`ClipSpec.cut`);
+- ``fast_object`` px/frame: a large flat-coloured box (50-80% of the height, 40-60% of the width: a
+  car passing close to the camera) crosses the screen horizontally at this speed, entering at a frame
+  drawn in the first half: a large colour change that is no cut;
+- ``flash``: one frame per clip (drawn, not the first or last) brightened 50-80% of the way to white.
 The object's path stays defined on the screen (labels keep their meaning; it stays fully in view);
 the camera moves the scene only. These draws come from separate streams
-(``[seed, split, index, 1]`` and ``[..., 2]`` for the second shot), after the default ones.
+(``[seed, split, index, 1]`` and ``[..., 2]`` for the second shot, ``[..., 5]`` for the fast object,
+``[..., 6]`` for the flash), after the default ones.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 
 import numpy as np
+
+from mats_scale.data.synth_effects import add_fast_object, add_flash, soft_box, value_noise
 
 CLASSES = (
     "right_slow",
@@ -73,7 +80,7 @@ META_VERSION = 1
 MAX_PAN = 8.0  # px per frame
 MAX_ZOOM = 0.05  # relative scale change per frame
 MAX_TEXTURE = 0.5
-TEXTURE_CELL = 4.0  # px between the lattice points of the fine texture
+MAX_FAST_OBJECT = 24.0  # px per frame
 
 
 @dataclass(frozen=True)
@@ -98,11 +105,15 @@ class SynthParams:
     """Amplitude of a fine high-contrast texture added to the scene's albedo (0 to 0.5)."""
     cut: bool = False
     """One hard cut per clip (frame drawn in the middle half) to another scene and object."""
+    fast_object: float = 0.0
+    """Speed in px per frame of a large box crossing the screen (a passing car); 0: none."""
+    flash: bool = False
+    """One frame per clip brightened towards white (a photographer's flash)."""
 
     @property
     def effects(self) -> bool:
         """True when any camera / editing option is on (the default dataset has none)."""
-        return bool(self.pan or self.zoom or self.texture or self.cut)
+        return bool(self.pan or self.zoom or self.texture or self.cut or self.fast_object or self.flash)
 
     def check(self) -> None:
         """Raise ValueError naming the (CLI) option for values the motion classes do not fit in."""
@@ -128,11 +139,15 @@ class SynthParams:
             raise ValueError(f"--zoom={self.zoom}: must be in [0, {MAX_ZOOM}] (scale change per frame)")
         if not 0.0 <= self.texture <= MAX_TEXTURE:
             raise ValueError(f"--texture={self.texture}: must be in [0, {MAX_TEXTURE}]")
+        if not 0.0 <= self.fast_object <= MAX_FAST_OBJECT:
+            raise ValueError(
+                f"--fast-object={self.fast_object}: must be in [0, {MAX_FAST_OBJECT}] px per frame"
+            )
 
 
 # Fields added after version 1 are written to meta.json only when set, so a default dataset's
 # meta.json is what it always was.
-_OPTIONAL_FIELDS = {"pan": 0.0, "zoom": 0.0, "texture": 0.0, "cut": False}
+_OPTIONAL_FIELDS = {"pan": 0.0, "zoom": 0.0, "texture": 0.0, "cut": False, "fast_object": 0.0, "flash": False}
 
 
 def params_dict(params: SynthParams) -> dict:
@@ -199,16 +214,6 @@ def _effects_rng(params: SynthParams, split: str, index: int, stream: int = 1) -
     return np.random.default_rng([params.seed, SPLITS[split], index, stream])
 
 
-def _soft_box(ys: np.ndarray, xs: np.ndarray, y0: float, x0: float, h: float, w: float) -> np.ndarray:
-    """(H, W) coverage of an axis-aligned box with 2 px linear edges (coarse, not aliased)."""
-    return (
-        np.clip((ys - y0) / 2, 0, 1)
-        * np.clip((y0 + h - ys) / 2, 0, 1)
-        * np.clip((xs - x0) / 2, 0, 1)
-        * np.clip((x0 + w - xs) / 2, 0, 1)
-    )
-
-
 @dataclass(frozen=True)
 class SceneRecipe:
     """The random draws of one static scene, so that it can be evaluated at any coordinates."""
@@ -250,7 +255,7 @@ def scene_at(recipe: SceneRecipe, ys: np.ndarray, xs: np.ndarray) -> tuple[np.nd
         wave = np.sin((xs * math.cos(a) + ys * math.sin(a)) * (2 * math.pi / period) + phase)
         albedo[..., c] = recipe.base[c] + 0.08 * wave
     for h, w, y0, x0, colour in recipe.boxes:
-        inside = 0.5 * _soft_box(ys, xs, y0, x0, h, w)[..., None]
+        inside = 0.5 * soft_box(ys, xs, y0, x0, h, w)[..., None]
         albedo = albedo * (1 - inside) + inside * colour
     # Light falls off away from the top edge: 1 at the lit edge, 1 - strength at the far one.
     a, (lo, hi) = recipe.light_angle, recipe.light_range
@@ -323,26 +328,6 @@ def camera_path(params: SynthParams, fx: np.random.Generator) -> tuple[np.ndarra
     return (1.0 + sign * params.zoom) ** t, offset
 
 
-def value_noise(fx: np.random.Generator, lo: np.ndarray, hi: np.ndarray):
-    """A texture in [-1, 1] over the scene box [lo, hi] (y, x): random values on a lattice of
-    :data:`TEXTURE_CELL` px, interpolated with smoothstep weights (continuous, so sub-pixel camera
-    moves give sub-pixel texture moves). Returns f(ys, xs) -> (H, W) float32."""
-    origin = np.floor(lo) - 2 * TEXTURE_CELL
-    n = (np.ceil((hi - origin) / TEXTURE_CELL) + 3).astype(int)
-    lattice = fx.uniform(-1.0, 1.0, (n[0], n[1])).astype(np.float32)
-
-    def f(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        gy, gx = (ys - origin[0]) / TEXTURE_CELL, (xs - origin[1]) / TEXTURE_CELL
-        iy, ix = np.floor(gy).astype(int), np.floor(gx).astype(int)
-        fy, fx_ = gy - iy, gx - ix
-        wy, wx = fy * fy * (3 - 2 * fy), fx_ * fx_ * (3 - 2 * fx_)
-        top = lattice[iy, ix] * (1 - wx) + lattice[iy, ix + 1] * wx
-        bottom = lattice[iy + 1, ix] * (1 - wx) + lattice[iy + 1, ix + 1] * wx
-        return (top * (1 - wy) + bottom * wy).astype(np.float32)
-
-    return f
-
-
 def render_shot(
     params: SynthParams, spec: ClipSpec, rng: np.random.Generator, fx: np.random.Generator
 ) -> np.ndarray:
@@ -387,6 +372,10 @@ def render_clip(params: SynthParams, split: str, index: int) -> tuple[np.ndarray
         frames[spec.cut :] = render_shot(params, other, rng2, _effects_rng(params, split, index, 4))[
             spec.cut :
         ]
+    if params.fast_object:
+        add_fast_object(frames, params.fast_object, _effects_rng(params, split, index, 5))
+    if params.flash:
+        add_flash(frames, _effects_rng(params, split, index, 6))
     return frames, spec
 
 

@@ -61,9 +61,11 @@ def segment_indices(num_frames: int, length: int, generator: torch.Generator | N
     return [min(int(p), num_frames - 1) for p in pos]
 
 
-DECODERS = ("decord", "pyav")
-"""``data.decoder`` choices. Both return the same frames (same indexing, same YUV -> RGB conversion of
-FFmpeg; pixel-equal on the H.264 files of the tests): decord (the default) or PyAV."""
+DECODERS = ("decord", "pyav", "nvdec")
+"""``data.decoder`` choices. decord (the default) and PyAV return the same frames (same indexing, same
+YUV -> RGB conversion of FFmpeg; pixel-equal on the H.264 files of the tests); nvdec decodes on the GPU
+into device memory (:mod:`mats_scale.data.gpu_decode`, the same frame indices, pixels within codec
+tolerance)."""
 
 log = logging.getLogger("mats_scale.data")
 
@@ -174,7 +176,13 @@ class PyAVVideo:
             self._file.close()
 
 
-_READERS = {"decord": DecordVideo, "pyav": PyAVVideo}
+def _nvdec_video(path: str, **kw):
+    from mats_scale.data.gpu_decode import NvdecVideo
+
+    return NvdecVideo(path, **kw)
+
+
+_READERS = {"decord": DecordVideo, "pyav": PyAVVideo, "nvdec": _nvdec_video}
 
 
 def _source(path: str):
@@ -266,6 +274,10 @@ def open_video(
     """
     if decoder not in _READERS:
         raise ValueError(f"decoder={decoder!r}: allowed {', '.join(DECODERS)}")
+    if decoder == "nvdec":  # no GPU or no package: one line for the run, not a skipped file each
+        from mats_scale.data.gpu_decode import check_gpu_decoder
+
+        check_gpu_decoder(decoder)
     if cache_bytes > 0:
         key = (path, start, frames, width, height, decoder)
         cached = _CACHE.get(key)
@@ -341,7 +353,7 @@ def read_frames(vr, indices: list[int], path: str = "") -> torch.Tensor:
     if frames.shape[0] != len(unique) or frames.ndim != 4:
         raise VideoReadError(path, f"decoding failed (got {frames.shape[0]} of {len(unique)} frames)")
     pos = {f: i for i, f in enumerate(unique)}
-    return torch.from_numpy(frames)[[pos[i] for i in indices]]
+    return torch.as_tensor(frames)[[pos[i] for i in indices]]  # numpy, or a device tensor (nvdec)
 
 
 @contextlib.contextmanager

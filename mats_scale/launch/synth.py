@@ -3,7 +3,7 @@ backgrounds).
 
     mats-synth OUT_DIR [--num-train 400] [--num-val 80] [--seed 0] [--frames 32]
         [--height 128] [--width 176] [--codec libx264] [--workers 2]
-        [--pan 0] [--zoom 0] [--texture 0] [--cut]
+        [--pan 0] [--zoom 0] [--texture 0] [--cut] [--fast-object 0] [--flash]
 
 Also ``python -m mats_scale.launch.synth``. Writes ``OUT_DIR/{train,val}/NNNNNN.mp4``, the list files
 ``train.txt`` / ``val.txt``, ``classes.txt`` and last ``meta.json``; :mod:`mats_scale.data.synth`
@@ -38,6 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--zoom", type=float, default=d.zoom, help="camera zoom, relative scale change per frame")
     ap.add_argument("--texture", type=float, default=d.texture, help="fine high-contrast texture amplitude")
     ap.add_argument("--cut", action="store_true", help="one hard cut per clip, to another scene and object")
+    ap.add_argument(
+        "--fast-object",
+        type=float,
+        default=d.fast_object,
+        help="a large box crossing the screen, px per frame",
+    )
+    ap.add_argument("--flash", action="store_true", help="one frame per clip brightened towards white")
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error(f"--workers={a.workers}: must be >= 1")
@@ -55,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         zoom=a.zoom,
         texture=a.texture,
         cut=a.cut,
+        fast_object=a.fast_object,
+        flash=a.flash,
     )
     try:
         params.check()
