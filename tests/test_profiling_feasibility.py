@@ -14,11 +14,11 @@ from mats_scale.profiling.feasibility import (
     data_verdict,
     gpu_clips_per_s,
     max_micro_batch,
-    measured_mfu,
     plan,
     run_steps,
     training_days,
 )
+from mats_scale.profiling.measured import measured_mfu
 from mats_scale.profiling.memory import GIB, ActivationModel, Allowance, peak_allocated
 from mats_scale.profiling.states import ModelStates
 from mats_scale.profiling.workload import CHECKPOINT_POLICIES, Workload, masking_config
@@ -96,6 +96,35 @@ def test_measured_mfu_of_a_run_is_the_median_of_its_last_session(tmp_path):
     _metrics(tmp_path / "metrics.jsonl", [(1, [])])
     with pytest.raises(ValueError, match="no step record with an mfu"):
         measured_mfu(str(tmp_path), "g")
+
+
+def test_a_runs_data_wait_reaches_the_plans_data_side(tmp_path, capsys):
+    """--mfu-from RUN: the data side names the run's measured stall next to the predicted rates."""
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = [
+        {"step": i + 1, "loss": 1.0, "mfu": 0.3, "data_wait": w}
+        for i, w in enumerate([0.9, 0.5, 0.1, 0.2, 0.3])
+    ]
+    start = {"event": "start", "step": 0, "world_size": 8, "mfu_peak_source": "NVIDIA H100"}
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [start, *steps]) + "\n")
+    assert measured_mfu(str(run), "g").data.endswith("data wait 20% of the step time (median over steps)")
+    end = {
+        "event": "end",
+        "at_step": 5,
+        "clips_per_s_delivered": 80.0,
+        "clips_per_s_consumed": 100.0,
+        "data_wait": 0.2,
+    }
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(end) + "\n")
+    argv = ["--engines", "zero3", "--strategies", "mats+dual", "--checkpoint", "none", "--no-progress"]
+    assert plan_main([*argv, "--mfu-from", str(run), "--out", str(tmp_path / "o")]) == 0
+    data = capsys.readouterr().out.split("## Data side")[1]
+    assert (
+        f"- measured in {run / 'metrics.jsonl'}: data wait 20% of the steps' time, "
+        "80.0 clips/s delivered vs 100.0 consumed" in data
+    )
 
 
 def test_measured_mfu_of_gpucheck_takes_the_planned_model_and_preset(tmp_path):

@@ -34,7 +34,8 @@ never faster, than such a run.
 Data side: each GPU consumes peak x MFU / training FLOPs per clip clips per second; with --data-rate
 (clips/s one CPU core delivers on your files: a number, or the JSON of
 ``benchmarks/bench_data.py --list FILE --out rate.json``) and --host-cores, the verdict says whether the
-job is decode-bound (and how many cores / loader workers it needs) or compute-bound.
+job is decode-bound (and how many cores / loader workers it needs) or compute-bound. --mfu-from RUN
+also lists the run's measured data wait and clips/s delivered vs consumed there.
 """
 
 from __future__ import annotations
@@ -226,16 +227,14 @@ def _mfu(args, size: str, preset: str | None):
     if args.mfu_from is not None and args.mfu is not None:
         raise UsageError("--mfu and --mfu-from: give one of the two")
     if args.mfu_from is None:
-        mfu = 0.35 if args.mfu is None else args.mfu
-        if not 0 < mfu <= 1:
-            raise UsageError(f"--mfu={mfu}: must be in (0, 1]")
-        return mfu, "assumed"
-    from mats_scale.profiling.feasibility import measured_mfu
+        return (0.35 if args.mfu is None else args.mfu), "assumed"  # --mfu checked in plan_command
+    from mats_scale.profiling.measured import measured_mfu
 
     try:
         got = measured_mfu(args.mfu_from, size, preset)
     except ValueError as e:
         raise UsageError(f"--mfu-from={args.mfu_from!r}: {e}") from None
+    args.measured_data = got.data  # the run's own data side, for the data section
     return got.mfu, f"measured: {got.source}"
 
 
@@ -389,6 +388,7 @@ def plan_command(argv=None) -> int:
                     f"{f2(p.step_s)} s/step, {f1(p.days)} days for {epochs:g} epochs"
                 )
     lines += ["", f"## Data side: {node.gpus} GPUs at MFU {mfu:.3g}, {args.host_cores}-core host", ""]
+    lines += [f"- {args.measured_data}"] if getattr(args, "measured_data", "") else []
     for st in ("mats+dual", "tube+rc"):
         for pname in args.checkpoint:
             hit = [p for p in plans if p.strategy == st and p.checkpoint == pname]
