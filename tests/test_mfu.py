@@ -22,6 +22,7 @@ def test_gpu_table_matches_by_name_and_precision():
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", bf16=True) == 312e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", bf16=False) == 156e12
     assert gpu_peak_flops("NVIDIA H100 PCIe", bf16=True) == 756e12
+    assert gpu_peak_flops("NVIDIA B200", bf16=True) == 2250e12  # the planner's b200-192 node too
     assert gpu_peak_flops("Some Unknown GPU", bf16=True) is None
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # Dense peaks per device in TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor core, TF32).
 # Matched as substrings of torch.cuda.get_device_name(), first match wins (H100 PCIe before H100).
 GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "B200": (2250.0, 1100.0),  # HGX B200 datasheet: 4.5 PF bf16 / 2.2 PF TF32 with sparsity, halved
     "H200": (989.0, 494.5),
     "H100 PCIe": (756.0, 378.0),
     "H100": (989.0, 494.5),
