@@ -273,6 +273,35 @@ def test_loop_seams_are_cuts_for_the_loader_scores(make_dataset):
     assert masked  # a looped clip whose seam changes the scores was met
 
 
+def test_loop_seams_reach_the_models_embedding_score(make_dataset):
+    """masking.score=embed is computed in the step: the batch carries each clip's cuts and seams to
+    it, and no embedding difference across one is counted (as for the loader's scores)."""
+    from mats_scale.data.device import to_model_input
+    from mats_scale.models.pretrain import build_pretrain_model
+
+    root = make_dataset(SHORT_SHOTS)
+    cfg = cfg_for(
+        root, "model.num_frames=16", "data.sampling_rate=1", "masking.strategy=mats", "masking.score=embed"
+    )
+    model = build_pretrain_model(cfg.model, device="cpu")
+    batch = next(iter(build_pretrain_loader(cfg, rank=0, world_size=1)))
+    seams = torch.stack([loop_seams(ids) for ids in batch["frame_index"].tolist()])
+    assert torch.equal(batch["cuts"], seams) and seams.any()  # a looped clip in the batch
+    video = to_model_input(batch, "cpu")
+    from mats_scale.train.pretrain import PretrainTask
+
+    class _Engine:  # what PretrainTask.motion_scores uses of an engine
+        module = model
+
+        @staticmethod
+        def autocast():
+            return torch.autocast("cpu", enabled=False)
+
+    got = PretrainTask(cfg).motion_scores(_Engine, video, batch)
+    torch.testing.assert_close(got, model.motion_scores(video, "embed", seams))
+    assert not torch.allclose(got, model.motion_scores(video, "embed"))  # the seam changed the scores
+
+
 @pytest.mark.parametrize("score", ["pixel", "compensated"])
 def test_loader_scores_and_frame_selection_on_cut_clips(cut_dataset, score):
     from mats_scale.data.device import to_model_input

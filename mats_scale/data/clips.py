@@ -22,6 +22,7 @@ from mats_scale.data.sources import SYNTHETIC_CLIPS
 from mats_scale.data.transforms import ClipRandAugment, finetune_augment, pretrain_augment
 from mats_scale.data.video import clip_indices, open_video, read_frames, segment_indices
 from mats_scale.masking import candidate_frame_count, loader_motion_scores, select_frames
+from mats_scale.masking.scores import LOADER_SCORES
 
 MAX_ATTEMPTS = 16
 """Reads tried per sample (the drawn video, then replacements) before the batch is marked failed."""
@@ -56,6 +57,11 @@ class ClipOptions:
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment={self.augment!r}: allowed {', '.join(AUGMENTS)}")
+
+    @property
+    def model_score(self) -> bool:
+        """MATS with a score the model computes in the step (embed): the clips carry their cuts to it."""
+        return self.loader_score is not None and self.loader_score not in LOADER_SCORES
 
     @classmethod
     def from_config(cls, cfg: Config, augment: str = "pretrain") -> ClipOptions:
@@ -235,6 +241,8 @@ class TrainClips(Dataset):
             "failed": int(failed),
             "shot_cuts": [cut] if cut else [],
         }
+        if o.model_score and cuts is not None:  # for the model's embedding score, in the step
+            out["cuts"] = cuts.expand(S, -1)
         if o.loader_score is not None:
             scores = loader_motion_scores(
                 o.loader_score,
@@ -265,6 +273,11 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "scores" in samples[0]:
         out["scores"] = torch.cat([s["scores"] for s in samples])
+    if any("cuts" in s for s in samples):  # (B, T-1) bool; none marked for a clip that had none
+        steps = samples[0]["video"].shape[2] - 1
+        out["cuts"] = torch.cat(
+            [s.get("cuts", torch.zeros(s["video"].shape[0], steps, dtype=torch.bool)) for s in samples]
+        )
     out["skipped"] = [e for s in samples for e in s["skipped"]]
     out["shot_cuts"] = [e for s in samples for e in s["shot_cuts"]]
     out["reads"] = sum(s["reads"] for s in samples)

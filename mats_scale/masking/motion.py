@@ -16,15 +16,6 @@ import torch
 from torch import nn
 
 
-def _consecutive_l2(x: torch.Tensor) -> torch.Tensor:
-    """x: (B, T', S, F) per-tubelet features -> (B, T' * S) L2 distance to the previous tubelet."""
-    B, T, S, _ = x.shape
-    if T == 1:
-        return x.new_zeros(B, S, dtype=torch.float32)
-    d = torch.linalg.vector_norm(x[:, 1:] - x[:, :-1], dim=-1)  # (B, T'-1, S)
-    return torch.cat([d[:, :1], d], dim=1).flatten(1).float()
-
-
 def valid_transitions(cuts: torch.Tensor, tubelet: int) -> torch.Tensor:
     """(B, T-1) bool frame-step cuts (True: frame j+1 starts a new shot) -> (B, T') bool: tubelet t
     has a predecessor in its own shot (t >= 1, and no cut from the first frame of tubelet t-1 to the
@@ -89,9 +80,12 @@ def pixel_motion_scores(
         return fill_from_transitions(d, None if cuts is None else valid_transitions(cuts, tubelet))
 
 
-def embed_motion_scores(patch_embed: nn.Module, video: torch.Tensor, *, affine: bool = True) -> torch.Tensor:
+def embed_motion_scores(
+    patch_embed: nn.Module, video: torch.Tensor, cuts: torch.Tensor | None = None, *, affine: bool = True
+) -> torch.Tensor:
     """MATS score: L2 distance between the detached patch embeddings (before position embedding) of
-    the same spatial patch in consecutive tubelets: (B, N) float32.
+    the same spatial patch in consecutive tubelets: (B, N) float32. cuts: optional (B, T-1) bool shot
+    cuts and loop seams between frames (module doc); no difference across one is counted.
 
     Runs under no_grad and calls `patch_embed` as a module (so ZeRO-3 / FSDP parameter-gathering hooks
     fire): scoring needs every token's embedding, the gradient only the encoder's visible tokens.
@@ -106,13 +100,18 @@ def embed_motion_scores(patch_embed: nn.Module, video: torch.Tensor, *, affine: 
     B, _, T, H, W = video.shape
     t = patch_embed.tubelet_size
     num_tubelets = T // t
+    valid = None if cuts is None else valid_transitions(cuts.to(video.device), t)
     with torch.no_grad():
-        if not affine or num_tubelets == 1:
+        if num_tubelets == 1:
+            return video.new_zeros(B, (H // patch_embed.patch_size) * (W // patch_embed.patch_size)).float()
+        if not affine:
             emb = patch_embed(video)  # (B, N, D)
-            return _consecutive_l2(emb.view(B, num_tubelets, -1, emb.shape[-1]))
+            x = emb.view(B, num_tubelets, -1, emb.shape[-1])
+            d = torch.linalg.vector_norm(x[:, 1:] - x[:, :-1], dim=-1)  # (B, T'-1, H'W')
+            return fill_from_transitions(d, valid).float()
         diff = video[:, :, t:] - video[:, :, :-t]  # (B, C, T - t, H, W): tubelet i+1 minus tubelet i
         delta = patch_embed(diff)  # (B, (T'-1) H'W', D) = W d + b
         p = patch_embed.patch_size
         zero = patch_embed(video.new_zeros(1, video.shape[1], t, p, p))  # (1, 1, D) = b
         d = torch.linalg.vector_norm(delta - zero, dim=-1).view(B, num_tubelets - 1, -1)  # (B, T'-1, H'W')
-        return torch.cat([d[:, :1], d], dim=1).flatten(1).float()
+        return fill_from_transitions(d, valid).float()

@@ -150,8 +150,11 @@ class PretrainVideoMAE(InitMixin, nn.Module):
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     # ---- forward --------------------------------------------------------------------------
-    def motion_scores(self, video: torch.Tensor, score: str = "embed") -> torch.Tensor:
-        """MATS motion scores (B, N) of `video` (B, C, T, H, W), no gradient.
+    def motion_scores(
+        self, video: torch.Tensor, score: str = "embed", cuts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MATS motion scores (B, N) of `video` (B, C, T, H, W), no gradient; no difference across the
+        (B, T-1) shot cuts / loop seams `cuts` is counted.
 
         ``embed``: L2 between the patch embeddings of consecutive tubelets (the paper), run through this
         model's own patch embedding; ``pixel`` / ``compensated``: the scores the data loader normally computes
@@ -160,8 +163,8 @@ class PretrainVideoMAE(InitMixin, nn.Module):
         ZeRO-3 fetches through the module hooks).
         """
         if score == "embed":
-            return embed_motion_scores(self.encoder.patch_embed, video)
-        return loader_motion_scores(score, video, self.tubelet_size, self.patch_size)
+            return embed_motion_scores(self.encoder.patch_embed, video, cuts)
+        return loader_motion_scores(score, video, self.tubelet_size, self.patch_size, cuts)
 
     def forward(
         self,

@@ -50,8 +50,9 @@ class PretrainTask:
         scores = batch.get("scores")  # pixel scores computed by the loader, when it did
         if scores is not None:
             return scores.to(video.device, non_blocking=True)
+        cuts = batch.get("cuts")  # shot cuts and loop seams of each clip, from the loader
         with engine.autocast():
-            return engine.module.motion_scores(video, m.score)
+            return engine.module.motion_scores(video, m.score, cuts)
 
     def step(self, engine: Engine, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
         video = to_model_input(batch, engine.env.device)  # uint8 from the workers -> normalised float32
