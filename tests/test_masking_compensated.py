@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from mats_scale.config import ConfigError, load_config
 from mats_scale.data import synth
 from mats_scale.masking import (
     compensated_motion_scores,
@@ -14,6 +15,7 @@ from mats_scale.masking import (
     select_frames,
     valid_transitions,
 )
+from mats_scale.masking.compensated import global_motion
 from mats_scale.masking.frames import pair_motion_counts
 
 TUBELET, PATCH, STRIDE, FRAMES = 2, 16, 2, 16
@@ -85,6 +87,74 @@ def test_still_camera_scores_agree(texture):
         assert torch.equal(comp, pixel)  # hence the same scores and the same kept set
 
 
+def still_camera_with_large_object(seed, texture, noise=2.0):
+    """(1, 3, 16, 128, 176) float: a still background (smooth shading, plus a random texture of this
+    amplitude) with sensor noise, and a textured 96x128 object (55 % of the picture) moving 1, 1.5 px
+    per frame inside it (it never reaches the border)."""
+    g = torch.Generator().manual_seed(seed)
+    H, W, (h, w) = 128, 176, (96, 128)
+    rows = torch.arange(H, dtype=torch.float32)[:, None]
+    bg = (100 + 40 * torch.sin(rows / 20)).expand(3, H, W)
+    bg = bg + texture * torch.nn.functional.avg_pool2d(
+        torch.rand(3, H + 2, W + 2, generator=g) * 255 - 128, 3, 1
+    )
+    obj = torch.nn.functional.avg_pool2d(torch.rand(3, h + 2, w + 2, generator=g) * 255, 3, 1)
+    frames = []
+    for f in range(FRAMES):
+        frame = bg.clone()
+        y, x = int(10 + f), int(8 + 1.5 * f)
+        frame[:, y : y + h, x : x + w] = obj
+        frames.append(frame + noise * torch.randn(3, H, W, generator=g))
+    return torch.stack(frames, dim=1)[None].clamp(0, 255)
+
+
+@pytest.mark.parametrize("texture", [0.0, 0.3])
+def test_still_camera_with_a_large_moving_object_is_the_pixel_score(texture):
+    # The object's motion explains more than half of the picture's changing tokens, but not the border
+    # (a flat, noisy background there: interpolation alone lowers its residual; or a textured one).
+    for seed in range(2):
+        v = still_camera_with_large_object(seed, texture)
+        shifts, zooms = global_motion(v, TUBELET, PATCH, zoom=True)
+        assert not shifts.any() and (zooms == 1).all(), seed
+        pixel = pixel_motion_scores(v, TUBELET, PATCH)
+        assert torch.equal(compensated_motion_scores(v, TUBELET, PATCH), pixel)
+        assert torch.equal(compensated_motion_scores(v, TUBELET, PATCH, zoom=True), pixel)
+
+
+def test_camera_pan_is_found_behind_a_large_object():
+    # A textured scene, the camera panning 2 px per frame, and a 72x112 object (36 % of the picture,
+    # within a token of the border) drifting on the screen: the background's shift is the camera's.
+    g = torch.Generator().manual_seed(3)
+    world = torch.nn.functional.avg_pool2d(torch.rand(3, 130, 176 + 64 + 2, generator=g) * 255, 3, 1)
+    obj = still_camera_with_large_object(3, 0.3)[0, :, :, 20:92, 40:152]  # (3, 16, 72, 112): moving texture
+    frames = []
+    for f in range(FRAMES):
+        frame = world[:, :, 2 * f : 2 * f + 176].clone()
+        frame[:, 16 + f // 2 : 88 + f // 2, 48:160] = obj[:, f]
+        frames.append(frame)
+    v = torch.stack(frames, dim=1)[None]  # (1, 3, 16, 128, 176)
+    shifts = global_shifts(v, TUBELET, PATCH)[0]  # the picture moves left 4 px per tubelet
+    torch.testing.assert_close(shifts, torch.tensor([0.0, -4.0]).expand_as(shifts), atol=0.1, rtol=0)
+
+
+def test_zoom_is_found_and_compensated_over_a_zooming_texture():
+    params = synth.SynthParams(zoom=0.01, texture=0.3)  # 4 % scale change between tubelets
+    pixel, zoomed = [], []
+    for i in range(4):
+        v, spec, ids = clip(params, i)
+        obj = object_tokens(spec, ids, params.height, params.width)
+        scales, _ = synth.camera_path(params, synth._effects_rng(params, "train", i, 3))
+        truth = scales[ids[TUBELET]] / scales[ids[0]]  # the same between any two consecutive tubelets
+        shifts, zooms = global_motion(v, TUBELET, PATCH, zoom=True)
+        found = zooms[0] != 1
+        assert found.sum() >= 5 and (zooms[0][found] - truth).abs().max() < 0.005, (i, zooms, truth)
+        assert shifts[0][found].abs().max() < 0.5  # the generator zooms about the centre
+        assert (global_motion(v, TUBELET, PATCH)[1] == 1).all()  # zoom only when asked for
+        pixel.append(kept_share(pixel_motion_scores(v, TUBELET, PATCH)[0], obj))
+        zoomed.append(kept_share(compensated_motion_scores(v, TUBELET, PATCH, zoom=True)[0], obj))
+    assert np.mean(zoomed) > 1.2 * np.mean(pixel), (pixel, zoomed)
+
+
 def test_known_shift_leaves_no_residual_inside_the_frame():
     g = torch.Generator().manual_seed(0)
     world = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 120, 140, generator=g) * 255, 3, 1)  # smooth-ish
@@ -106,7 +176,13 @@ def test_loader_scores_dispatch():
     v = torch.rand(2, 3, 4, 32, 32)
     assert torch.equal(loader_motion_scores("pixel", v, 2, 16), pixel_motion_scores(v, 2, 16))
     assert torch.equal(loader_motion_scores("compensated", v, 2, 16), compensated_motion_scores(v, 2, 16))
+    torch.testing.assert_close(
+        loader_motion_scores("compensated_zoom", v, 2, 16), compensated_motion_scores(v, 2, 16, zoom=True)
+    )
     assert loader_motion_scores("embed", v, 2, 16) is None
+    assert load_config(None, ["masking.score=compensated_zoom"]).masking.score == "compensated_zoom"
+    with pytest.raises(ConfigError, match="compensated_zoom"):  # the error lists every choice
+        load_config(None, ["masking.score=zoom"])
 
 
 # ---- shot cuts in the scores --------------------------------------------------------------------
