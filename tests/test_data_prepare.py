@@ -205,6 +205,23 @@ def test_list_mode_keeps_the_v2_format_and_writes_class_names(src, tmp_path):
     assert not (dst3 / "classes.txt").exists()
 
 
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0 and out.startswith("usage: ")
+    d = PrepareOptions()
+    for shown in (
+        f"(default {d.short_side})",
+        f"(default {d.gop})",
+        f"(default {d.crf})",
+        f"(default {d.preset})",
+        f"(default {d.tune})",
+        "(default: all cores)",
+    ):
+        assert shown in out, shown
+
+
 def test_progress_is_not_redrawn_into_a_pipe(src, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "mats_scale.launch.prepare", str(src), str(tmp_path / "dst")]

@@ -207,6 +207,17 @@ def test_cli_configured_batch_schedule_and_measured_mfu(tmp_path, capsys):
 
 
 @pytest.mark.integration
+def test_cli_progress_is_not_redrawn_into_a_pipe(tmp_path, capsys):
+    """Without --no-progress and with stderr not a terminal (captured here, as in a pipe or a file):
+    no bar, so no carriage returns (was: the bar redrew itself with \\r into pipes)."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model:\n  size: debug\n  num_frames: 8\n  img_size: 64\nmasking:\n  preset: mats+dual\n")
+    argv = ["--config", str(cfg), "--engines", "zero3", "--strategies", "mats+dual", "--checkpoint", "none"]
+    assert plan_main([*argv, "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out and "feasibility" in captured.out
+
+
 def test_plan_orders_strategies_engines_and_checkpointing():
     model = ModelConfig(size="S")
     wls = {
