@@ -92,8 +92,13 @@ class DataConfig:
     dataset: str = "bundled"
     """bundled (generated sample videos, created on first use), list (VideoMAE list file), folder
     (scan a directory) or synthetic (clips rendered in memory, no files)."""
+    bundled: str = "motion"
+    """data.dataset=bundled: which generated task: motion (the class is a drawn shape's motion), objects
+    (which photographed object moves over a shared texture) or scenes (which photographed scene, with a
+    moving distractor); docs/data.md."""
     root: str = ""
-    """bundled: the dataset directory (empty: data/bundled under the working directory); list: prefix
+    """bundled: the dataset directory (empty: data/bundled, or data/bundled-<task> for objects and scenes,
+    under the working directory); list: prefix
     joined to every relative path; folder: the directory to scan."""
     train_list: str = ""
     """List file for training: one `path label` per line (labels ignored in pre-training)."""
@@ -136,6 +141,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ["bundled", "list", "folder", "synthetic"])
+        check_choice("data.bundled", self.bundled, ["motion", "objects", "scenes"])
         for key in (
             "sampling_rate",
             "num_sample",

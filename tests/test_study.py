@@ -168,3 +168,78 @@ def test_a_failed_run_is_reported_its_dependants_skipped_and_the_exit_status_is_
     assert "2 run(s) did not finish" in proc.stderr and "Warning" not in proc.stderr
     (row,) = read_csv(tmp_path / "out" / "runs.csv")  # the report is still written, without results
     assert row["preset"] == "tube" and row["finetune_top1"] == "" and row["pretrain_loss"] == ""
+
+
+def dry_run(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, str(STUDY), "--dry-run", "--out", "out", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(),
+    )
+
+
+def test_a_variant_is_its_preset_plus_pretraining_overrides_under_its_own_label(tmp_path):
+    proc = dry_run(tmp_path, "--study", "appearance_objects", "seeds=[0]")
+    assert proc.returncode == 0, tail(proc)
+    runs = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("["))
+    names = [name.split("] ", 1)[1].split(" ")[0] for name in runs]
+    assert names[:3] == ["pretrain-tube-s0", "pretrain-mats+dual-s0", "pretrain-mats+dual+ctx-s0"]
+    assert {"finetune-mats+dual+ctx-s0", "probe-mats+dual+ctx-s0", "finetune-scratch-s0"} <= set(names)
+    cmd = {name: runs[key] for name, key in zip(names, runs, strict=True)}
+    ours, ctx = cmd["pretrain-mats+dual-s0"].split(), cmd["pretrain-mats+dual+ctx-s0"].split()
+    # The variant's pre-training: the preset's command plus its override, in its own run directory.
+    assert [a for a in ctx if not a.startswith("train.out_dir=")] == [
+        *[a for a in ours if not a.startswith(("train.out_dir=", "train.seed="))],
+        "masking.context_ratio=0.25",
+        "train.seed=0",
+    ]
+    assert "masking.context_ratio" not in cmd["finetune-mats+dual+ctx-s0"]
+    init = [a for a in cmd["finetune-mats+dual+ctx-s0"].split() if a.startswith("finetune.init=")]
+    assert init == [f"finetune.init={[a for a in ctx if a.startswith('train.out_dir=')][0].split('=', 1)[1]}"]
+    assert all("data.bundled=objects" in c for c in cmd.values())
+    for other, task in (("appearance_scenes", "scenes"), ("motion_context", "motion")):
+        shipped = dry_run(tmp_path, "--study", other, "seeds=[0]")
+        assert shipped.returncode == 0 and "pretrain-mats+dual+ctx-s0" in shipped.stdout, tail(shipped)
+        assert shipped.stdout.count(f"data.bundled={task}") == len(runs)
+
+
+def test_a_bad_variant_is_one_line_and_exit_2(tmp_path):
+    for args, expect in (
+        (["variants.v.preset=videomae"], "variants.v: expected a mapping with a 'preset'"),
+        (["variants.tube.preset=mats"], "variants.tube: the label is a preset's"),
+        (["variants.v.preset=mats", "variants.v.masking.ratioo=0.5"], "masking.ratioo: unknown key"),
+    ):
+        proc = dry_run(tmp_path, *args)
+        assert proc.returncode == 2 and expect in proc.stderr, tail(proc)
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_variant_of_mats_dual_gets_the_targets_verdict_and_one_against_its_preset():
+    from mats_scale.experiments.study_report import summarize, verdicts
+
+    def rows(label, top1, tflops):
+        return [
+            {"preset": label, "seed": s, "finetune_top1": t, "pretrain_tflops": tflops}
+            for s, t in enumerate(top1)
+        ]
+
+    table = [
+        *rows("tube", [0.30, 0.32, 0.34], 100.0),
+        *rows("mats+dual", [0.40, 0.45, 0.50], 54.0),
+        *rows("mats+dual+ctx", [0.60, 0.62, 0.64], 55.0),
+        *rows("mats+ctx", [0.41, 0.50, 0.59], 55.0),
+        *rows(st.SCRATCH, [0.30, 0.31, 0.32], None),
+    ]
+    lines = verdicts(summarize(table), {"mats+dual+ctx": "mats+dual", "mats+ctx": "mats"})
+    assert any(v.startswith("mats+dual+ctx vs tube: top-1 0.620 vs 0.320") for v in lines)
+    (vs_base,) = [v for v in lines if v.startswith("mats+dual+ctx vs mats+dual:")]
+    assert vs_base.endswith("a difference beyond the seed noise: yes")
+    assert not any(v.startswith("mats+ctx vs tube") for v in lines)  # not a mats+dual variant
+    assert not [v for v in lines if v.startswith("mats+ctx vs mats:")]  # its preset was not run here
+    one_seed = [r for r in table if r["seed"] == 0]
+    (line,) = [
+        v for v in verdicts(summarize(one_seed), {"mats+dual+ctx": "mats+dual"}) if "ctx vs mats+dual:" in v
+    ]
+    assert line.endswith("a difference beyond the seed noise: unknown (one seed)")

@@ -9,7 +9,7 @@ import logging
 import os
 
 from mats_scale.config import Config
-from mats_scale.data import synth
+from mats_scale.data import appearance, synth
 from mats_scale.data.errors import DataError
 from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
 
@@ -20,6 +20,8 @@ SYNTHETIC_CLIPS = 1024
 DEFAULT_BUNDLED_ROOT = os.path.join("data", "bundled")
 BUNDLED_PARAMS = synth.SynthParams()
 """What the loader generates when the bundled dataset is missing (the generator CLI's defaults)."""
+APPEARANCE_PARAMS = appearance.DEFAULTS
+"""What the loader generates for data.bundled=objects / scenes (the study's calibrated difficulty)."""
 
 # What a (possibly interrupted) generation leaves in its directory; anything else means foreign data.
 _GENERATED_NAMES = {
@@ -35,18 +37,35 @@ _GENERATED_NAMES = {
 
 
 def bundled_root(cfg: Config) -> str:
-    return cfg.data.root or os.path.join(os.getcwd(), DEFAULT_BUNDLED_ROOT)
+    """data.root, else data/bundled (data.bundled=motion) or data/bundled-<task> in the working directory."""
+    task = cfg.data.bundled
+    return cfg.data.root or os.path.join(
+        os.getcwd(), DEFAULT_BUNDLED_ROOT + ("" if task == "motion" else f"-{task}")
+    )
 
 
-def ensure_bundled(root: str, params: synth.SynthParams | None = None, workers: int = 0) -> str:
-    """Generate the bundled dataset into `root` unless it is complete; safe to call from every rank.
+def ensure_bundled(
+    root: str,
+    params: synth.SynthParams | appearance.AppearanceParams | None = None,
+    workers: int = 0,
+    task: str = "motion",
+) -> str:
+    """Generate the bundled dataset `task` (data.bundled: motion, objects, scenes) into `root` unless it is
+    complete; safe to call from every rank.
 
     An exclusive ``flock`` on ``root/.lock`` serialises the callers (no torch.distributed needed):
     the first one generates, the others wait on the lock and then find ``meta.json`` (the done-marker,
     written last). A run that died mid-generation leaves no marker, so the next caller regenerates.
-    A non-empty `root` with other files than a generation writes is refused (DataError).
+    A non-empty `root` with other files than a generation writes is refused (DataError), and so is a
+    complete one of another task.
     """
     if synth.is_complete(root):
+        held = appearance.meta_task(root)
+        if held not in (task, None):
+            raise DataError(
+                f"data.root={root!r} holds the bundled {held!r} task, not data.bundled={task!r}: "
+                "point data.root at another (empty or new) directory, or leave it empty"
+            )
         return root
     foreign = sorted(set(os.listdir(root)) - _GENERATED_NAMES) if os.path.isdir(root) else []
     if foreign:  # never write sample videos into somebody's data directory
@@ -60,8 +79,13 @@ def ensure_bundled(root: str, params: synth.SynthParams | None = None, workers: 
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not synth.is_complete(root):
-                log.warning("bundled dataset missing in %s: generating it (first use)", root)
-                synth.generate(root, params or BUNDLED_PARAMS, workers=workers or min(4, os.cpu_count() or 1))
+                log.warning("bundled dataset (%s) missing in %s: generating it (first use)", task, root)
+                workers = workers or min(4, os.cpu_count() or 1)
+                if task == "motion":
+                    synth.generate(root, params or BUNDLED_PARAMS, workers=workers)
+                else:
+                    params = params or APPEARANCE_PARAMS[task]
+                    appearance.generate(root, params, workers=workers)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return root
@@ -71,7 +95,7 @@ def resolve_items(cfg: Config, split: str = "train") -> list[VideoItem]:
     """The videos of `split` for data.dataset = bundled, list or folder (start-up errors raise)."""
     d = cfg.data
     if d.dataset == "bundled":
-        root = ensure_bundled(bundled_root(cfg))
+        root = ensure_bundled(bundled_root(cfg), task=d.bundled)
         return read_list_file(os.path.join(root, f"{split}.txt"), root)
     if d.dataset == "list":
         path = d.train_list if split == "train" else d.val_list
@@ -93,7 +117,7 @@ def class_names(cfg: Config) -> dict[int, str]:
     it) beside the val list or in data.root; empty when none is found or it cannot be read."""
     d = cfg.data
     if d.dataset == "bundled":
-        return dict(enumerate(synth.CLASSES))
+        return dict(enumerate(synth.CLASSES if d.bundled == "motion" else appearance.CLASSES[d.bundled]))
     if d.dataset == "folder" and os.path.isdir(d.root):
         return dict(
             enumerate(sorted(e for e in os.listdir(d.root) if os.path.isdir(os.path.join(d.root, e))))
@@ -117,6 +141,7 @@ def train_items(cfg: Config) -> list[VideoItem] | None:
 
 
 __all__ = [
+    "APPEARANCE_PARAMS",
     "BUNDLED_PARAMS",
     "class_names",
     "SYNTHETIC_CLIPS",

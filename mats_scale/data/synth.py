@@ -47,12 +47,12 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 
 import numpy as np
 
+from mats_scale.data.dataset_files import relpath as relpath  # where a clip lives (used with the module)
+from mats_scale.data.dataset_files import write_dataset
 from mats_scale.data.synth_effects import add_fast_object, add_flash, soft_box, value_noise
 
 CLASSES = (
@@ -426,10 +426,6 @@ def _write_one(job: tuple[SynthParams, str, int, str]) -> None:
     write_video(path, frames, params.fps, params.codec, params.crf)
 
 
-def relpath(split: str, index: int) -> str:
-    return f"{split}/{index:06d}.mp4"
-
-
 def is_complete(out_dir: str, params: SynthParams | None = None) -> bool:
     """True when meta.json exists (written last) and, if `params` is given, matches them."""
     meta = os.path.join(out_dir, "meta.json")
@@ -444,35 +440,18 @@ def is_complete(out_dir: str, params: SynthParams | None = None) -> bool:
         return False
 
 
+def _label(params: SynthParams, split: str, index: int) -> int:
+    return clip_spec(params, split, index)[0].label
+
+
 def generate(
     out_dir: str, params: SynthParams = SynthParams(), workers: int = 2, verbose: bool = True
 ) -> dict:
     """Write the dataset (files, list files, meta.json last). Returns the meta dict."""
-    t0 = time.perf_counter()
     params.check()
     params = SynthParams(**{**asdict(params), "codec": available_codec(params.codec)})
-    jobs = []
-    for split, count in (("train", params.num_train), ("val", params.num_val)):
-        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-        jobs += [(params, split, i, os.path.join(out_dir, relpath(split, i))) for i in range(count)]
-    if workers > 1 and len(jobs) > 1:
-        with get_context("fork").Pool(workers) as pool:
-            pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
-    else:
-        for job in jobs:
-            _write_one(job)
-    for split, count in (("train", params.num_train), ("val", params.num_val)):
-        lines = [f"{relpath(split, i)} {clip_spec(params, split, i)[0].label}\n" for i in range(count)]
-        with open(os.path.join(out_dir, f"{split}.txt"), "w") as f:
-            f.writelines(lines)
-    with open(os.path.join(out_dir, "classes.txt"), "w") as f:
-        f.writelines(f"{i} {name}\n" for i, name in enumerate(CLASSES))
-    seconds = round(time.perf_counter() - t0, 2)
-    meta = {"params": params_dict(params), "classes": list(CLASSES), "seconds": seconds}
-    tmp = os.path.join(out_dir, "meta.json.part")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+    meta = {"params": params_dict(params), "classes": list(CLASSES)}
+    meta = write_dataset(out_dir, params, _write_one, _label, CLASSES, meta, workers)
     if verbose:
         print(
             f"wrote {params.num_train} + {params.num_val} clips ({params.frames} frames "

@@ -5,6 +5,8 @@ A study file (OmegaConf YAML, shipped ones in ``mats_scale/configs/studies/``)::
 
     name: presets
     presets: [tube, tube+rc, mats, mats+dual]   # masking presets (mats_scale.tokens.PRESETS)
+    variants:           # optional: a preset plus pre-training overrides, under a label of its own
+      mats+dual+ctx: {preset: mats+dual, masking: {context_ratio: 0.25}}
     seeds: [0, 1, 2]
     scratch: true       # fine-tune from scratch and probe a random encoder, once per seed
     probe: true         # linear probe of every pre-trained encoder
@@ -44,7 +46,18 @@ from mats_scale.experiments.grid import _flat, _value, load_mapping
 from mats_scale.experiments.runner import Process, child_env
 from mats_scale.tokens import PRESETS
 
-STUDY_KEYS = ("name", "presets", "seeds", "scratch", "probe", "jobs", "common", "pretrain", "finetune")
+STUDY_KEYS = (
+    "name",
+    "presets",
+    "variants",
+    "seeds",
+    "scratch",
+    "probe",
+    "jobs",
+    "common",
+    "pretrain",
+    "finetune",
+)
 KINDS = ("pretrain", "finetune", "probe")
 SCRATCH = "scratch"  # the preset label of the from-scratch baseline (a random encoder in the probe)
 MODULES = {"pretrain": "mats_scale.launch.pretrain", "finetune": "mats_scale.launch.finetune"}
@@ -59,6 +72,14 @@ class Stage:
 
 
 @dataclass
+class Variant:
+    """A masking preset plus config overrides of its pre-training runs (dotted key -> value)."""
+
+    preset: str
+    overrides: dict[str, Any]
+
+
+@dataclass
 class Study:
     name: str
     presets: list[str]
@@ -69,6 +90,12 @@ class Study:
     common: dict[str, Any]
     pretrain: Stage
     finetune: Stage
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        """The pre-trained methods in table order: the presets, then the variants."""
+        return [*self.presets, *self.variants]
 
 
 @dataclass
@@ -140,6 +167,7 @@ def load_study(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
         if not isinstance(stage, dict) or not isinstance(stage.get("config"), str):
             raise ConfigError(f"{key}: expected a mapping with a base 'config' (a file or shipped name)")
         stages[key] = Stage(stage["config"], _flat({k: v for k, v in stage.items() if k != "config"}))
+    variants = _variants(spec.get("variants") or {}, presets)
     common = spec.get("common") or {}
     if not isinstance(common, dict):
         raise ConfigError(f"common={common!r}: expected a mapping of config overrides")
@@ -153,7 +181,27 @@ def load_study(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
         common=_flat(common),
         pretrain=stages["pretrain"],
         finetune=stages["finetune"],
+        variants=variants,
     )
+
+
+def _variants(raw: Any, presets: list[str]) -> dict[str, Variant]:
+    """``variants: {label: {preset: P, <config overrides>}}`` checked; raises ConfigError naming it."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"variants={raw!r}: expected a mapping label -> {{preset: P, <overrides>}}")
+    out = {}
+    for label, body in raw.items():
+        if not isinstance(body, dict) or body.get("preset") not in PRESETS:
+            raise ConfigError(
+                f"variants.{label}: expected a mapping with a 'preset' (one of {', '.join(PRESETS)}) and "
+                "config overrides of its pre-training runs"
+            )
+        if label in PRESETS or label in presets or label == SCRATCH:
+            raise ConfigError(
+                f"variants.{label}: the label is a preset's (or {SCRATCH}); give it another name"
+            )
+        out[str(label)] = Variant(body["preset"], _flat({k: v for k, v in body.items() if k != "preset"}))
+    return out
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -199,12 +247,13 @@ def plan(study: Study, out_dir: str) -> list[Job]:
 
     ft, pre = study.finetune, study.pretrain
     pretrained = {}
-    for preset in study.presets:
-        masking = {f"masking.{k}": v for k, v in PRESETS[preset].items()}
+    for label in study.labels:
+        variant = study.variants.get(label, Variant(label, {}))
+        masking = {f"masking.{k}": v for k, v in PRESETS[variant.preset].items()}
         for seed in study.seeds:
-            values = {**study.common, **pre.overrides, **masking, "train.seed": seed}
-            pretrained[preset, seed] = add("pretrain", preset, seed, pre.config, values, None)
-    tail = [(p, s, pretrained[p, s]) for p in study.presets for s in study.seeds]
+            values = {**study.common, **pre.overrides, **masking, **variant.overrides, "train.seed": seed}
+            pretrained[label, seed] = add("pretrain", label, seed, pre.config, values, None)
+    tail = [(p, s, pretrained[p, s]) for p in study.labels for s in study.seeds]
     if study.scratch:
         tail += [(SCRATCH, s, None) for s in study.seeds]
     for preset, seed, dep in tail:
@@ -304,7 +353,7 @@ def prepare_data(jobs: list[Job]) -> None:
     seen = set()
     for job in jobs:
         d = job.cfg.data
-        key = (d.dataset, d.root, d.train_list, d.val_list)
+        key = (d.dataset, d.bundled, d.root, d.train_list, d.val_list)
         if key not in seen and d.dataset != "synthetic":
             seen.add(key)
             resolve_items(job.cfg, "train")

@@ -63,7 +63,7 @@ def collect(study: Study, jobs: list[Job]) -> list[dict[str, Any]]:
     compute = pretrain_compute(jobs)
     by_key = {(j.kind, j.preset, j.seed): j for j in jobs}
     rows = []
-    labels = list(study.presets) + ([SCRATCH] if study.scratch else [])
+    labels = study.labels + ([SCRATCH] if study.scratch else [])
     for preset in labels:
         for seed in study.seeds:
             row: dict[str, Any] = {"preset": preset, "seed": seed}
@@ -120,8 +120,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def verdicts(summary: list[dict[str, Any]]) -> list[str]:
-    """The study's questions answered from the numbers (one sentence each)."""
+def verdicts(summary: list[dict[str, Any]], bases: dict[str, str] | None = None) -> list[str]:
+    """The study's questions answered from the numbers (one sentence each); `bases`: variant label ->
+    its preset (a variant of mats+dual is held to mats+dual's target too, and compared with it)."""
+    bases = bases or {}
 
     def top1(s):
         return s["finetune_top1"]
@@ -138,8 +140,8 @@ def verdicts(summary: list[dict[str, Any]]) -> list[str]:
                 f"{top1(scratch)['mean']:.3f} ({margin:+.3f}); every seed above the best scratch seed: "
                 f"{'yes' if every else 'no'}"
             )
-    ours = next((s for s in trained if s["preset"] == "mats+dual"), None)
-    if ours:
+    for ours in [s for s in trained if s["preset"] == "mats+dual" or bases.get(s["preset"]) == "mats+dual"]:
+        name = ours["preset"]
         for s in trained:
             if not s["preset"].startswith("tube"):
                 continue
@@ -149,11 +151,24 @@ def verdicts(summary: list[dict[str, Any]]) -> list[str]:
             accuracy = "yes" if diff >= 0 else ("within one seed std" if -diff <= spread else "no")
             met = diff >= 0 and ratio <= TARGET_COMPUTE
             lines.append(
-                f"mats+dual vs {s['preset']}: top-1 {top1(ours)['mean']:.3f} vs {top1(s)['mean']:.3f} "
+                f"{name} vs {s['preset']}: top-1 {top1(ours)['mean']:.3f} vs {top1(s)['mean']:.3f} "
                 f"({diff:+.3f}; seed std {top1(ours)['std']:.3f} / {top1(s)['std']:.3f}) at "
                 f"{ratio:.2f}x its pre-training compute; at least its accuracy: {accuracy}; compute <= "
                 f"{TARGET_COMPUTE}x: {'yes' if ratio <= TARGET_COMPUTE else 'no'}; target met: "
                 f"{'yes' if met else 'no'}"
+            )
+    by_label = {s["preset"]: s for s in trained}
+    for label, preset in bases.items():
+        if label in by_label and preset in by_label:
+            v, b = top1(by_label[label]), top1(by_label[preset])
+            diff, spread = v["mean"] - b["mean"], max(v["std"], b["std"])
+            if min(v["n"], b["n"]) < 2:
+                beyond = "unknown (one seed)"
+            else:
+                beyond = "yes" if abs(diff) > spread else "no (within one seed std)"
+            lines.append(
+                f"{label} vs {preset}: top-1 {v['mean']:.3f} vs {b['mean']:.3f} ({diff:+.3f}; seed std "
+                f"{v['std']:.3f} / {b['std']:.3f}); a difference beyond the seed noise: {beyond}"
             )
     return lines
 
@@ -298,7 +313,9 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
             + " |"
         )
     lines += ["", "## Verdicts (computed from the table)", ""]
-    lines += [f"- {v}" for v in verdicts(summary)] or ["- (not enough finished runs)"]
+    lines += [f"- {v}" for v in verdicts(summary, {k: v.preset for k, v in study.variants.items()})] or [
+        "- (not enough finished runs)"
+    ]
     lines += [
         "",
         f"Command: `{command or 'python launchers/study.py'}`; report written at commit "

@@ -31,10 +31,10 @@ def dataset_num_classes(cfg: Config) -> int:
     if cfg.finetune.num_classes:
         return cfg.finetune.num_classes
     if cfg.data.dataset in ("bundled", "synthetic"):
-        from mats_scale.data.synth import CLASSES
+        from mats_scale.data.sources import class_names
 
         if cfg.data.dataset == "bundled":
-            return len(CLASSES)
+            return len(class_names(cfg))  # the task's classes (data.bundled), generated or not
         raise ConfigError(
             "finetune.num_classes: 0 (from the data) needs labelled files; set it for data.dataset=synthetic"
         )
