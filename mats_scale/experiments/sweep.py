@@ -34,6 +34,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -407,7 +408,7 @@ def sweep(
             f"{results}: {problem}: choose a new --out folder, or pass --append to add them (labelled "
             "by commit; the report shows the newest row of each point)"
         )
-    origin.update(session=_now(), **({"appended": True} if problem else {}))
+    origin.update(session=_session(), **({"appended": True} if problem else {}))
     flops_cache: dict[str, dict[str, Any]] = {}
     import torch
 
@@ -468,6 +469,11 @@ def sweep(
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _session() -> str:
+    """The sweep's start time to the microsecond: two sweeps in one second are two sessions."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _append(path: str, record: dict[str, Any]) -> None:
