@@ -223,19 +223,18 @@ def _parser():
 
 
 def _mfu(args, size: str, preset: str | None):
-    """(MFU, how it was obtained) from --mfu / --mfu-from."""
+    """(MFU, how it was obtained, the run's measured data side or "") from --mfu / --mfu-from."""
     if args.mfu_from is not None and args.mfu is not None:
         raise UsageError("--mfu and --mfu-from: give one of the two")
     if args.mfu_from is None:
-        return (0.35 if args.mfu is None else args.mfu), "assumed"  # --mfu checked in plan_command
+        return (0.35 if args.mfu is None else args.mfu), "assumed", ""  # --mfu checked in plan_command
     from mats_scale.profiling.measured import measured_mfu
 
     try:
         got = measured_mfu(args.mfu_from, size, preset)
     except ValueError as e:
         raise UsageError(f"--mfu-from={args.mfu_from!r}: {e}") from None
-    args.measured_data = got.data  # the run's own data side, for the data section
-    return got.mfu, f"measured: {got.source}"
+    return got.mfu, f"measured: {got.source}", got.data
 
 
 def plan_command(argv=None) -> int:
@@ -286,7 +285,7 @@ def plan_command(argv=None) -> int:
     preset = m.preset or next(
         (n for n, keys in PRESETS.items() if all(getattr(m, k) == v for k, v in keys.items())), None
     )
-    mfu, mfu_how = _mfu(args, cfg.model.size, preset if args.config else None)
+    mfu, mfu_how, measured_data = _mfu(args, cfg.model.size, preset if args.config else None)
     wls = {
         st: Workload(
             cfg.model, masking_config(st, m.ratio, m.decoder_ratio, m.keep_ratio, m.score), 1, args.dtype
@@ -388,7 +387,7 @@ def plan_command(argv=None) -> int:
                     f"{f2(p.step_s)} s/step, {f1(p.days)} days for {epochs:g} epochs"
                 )
     lines += ["", f"## Data side: {node.gpus} GPUs at MFU {mfu:.3g}, {args.host_cores}-core host", ""]
-    lines += [f"- {args.measured_data}"] if getattr(args, "measured_data", "") else []
+    lines += [f"- {measured_data}"] if measured_data else []
     for st in ("mats+dual", "tube+rc"):
         for pname in args.checkpoint:
             hit = [p for p in plans if p.strategy == st and p.checkpoint == pname]
