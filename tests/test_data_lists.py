@@ -180,3 +180,30 @@ def test_list_errors_stop_the_launcher_before_torch_is_imported(tmp_path):
         "total_frames' (VideoMAE V2)"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_list_is_read_and_logged_once_per_process_until_it_changes(tmp_path, caplog, monkeypatch):
+    # Start-up asks for the training list three times (the schedule, the task, the loader): a
+    # Kinetics list is read once and "data: N videos" is logged once, until the file changes.
+    from mats_scale.data import sources
+    from mats_scale.train.schedule import num_videos
+
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"v{i}.mp4 {i % 2}\n" for i in range(3)))
+    reads = []
+    real = sources.read_list_file
+    monkeypatch.setattr(sources, "read_list_file", lambda *a: reads.append(a) or real(*a))
+    cfg = load_config(None, [*BASE, "data.dataset=list", f"data.train_list={lst}", f"data.root={tmp_path}"])
+    with caplog.at_level("INFO", logger="mats_scale.data"):
+        assert num_videos(cfg) == 3
+        first = sources.train_items(cfg)
+        first.clear()  # a caller's change to its list is not the next caller's
+        again = sources.resolve_items(cfg, "train")
+    assert [it.path for it in again] == [str(tmp_path / f"v{i}.mp4") for i in range(3)]
+    assert again.source_format == real(str(lst)).source_format
+    assert len(reads) == 1
+    assert sum("data: 3 videos" in r.getMessage() for r in caplog.records) == 1
+
+    lst.write_text("v0.mp4 0\nv1.mp4 1\n")
+    assert len(sources.resolve_items(cfg, "train")) == 2
+    assert len(reads) == 2

@@ -11,7 +11,7 @@ import os
 from mats_scale.config import Config
 from mats_scale.data import appearance, synth
 from mats_scale.data.errors import DataError
-from mats_scale.data.lists import VideoItem, read_list_file, scan_folder
+from mats_scale.data.lists import VideoItem, VideoList, read_list_file, scan_folder
 
 log = logging.getLogger("mats_scale.data")
 
@@ -91,8 +91,28 @@ def ensure_bundled(
     return root
 
 
+_LISTS: dict[tuple, VideoList] = {}
+"""List files read in this process, by (path, root, mtime, size): the schedule, the task and the loaders
+ask for the same list at start-up, and a Kinetics list has ~240k lines."""
+_FOLDERS_LOGGED: set[tuple] = set()
+
+
+def _read_list_once(path: str, root: str) -> VideoList:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_list_file(path, root)  # raises the list error that names the file
+    key = (os.path.abspath(path), root, st.st_mtime_ns, st.st_size)
+    if key not in _LISTS:
+        _LISTS[key] = items = read_list_file(path, root)
+        log.info("data: %d videos from %s, read as %s", len(items), path, items.source_format)
+    cached = _LISTS[key]
+    return VideoList(cached, cached.source_format)
+
+
 def resolve_items(cfg: Config, split: str = "train") -> list[VideoItem]:
-    """The videos of `split` for data.dataset = bundled, list or folder (start-up errors raise)."""
+    """The videos of `split` for data.dataset = bundled, list or folder (start-up errors raise). A list
+    file is read (and logged) once per process while it is unchanged; a folder is scanned every time."""
     d = cfg.data
     if d.dataset == "bundled":
         root = ensure_bundled(bundled_root(cfg), task=d.bundled)
@@ -101,12 +121,13 @@ def resolve_items(cfg: Config, split: str = "train") -> list[VideoItem]:
         path = d.train_list if split == "train" else d.val_list
         if not path:
             raise DataError(f"data.{split}_list is empty: data.dataset=list needs a list file")
-        items = read_list_file(path, d.root)
-        log.info("data: %d videos from %s, read as %s", len(items), path, items.source_format)
-        return items
+        return _read_list_once(path, d.root)
     if d.dataset == "folder":
         items = scan_folder(d.root)
-        log.info("data: %d videos from %s, %s", len(items), d.root, items.source_format)
+        seen = (os.path.abspath(d.root), len(items), items.source_format)
+        if seen not in _FOLDERS_LOGGED:
+            _FOLDERS_LOGGED.add(seen)
+            log.info("data: %d videos from %s, %s", len(items), d.root, items.source_format)
         return items
     raise DataError(f"data.dataset={d.dataset!r} has no file list")
 
