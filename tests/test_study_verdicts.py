@@ -63,3 +63,17 @@ def test_a_clear_loss_is_no_and_cheap_compute_does_not_rescue_it():
 
 def test_no_verdict_without_the_runs_it_compares():
     assert verdicts(summarize(rows("tube", [0.1, 0.2], 100.0))) == []
+
+
+def test_pretraining_against_scratch_says_whether_it_is_beyond_the_seed_noise():
+    # the study's "does pre-training matter" question: a margin over the larger seed std, or not
+    lines = verdicts(summarize(table([0.60, 0.65, 0.70])))
+    assert verdict(lines, "mats+dual vs from scratch:")["a difference beyond the seed noise"] == "yes"
+    # tube 0.12 vs scratch 0.10: +0.02 against a seed std of 0.02
+    tube = verdict(lines, "tube vs from scratch:")
+    assert tube["a difference beyond the seed noise"] == "no (within one seed std)"
+    one_seed = [*rows("tube", [0.5], 100.0), *rows(SCRATCH, [0.1], None)]
+    (line,) = verdicts(summarize(one_seed))
+    assert (
+        verdict([line], "tube vs from scratch:")["a difference beyond the seed noise"] == "unknown (one seed)"
+    )

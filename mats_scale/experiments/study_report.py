@@ -120,6 +120,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _beyond_noise(a: dict[str, float], b: dict[str, float], diff: float) -> str:
+    """Is a difference of means larger than the larger of the two seed stds?"""
+    if min(a["n"], b["n"]) < 2:
+        return "a difference beyond the seed noise: unknown (one seed)"
+    spread = max(a["std"], b["std"])
+    return (
+        f"a difference beyond the seed noise: {'yes' if abs(diff) > spread else 'no (within one seed std)'}"
+    )
+
+
 def verdicts(summary: list[dict[str, Any]], bases: dict[str, str] | None = None) -> list[str]:
     """The study's questions answered from the numbers (one sentence each); `bases`: variant label ->
     its preset (a variant of mats+dual is held to mats+dual's target too, and compared with it)."""
@@ -138,7 +148,7 @@ def verdicts(summary: list[dict[str, Any]], bases: dict[str, str] | None = None)
             lines.append(
                 f"{s['preset']} vs from scratch: fine-tuned top-1 {top1(s)['mean']:.3f} vs "
                 f"{top1(scratch)['mean']:.3f} ({margin:+.3f}); every seed above the best scratch seed: "
-                f"{'yes' if every else 'no'}"
+                f"{'yes' if every else 'no'}; {_beyond_noise(top1(s), top1(scratch), margin)}"
             )
     for ours in [s for s in trained if s["preset"] == "mats+dual" or bases.get(s["preset"]) == "mats+dual"]:
         name = ours["preset"]
@@ -161,14 +171,10 @@ def verdicts(summary: list[dict[str, Any]], bases: dict[str, str] | None = None)
     for label, preset in bases.items():
         if label in by_label and preset in by_label:
             v, b = top1(by_label[label]), top1(by_label[preset])
-            diff, spread = v["mean"] - b["mean"], max(v["std"], b["std"])
-            if min(v["n"], b["n"]) < 2:
-                beyond = "unknown (one seed)"
-            else:
-                beyond = "yes" if abs(diff) > spread else "no (within one seed std)"
+            diff = v["mean"] - b["mean"]
             lines.append(
                 f"{label} vs {preset}: top-1 {v['mean']:.3f} vs {b['mean']:.3f} ({diff:+.3f}; seed std "
-                f"{v['std']:.3f} / {b['std']:.3f}); a difference beyond the seed noise: {beyond}"
+                f"{v['std']:.3f} / {b['std']:.3f}); {_beyond_noise(v, b, diff)}"
             )
     return lines
 
