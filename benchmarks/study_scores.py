@@ -40,24 +40,6 @@ CAMERAS = {
 SCORES = ("pixel", "embed", "compensated", "compensated_zoom")
 
 
-def object_tokens(spec: synth.ClipSpec, ids: list[int], height: int, width: int) -> torch.Tensor:
-    """(N,) bool: tokens whose tubelet-patch holds part of the object in any of its frames."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    cover = np.stack(
-        [
-            synth._coverage(
-                spec.shape, ys + 0.5 - spec.centers[f][0], xs + 0.5 - spec.centers[f][1], spec.radius
-            )
-            > 0.5
-            for f in ids
-        ]
-    )
-    m = torch.from_numpy(cover).view(
-        len(ids) // TUBELET, TUBELET, height // PATCH, PATCH, width // PATCH, PATCH
-    )
-    return m.any(dim=(1, 3, 5)).flatten()
-
-
 def kept(scores: torch.Tensor) -> torch.Tensor:
     sel = mats_selection(scores[None], 0.9, 0.3, torch.Generator().manual_seed(0))
     return torch.cat([sel.visible_ids, sel.target_ids], dim=1)[0]
@@ -105,7 +87,9 @@ def main(argv=None) -> int:
                 frames, spec = synth.render_clip(params, "train", i)
                 ids = list(range(0, FRAMES * STRIDE, STRIDE))
                 v = torch.from_numpy(frames[ids]).permute(3, 0, 1, 2)[None].float()
-                obj = object_tokens(spec, ids, params.height, params.width)
+                obj = torch.from_numpy(
+                    synth.object_tokens(spec, ids, params.height, params.width, TUBELET, PATCH)
+                )
                 picks = {k: kept(f(v)[0]) for k, f in fns.items()}
                 area.append(obj.float().mean().item())
                 for k, p in picks.items():

@@ -28,24 +28,6 @@ def clip(params, index):
     return torch.from_numpy(frames[ids]).permute(3, 0, 1, 2)[None].float(), spec, ids
 
 
-def object_tokens(spec, ids, height, width):
-    """(N,) bool: tokens whose tubelet-patch holds part of the object in any of its frames."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    cover = np.stack(
-        [
-            synth._coverage(
-                spec.shape, ys + 0.5 - spec.centers[f][0], xs + 0.5 - spec.centers[f][1], spec.radius
-            )
-            > 0.5
-            for f in ids
-        ]
-    )
-    m = torch.from_numpy(cover).view(
-        len(ids) // TUBELET, TUBELET, height // PATCH, PATCH, width // PATCH, PATCH
-    )
-    return m.any(dim=(1, 3, 5)).flatten()
-
-
 def kept_share(scores, obj, seed=0):
     """Share of MATS's kept tokens (visible + targets, rho_pre 0.3, rho 0.9) that lie on the object."""
     sel = mats_selection(scores[None], 0.9, 0.3, torch.Generator().manual_seed(seed))
@@ -58,7 +40,7 @@ def test_compensated_puts_twice_the_share_on_the_object_over_a_panning_texture()
     pixel, comp, area = [], [], []
     for i in range(6):
         v, spec, ids = clip(params, i)
-        obj = object_tokens(spec, ids, params.height, params.width)
+        obj = torch.from_numpy(synth.object_tokens(spec, ids, params.height, params.width, TUBELET, PATCH))
         pixel.append(kept_share(pixel_motion_scores(v, TUBELET, PATCH)[0], obj))
         comp.append(kept_share(compensated_motion_scores(v, TUBELET, PATCH)[0], obj))
         area.append(obj.float().mean().item())
@@ -142,7 +124,7 @@ def test_zoom_is_found_and_compensated_over_a_zooming_texture():
     pixel, zoomed = [], []
     for i in range(4):
         v, spec, ids = clip(params, i)
-        obj = object_tokens(spec, ids, params.height, params.width)
+        obj = torch.from_numpy(synth.object_tokens(spec, ids, params.height, params.width, TUBELET, PATCH))
         scales, _ = synth.camera_path(params, synth._effects_rng(params, "train", i, 3))
         truth = scales[ids[TUBELET]] / scales[ids[0]]  # the same between any two consecutive tubelets
         shifts, zooms = global_motion(v, TUBELET, PATCH, zoom=True)

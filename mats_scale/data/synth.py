@@ -292,6 +292,24 @@ def _coverage(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.n
     return np.clip(radius - dist + 0.5, 0.0, 1.0)
 
 
+def object_tokens(
+    spec: ClipSpec, ids: list[int], height: int, width: int, tubelet: int, patch: int
+) -> np.ndarray:
+    """(N,) bool in token order: the tubelet-patches (frames `ids`, `tubelet` per tubelet, `patch` px
+    squares) that hold more than half a pixel of the object in any of their frames; the ground truth of
+    which tokens are the moving object's, for the motion-score benchmarks and tests."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    cover = np.stack(
+        [
+            _coverage(spec.shape, ys + 0.5 - spec.centers[f][0], xs + 0.5 - spec.centers[f][1], spec.radius)
+            > 0.5
+            for f in ids
+        ]
+    )
+    m = cover.reshape(len(ids) // tubelet, tubelet, height // patch, patch, width // patch, patch)
+    return m.any(axis=(1, 3, 5)).reshape(-1)
+
+
 def render(spec: ClipSpec, albedo: np.ndarray, light: np.ndarray, color: np.ndarray) -> np.ndarray:
     """(frames, H, W, 3) uint8: the object (albedo `color`) composited over the static albedo at each
     centre, then everything lit by `light`."""
