@@ -328,6 +328,21 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def command_parser(
+    module: str, doc: str, *, suffix: str = "", summary: bool = False, **kwargs
+) -> ArgumentParser:
+    """Every command's parser: usage named as the command was started (:func:`prog_name`, plus `suffix`
+    for a sub-command such as `` report``), the docstring as a terminal shows it (its first paragraph,
+    re-wrapped, with `summary`), and a bad argument as one ``error:`` line for :func:`run`."""
+    text = plain_doc(doc).strip()
+    if summary:
+        kwargs["description"] = " ".join(text.split("\n\n")[0].split())
+    else:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs["description"] = text
+    return ArgumentParser(prog=prog_name(module) + suffix, **kwargs)
+
+
 def add_sweep_args(parser: argparse.ArgumentParser, *, sizes: bool = True) -> None:
     """The profilers' sweep options: sizes, ratios, strategies, shapes, --out, --no-progress."""
     from mats_scale.models.sizes import SIZES

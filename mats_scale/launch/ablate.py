@@ -16,12 +16,11 @@ that a sweep would mix with.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 
-from mats_scale.cli import out_dir_problem, prog_name
+from mats_scale.cli import command_parser, out_dir_problem, run
 from mats_scale.errors import ConfigError
 from mats_scale.resources import GRID_DIR, require_config
 
@@ -32,9 +31,8 @@ def grid_path(value: str) -> str:
 
 
 def _report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=prog_name("mats_scale.launch.ablate") + " report",
-        description="Markdown tables and PNG plots of a sweep.",
+    p = command_parser(
+        "mats_scale.launch.ablate", "Markdown tables and PNG plots of a sweep.", suffix=" report"
     )
     p.add_argument("results", help="a sweep's results.jsonl")
     p.add_argument("--out", default=None, help="output folder (default: next to the results)")
@@ -59,12 +57,17 @@ def _report(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return _report(argv[1:])
-    p = argparse.ArgumentParser(
-        prog=prog_name("mats_scale.launch.ablate"),
-        description=__doc__.splitlines()[0],
+    p = command_parser(
+        "mats_scale.launch.ablate",
+        __doc__,
+        summary=True,
         epilog="'ablate.py report RESULTS.jsonl' renders a finished sweep.",
     )
     p.add_argument("--grid", required=True, help="grid YAML file or a shipped grid name")

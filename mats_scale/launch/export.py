@@ -17,16 +17,17 @@ VideoMAE V2's ``run_class_finetuning.py --finetune OUT.pt`` loads. The export it
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mats_scale.cli import prog_name
+from mats_scale.cli import command_parser, run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog_name("mats_scale.launch.export"), description=__doc__.split("\n\n")[0].replace("\n", " ")
-    )
+    return run(_main, argv)
+
+
+def _main(argv) -> int:
+    parser = command_parser("mats_scale.launch.export", __doc__, summary=True)
     parser.add_argument("checkpoint", help="step_* checkpoint directory or run directory")
     parser.add_argument("out", help="output .pt file (a plain fp32 state dict)")
     parser.add_argument(

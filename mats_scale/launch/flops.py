@@ -13,12 +13,11 @@ against model size at 0.9); ``--design-table`` writes DIR/design_table.md and ex
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from mats_scale.cli import ArgumentParser, add_sweep_args, check_out_dir, policy_list, run
+from mats_scale.cli import add_sweep_args, check_out_dir, command_parser, policy_list, run
 
 # Pre-training GMACs per 16x224 clip, tube 90%: the VideoMAE V2 paper's table (benchmarks/README.md).
 DESIGN_TABLE = [  # (size, decoder ratio or None, GMACs)
@@ -86,7 +85,7 @@ def design_table(out: str) -> int:
 
 def flops_command(argv=None) -> int:
     """The command; a bad argument raises UsageError / ConfigError (see :func:`main`)."""
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("mats_scale.launch.flops", __doc__)
     add_sweep_args(parser)
     parser.add_argument(
         "--checkpoint",

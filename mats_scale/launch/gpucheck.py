@@ -29,18 +29,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from mats_scale.cli import UsageError, check_out_dir, choices_list, plain_doc, positive, prog_name, run
+from mats_scale.cli import UsageError, check_out_dir, choices_list, command_parser, positive, run
 
 SECTIONS = ("steps", "memory", "loader", "stall")
 PROG = "mats-gpucheck"
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog=prog_name("mats_scale.launch.gpucheck"),
-        description=plain_doc(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = command_parser("mats_scale.launch.gpucheck", __doc__)
     ap.add_argument("--out", default="", help="output folder (default profiling/results/gpu/<device name>)")
     ap.add_argument(
         "--only",

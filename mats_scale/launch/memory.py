@@ -13,19 +13,16 @@ memory.png.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from mats_scale.cli import add_sweep_args, dtype_arg, policy_list, positive, run
+from mats_scale.cli import add_sweep_args, command_parser, dtype_arg, policy_list, positive, run
 
 
 def memory_command(argv=None) -> int:
     """The command; a bad argument raises UsageError / ConfigError (see :func:`main`)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser("mats_scale.launch.memory", __doc__)
     add_sweep_args(parser)
     parser.add_argument("--batch", type=positive(int), default=1, help="micro-batch per GPU (default 1)")
     parser.add_argument("--dtype", type=dtype_arg, default="bf16", help="compute dtype: bf16, fp16, fp32")

@@ -48,11 +48,11 @@ import sys
 import time
 
 from mats_scale.cli import (
-    ArgumentParser,
     UsageError,
     bounded,
     check_out_dir,
     choices_list,
+    command_parser,
     dtype_arg,
     policy_list,
     positive,
@@ -132,7 +132,7 @@ def _engine_list(text: str) -> list[str]:
 def _parser():
     from mats_scale.tokens import PRESETS as STRATEGIES
 
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("mats_scale.launch.plan", __doc__)
     parser.add_argument(
         "--config", help="project YAML config (model, masking ratios, parallel, data.batch_size, schedule)"
     )

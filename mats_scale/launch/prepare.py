@@ -14,21 +14,22 @@ resumes).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
-from mats_scale.cli import prog_name
+from mats_scale.cli import command_parser, run
 from mats_scale.data.errors import ListFileError
 from mats_scale.data.prepare import REPORT, DestinationError, PrepareOptions, prepare
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     d = PrepareOptions()
-    ap = argparse.ArgumentParser(
-        prog=prog_name("mats_scale.launch.prepare"), description=__doc__.split("\n\n")[0].replace("\n", " ")
-    )
+    ap = command_parser("mats_scale.launch.prepare", __doc__, summary=True)
     ap.add_argument("src", help="source directory (scanned, or the root of the --list paths)")
     ap.add_argument("dst", help="output directory (created; rerun to resume)")
     ap.add_argument(

@@ -17,13 +17,12 @@ finished yet), 2 bad study file or arguments, 130 interrupted (finished runs are
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import signal
 import sys
 
-from mats_scale.cli import plain_doc, prog_name
+from mats_scale.cli import command_parser, run
 from mats_scale.errors import ConfigError
 from mats_scale.resources import STUDY_DIR, require_config
 
@@ -34,13 +33,13 @@ def study_path(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     report_only = bool(argv) and argv[0] == "report"
-    p = argparse.ArgumentParser(
-        prog=prog_name("mats_scale.launch.study") + (" report" if report_only else ""),
-        description=plain_doc(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("mats_scale.launch.study", __doc__, suffix=" report" if report_only else "")
     p.add_argument(
         "--study", default="presets", help="study YAML file or a shipped study name (default presets)"
     )

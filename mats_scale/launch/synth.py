@@ -12,17 +12,21 @@ describes the classes, the scenes and the camera options.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
+from mats_scale.cli import command_parser, run
 from mats_scale.data.synth import SynthParams, generate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     d = SynthParams()
-    ap = argparse.ArgumentParser(prog="mats-synth", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap = command_parser("mats_scale.launch.synth", __doc__, summary=True)
     ap.add_argument("out_dir")
     ap.add_argument("--num-train", type=int, default=d.num_train)
     ap.add_argument("--num-val", type=int, default=d.num_val)
