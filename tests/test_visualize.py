@@ -191,3 +191,12 @@ def test_a_perfect_prediction_reconstructs_the_input_at_the_targets(runs, preset
     off = [i for i in range(grid.num_tokens) if i not in on]
     assert np.abs(rec[on] - inp[on]).max() <= 1
     assert np.abs(rec[off] - DIM * inp[off]).max() <= 1 and inp[off].max() > 2  # dimmed, not just dark
+
+
+def test_each_block_is_labelled_with_its_preset_and_context_share():
+    masking = ["masking.strategy=mats", "masking.decoder=running_cell", "masking.decoder_mode=lean"]
+    plain = viz.Loaded("a", load_config(None, masking), model=None, step=1000)
+    ctx = viz.Loaded("b", load_config(None, [*masking, "masking.context_ratio=0.25"]), model=None, step=1000)
+    tube = viz.Loaded("c", load_config(None, ["masking.strategy=tube", "masking.decoder=none"]), None, None)
+    assert (plain.label, ctx.label) == ("mats+dual step 1000", "mats+dual + context 0.25 step 1000")
+    assert tube.label == "tube step ?"

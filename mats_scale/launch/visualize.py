@@ -70,7 +70,10 @@ class Loaded:
 
     @property
     def label(self) -> str:
-        preset = tokens.preset_of(self.cfg.masking) or self.cfg.masking.strategy
+        m = self.cfg.masking
+        preset = tokens.preset_of(m) or m.strategy
+        if m.strategy == "mats" and m.context_ratio:
+            preset += f" + context {m.context_ratio:g}"
         return f"{preset} step {self.step if self.step is not None else '?'}"
 
 
