@@ -210,7 +210,9 @@ def _fmt(st: dict[str, float] | None, digits: int = 3) -> str:
     return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} ({st['min']:.{digits}f}-{st['max']:.{digits}f})"
 
 
-def _plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: str, chance: float | None) -> None:
+def _plot(
+    summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: str, chance: float | None, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -238,7 +240,7 @@ def _plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: str, 
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # nothing finished: no legend (and no warning)
         axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("accuracy vs pre-training compute (dots: seeds; bars: mean ± std)")
+    fig.suptitle(f"{title}: accuracy vs pre-training compute (dots: seeds; bars: mean ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -332,7 +334,7 @@ def write_report(study: Study, jobs: list[Job], out_dir: str, command: str = "")
         f.write("\n".join(lines))
     results = [_read_json(result_path(j)) for j in jobs if j.kind == "finetune" and job_record(j)]
     classes = next((len(r["per_class_acc"]) for r in results if r and r.get("per_class_acc")), 0)
-    _plot(summary, rows, paths[3], 1 / classes if classes else None)
+    _plot(summary, rows, paths[3], 1 / classes if classes else None, f"study {study.name}")
     picture = os.path.join(out_dir, "reconstruction.png")
     if reconstruction_picture(study, jobs, picture):
         paths.append(picture)
