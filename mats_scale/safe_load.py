@@ -13,6 +13,7 @@ import functools
 import os
 import pickle
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -36,8 +37,7 @@ class UnsafeFileError(ValueError):
 
 
 @functools.cache
-def safe_globals() -> tuple[Any, ...]:
-    """The allow-list passed to torch's weights-only unpickler."""
+def _allowed(with_deepspeed: bool) -> tuple[Any, ...]:
     import importlib
 
     import numpy as np
@@ -45,10 +45,16 @@ def safe_globals() -> tuple[Any, ...]:
     core = np._core if hasattr(np, "_core") else np.core
     out: list[Any] = [argparse.Namespace, core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray]
     out += [np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
-    for module, name in _DEEPSPEED_GLOBALS:
+    for module, name in _DEEPSPEED_GLOBALS if with_deepspeed else ():
         with contextlib.suppress(ImportError, AttributeError):  # DeepSpeed files need DeepSpeed anyway
             out.append(getattr(importlib.import_module(module), name))
     return tuple(out)
+
+
+def safe_globals() -> tuple[Any, ...]:
+    """The allow-list passed to torch's weights-only unpickler. Its DeepSpeed classes are imported only
+    for a file that holds them (importing DeepSpeed takes seconds): see :func:`torch_load`."""
+    return _allowed(True)
 
 
 def _reason(path: str, e: Exception) -> str:
@@ -68,13 +74,27 @@ def _reason(path: str, e: Exception) -> str:
 _torch_load = torch.load  # the real one, also while weights_only_loads() patches torch.load
 
 
+def _load(path: str | os.PathLike, map_location: Any, allowed: tuple[Any, ...]) -> Any:
+    with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": refused anyway
+        return _torch_load(path, map_location=map_location, weights_only=True)
+
+
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, KeyError)
+
+
 def torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` that never executes code from the file; UnsafeFileError in one line otherwise."""
+    """``torch.load`` that never executes code from the file; UnsafeFileError in one line otherwise.
+    DeepSpeed's few allowed classes join the allow-list when DeepSpeed is loaded or the file names one."""
+    with_deepspeed = "deepspeed" in sys.modules
     try:
-        with torch.serialization.safe_globals(list(safe_globals())), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": refused anyway
-            return _torch_load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, KeyError) as e:
+        try:
+            return _load(path, map_location, _allowed(with_deepspeed))
+        except _LOAD_ERRORS as e:
+            if with_deepspeed or not any(f"{m}.{n}" in str(e) for m, n in _DEEPSPEED_GLOBALS):
+                raise
+            return _load(path, map_location, _allowed(True))
+    except _LOAD_ERRORS as e:
         raise UnsafeFileError(_reason(str(path), e)) from None
 
 

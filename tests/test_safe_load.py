@@ -119,3 +119,27 @@ def test_real_dcp_metadata_passes_the_check(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], check=True, capture_output=True)
     assert (tmp_path / "model" / ".metadata").is_file()
     check_dcp_metadata(tmp_path)
+
+
+def test_deepspeed_classes_are_imported_only_for_a_file_that_holds_them(tmp_path):
+    # A plain checkpoint is read without importing DeepSpeed (seconds, and a CPU warning); a DeepSpeed
+    # optimizer shard's loss scaler still loads in a process that has not imported DeepSpeed.
+    plain, shard = tmp_path / "plain.pt", tmp_path / "shard.pt"
+    torch.save({"model": {"w": torch.ones(2)}}, plain)
+    save = (
+        "import torch; from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler; "
+        "s = DynamicLossScaler(2.0**16, 1000, 1.0, 2, False); "
+        f"torch.save({{'scaler': s, 'x': torch.ones(1)}}, {str(shard)!r})"
+    )
+    subprocess.run([sys.executable, "-c", save], check=True, capture_output=True, timeout=300)
+    read = (
+        "import sys; from mats_scale.safe_load import torch_load\n"
+        f"w = torch_load({str(plain)!r})['model']['w'].tolist()\n"
+        "before = 'deepspeed' in sys.modules\n"
+        f"s = torch_load({str(shard)!r})['scaler']\n"
+        "print(w, before, type(s).__name__, s.cur_scale)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # (DeepSpeed's import prints its accelerator warning to stdout: the answer is the last line)
+    assert proc.stdout.splitlines()[-1].split() == ["[1.0,", "1.0]", "False", "DynamicLossScaler", "65536.0"]
