@@ -326,8 +326,13 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes(tmp_path):
     dst = tmp_path / "dst"
     cmd = [sys.executable, "-m", "mats_scale.launch.prepare", str(src), str(dst), "--short-side", "240"]
     cmd += ["--preset", "medium", "--workers", "2", "--no-progress"]
-    p = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    p = subprocess.Popen(  # SIGINT as a terminal's foreground job has it, also when the tests run in
+        cmd,  # the background of a script (where the shell makes children ignore it)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not [f for _, _, fs in os.walk(dst) for f in fs if f.endswith(".mp4.part")]:  # encoding
