@@ -183,12 +183,7 @@ def timed_turn(cfg, warmup: int, batches: int) -> tuple[float, float, float, dic
     its work whatever share of a core the loaded machine gives it: clips per worker CPU second is what
     one core delivers when the worker has it to itself."""
     loader = build_pretrain_loader(cfg, rank=0, world_size=1)
-
-    def forever():
-        while True:
-            yield from loader
-
-    it = forever()
+    it = loader.endless()
     try:
         for _ in range(warmup):
             next(it)

@@ -150,13 +150,7 @@ def loader_rates(cache: str, runs: int, batches: int, warmup: int) -> dict:
                     *over,
                 ],
             )
-            ld = build_pretrain_loader(cfg, rank=0, world_size=1)
-
-            def forever(ld=ld):
-                while True:
-                    yield from ld
-
-            iters[name] = forever()
+            iters[name] = build_pretrain_loader(cfg, rank=0, world_size=1).endless()
             for _ in range(warmup):
                 next(iters[name])
         times: dict[str, list[float]] = {k: [] for k in iters}

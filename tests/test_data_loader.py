@@ -92,6 +92,13 @@ def test_synthetic_dataset_through_the_same_interface():
     assert ((b["label"] >= 0) & (b["label"] < 4)).all()
 
 
+def test_endless_batches_run_on_across_epochs(dataset):
+    loader = build_pretrain_loader(cfg_for(dataset), rank=0, world_size=1)
+    per_epoch, it = len(loader), loader.endless()
+    batches = [next(it) for _ in range(2 * per_epoch + 1)]
+    assert (loader.epoch, loader.batch) == (2, 1) and all(b["video"].shape[0] == 4 for b in batches)
+
+
 def test_default_dataset_is_bundled_under_the_working_directory(tmp_path, monkeypatch):
     cfg = load_config(None, [])
     assert cfg.data.dataset == "bundled"

@@ -205,6 +205,11 @@ class TrainLoader:
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
 
+    def endless(self) -> Iterator[dict[str, Any]]:
+        """Batches across epochs without end, for timing a fixed count (benchmarks, the GPU check)."""
+        while True:
+            yield from self
+
     def close(self) -> None:
         """Shut the worker processes down now (they restart on the next iteration)."""
         it = getattr(self.loader, "_iterator", None)

@@ -122,12 +122,7 @@ def loader_rate(
 
     cfg = load_config(config, overrides)
     loader = build_pretrain_loader(cfg, rank=0, world_size=1)
-
-    def forever():
-        while True:
-            yield from loader
-
-    it = forever()
+    it = loader.endless()
     try:
         for _ in range(warmup):
             next(it)
