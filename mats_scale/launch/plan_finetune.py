@@ -4,18 +4,16 @@ mats_scale.launch.plan_finetune``; the profiling is :mod:`mats_scale.profiling.f
 
 from __future__ import annotations
 
+from mats_scale.cli import command_parser, run
+
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # mats_scale.profiling.workload.DTYPES (imports torch)
 
 
 def main(argv=None) -> int:
-    from mats_scale.cli import run
-
     return run(_main, argv)
 
 
 def _main(argv) -> int:
-    from mats_scale.cli import command_parser
-
     p = command_parser("mats_scale.launch.plan_finetune", __doc__, summary=True)
     p.add_argument("--size", default="B")
     p.add_argument("--frames", type=int, default=16)
