@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mats_scale.data.dataset_files import write_dataset
+from mats_scale.data.dataset_files import FileParams, write_dataset
 from mats_scale.data.synth import SPLITS, available_codec, write_video
 
 TASKS = ("objects", "scenes")
@@ -65,19 +65,10 @@ META_VERSION = 1
 
 
 @dataclass(frozen=True)
-class AppearanceParams:
+class AppearanceParams(FileParams):
     """Everything that determines the generated files (stored in meta.json)."""
 
     task: str = "objects"
-    num_train: int = 400
-    num_val: int = 80
-    seed: int = 0
-    frames: int = 32
-    height: int = 128
-    width: int = 176
-    fps: int = 16
-    codec: str = "libx264"
-    crf: int = 18
     version: int = META_VERSION
     sprite: tuple[int, int] = (32, 56)
     """Side of the moving sprite in px (objects: the labelled object; scenes: the distractor)."""

@@ -8,8 +8,25 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
+
+
+@dataclass(frozen=True)
+class FileParams:
+    """The parameters every generated dataset has: clip counts, seed, clip size and encoding (each
+    generator's params add its own after these; all are stored in meta.json)."""
+
+    num_train: int = 400
+    num_val: int = 80
+    seed: int = 0
+    frames: int = 32
+    height: int = 128
+    width: int = 176
+    fps: int = 16
+    codec: str = "libx264"
+    crf: int = 18
 
 
 def relpath(split: str, index: int) -> str:

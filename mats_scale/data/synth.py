@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from mats_scale.data.dataset_files import FileParams, write_dataset
 from mats_scale.data.dataset_files import relpath as relpath  # where a clip lives (used with the module)
-from mats_scale.data.dataset_files import write_dataset
 from mats_scale.data.synth_effects import add_fast_object, add_flash, soft_box, value_noise
 
 CLASSES = (
@@ -84,18 +84,9 @@ MAX_FAST_OBJECT = 24.0  # px per frame
 
 
 @dataclass(frozen=True)
-class SynthParams:
+class SynthParams(FileParams):
     """Everything that determines the generated files (stored in meta.json)."""
 
-    num_train: int = 400
-    num_val: int = 80
-    seed: int = 0
-    frames: int = 32
-    height: int = 128
-    width: int = 176
-    fps: int = 16
-    codec: str = "libx264"
-    crf: int = 18
     version: int = META_VERSION
     pan: float = 0.0
     """Camera pan speed in px per frame (direction drawn per clip); 0: still camera."""
